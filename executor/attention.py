@@ -1,0 +1,73 @@
+"""Paged attention for one model layer: write the step's K/V into the cache, then attend.
+
+The CPU path uses the plain-torch twins in ``kernels.torch_ref``; the CUDA path uses the Triton
+kernels. Both read every key/value from the paged cache, so prefill, chunked prefill, prefix-cache
+hits and decode share one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch layout shared by every layer.
+
+    Attributes:
+        slot_mapping: ``[num_tokens]`` int64, cache slot of each new token (``block * block_size + offset``).
+        block_table: ``[num_seqs, max_blocks_per_seq]`` int32 physical block ids (padded with 0).
+        seq_lens: ``[num_seqs]`` int32 context length of each sequence after this step's tokens.
+        query_start_loc: ``[num_seqs + 1]`` int32 cumulative count of new tokens per sequence.
+        max_query_len: the longest run of new tokens of any sequence (1 for a decode-only step).
+    """
+
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_query_len: int
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Store this step's K/V in the paged cache and compute attention for every new token.
+
+    Args:
+        query: ``[num_tokens, num_heads, head_dim]``.
+        key, value: ``[num_tokens, num_kv_heads, head_dim]``.
+        key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+        meta: the step's :class:`AttentionMetadata`.
+        scale: softmax scale (``head_dim ** -0.5`` for Llama).
+
+    Returns:
+        ``[num_tokens, num_heads, head_dim]``.
+    """
+    if query.is_cuda:
+        kernels.write_kv_cache(key, value, key_cache, value_cache, meta.slot_mapping)
+        if meta.is_decode_only:
+            return kernels.paged_decode_attention(
+                query, key_cache, value_cache, meta.block_table, meta.seq_lens, scale
+            )
+        return kernels.paged_extend_attention(
+            query, key_cache, value_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale
+        )
+    kernels.write_kv_cache_torch(key, value, key_cache, value_cache, meta.slot_mapping)
+    return kernels.paged_extend_attention_torch(
+        query, key_cache, value_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale
+    )
