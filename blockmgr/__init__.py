@@ -1,0 +1,1 @@
+"""Block manager: the only authority over KV-cache memory (blocks, refcounts, block tables)."""

@@ -1,0 +1,1 @@
+"""Executor: one process per device; owns the model, the KV cache tensors and the scheduler."""
