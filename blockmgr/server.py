@@ -1,0 +1,98 @@
+"""The block-manager service: one ZeroMQ ROUTER socket, one thread, one :class:`BlockManager`.
+
+Run it with ``pagedserve blockmgr --bind tcp://127.0.0.1:5557`` (or ``python -m blockmgr``).
+A bad message gets an error reply and is logged; it never stops the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+import zmq
+
+from blockmgr import protocol
+from blockmgr.manager import BlockManager, BlockManagerError
+
+log = logging.getLogger("pagedserve.blockmgr")
+
+
+def handle(manager: BlockManager, message: dict) -> dict:
+    """Dispatch one decoded request to the manager; always returns a reply map."""
+    op = message.get("op")
+    try:
+        if op == "ping":
+            return protocol.ok()
+        if op == "register":
+            return protocol.ok(
+                **manager.register(
+                    str(message["executor_id"]),
+                    int(message["num_device_blocks"]),
+                    int(message["block_size"]),
+                    int(message.get("num_cpu_blocks", 0)),
+                )
+            )
+        if op == "step":
+            grow = [(str(s), int(n)) for s, n in message.get("grow", [])]
+            free = [str(s) for s in message.get("free", [])]
+            return protocol.ok(**manager.step(str(message["executor_id"]), free, grow))
+        if op == "stats":
+            return protocol.ok(executors=manager.stats())
+        if op == "sequence":
+            return protocol.ok(sequence=manager.sequence(str(message["executor_id"]), str(message["seq_id"])))
+        return protocol.error(f"unknown op {op!r}; expected one of {', '.join(protocol.OPS)}")
+    except KeyError as exc:
+        return protocol.error(f"op {op!r} is missing field {exc.args[0]!r}")
+    except (TypeError, ValueError) as exc:
+        return protocol.error(f"op {op!r} has a malformed field: {exc}")
+    except BlockManagerError as exc:
+        return protocol.error(str(exc))
+
+
+def serve(bind: str, manager: BlockManager | None = None) -> None:
+    """Answer requests on ``bind`` until SIGINT/SIGTERM."""
+    manager = manager or BlockManager()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(bind)
+    log.info("block manager listening on %s", bind)
+    stopping = False
+
+    def stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        log.info("block manager stopping on signal %d", signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    try:
+        while not stopping:
+            if not poller.poll(200):
+                continue
+            frames = sock.recv_multipart()
+            identity, payload = frames[0], frames[-1]
+            try:
+                reply = handle(manager, protocol.decode(payload))
+            except protocol.ProtocolError as exc:
+                reply = protocol.error(str(exc))
+            except Exception as exc:  # a bug must not take the service down with every executor
+                log.exception("internal error handling a request")
+                reply = protocol.error(f"internal error: {exc!r}")
+            if not reply["ok"]:
+                log.warning("request refused: %s", reply["error"])
+            sock.send_multipart([identity, protocol.encode(reply)])
+    finally:
+        sock.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pagedserve blockmgr", description="Run the block-manager service.")
+    parser.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ address to bind (default %(default)s)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(args.bind)

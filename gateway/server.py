@@ -1,0 +1,39 @@
+"""The gateway process: ``python -m gateway`` (started by ``pagedserve serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import uvicorn
+
+from gateway.app import GatewaySettings, create_app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pagedserve gateway", description="Run the HTTP gateway.")
+    parser.add_argument("--model-dir", required=True, help="converted model directory (tokenizer + config.json)")
+    parser.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory's name)")
+    parser.add_argument("--executor", action="append", required=True, help="an executor's ZeroMQ address (repeatable)")
+    parser.add_argument("--blockmgr", default="tcp://127.0.0.1:5557")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_path = Path(args.model_dir) / "config.json"
+    if not config_path.is_file():
+        parser.error(f"--model-dir: {config_path} does not exist")
+    config = json.loads(config_path.read_text())
+    max_len = args.max_model_len or int(config.get("max_position_embeddings", 2048))
+    settings = GatewaySettings(
+        model_dir=args.model_dir,
+        served_model_name=args.served_model_name or Path(args.model_dir).name,
+        executors=args.executor,
+        blockmgr=args.blockmgr,
+        max_model_len=max_len,
+    )
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())
