@@ -195,14 +195,21 @@ class RotaryEmbedding(nn.Module):
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
+    @classmethod
+    def apply(
+        cls, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``query [T, H, D]`` and ``key [T, KVH, D]`` with ``cos``/``sin`` from :meth:`cos_sin`."""
+        query = query * cos + cls.rotate_half(query) * sin
+        key = key * cos + cls.rotate_half(key) * sin
+        return query, key
+
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``query [T, H, D]`` and ``key [T, KVH, D]`` by their tokens' ``positions [T]``."""
         cos, sin = self.cos_sin(positions, query.dtype)
-        query = query * cos + self.rotate_half(query) * sin
-        key = key * cos + self.rotate_half(key) * sin
-        return query, key
+        return self.apply(query, key, cos, sin)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}"
@@ -230,22 +237,24 @@ class Attention(nn.Module):
         hidden = config.hidden_size
         self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
-        self.rotary = RotaryEmbedding(config, head_dim)
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         hidden_states: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """``hidden_states [T, hidden]`` -> ``[T, hidden]``; writes this step's K/V into ``kv_cache``."""
+        """``hidden_states [T, hidden]`` -> ``[T, hidden]``; writes this step's K/V into ``kv_cache``.
+
+        ``rope`` is ``(cos, sin)``, each ``[T, 1, head_dim]``, from :meth:`RotaryEmbedding.cos_sin`.
+        """
         num_tokens = hidden_states.shape[0]
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = RotaryEmbedding.apply(q, k, *rope)
         key_cache, value_cache = kv_cache
         out = paged_attention(q, k, v.contiguous(), key_cache, value_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -281,13 +290,13 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         hidden_states: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.self_attn(positions, self.input_layernorm(hidden_states), kv_cache, meta)
+        hidden_states = self.self_attn(rope, self.input_layernorm(hidden_states), kv_cache, meta)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -360,6 +369,7 @@ class LlamaForCausalLM(nn.Module):
             mlp_bias = bool(getattr(config, "mlp_bias", False))
 
         self.embed_tokens = nn.Embedding(self.vocab_size, self.hidden_size)
+        self.rotary_emb = RotaryEmbedding(config, self.head_dim)  # shared by all layers
         self.layers = nn.ModuleList(
             DecoderLayer(config, self.head_dim, qkv_bias, o_bias, mlp_bias) for _ in range(self.num_layers)
         )
@@ -409,8 +419,9 @@ class LlamaForCausalLM(nn.Module):
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} (key_cache, value_cache) pairs, got {len(kv_caches)}")
         hidden_states = self.embed_tokens(input_ids)
+        rope = self.rotary_emb.cos_sin(positions, hidden_states.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden_states = layer(positions, hidden_states, kv_cache, meta)
+            hidden_states = layer(rope, hidden_states, kv_cache, meta)
         return self.norm(hidden_states)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

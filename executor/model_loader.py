@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from executor.model import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, UnsupportedModelError, check_supported
+from executor.weights import save_safetensors
 
 logger = logging.getLogger("pagedserve.executor")
 
@@ -201,7 +202,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     ``generation_config.json`` and, last, :data:`SOURCE_FILE`. Uses transformers' GGUF reader
     (needs the ``gguf`` package) and never touches the network.
     """
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -215,10 +215,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
-    config_dict = config.to_dict()
-    config_dict.pop("quantization_config", None)
+    config_dict = config.to_diff_dict()  # what save_pretrained writes: no class defaults
+    for key in ("quantization_config", "_name_or_path", "torch_dtype"):
+        config_dict.pop(key, None)
     config_dict["dtype"] = "float32"
-    config_dict.pop("torch_dtype", None)
     if not config_dict.get("architectures"):
         config_dict["architectures"] = [type(model).__name__]
     (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
@@ -226,12 +226,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     state = model.state_dict()
     if tied:
         state.pop("lm_head.weight", None)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in tqdm(state.items(), desc="Collecting fp32 tensors", unit="tensor"):
-        tensors[name] = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    tensors = {name: t.detach().to(torch.float32) for name, t in state.items()}
     n_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    logger.info("writing %d tensors (%.0f MiB) to model.safetensors", len(tensors), n_bytes / 2**20)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    logger.info("writing %d fp32 tensors (%.0f MiB) to model.safetensors", len(tensors), n_bytes / 2**20)
+    save_safetensors(tensors, out_dir / "model.safetensors", metadata={"format": "pt"}, desc="Writing model.safetensors")
     del tensors, state
 
     if getattr(model, "generation_config", None) is not None:
