@@ -100,6 +100,7 @@ class Engine:
         self.pending_free: list[str] = []
         self.step_records: list[StepRecord] = []
         self.record_steps = False
+        self.num_preemptions = 0
         self._num_steps = 0
         shape = (config.num_blocks, config.block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [
@@ -193,6 +194,7 @@ class Engine:
             else:
                 log.info("preempting %s (recompute): no free KV blocks", req.request_id)
                 self.scheduler.preempt(req)
+                self.num_preemptions += 1
                 self.pending_free.append(req.request_id)
         return kept
 

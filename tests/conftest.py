@@ -16,3 +16,21 @@ def _free_port() -> int:
 @pytest.fixture
 def free_port():
     return _free_port
+
+
+@pytest.fixture(scope="session")
+def smollm_dir():
+    """The default model converted to a cached HF directory (converted once per machine)."""
+    from executor.model_loader import default_model_path, resolve_model_dir
+
+    return resolve_model_dir(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_dir):
+    """(our model, tokenizer) for SmolLM2-135M-Instruct in fp32 on the CPU."""
+    from transformers import AutoTokenizer
+
+    from executor.model_loader import load_model
+
+    return load_model(smollm_dir), AutoTokenizer.from_pretrained(smollm_dir)
