@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import time
 
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--num-threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+                        help="torch CPU threads (default: all cores but one, left for the other services)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -149,6 +152,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--num-blocks must be >= 1")
     if args.kv_cache_gib <= 0:
         parser.error("--kv-cache-gib must be > 0")
+    if args.num_threads < 1:
+        parser.error("--num-threads must be >= 1")
+    # OpenMP threads that outnumber the free cores spin against the gateway and block manager
+    # and slow decoding down many times over; keep one core for them.
+    torch.set_num_threads(args.num_threads)
 
     from executor.model_loader import default_model_path, load_model, resolve_model_dir
 

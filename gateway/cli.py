@@ -43,11 +43,15 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch CPU threads per executor (default: the cores but one, shared among executors)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_executors < 1:
         parser.error("--num-executors must be >= 1")
+    if args.num_threads is None:
+        args.num_threads = max(1, ((os.cpu_count() or 1) - 1) // args.num_executors)
     if args.model is not None and not Path(args.model).exists():
         parser.error(f"--model: {args.model} does not exist")
     for flag, port in [("--port", args.port), ("--blockmgr-port", args.blockmgr_port)] + [
@@ -71,7 +75,8 @@ def serve(argv: list[str]) -> int:
         ex_argv = ["-m", "executor", "--model", str(model_dir), "--bind", addr, "--blockmgr", bm_addr,
                    "--executor-id", f"executor-{i}", "--dtype", args.dtype, "--block-size", str(args.block_size),
                    "--kv-cache-gib", str(args.kv_cache_gib), "--max-num-seqs", str(args.max_num_seqs),
-                   "--max-num-batched-tokens", str(args.max_num_batched_tokens), *level]
+                   "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                   "--num-threads", str(args.num_threads), *level]
         for flag, value in (("--device", args.device), ("--num-blocks", args.num_blocks),
                             ("--max-model-len", args.max_model_len)):
             if value is not None:

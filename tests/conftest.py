@@ -2,6 +2,11 @@ import os
 import socket
 
 import pytest
+import torch
+
+# CI has 2 cores shared by the test process and the services it starts: OpenMP threads that
+# outnumber free cores spin against each other and slow everything down many times over.
+torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
