@@ -65,7 +65,8 @@ def paged_attention(
                 query, key_cache, value_cache, meta.block_table, meta.seq_lens, scale
             )
         return kernels.paged_extend_attention(
-            query, key_cache, value_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale
+            query, key_cache, value_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale,
+            max_query_len=meta.max_query_len,  # known on the host: spares a device sync
         )
     kernels.write_kv_cache_torch(key, value, key_cache, value_cache, meta.slot_mapping)
     return kernels.paged_extend_attention_torch(
