@@ -122,3 +122,33 @@ class BlockPool:
             self._push_back(block)
             return True
         return False
+
+    # -- persistence --------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Refcounts and the free queue's order (enough to rebuild the pool exactly)."""
+        return {"num_blocks": self.num_blocks, "refcount": list(self.refcount), "free": list(self.free_blocks_lru())}
+
+    @classmethod
+    def restore(cls, snap: dict) -> "BlockPool":
+        """Rebuild a pool from :meth:`snapshot`.
+
+        Raises:
+            ValueError: the snapshot is inconsistent (a block both free and referenced).
+        """
+        pool = cls(0)
+        n = snap["num_blocks"]
+        pool.num_blocks = n
+        pool.refcount = list(snap["refcount"])
+        pool._sentinel = n
+        pool._prev = [_NIL] * (n + 1)
+        pool._next = [_NIL] * (n + 1)
+        pool._prev[n] = pool._next[n] = n
+        pool._in_queue = [False] * n
+        pool.num_free = 0
+        for block in snap["free"]:
+            if pool.refcount[block] != 0:
+                raise ValueError(f"snapshot lists block {block} as free with refcount {pool.refcount[block]}")
+            pool._push_back(block)
+        if pool.num_free != sum(1 for r in pool.refcount if r == 0):
+            raise ValueError("snapshot's free queue does not hold every unreferenced block")
+        return pool

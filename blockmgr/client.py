@@ -35,7 +35,8 @@ class _Api:
     def ping(self) -> None:
         self._checked({"op": "ping"})
 
-    def register(self, executor_id: str, num_device_blocks: int, block_size: int, num_cpu_blocks: int = 0) -> dict:
+    def register(self, executor_id: str, num_device_blocks: int, block_size: int, num_cpu_blocks: int = 0,
+                 cost: dict | None = None) -> dict:
         return self._checked(
             {
                 "op": "register",
@@ -43,12 +44,29 @@ class _Api:
                 "num_device_blocks": num_device_blocks,
                 "block_size": block_size,
                 "num_cpu_blocks": num_cpu_blocks,
+                "cost": cost or {},
             }
         )
 
-    def step(self, executor_id: str, free: list[str], grow: list[tuple[str, int]]) -> dict:
-        """One batched request per scheduler step; see :meth:`BlockManager.step`."""
-        return self._checked({"op": "step", "executor_id": executor_id, "free": free, "grow": grow})
+    def step(self, executor_id: str, step_id: int | None = None, **lists) -> dict:
+        """One batched request per scheduler step.
+
+        Args:
+            lists: any of ``fork``, ``free``, ``grow``, ``swap_in``, ``admit``; see
+                :meth:`blockmgr.manager.BlockManager.step` for their entries and the reply.
+        """
+        return self._checked({"op": "step", "executor_id": executor_id, "step_id": step_id,
+                              **{k: list(v) for k, v in lists.items()}})
+
+    def match_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> dict[str, int]:
+        """Cached prefix length (tokens) of ``token_ids`` on each executor."""
+        return self._checked({"op": "match_prefix", "token_ids": token_ids, "cache_salt": cache_salt})["matches"]
+
+    def reset_prefix_cache(self, executor_id: str | None = None) -> dict:
+        """Drop free cached blocks; ``reset`` in the answer is true only if nothing cached is left."""
+        reply = self._checked({"op": "reset_prefix_cache", "executor_id": executor_id})
+        reply.pop("ok")
+        return reply
 
     def stats(self) -> dict:
         return self._checked({"op": "stats"})["executors"]

@@ -1,31 +1,89 @@
-"""The block manager's state machine: pools, block tables and their growth, per executor.
+"""The block manager's state machine: pools, block tables, prefix cache, forks and preemption.
 
 Pure Python with no I/O, so the service (``blockmgr.server``) and the in-process client used by
-tests share exactly this code.
+tests share exactly this code. One executor's whole state is an :class:`ExecutorState`.
+
+A scheduler step of an executor arrives as one batched request (:meth:`BlockManager.step`) and is
+applied in this order:
+
+1. ``fork``: children point at their parent's blocks (refcounts rise; copy-on-write later);
+2. ``free``: finished or aborted sequences release their blocks; full computed blocks stay in the
+   prefix cache at the back of the LRU free queue;
+3. ``grow``: running sequences get room for this step's tokens. A write into a block shared with
+   another sequence first copies it (copy-on-write). When the pool runs dry, victims are preempted
+   (``blockmgr.preemption``): swapped out to the CPU pool or dropped for recompute;
+4. ``swap_in``: swapped sequences come back (only above the watermark);
+5. ``admit``: new sequences look up the prefix cache, then get blocks (only above the watermark).
+
+A sequence's K/V for the tokens granted in step *k* is computed by the time the executor sends
+step *k+1*, so that is when its newly full blocks are hashed and published to the prefix cache.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from blockmgr.block_pool import BlockPool, OutOfBlocks
+from blockmgr.block_hash import ROOT_HASH, hash_block, hash_chain
+from blockmgr.block_pool import BlockPool
+from blockmgr.preemption import CostModel, victim_order
 
 log = logging.getLogger("pagedserve.blockmgr")
 
 DENIED_NO_SPACE = "no_space"  # try again after other sequences free blocks
 DENIED_NEVER_FITS = "never_fits"  # larger than the whole pool: refuse the request
 
+COUNTERS = (
+    "prefix_queries_blocks", "prefix_hits_blocks", "prefix_queries_tokens", "prefix_hits_tokens",
+    "evictions", "swap_out_blocks", "swap_in_blocks", "preemptions_swap", "preemptions_recompute",
+    "copy_on_write",
+)
+
 
 class BlockManagerError(Exception):
-    """A request the block manager cannot act on (unknown executor, bad arguments)."""
+    """A request the block manager cannot act on (unknown executor or sequence, bad arguments)."""
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold ``num_tokens`` tokens: ``ceil(num_tokens / block_size)``."""
+    return -(-num_tokens // block_size)
 
 
 @dataclass
 class Sequence:
+    """One sequence as the block manager sees it.
+
+    ``tokens`` always has ``num_tokens`` entries: the ids whose K/V slots were granted.
+    """
+
     seq_id: str
-    block_table: list[int] = field(default_factory=list)
-    num_tokens: int = 0  # token slots the sequence has asked for
+    block_table: list[int] = field(default_factory=list)  # device blocks while running
+    cpu_table: list[int] = field(default_factory=list)  # CPU blocks while swapped out
+    tokens: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # leading full computed blocks
+    cache_salt: str | None = None
+    priority: int = 0
+    arrival: int = 0
+    swapped: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def extra_keys(self) -> tuple:
+        return (self.cache_salt,) if self.cache_salt is not None else ()
+
+    def to_wire(self) -> list:
+        return [self.seq_id, self.block_table, self.cpu_table, self.tokens, self.block_hashes,
+                self.cache_salt, self.priority, self.arrival, self.swapped]
+
+    @classmethod
+    def from_wire(cls, w: list) -> "Sequence":
+        return cls(*w)
 
 
 @dataclass
@@ -35,33 +93,71 @@ class ExecutorState:
     device: BlockPool
     cpu: BlockPool
     watermark_blocks: int = 0
+    cost: CostModel = field(default_factory=CostModel)
     seqs: dict[str, Sequence] = field(default_factory=dict)
+    cache: dict[int, int] = field(default_factory=dict)  # block hash -> device block
+    # device block -> (hash, parent hash, token ids), for blocks that are in the prefix cache
+    cached_meta: dict[int, tuple[int, int, list[int]]] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    last_step_id: int | None = None
+    last_reply: dict | None = None
+
+    def running(self):
+        return [s for s in self.seqs.values() if not s.swapped and s.block_table]
 
 
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    """Blocks needed to hold ``num_tokens`` tokens: ``ceil(num_tokens / block_size)``."""
-    return -(-num_tokens // block_size)
+@dataclass
+class _StepReply:
+    updates: dict[str, list] = field(default_factory=dict)
+    denied: dict[str, str] = field(default_factory=dict)
+    admitted: dict[str, int] = field(default_factory=dict)
+    preempted: dict[str, str] = field(default_factory=dict)
+    swapped_in: list[str] = field(default_factory=list)
+    swap_out: list[list[int]] = field(default_factory=list)
+    swap_in: list[list[int]] = field(default_factory=list)
+    copies: list[list[int]] = field(default_factory=list)
+    grown_from: dict[str, int] = field(default_factory=dict)  # seq -> num_tokens before this step
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "grown_from"}
 
 
 class BlockManager:
-    """Holds every registered executor's block pools and its sequences' block tables."""
+    """Holds every registered executor's block pools, block tables and prefix cache.
 
-    def __init__(self, watermark: float = 0.01) -> None:
-        """Args:
-            watermark: fraction of each device pool kept free when admitting new sequences
-                (vLLM's default, 1%), so admissions do not force an immediate preemption.
-        """
+    Args:
+        watermark: fraction of each device pool kept free when admitting new sequences or
+            swapping sequences back in (vLLM's default is 1%), so that an admission does not
+            force an immediate preemption.
+        enable_prefix_caching: publish computed full blocks and reuse them across requests.
+        on_events: called with a list of KV events after each change to a prefix cache
+            (``["BlockStored", executor_id, hashes, parent_hash, token_ids, block_size]``,
+            ``["BlockRemoved", executor_id, hashes]``, ``["AllBlocksCleared", executor_id]``).
+
+    Raises:
+        BlockManagerError: watermark outside [0, 1).
+    """
+
+    def __init__(self, watermark: float = 0.01, enable_prefix_caching: bool = True, on_events=None) -> None:
         if not 0 <= watermark < 1:
             raise BlockManagerError(f"watermark must be in [0, 1), got {watermark}")
         self.watermark = watermark
+        self.enable_prefix_caching = enable_prefix_caching
         self.executors: dict[str, ExecutorState] = {}
+        self.on_events = on_events
+        self._events: list[list] = []
+        self._arrivals = itertools.count()
 
     # -- registration -------------------------------------------------------------------------
-    def register(self, executor_id: str, num_device_blocks: int, block_size: int, num_cpu_blocks: int = 0) -> dict:
+    def register(self, executor_id: str, num_device_blocks: int, block_size: int, num_cpu_blocks: int = 0,
+                 cost: dict | None = None) -> dict:
         """Register (or re-register) an executor's pools.
 
         A re-registration with the same geometry keeps its state, so an executor that reconnects
         does not lose its sequences; a different geometry starts over (the executor restarted).
+
+        Args:
+            cost: the executor's measured :class:`~blockmgr.preemption.CostModel` fields.
 
         Raises:
             BlockManagerError: non-positive block size or negative pool sizes.
@@ -70,6 +166,7 @@ class BlockManager:
             raise BlockManagerError(
                 f"invalid pool geometry: block_size={block_size}, device={num_device_blocks}, cpu={num_cpu_blocks}"
             )
+        cost_model = CostModel(**(cost or {}))
         old = self.executors.get(executor_id)
         if (
             old is not None
@@ -77,19 +174,20 @@ class BlockManager:
             and old.device.num_blocks == num_device_blocks
             and old.cpu.num_blocks == num_cpu_blocks
         ):
+            old.cost = cost_model
             log.info("executor %s re-registered; keeping %d sequences", executor_id, len(old.seqs))
             return {"resumed": True, "num_seqs": len(old.seqs)}
+        if old is not None and old.cache:
+            self._emit(["AllBlocksCleared", executor_id])
         self.executors[executor_id] = ExecutorState(
-            executor_id,
-            block_size,
-            BlockPool(num_device_blocks),
-            BlockPool(num_cpu_blocks),
-            watermark_blocks=int(self.watermark * num_device_blocks),
+            executor_id, block_size, BlockPool(num_device_blocks), BlockPool(num_cpu_blocks),
+            watermark_blocks=int(self.watermark * num_device_blocks), cost=cost_model,
         )
         log.info(
             "executor %s registered: %d device blocks, %d cpu blocks, block_size %d",
             executor_id, num_device_blocks, num_cpu_blocks, block_size,
         )
+        self._flush_events()
         return {"resumed": False, "num_seqs": 0}
 
     def _executor(self, executor_id: str) -> ExecutorState:
@@ -98,93 +196,449 @@ class BlockManager:
         except KeyError:
             raise BlockManagerError(f"unknown executor {executor_id!r}; register it first") from None
 
+    def _seq(self, ex: ExecutorState, seq_id: str) -> Sequence:
+        try:
+            return ex.seqs[seq_id]
+        except KeyError:
+            raise BlockManagerError(f"unknown sequence {seq_id!r} on executor {ex.executor_id!r}") from None
+
     # -- one scheduler step ---------------------------------------------------------------------
-    def step(self, executor_id: str, free: list[str], grow: list[tuple[str, int]]) -> dict:
-        """Apply one scheduler step's batched request: frees first, then growth in the given order.
+    def step(
+        self,
+        executor_id: str,
+        *,
+        step_id: int | None = None,
+        fork: list[tuple[str, str]] = (),
+        free: list[str] = (),
+        grow: list[tuple[str, int, list[int]]] = (),
+        swap_in: list[str] = (),
+        admit: list[tuple[str, list[int], int, str | None, int]] = (),
+    ) -> dict:
+        """Apply one scheduler step's batched request (see the module docstring for the order).
 
         Args:
-            free: sequence ids whose blocks are released (unknown ids are ignored: a sequence
-                denied before it got any block was never recorded).
-            grow: ``(seq_id, num_tokens)`` pairs: make the sequence's block table hold at least
-                ``num_tokens`` token slots; new ids are created. Each pair is all-or-nothing.
+            step_id: the executor's step counter; a retried step with the same id gets the reply
+                it already had (so a retry after a lost reply is not applied twice).
+            fork: ``(parent, child)`` pairs; the child shares all of the parent's blocks.
+            free: sequences to release (unknown ids are ignored).
+            grow: ``(seq_id, num_tokens, token_ids)``: the sequence will hold ``num_tokens``
+                tokens after this step; ``token_ids`` are the ones past what it held before.
+            swap_in: swapped-out sequences to bring back to the device.
+            admit: ``(seq_id, prompt_token_ids, num_new_tokens, cache_salt, priority)``: a new
+                sequence; after the prefix-cache lookup it gets room for ``num_new_tokens`` more
+                tokens of its prompt.
 
         Returns:
-            ``{"updates": {seq_id: [start, [block ids]]}, "denied": {seq_id: reason}}``: the
-            executor sets ``block_table[start:] = block ids``; reasons are ``"no_space"`` (retry
-            later, or preempt) and ``"never_fits"`` (more blocks than the pool has).
+            ``updates`` ``{seq: [start, block ids]}`` (set ``block_table[start:]``), ``denied``
+            ``{seq: "no_space" | "never_fits"}``, ``admitted`` ``{seq: num_cached_tokens}``,
+            ``preempted`` ``{seq: "swap" | "recompute"}``, ``swapped_in`` [seq], and the copies
+            to carry out before the forward pass, in this order: ``swap_out`` [[device, cpu]],
+            ``swap_in`` [[cpu, device]], ``copies`` [[src, dst]] (copy-on-write).
+
+        Raises:
+            BlockManagerError: unknown executor or sequence, malformed entries.
         """
         ex = self._executor(executor_id)
+        if step_id is not None and step_id == ex.last_step_id and ex.last_reply is not None:
+            log.info("executor %s retried step %s; answering it again", executor_id, step_id)
+            return ex.last_reply
+        self._validate_step(ex, fork, free, grow, swap_in, admit)
+        r = _StepReply()
+        for parent, child in fork:
+            self._fork(ex, parent, child)
         for seq_id in free:
             self._free(ex, seq_id)
-        updates: dict[str, list] = {}
-        denied: dict[str, str] = {}
-        for seq_id, num_tokens in grow:
-            if num_tokens < 0:
-                raise BlockManagerError(f"negative num_tokens {num_tokens} for {seq_id!r}")
-            seq = ex.seqs.get(seq_id)
-            have = len(seq.block_table) if seq else 0
-            need = blocks_for(num_tokens, ex.block_size) - have
-            if need <= 0:
-                if seq is not None:
-                    seq.num_tokens = max(seq.num_tokens, num_tokens)
+        for seq_id, num_tokens, token_ids in grow:
+            if seq_id in r.preempted:
                 continue
-            if blocks_for(num_tokens, ex.block_size) > ex.device.num_blocks:
-                denied[seq_id] = DENIED_NEVER_FITS
-                continue
-            if seq is None and ex.device.num_free - need < ex.watermark_blocks:
-                # Admitting it would leave so few free blocks that running sequences could not
-                # grow next step and would be preempted right away.
-                denied[seq_id] = DENIED_NO_SPACE
-                continue
-            try:
-                new_blocks = ex.device.allocate(need)
-            except OutOfBlocks:
-                denied[seq_id] = DENIED_NO_SPACE
-                continue
-            if seq is None:
-                seq = ex.seqs[seq_id] = Sequence(seq_id)
-            seq.block_table.extend(new_blocks)
-            seq.num_tokens = num_tokens
-            updates[seq_id] = [have, new_blocks]
-        return {"updates": updates, "denied": denied}
+            seq = ex.seqs[seq_id]
+            self._publish(ex, seq)  # last step's tokens are computed by now
+            self._grow(ex, seq, list(token_ids), r)
+        for seq_id in swap_in:
+            self._swap_in(ex, self._seq(ex, seq_id), r)
+        for seq_id, prompt, num_new, salt, priority in admit:
+            self._admit(ex, seq_id, list(prompt), int(num_new), salt, int(priority), r)
+        reply = r.to_dict()
+        ex.last_step_id, ex.last_reply = step_id, reply
+        self._flush_events()
+        return reply
+
+    def _validate_step(self, ex: ExecutorState, fork, free, grow, swap_in, admit) -> None:
+        """Refuse a malformed step before changing anything, so a refusal leaves no half-applied step."""
+        known = {sid: s.swapped for sid, s in ex.seqs.items()}
+        for parent, child in fork:
+            if known.get(parent, True):
+                raise BlockManagerError(f"fork: parent {parent!r} is unknown or swapped out")
+            if child in known:
+                raise BlockManagerError(f"fork: child {child!r} already exists")
+            known[child] = False
+        for seq_id in free:
+            known.pop(seq_id, None)
+        for seq_id, num_tokens, token_ids in grow:
+            if seq_id not in known:
+                raise BlockManagerError(f"grow: unknown sequence {seq_id!r} on executor {ex.executor_id!r}")
+            if known[seq_id]:
+                raise BlockManagerError(f"grow: sequence {seq_id!r} is swapped out; swap it in first")
+            have = ex.seqs[seq_id].num_tokens if seq_id in ex.seqs else None
+            if have is None:  # a child forked in this step
+                have = ex.seqs[next(p for p, c in fork if c == seq_id)].num_tokens
+            if num_tokens != have + len(token_ids):
+                raise BlockManagerError(f"grow {seq_id!r}: {have} tokens + {len(token_ids)} new != {num_tokens}")
+        for seq_id in swap_in:
+            if not known.get(seq_id, False):
+                raise BlockManagerError(f"swap_in: {seq_id!r} is unknown or not swapped out")
+        for seq_id, prompt, num_new, _salt, _prio in admit:
+            if seq_id in known:
+                raise BlockManagerError(f"admit: sequence {seq_id!r} already exists")
+            if not prompt or num_new < 1:
+                raise BlockManagerError(f"admit {seq_id!r}: empty prompt or num_new_tokens < 1")
+            known[seq_id] = False
+
+    def _allocate(self, ex: ExecutorState, n: int) -> list[int]:
+        """Take ``n`` free device blocks, evicting the prefix-cache entries they still carry."""
+        blocks = ex.device.allocate(n)
+        evicted = []
+        for b in blocks:
+            meta = ex.cached_meta.pop(b, None)
+            if meta is not None:
+                del ex.cache[meta[0]]
+                evicted.append(meta[0])
+        if evicted:
+            ex.counters["evictions"] += len(evicted)
+            self._emit(["BlockRemoved", ex.executor_id, evicted])
+        return blocks
+
+    def _publish(self, ex: ExecutorState, seq: Sequence) -> None:
+        """Hash the sequence's newly full blocks and add them to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = ex.block_size
+        full = min(seq.num_tokens // bs, len(seq.block_table))
+        parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+        stored, stored_tokens, first_parent = [], [], parent
+        for i in range(len(seq.block_hashes), full):
+            tokens = seq.tokens[i * bs : (i + 1) * bs]
+            h = hash_block(parent, tokens, seq.extra_keys)
+            seq.block_hashes.append(h)
+            b = seq.block_table[i]
+            if h not in ex.cache and b not in ex.cached_meta:
+                ex.cache[h] = b
+                ex.cached_meta[b] = (h, parent, tokens)
+                if not stored:
+                    first_parent = parent
+                stored.append(h)
+                stored_tokens.extend(tokens)
+            parent = h
+        if stored:
+            self._emit(["BlockStored", ex.executor_id, stored, first_parent, stored_tokens, bs])
+
+    def _lookup(self, ex: ExecutorState, hashes: list[int], tokens: list[int]) -> list[int]:
+        """Cached device blocks for the leading ``hashes``, verified against their token ids."""
+        bs, hits, parent = ex.block_size, [], ROOT_HASH
+        for i, h in enumerate(hashes):
+            b = ex.cache.get(h)
+            if b is None:
+                break
+            _, cached_parent, cached_tokens = ex.cached_meta[b]
+            if cached_parent != parent or cached_tokens != tokens[i * bs : (i + 1) * bs]:
+                log.warning("block hash collision on executor %s (hash %x); treating it as a miss", ex.executor_id, h)
+                break
+            hits.append(b)
+            parent = h
+        return hits
+
+    def _grow(self, ex: ExecutorState, seq: Sequence, token_ids: list[int], r: _StepReply) -> None:
+        bs = ex.block_size
+        old_len = seq.num_tokens
+        new_len = old_len + len(token_ids)
+        if blocks_for(new_len, bs) > ex.device.num_blocks:
+            r.denied[seq.seq_id] = DENIED_NEVER_FITS
+            return
+        write_block = old_len // bs
+        cow = (
+            new_len > old_len
+            and write_block < len(seq.block_table)
+            and ex.device.refcount[seq.block_table[write_block]] > 1
+        )
+        need = max(0, blocks_for(new_len, bs) - len(seq.block_table)) + (1 if cow else 0)
+        while ex.device.num_free < need:
+            victims = [v for v in victim_order(ex.running())]
+            victim = next((v for v in victims if v is not seq), None)
+            if victim is None or victim_order([seq, victim])[0] is seq:
+                # The sequence itself is the least important one left: it yields.
+                self._preempt(ex, seq, r)
+                return
+            self._preempt(ex, victim, r)
+        start = len(seq.block_table)
+        if cow:
+            (dst,) = self._allocate(ex, 1)
+            src = seq.block_table[write_block]
+            ex.device.decref(src)
+            seq.block_table[write_block] = dst
+            r.copies.append([src, dst])
+            ex.counters["copy_on_write"] += 1
+            start = write_block
+        if need - (1 if cow else 0) > 0:
+            seq.block_table.extend(self._allocate(ex, need - (1 if cow else 0)))
+        r.grown_from[seq.seq_id] = old_len
+        seq.tokens.extend(token_ids)
+        if start < len(seq.block_table):
+            r.updates[seq.seq_id] = [start, seq.block_table[start:]]
+
+    def _preempt(self, ex: ExecutorState, seq: Sequence, r: _StepReply) -> None:
+        """Swap ``seq`` out to the CPU pool or drop it for recompute, by the cost model."""
+        if seq.seq_id in r.grown_from:
+            # Granted earlier in this very step: take back this step's room first.
+            del seq.tokens[r.grown_from.pop(seq.seq_id) :]
+            r.updates.pop(seq.seq_id, None)
+            keep = blocks_for(seq.num_tokens, ex.block_size)
+            for b in seq.block_table[keep:]:
+                ex.device.decref(b)
+            del seq.block_table[keep:]
+        self._publish(ex, seq)
+        n = len(seq.block_table)
+        if n <= ex.cpu.num_free and ex.cost.prefer_swap(n, seq.num_tokens):
+            cpu_blocks = ex.cpu.allocate(n)
+            r.swap_out.extend([g, c] for g, c in zip(seq.block_table, cpu_blocks))
+            for b in seq.block_table:
+                ex.device.decref(b)
+            seq.cpu_table, seq.block_table, seq.swapped = cpu_blocks, [], True
+            ex.counters["swap_out_blocks"] += n
+            ex.counters["preemptions_swap"] += 1
+            r.preempted[seq.seq_id] = "swap"
+            log.info("preempted %s by swap-out (%d blocks)", seq.seq_id, n)
+        else:
+            self._release(ex, seq)
+            del ex.seqs[seq.seq_id]
+            ex.counters["preemptions_recompute"] += 1
+            r.preempted[seq.seq_id] = "recompute"
+            log.info("preempted %s by recompute (%d tokens)", seq.seq_id, seq.num_tokens)
+
+    def _swap_in(self, ex: ExecutorState, seq: Sequence, r: _StepReply) -> None:
+        if not seq.swapped:
+            raise BlockManagerError(f"sequence {seq.seq_id!r} is not swapped out")
+        n = len(seq.cpu_table)
+        if ex.device.num_free - n < ex.watermark_blocks:
+            r.denied[seq.seq_id] = DENIED_NO_SPACE
+            return
+        blocks = self._allocate(ex, n)
+        r.swap_in.extend([c, g] for c, g in zip(seq.cpu_table, blocks))
+        for c in seq.cpu_table:
+            ex.cpu.decref(c)
+        seq.block_table, seq.cpu_table, seq.swapped = blocks, [], False
+        ex.counters["swap_in_blocks"] += n
+        r.swapped_in.append(seq.seq_id)
+        r.updates[seq.seq_id] = [0, list(blocks)]
+
+    def _admit(self, ex: ExecutorState, seq_id: str, prompt: list[int], num_new: int, salt, priority: int,
+               r: _StepReply) -> None:
+        if seq_id in ex.seqs:
+            raise BlockManagerError(f"sequence {seq_id!r} already exists on executor {ex.executor_id!r}")
+        if not prompt or num_new < 1:
+            raise BlockManagerError(f"admit {seq_id!r}: empty prompt or num_new_tokens < 1")
+        bs = ex.block_size
+        if blocks_for(len(prompt), bs) > ex.device.num_blocks:
+            r.denied[seq_id] = DENIED_NEVER_FITS
+            return
+        seq = Sequence(seq_id, cache_salt=salt, priority=priority, arrival=next(self._arrivals))
+        hits, hashes = [], []
+        if self.enable_prefix_caching:
+            # Never the whole prompt: its last token must be computed to get logits.
+            hashes = hash_chain(prompt, bs, seq.extra_keys, (len(prompt) - 1) // bs)
+            hits = self._lookup(ex, hashes, prompt)
+        num_cached = len(hits) * bs
+        target = min(len(prompt), num_cached + num_new)
+        need = blocks_for(target, bs) - len(hits)
+        reviving = sum(1 for b in hits if ex.device.is_free(b))
+        if ex.device.num_free - reviving - need < ex.watermark_blocks:
+            r.denied[seq_id] = DENIED_NO_SPACE
+            return
+        for b in hits:
+            if ex.device.is_free(b):
+                ex.device.take(b)
+            else:
+                ex.device.incref(b)
+        seq.block_table = hits + self._allocate(ex, need)
+        seq.tokens = prompt[:target]
+        seq.block_hashes = hashes[: len(hits)]
+        ex.seqs[seq_id] = seq
+        c = ex.counters
+        c["prefix_queries_blocks"] += len(hashes)
+        c["prefix_hits_blocks"] += len(hits)
+        c["prefix_queries_tokens"] += len(prompt)
+        c["prefix_hits_tokens"] += num_cached
+        r.admitted[seq_id] = num_cached
+        r.grown_from[seq_id] = num_cached
+        r.updates[seq_id] = [0, list(seq.block_table)]
+
+    def _fork(self, ex: ExecutorState, parent_id: str, child_id: str) -> None:
+        parent = self._seq(ex, parent_id)
+        if parent.swapped:
+            raise BlockManagerError(f"cannot fork {parent_id!r} while it is swapped out")
+        if child_id in ex.seqs:
+            raise BlockManagerError(f"sequence {child_id!r} already exists on executor {ex.executor_id!r}")
+        for b in parent.block_table:
+            ex.device.incref(b)
+        ex.seqs[child_id] = Sequence(
+            child_id, list(parent.block_table), [], list(parent.tokens), list(parent.block_hashes),
+            parent.cache_salt, parent.priority, parent.arrival,
+        )
 
     def _free(self, ex: ExecutorState, seq_id: str) -> None:
         seq = ex.seqs.pop(seq_id, None)
         if seq is None:
             return
-        # Reverse order: the tail blocks (least likely to be shared) go back to the queue first.
+        if seq.swapped:
+            for b in seq.cpu_table:
+                ex.cpu.decref(b)
+            return
+        self._publish(ex, seq)
+        self._release(ex, seq)
+
+    @staticmethod
+    def _release(ex: ExecutorState, seq: Sequence) -> None:
+        # Tail first: the tail blocks are the least likely to be reused, so they reach the front
+        # of the LRU free queue (evicted first) ahead of the shared prefix blocks.
         for block in reversed(seq.block_table):
             ex.device.decref(block)
+        seq.block_table = []
+
+    # -- prefix cache -------------------------------------------------------------------------
+    def match_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> dict[str, int]:
+        """Tokens of ``token_ids`` each executor holds in its prefix cache (for routing)."""
+        out = {}
+        extra = (cache_salt,) if cache_salt is not None else ()
+        for ex_id, ex in self.executors.items():
+            if not self.enable_prefix_caching:
+                out[ex_id] = 0
+                continue
+            hashes = hash_chain(token_ids, ex.block_size, extra, (len(token_ids) - 1) // ex.block_size)
+            out[ex_id] = len(self._lookup(ex, hashes, token_ids)) * ex.block_size
+        return out
+
+    def reset_prefix_cache(self, executor_id: str | None = None) -> dict:
+        """Drop every free cached block; blocks in use keep their hashes.
+
+        Returns:
+            ``{"reset": bool, "dropped_blocks": n, "blocks_in_use": m, "message": str}``; ``reset``
+            is true only when no cached block is left anywhere asked for.
+        """
+        targets = [self._executor(executor_id)] if executor_id else list(self.executors.values())
+        dropped = in_use = 0
+        for ex in targets:
+            gone = [b for b in ex.cached_meta if ex.device.is_free(b)]
+            hashes = []
+            for b in gone:
+                h = ex.cached_meta.pop(b)[0]
+                del ex.cache[h]
+                hashes.append(h)
+            dropped += len(gone)
+            in_use += len(ex.cached_meta)
+            if not ex.cached_meta and gone:
+                self._emit(["AllBlocksCleared", ex.executor_id])
+            elif hashes:
+                self._emit(["BlockRemoved", ex.executor_id, hashes])
+        self._flush_events()
+        if in_use:
+            message = (f"dropped {dropped} free cached blocks; {in_use} cached blocks are in use by "
+                       f"running sequences and were kept")
+        else:
+            message = f"dropped {dropped} cached blocks; the prefix cache is empty"
+        return {"reset": in_use == 0, "dropped_blocks": dropped, "blocks_in_use": in_use, "message": message}
+
+    # -- events -------------------------------------------------------------------------------
+    def _emit(self, event: list) -> None:
+        self._events.append(event)
+
+    def _flush_events(self) -> None:
+        if self._events and self.on_events is not None:
+            self.on_events(self._events)
+        self._events = []
 
     # -- inspection ----------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Block counts per executor and tier: ``{executor_id: {"device": {...}, "cpu": {...}}}``."""
+        """Per executor: block counts per tier, usage, utilization, prefix-cache and preemption counters."""
         out = {}
         for ex_id, ex in self.executors.items():
+            fill: dict[int, int] = {}
+            for seq in ex.seqs.values():
+                for i, b in enumerate(seq.block_table):
+                    filled = min(ex.block_size, seq.num_tokens - i * ex.block_size)
+                    fill[b] = max(fill.get(b, 0), filled)
+            dev = ex.device
+            c = ex.counters
             out[ex_id] = {
                 "block_size": ex.block_size,
                 "num_seqs": len(ex.seqs),
-                **{
-                    tier: {"total": pool.num_blocks, "free": pool.num_free, "used": pool.num_used}
-                    for tier, pool in (("device", ex.device), ("cpu", ex.cpu))
+                "num_running": sum(1 for s in ex.seqs.values() if not s.swapped),
+                "num_swapped": sum(1 for s in ex.seqs.values() if s.swapped),
+                "device": {
+                    "total": dev.num_blocks, "free": dev.num_free, "used": dev.num_used,
+                    "cached_free": sum(1 for b in ex.cached_meta if dev.is_free(b)),
+                    "usage_perc": 100.0 * dev.num_used / dev.num_blocks if dev.num_blocks else 0.0,
                 },
+                "cpu": {"total": ex.cpu.num_blocks, "free": ex.cpu.num_free, "used": ex.cpu.num_used},
+                "token_utilization": sum(fill.values()) / (len(fill) * ex.block_size) if fill else 1.0,
+                "prefix_cache": {
+                    "queries_blocks": c["prefix_queries_blocks"], "hits_blocks": c["prefix_hits_blocks"],
+                    "queries_tokens": c["prefix_queries_tokens"], "hits_tokens": c["prefix_hits_tokens"],
+                    "cached_blocks": len(ex.cache),
+                },
+                "evictions": c["evictions"],
+                "swap_out_blocks": c["swap_out_blocks"],
+                "swap_in_blocks": c["swap_in_blocks"],
+                "copy_on_write": c["copy_on_write"],
+                "preemptions": {"swap": c["preemptions_swap"], "recompute": c["preemptions_recompute"]},
             }
         return out
 
     def sequence(self, executor_id: str, seq_id: str) -> dict:
-        """One sequence's block table with each block's refcount.
+        """One sequence's block table: each block's id, refcount, tier and hash (None if unhashed).
 
         Raises:
             BlockManagerError: unknown executor or sequence.
         """
         ex = self._executor(executor_id)
-        seq = ex.seqs.get(seq_id)
-        if seq is None:
-            raise BlockManagerError(f"unknown sequence {seq_id!r} on executor {executor_id!r}")
+        seq = self._seq(ex, seq_id)
+        if seq.swapped:
+            blocks = [{"block": b, "refcount": ex.cpu.refcount[b], "tier": "cpu",
+                       "hash": seq.block_hashes[i] if i < len(seq.block_hashes) else None}
+                      for i, b in enumerate(seq.cpu_table)]
+        else:
+            blocks = [{"block": b, "refcount": ex.device.refcount[b], "tier": "device",
+                       "hash": ex.cached_meta[b][0] if b in ex.cached_meta else None}
+                      for b in seq.block_table]
+        return {"seq_id": seq_id, "executor_id": executor_id, "num_tokens": seq.num_tokens,
+                "state": "swapped" if seq.swapped else "running", "blocks": blocks}
+
+    # -- persistence --------------------------------------------------------------------------
+    def snapshot(self, executor_id: str) -> dict[str, Any]:
+        """Everything needed to rebuild one executor's state (see ``blockmgr.persistence``)."""
+        ex = self._executor(executor_id)
         return {
-            "seq_id": seq_id,
-            "num_tokens": seq.num_tokens,
-            "blocks": [
-                {"block": b, "refcount": ex.device.refcount[b], "tier": "device"} for b in seq.block_table
-            ],
+            "executor_id": ex.executor_id, "block_size": ex.block_size, "watermark_blocks": ex.watermark_blocks,
+            "device": ex.device.snapshot(), "cpu": ex.cpu.snapshot(), "cost": ex.cost.__dict__,
+            "seqs": [s.to_wire() for s in ex.seqs.values()],
+            "cached": [[b, h, p, t] for b, (h, p, t) in ex.cached_meta.items()],
+            "counters": ex.counters, "last_step_id": ex.last_step_id, "last_reply": ex.last_reply,
+            "saved_at": time.time(),
         }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Install one executor's state from :meth:`snapshot`."""
+        ex = ExecutorState(
+            snap["executor_id"], snap["block_size"], BlockPool.restore(snap["device"]),
+            BlockPool.restore(snap["cpu"]), snap["watermark_blocks"], CostModel(**snap["cost"]),
+        )
+        for w in snap["seqs"]:
+            seq = Sequence.from_wire(w)
+            ex.seqs[seq.seq_id] = seq
+        for b, h, p, t in snap["cached"]:
+            ex.cache[h] = b
+            ex.cached_meta[b] = (h, p, list(t))
+        ex.counters.update(snap["counters"])
+        ex.last_step_id, ex.last_reply = snap["last_step_id"], snap["last_reply"]
+        self.executors[ex.executor_id] = ex
+        arrivals = [s.arrival for s in ex.seqs.values()]
+        if arrivals:
+            self._arrivals = itertools.count(max(max(arrivals) + 1, next(self._arrivals)))

@@ -3,17 +3,26 @@
 Every request is a map with an ``"op"`` key; every reply is ``{"ok": true, ...result}`` or
 ``{"ok": false, "error": message}``.
 
-=============  ===================================================  ================================
-op             request fields                                       reply fields
-=============  ===================================================  ================================
-``ping``       —                                                    —
-``register``   executor_id, num_device_blocks, block_size,          resumed (bool), num_seqs
-               num_cpu_blocks (optional, default 0)
-``step``       executor_id, free: [seq_id], grow: [[seq_id, n]]     updates: {seq_id: [start, ids]},
-                                                                    denied: {seq_id: reason}
-``stats``      —                                                    executors: {id: per-tier counts}
-``sequence``   executor_id, seq_id                                  sequence: block table details
-=============  ===================================================  ================================
+- ``ping`` -> ``{}``
+- ``register``: executor_id, num_device_blocks, block_size, num_cpu_blocks (default 0), cost
+  (optional map: bytes_per_block, copy_bandwidth, flops_per_token, flops_per_s) -> resumed, num_seqs
+- ``step``: executor_id, step_id, and the lists (each optional)
+  ``fork [[parent, child]]``, ``free [seq]``, ``grow [[seq, num_tokens, [new token ids]]]``,
+  ``swap_in [seq]``, ``admit [[seq, [prompt ids], num_new_tokens, cache_salt|nil, priority]]``
+  -> ``updates {seq: [start, [block ids]]}``, ``denied {seq: reason}``, ``admitted {seq:
+  num_cached_tokens}``, ``preempted {seq: "swap"|"recompute"}``, ``swapped_in [seq]``,
+  ``swap_out [[device, cpu]]``, ``swap_in [[cpu, device]]``, ``copies [[src, dst]]``
+  (see :meth:`blockmgr.manager.BlockManager.step`)
+- ``stats`` -> ``executors {id: counters}``
+- ``sequence``: executor_id, seq_id -> ``sequence`` (block table with refcounts, tiers, hashes)
+- ``match_prefix``: token_ids, cache_salt -> ``matches {executor_id: num_cached_tokens}``
+- ``reset_prefix_cache``: executor_id (optional) -> reset, dropped_blocks, blocks_in_use, message
+
+KV events (``--kv-events-bind``, a PUB socket): each message is one msgpack array
+``[timestamp_seconds, [event, ...]]`` with events ``["BlockStored", executor_id, [hashes],
+parent_hash, [token ids], block_size]``, ``["BlockRemoved", executor_id, [hashes]]`` and
+``["AllBlocksCleared", executor_id]``. A subscriber that applies them in order mirrors every
+executor's prefix cache (hash -> present).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Any
 
 import msgpack
 
-OPS = ("ping", "register", "step", "stats", "sequence")
+OPS = ("ping", "register", "step", "stats", "sequence", "match_prefix", "reset_prefix_cache")
 
 
 class ProtocolError(Exception):

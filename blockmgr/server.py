@@ -31,16 +31,33 @@ def handle(manager: BlockManager, message: dict) -> dict:
                     int(message["num_device_blocks"]),
                     int(message["block_size"]),
                     int(message.get("num_cpu_blocks", 0)),
+                    {k: v for k, v in (message.get("cost") or {}).items()
+                     if k in ("bytes_per_block", "copy_bandwidth", "flops_per_token", "flops_per_s")},
                 )
             )
         if op == "step":
-            grow = [(str(s), int(n)) for s, n in message.get("grow", [])]
-            free = [str(s) for s in message.get("free", [])]
-            return protocol.ok(**manager.step(str(message["executor_id"]), free, grow))
+            step_id = message.get("step_id")
+            return protocol.ok(**manager.step(
+                str(message["executor_id"]),
+                step_id=int(step_id) if step_id is not None else None,
+                fork=[(str(p), str(c)) for p, c in message.get("fork", [])],
+                free=[str(s) for s in message.get("free", [])],
+                grow=[(str(s), int(n), [int(t) for t in toks]) for s, n, toks in message.get("grow", [])],
+                swap_in=[str(s) for s in message.get("swap_in", [])],
+                admit=[(str(s), [int(t) for t in prompt], int(n), None if salt is None else str(salt), int(prio))
+                       for s, prompt, n, salt, prio in message.get("admit", [])],
+            ))
         if op == "stats":
             return protocol.ok(executors=manager.stats())
         if op == "sequence":
             return protocol.ok(sequence=manager.sequence(str(message["executor_id"]), str(message["seq_id"])))
+        if op == "match_prefix":
+            salt = message.get("cache_salt")
+            return protocol.ok(matches=manager.match_prefix(
+                [int(t) for t in message["token_ids"]], None if salt is None else str(salt)))
+        if op == "reset_prefix_cache":
+            ex_id = message.get("executor_id")
+            return protocol.ok(**manager.reset_prefix_cache(None if ex_id is None else str(ex_id)))
         return protocol.error(f"unknown op {op!r}; expected one of {', '.join(protocol.OPS)}")
     except KeyError as exc:
         return protocol.error(f"op {op!r} is missing field {exc.args[0]!r}")

@@ -1,153 +1,325 @@
-"""Block manager: pools, block tables, the batched step, the service over ZeroMQ."""
+"""Block manager: pools, block tables, prefix cache, copy-on-write, preemption, the ZMQ service."""
 
 import threading
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from blockmgr import protocol
+from blockmgr.block_hash import hash_block, hash_chain
 from blockmgr.block_pool import BlockPool, OutOfBlocks
 from blockmgr.client import BlockManagerClient, BlockManagerRequestError, InProcessBlockManager
 from blockmgr.manager import BlockManager
-from blockmgr.server import serve
+
+BS = 4
+
+
+def admit(bm, seq, prompt, n=None, salt=None, prio=0, ex="ex"):
+    return bm.step(ex, admit=[(seq, prompt, n or len(prompt), salt, prio)])
 
 
 def test_pool_allocates_lru_and_refuses_when_empty():
     pool = BlockPool(4)
-    a = pool.allocate(3)
-    assert a == [0, 1, 2] and pool.num_free == 1
+    assert pool.allocate(3) == [0, 1, 2] and pool.num_free == 1
     with pytest.raises(OutOfBlocks):
         pool.allocate(2)
     assert pool.num_free == 1, "a refused allocation takes nothing"
     pool.decref(1)
     pool.decref(0)
-    # Free queue order: 3 (never used), then 1, then 0 (least recently freed first).
-    assert list(pool.free_blocks_lru()) == [3, 1, 0]
+    assert list(pool.free_blocks_lru()) == [3, 1, 0], "least recently freed first"
+    pool.take(1)  # O(1) removal from the middle of the queue
+    assert list(pool.free_blocks_lru()) == [3, 0]
     with pytest.raises(ValueError, match="double free"):
         pool.decref(3)
+    assert list(BlockPool.restore(pool.snapshot()).free_blocks_lru()) == [3, 0]
 
 
-def test_step_grows_tables_in_one_batch_and_frees():
+def test_block_hash_is_chained_and_salted():
+    a = hash_chain([1, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert len(a) == 2 and a[1] == hash_block(a[0], [5, 6, 7, 8])
+    assert hash_chain([9, 9, 9, 9, 5, 6, 7, 8], 4)[1] != a[1], "same block, other parent"
+    assert hash_chain([1, 2, 3, 4], 4, ("salt",)) != a[:1]
+    assert all(0 <= h < 2**64 for h in a)
+
+
+def test_step_admits_grows_and_frees():
     bm = InProcessBlockManager(BlockManager(watermark=0))
-    bm.register("ex", num_device_blocks=10, block_size=4)
-    r = bm.step("ex", [], [("a", 5), ("b", 4)])
-    assert r["updates"] == {"a": [0, [0, 1]], "b": [0, [2]]}
-    r = bm.step("ex", [], [("a", 8), ("b", 5)])
+    bm.register("ex", num_device_blocks=10, block_size=BS)
+    r = bm.step("ex", admit=[("a", [1] * 7, 5, None, 0), ("b", [2] * 4, 4, None, 0)])
+    assert r["updates"] == {"a": [0, [0, 1]], "b": [0, [2]]} and r["admitted"] == {"a": 0, "b": 0}
+    r = bm.step("ex", grow=[("a", 7, [1, 1]), ("b", 5, [9])])
     assert r["updates"] == {"b": [1, [3]]}, "a still fits in its 2 blocks"
-    assert bm.stats()["ex"]["device"] == {"total": 10, "free": 6, "used": 4}
-    r = bm.step("ex", ["a", "b"], [])
+    assert bm.stats()["ex"]["device"]["used"] == 4
+    bm.step("ex", free=["a", "b"])
     assert bm.stats()["ex"]["device"]["used"] == 0
 
 
-def test_unsatisfiable_growth_is_denied_not_crashed():
+def test_unsatisfiable_admissions_are_denied_not_crashed():
     bm = InProcessBlockManager(BlockManager(watermark=0))
-    bm.register("ex", num_device_blocks=3, block_size=4)
-    r = bm.step("ex", [], [("a", 8), ("b", 8), ("huge", 100)])
+    bm.register("ex", num_device_blocks=3, block_size=BS)
+    r = bm.step("ex", admit=[("a", [1] * 8, 8, None, 0), ("b", [2] * 8, 8, None, 0), ("huge", [3] * 100, 4, None, 0)])
     assert r["updates"] == {"a": [0, [0, 1]]}
     assert r["denied"] == {"b": "no_space", "huge": "never_fits"}
     assert bm.stats()["ex"]["device"]["used"] == 2, "a denied sequence holds nothing"
     with pytest.raises(BlockManagerRequestError, match="unknown executor"):
-        bm.step("nope", [], [("a", 1)])
+        bm.step("nope", free=["a"])
+    with pytest.raises(BlockManagerRequestError, match="unknown sequence"):
+        bm.step("ex", free=["a"], grow=[("a", 9, [1])])
+    assert bm.stats()["ex"]["device"]["used"] == 2, "a refused step changes nothing, its free included"
 
 
 def test_watermark_holds_back_admissions_but_not_growth():
     bm = InProcessBlockManager(BlockManager(watermark=0.2))
     bm.register("ex", num_device_blocks=10, block_size=1)  # watermark = 2 blocks
-    assert bm.step("ex", [], [("a", 8)])["updates"]
-    assert bm.step("ex", [], [("b", 1)])["denied"] == {"b": "no_space"}, "admission would dip under the watermark"
-    assert bm.step("ex", [], [("a", 10)])["updates"] == {"a": [8, [8, 9]]}, "running sequences may use it"
+    assert admit(bm, "a", [1] * 8)["updates"]
+    assert admit(bm, "b", [1])["denied"] == {"b": "no_space"}, "admission would dip under the watermark"
+    assert bm.step("ex", grow=[("a", 10, [1, 1])])["updates"] == {"a": [8, [8, 9]]}
+
+
+def test_prefix_cache_hit_reuses_computed_blocks_and_keeps_last_token():
+    bm = InProcessBlockManager(BlockManager(watermark=0))
+    bm.register("ex", num_device_blocks=16, block_size=BS)
+    prompt = list(range(10))  # 2 full blocks + 2 tokens
+    admit(bm, "a", prompt)
+    r = admit(bm, "b", prompt)
+    assert r["admitted"] == {"b": 0}, "a's blocks are not computed until a's next step"
+    bm.step("ex", grow=[("a", 11, [42])])  # a's prompt is computed now: published
+    bm.step("ex", free=["b"])  # b's identical blocks are computed too, but a's are already cached
+    r = admit(bm, "c", prompt)
+    assert r["admitted"] == {"c": 8}
+    a_table = bm.sequence("ex", "a")["blocks"]
+    assert r["updates"]["c"][1][:2] == [a_table[0]["block"], a_table[1]["block"]]
+    assert [b["refcount"] for b in bm.sequence("ex", "c")["blocks"]] == [2, 2, 1]
+    # A full hit still computes the last token: 8 tokens of 8 cached.
+    r = admit(bm, "d", prompt[:8])
+    assert r["admitted"] == {"d": 4}
+    r = admit(bm, "e", prompt, salt="other-tenant")
+    assert r["admitted"] == {"e": 0}, "a different cache_salt never shares blocks"
+    s = bm.stats()["ex"]["prefix_cache"]
+    assert s["hits_blocks"] == 3 and s["hits_tokens"] == 12
+
+
+def test_freed_cached_blocks_are_revived_then_evicted_lru():
+    events = []
+    mgr = BlockManager(watermark=0, on_events=lambda ev: events.extend(ev))
+    bm = InProcessBlockManager(mgr)
+    bm.register("ex", num_device_blocks=4, block_size=BS)
+    admit(bm, "a", list(range(8)) + [99])
+    bm.step("ex", free=["a"])
+    assert bm.stats()["ex"]["device"]["cached_free"] == 2
+    assert events[0][0] == "BlockStored" and events[0][4] == list(range(8))
+    assert admit(bm, "b", list(range(8)) + [7])["admitted"] == {"b": 8}, "revived from the free queue"
+    bm.step("ex", free=["b"])
+    r = admit(bm, "c", [50] * 16)  # needs every block: evicts the cached ones
+    assert r["admitted"] == {"c": 0}
+    assert bm.stats()["ex"]["evictions"] == 2
+    assert events[-1][0] == "BlockRemoved" and len(events[-1][2]) == 2
+
+
+def test_reset_prefix_cache_is_honest():
+    bm = InProcessBlockManager(BlockManager(watermark=0))
+    bm.register("ex", num_device_blocks=8, block_size=BS)
+    admit(bm, "a", list(range(9)))
+    admit(bm, "b", list(range(100, 109)))
+    bm.step("ex", free=["a"], grow=[("b", 10, [1])])
+    r = bm.reset_prefix_cache()
+    assert r["reset"] is False and r["dropped_blocks"] == 2 and r["blocks_in_use"] == 2
+    bm.step("ex", free=["b"])
+    r = bm.reset_prefix_cache()
+    assert r["reset"] is True and r["dropped_blocks"] == 2
+    assert admit(bm, "c", list(range(100, 109)))["admitted"] == {"c": 0}
+
+
+def test_fork_shares_blocks_and_copy_on_write_on_append():
+    bm = InProcessBlockManager(BlockManager(watermark=0))
+    bm.register("ex", num_device_blocks=16, block_size=BS)
+    admit(bm, "p", list(range(6)))  # blocks: [full, half]
+    r = bm.step("ex", fork=[("p", "c1"), ("p", "c2")], grow=[("p", 7, [100]), ("c1", 7, [101])])
+    p_blocks = [b["block"] for b in bm.sequence("ex", "p")["blocks"]]
+    c1_blocks = [b["block"] for b in bm.sequence("ex", "c1")["blocks"]]
+    c2_blocks = [b["block"] for b in bm.sequence("ex", "c2")["blocks"]]
+    assert p_blocks[0] == c1_blocks[0] == c2_blocks[0], "the full block stays shared"
+    assert len({p_blocks[1], c1_blocks[1], c2_blocks[1]}) == 3, "each writer got its own copy"
+    assert sorted(r["copies"]) == sorted([[c2_blocks[1], p_blocks[1]], [c2_blocks[1], c1_blocks[1]]])
+    r = bm.step("ex", grow=[("c2", 7, [102])])
+    assert r["copies"] == [], "the last holder writes in place"
+    assert bm.stats()["ex"]["copy_on_write"] == 2
+
+
+def test_preemption_swaps_or_recomputes_by_cost():
+    bm = InProcessBlockManager(BlockManager(watermark=0))
+    swap_cheap = {"bytes_per_block": 1, "copy_bandwidth": 1e9, "flops_per_token": 1e9, "flops_per_s": 1e9}
+    bm.register("ex", num_device_blocks=4, block_size=BS, num_cpu_blocks=8, cost=swap_cheap)
+    admit(bm, "old", [1] * 8)
+    admit(bm, "new", [2] * 8)
+    r = bm.step("ex", grow=[("old", 9, [1])])
+    assert r["preempted"] == {"new": "swap"} and len(r["swap_out"]) == 2
+    assert r["updates"]["old"][0] == 2
+    assert bm.stats()["ex"]["num_swapped"] == 1
+    bm.step("ex", free=["old"])
+    r = bm.step("ex", swap_in=["new"])
+    assert r["swapped_in"] == ["new"] and len(r["swap_in"]) == 2
+    # Now make recompute cheaper: the victim is dropped.
+    bm.register("ex2", num_device_blocks=4, block_size=BS, num_cpu_blocks=8,
+                cost={"bytes_per_block": 10**9, "copy_bandwidth": 1.0, "flops_per_token": 1, "flops_per_s": 1e9})
+    admit(bm, "old", [1] * 8, ex="ex2")
+    admit(bm, "new", [2] * 8, ex="ex2")
+    r = bm.step("ex2", grow=[("old", 9, [1])])
+    assert r["preempted"] == {"new": "recompute"}
+    st_ = bm.stats()["ex2"]
+    assert st_["preemptions"] == {"swap": 0, "recompute": 1} and st_["num_seqs"] == 1
+
+
+def test_lowest_priority_then_latest_arrival_is_preempted_first():
+    bm = InProcessBlockManager(BlockManager(watermark=0))
+    bm.register("ex", num_device_blocks=3, block_size=BS)
+    admit(bm, "a", [1] * 4, prio=0)
+    admit(bm, "b", [2] * 4, prio=5)  # least important
+    admit(bm, "c", [3] * 4, prio=0)
+    r = bm.step("ex", grow=[("a", 5, [1]), ("c", 5, [1])])
+    # b goes first (lowest priority); then c must grow with nothing free, and c arrived after a,
+    # so c yields rather than a.
+    assert r["preempted"] == {"b": "recompute", "c": "recompute"}
+    assert set(r["updates"]) == {"a"}
+
+
+def test_retried_step_is_not_applied_twice():
+    bm = InProcessBlockManager(BlockManager(watermark=0))
+    bm.register("ex", num_device_blocks=8, block_size=BS)
+    r1 = bm.step("ex", step_id=1, admit=[("a", [1] * 5, 5, None, 0)])
+    r2 = bm.step("ex", step_id=1, admit=[("a", [1] * 5, 5, None, 0)])
+    assert r1 == r2 and bm.stats()["ex"]["device"]["used"] == 2
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random allocate / grow / free sequences keep the pool's books balanced."""
+    """Random allocate / append / fork / free / swap / reset keep every pool's books balanced."""
 
     def __init__(self):
         super().__init__()
         self.bm = BlockManager(watermark=0)
-        self.bm.register("ex", num_device_blocks=16, block_size=4)
+        cost = {"bytes_per_block": 1, "copy_bandwidth": 1e9, "flops_per_token": 1e9, "flops_per_s": 1e9}
+        self.bm.register("ex", num_device_blocks=12, block_size=BS, num_cpu_blocks=6, cost=cost)
         self.ex = self.bm.executors["ex"]
         self.next_id = 0
+        self.contents = {}  # seq -> tokens it owns, to check copy-on-write isolation
 
-    @rule(n=st.integers(1, 30))
-    def allocate(self, n):
-        self.bm.step("ex", [], [(f"s{self.next_id}", n)])
+    def _apply(self, reply):
+        for seq_id, kind in reply["preempted"].items():
+            if kind == "recompute":
+                self.contents.pop(seq_id, None)
+
+    def _running(self):
+        return sorted(s for s, q in self.ex.seqs.items() if not q.swapped)
+
+    @rule(n=st.integers(1, 20), shared=st.booleans())
+    def allocate(self, n, shared):
+        seq = f"s{self.next_id}"
         self.next_id += 1
+        prompt = list(range(n)) if shared else [self.next_id * 100 + i for i in range(n)]
+        r = self.bm.step("ex", admit=[(seq, prompt, n, None, 0)])
+        if seq in r["admitted"]:
+            self.contents[seq] = list(prompt)
 
-    @precondition(lambda self: self.ex.seqs)
-    @rule(data=st.data(), extra=st.integers(0, 12))
-    def grow(self, data, extra):
-        seq_id = data.draw(st.sampled_from(sorted(self.ex.seqs)))
+    @precondition(lambda self: self._running())
+    @rule(data=st.data(), extra=st.integers(1, 6))
+    def append(self, data, extra):
+        seq_id = data.draw(st.sampled_from(self._running()))
         seq = self.ex.seqs[seq_id]
-        before = list(seq.block_table)
-        self.bm.step("ex", [], [(seq_id, seq.num_tokens + extra)])
-        assert seq.block_table[: len(before)] == before, "growth never moves existing blocks"
+        others = {s: list(q.tokens) for s, q in self.ex.seqs.items() if s != seq_id}
+        new = [seq.num_tokens * 7 + i for i in range(extra)]
+        r = self.bm.step("ex", grow=[(seq_id, seq.num_tokens + extra, new)])
+        self._apply(r)
+        for s, toks in others.items():
+            if s in self.ex.seqs:
+                assert self.ex.seqs[s].tokens == toks, "a write never changes another sequence"
+        if seq_id in self.ex.seqs and seq_id not in r["preempted"]:
+            self.contents[seq_id] = list(self.ex.seqs[seq_id].tokens)
+
+    @precondition(lambda self: self._running())
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(self._running()))
+        child = f"s{self.next_id}"
+        self.next_id += 1
+        self.bm.step("ex", fork=[(parent, child)])
 
     @precondition(lambda self: self.ex.seqs)
     @rule(data=st.data())
     def free(self, data):
-        self.bm.step("ex", [data.draw(st.sampled_from(sorted(self.ex.seqs)))], [])
+        self.bm.step("ex", free=[data.draw(st.sampled_from(sorted(self.ex.seqs)))])
+
+    @precondition(lambda self: any(q.swapped for q in self.ex.seqs.values()))
+    @rule(data=st.data())
+    def swap_in(self, data):
+        seq_id = data.draw(st.sampled_from(sorted(s for s, q in self.ex.seqs.items() if q.swapped)))
+        self.bm.step("ex", swap_in=[seq_id])
+
+    @rule()
+    def reset(self):
+        r = self.bm.reset_prefix_cache()
+        assert r["reset"] == (r["blocks_in_use"] == 0)
 
     @invariant()
     def books_balance(self):
-        pool = self.ex.device
-        held = {}
+        for pool, table in ((self.ex.device, "block_table"), (self.ex.cpu, "cpu_table")):
+            held = {}
+            for seq in self.ex.seqs.values():
+                for b in getattr(seq, table):
+                    held[b] = held.get(b, 0) + 1
+            for b in range(pool.num_blocks):
+                assert pool.refcount[b] == held.get(b, 0), "refcount == number of tables holding it"
+                assert pool.is_free(b) == (held.get(b, 0) == 0), "no block is both free and used"
+            assert pool.num_free + pool.num_used == pool.num_blocks
+            assert sum(1 for _ in pool.free_blocks_lru()) == pool.num_free
         for seq in self.ex.seqs.values():
-            assert len(seq.block_table) * 4 >= seq.num_tokens
-            for b in seq.block_table:
-                held[b] = held.get(b, 0) + 1
-        for b in range(pool.num_blocks):
-            assert pool.refcount[b] == held.get(b, 0)
-            assert pool.is_free(b) == (held.get(b, 0) == 0), "no block is both free and used"
-        assert pool.num_free + pool.num_used == pool.num_blocks
-        assert sum(1 for _ in pool.free_blocks_lru()) == pool.num_free
+            assert len(seq.block_table if not seq.swapped else seq.cpu_table) == -(-seq.num_tokens // BS)
+        for h, b in self.ex.cache.items():
+            assert self.ex.cached_meta[b][0] == h
 
     def teardown(self):
-        self.bm.step("ex", list(self.ex.seqs), [])
-        assert self.ex.device.num_used == 0, "once every sequence is freed no block is in use"
+        self.bm.step("ex", free=list(self.ex.seqs))
+        assert self.ex.device.num_used == 0 and self.ex.cpu.num_used == 0, "all freed: nothing in use"
 
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase
-TestBlockManagerMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestBlockManagerMachine.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
 
 
 @pytest.fixture
-def service(free_port):
-    addr = f"tcp://127.0.0.1:{free_port()}"
-    t = threading.Thread(target=serve, args=(addr,), daemon=True)
-    # serve() installs signal handlers, which only the main thread may do: patch them away.
+def service(free_port, monkeypatch):
     import blockmgr.server as server_mod
 
-    orig = server_mod.signal.signal
-    server_mod.signal.signal = lambda *a: None
-    t.start()
+    # serve() installs signal handlers, which only the main thread may do.
+    monkeypatch.setattr(server_mod.signal, "signal", lambda *a: None)
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    threading.Thread(target=server_mod.serve, args=(addr,), daemon=True).start()
     client = BlockManagerClient(addr, timeout_s=5)
     client.ping()
     yield client, addr
-    server_mod.signal.signal = orig
     client.close()
 
 
 def test_service_over_zmq_answers_and_survives_garbage(service):
-    client, addr = service
-    client.register("ex", 8, 16)
-    r = client.step("ex", [], [("a", 17)])
-    assert r["updates"] == {"a": [0, [0, 1]]}
-    assert client.sequence("ex", "a")["blocks"] == [
-        {"block": 0, "refcount": 1, "tier": "device"}, {"block": 1, "refcount": 1, "tier": "device"}]
     import zmq
 
+    client, addr = service
+    client.register("ex", 8, 16)
+    r = client.step("ex", admit=[("a", list(range(17)), 17, None, 0)])
+    assert r["updates"] == {"a": [0, [0, 1]]}
+    assert [b["refcount"] for b in client.sequence("ex", "a")["blocks"]] == [1, 1]
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.connect(addr)
     raw.send_multipart([b"", b"\xc1not msgpack"])
     assert raw.poll(5000)
-    from blockmgr import protocol
-
     assert "undecodable" in protocol.decode(raw.recv_multipart()[-1])["error"]
-    raw.send_multipart([b"", protocol.encode({"op": "step", "executor_id": "ex"  , "grow": [["a", "x"]]})])
+    raw.send_multipart([b"", protocol.encode({"op": "step", "executor_id": "ex", "grow": [["a", "x", []]]})])
     assert raw.poll(5000)
     assert "malformed" in protocol.decode(raw.recv_multipart()[-1])["error"]
     raw.close()
     with pytest.raises(BlockManagerRequestError, match="unknown op"):
         client._checked({"op": "frobnicate"})
-    client.step("ex", ["a"], [])
+    assert client.match_prefix(list(range(17))) == {"ex": 0}
+    client.step("ex", free=["a"])
+    assert client.match_prefix(list(range(17))) == {"ex": 16}
     assert client.stats()["ex"]["device"]["used"] == 0
