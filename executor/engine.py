@@ -12,14 +12,17 @@ Per step:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+import kernels
 from executor.attention import AttentionMetadata
-from executor.request import Request, SamplingParams, Status
+from executor.cost_probe import measure_cost_model
+from executor.request import Request, SamplingParams, Status, seed_for_child
 from executor.sampler import sample
 from executor.scheduler import Scheduler
 
@@ -36,6 +39,7 @@ class EngineConfig:
         max_num_seqs: most sequences per step.
         max_num_batched_tokens: token budget per step (decodes + prefill chunks).
         max_model_len: longest sequence (prompt + output) accepted; defaults to the model's.
+        num_cpu_blocks: blocks in the CPU swap pool (``--swap-space``); 0 disables swapping.
     """
 
     block_size: int = 16
@@ -43,6 +47,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
+    num_cpu_blocks: int = 0
 
 
 @dataclass
@@ -55,6 +60,8 @@ class RequestOutput:
     finish_reason: str | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    index: int = 0  # which of the request's n completions
 
 
 @dataclass
@@ -107,11 +114,28 @@ class Engine:
             (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
             for _ in range(model.num_layers)
         ]
-        self.bm.register(executor_id, config.num_blocks, config.block_size)
+        cpu_shape = (config.num_cpu_blocks, *shape[1:])
+        pin = self.device.type == "cuda"
+        self.cpu_caches = [
+            (torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin), torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin))
+            for _ in range(model.num_layers)
+        ] if config.num_cpu_blocks else []
+        self.pending_fork: list[tuple[str, str]] = []
+        self.children: dict[str, list[Request]] = {}  # request id -> its n > 1 completions
+        self._step_id = 0
+        bytes_per_block = 2 * model.num_layers * shape[1] * shape[2] * shape[3] * self.kv_caches[0][0].element_size()
+        self.cost = measure_cost_model(model, self.device, bytes_per_block) if config.num_cpu_blocks else {}
+        self.bm.register(executor_id, config.num_blocks, config.block_size, config.num_cpu_blocks, self.cost)
 
     # -- requests ------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    cache_salt: str | None = None, priority: int = 0) -> None:
         """Queue a request; it joins the batch at the next step.
+
+        Args:
+            cache_salt: requests share prefix-cache blocks only with requests of the same salt.
+            priority: lower is served first (ties: first come, first served); preemption picks
+                the highest value first.
 
         Raises:
             ValueError: duplicate id, empty prompt, token ids outside the vocabulary, or
@@ -133,41 +157,52 @@ class Engine:
                 f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                 f"exceeds the model's context length {self.max_model_len}"
             )
-        req = Request(request_id, list(prompt_token_ids), params)
+        req = Request(request_id, list(prompt_token_ids), params, cache_salt=cache_salt, priority=priority)
         self.requests[request_id] = req
         self.scheduler.add(req)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request; its blocks are freed at the next step. Returns False if unknown."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
+        group = [r for r in self.children.pop(request_id, []) if r.request_id in self.requests]
+        req = self.requests.get(request_id)
+        if req is None and not group:
             return False
-        self.scheduler.remove(req)
-        req.status = Status.FINISHED
-        req.finish_reason = "abort"
-        self.pending_free.append(request_id)
+        for r in ([req] if req is not None else []) + [c for c in group if c is not req]:
+            self.requests.pop(r.request_id, None)
+            self.scheduler.remove(r)
+            r.status = Status.FINISHED
+            r.finish_reason = "abort"
+            self.pending_free.append(r.request_id)
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self.pending_free)
+        return self.scheduler.has_work() or bool(self.pending_free or self.pending_fork)
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns the outputs of every request that made progress."""
         t0 = time.perf_counter()
+        swap_ins = self.scheduler.schedule_swap_ins()
         batch = self.scheduler.schedule()
-        grow = [(req.request_id, req.num_computed_tokens + n) for req, n in batch]
+        grow, admit = [], []
+        for req, n in batch:
+            start = req.num_computed_tokens
+            if start == 0 and not req.block_table:
+                admit.append((req.request_id, req.all_token_ids, n, self._salt(req), req.priority))
+            else:
+                grow.append((req.request_id, start + n, req.all_token_ids[start : start + n]))
+        fork, self.pending_fork = self.pending_fork, []
         free, self.pending_free = self.pending_free, []
-        if not grow and not free:
+        if not (grow or admit or fork or free or swap_ins):
             return []
-        reply = self.bm.step(self.executor_id, free, grow)
-        for seq_id, (start, blocks) in reply["updates"].items():
-            req = self.requests[seq_id]
-            req.block_table[start:] = blocks
+        self._step_id += 1
+        reply = self.bm.step(
+            self.executor_id, step_id=self._step_id, fork=fork, free=free, grow=grow,
+            swap_in=[r.request_id for r in swap_ins], admit=admit,
+        )
         outputs: list[RequestOutput] = []
-        denied = reply["denied"]
-        if denied:
-            batch = self._handle_denied(batch, denied, outputs)
+        batch = self._apply_reply(reply, batch, swap_ins, outputs)
+        self._apply_block_ops(reply)
         if batch:
             outputs.extend(self._run(batch))
         self._num_steps += 1
@@ -177,26 +212,73 @@ class Engine:
             )
         return outputs
 
-    def _handle_denied(self, batch, denied: dict[str, str], outputs: list[RequestOutput]):
+    @staticmethod
+    def _salt(req: Request) -> str | None:
+        if getattr(req, "needs_prompt_logprobs", False):
+            # Prompt logprobs need every prompt position computed: a salt no one else has
+            # guarantees a prefix-cache miss.
+            return f"prompt-logprobs:{req.request_id}"
+        return req.cache_salt
+
+    def _apply_reply(self, reply: dict, batch, swap_ins: list[Request], outputs: list[RequestOutput]):
+        """Apply the block manager's answer; returns the part of the batch that may run."""
+        for seq_id, (start, blocks) in reply["updates"].items():
+            self.requests[seq_id].block_table[start:] = blocks
+        for req in swap_ins:
+            if req.request_id in reply["swapped_in"]:
+                self.scheduler.swap_in_done(req)
+            elif reply["denied"].get(req.request_id) == "never_fits":
+                self._fail_never_fits(req, outputs)
+            else:
+                self.scheduler.swap_in_denied(req)
+        for seq_id, kind in reply["preempted"].items():
+            req = self.requests[seq_id]
+            log.info("preempting %s by %s", seq_id, kind)
+            self.num_preemptions += 1
+            if kind == "swap":
+                self.scheduler.swap_out(req)
+            else:
+                self.scheduler.preempt(req)
         kept = []
         for req, n in batch:
-            reason = denied.get(req.request_id)
-            if reason is None:
-                kept.append((req, n))
-            elif reason == "never_fits":
-                self._finish(req, "error", error=(
-                    f"the request needs more KV blocks than the executor's pool has "
-                    f"({self.config.num_blocks} blocks of {self.config.block_size} tokens)"
-                ))
-                outputs.append(self._output(req, []))
-            elif req.num_computed_tokens == 0 and not req.block_table:
+            seq_id = req.request_id
+            if seq_id in reply["preempted"]:
+                continue
+            reason = reply["denied"].get(seq_id)
+            if reason == "never_fits":
+                self._fail_never_fits(req, outputs)
+            elif reason is not None:
                 self.scheduler.unadmit(req)
             else:
-                log.info("preempting %s (recompute): no free KV blocks", req.request_id)
-                self.scheduler.preempt(req)
-                self.num_preemptions += 1
-                self.pending_free.append(req.request_id)
+                if seq_id in reply["admitted"]:
+                    cached = reply["admitted"][seq_id]
+                    req.num_computed_tokens = req.num_cached_tokens = cached
+                    n = min(n, req.num_tokens - cached)
+                kept.append((req, n))
         return kept
+
+    def _fail_never_fits(self, req: Request, outputs: list[RequestOutput]) -> None:
+        self._finish(req, "error", error=(
+            f"the request needs more KV blocks than the executor's pool has "
+            f"({self.config.num_blocks} blocks of {self.config.block_size} tokens)"
+        ))
+        outputs.append(self._output(req, []))
+
+    def _apply_block_ops(self, reply: dict) -> None:
+        """Swap-out, swap-in, then copy-on-write copies: all before this step's forward pass."""
+        cuda = self.device.type == "cuda"
+        swap = kernels.swap_blocks if cuda else kernels.swap_blocks_torch
+        for key, src_of, dst_of in (("swap_out", 0, 1), ("swap_in", 1, 0)):
+            if reply[key]:
+                mapping = torch.tensor(reply[key], dtype=torch.int64)
+                for dev_kv, cpu_kv in zip(self.kv_caches, self.cpu_caches):
+                    pair = (dev_kv, cpu_kv)
+                    for i in range(2):
+                        swap(pair[src_of][i], pair[dst_of][i], mapping)
+        if reply["copies"]:
+            mapping = torch.tensor(reply["copies"], dtype=torch.int64, device=self.device)
+            copy = kernels.copy_blocks if cuda else kernels.copy_blocks_torch
+            copy([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
 
     def _run(self, batch: list[tuple[Request, int]]) -> list[RequestOutput]:
         bs = self.config.block_size
@@ -234,7 +316,14 @@ class Engine:
             if samplers:
                 last_rows = torch.tensor([q_starts[i + 1] - 1 for i in samplers], device=dev)
                 logits = self.model.compute_logits(hidden[last_rows]).float().cpu()
-                tokens = sample(logits, [batch[i][0] for i in samplers])
+                sample_reqs = [batch[i][0] for i in samplers]
+                new_children = self._make_children(sample_reqs)
+                if new_children:
+                    # Each child samples its first token from its parent's last-prompt logits.
+                    row_of = {r.request_id: k for k, r in enumerate(sample_reqs)}
+                    rows = [row_of[c.parent_id] for c in new_children]
+                    logits = torch.cat([logits, logits[rows]])
+                tokens = sample(logits, sample_reqs + new_children)
         outputs = []
         sampled = dict(zip(samplers, tokens)) if samplers else {}
         for i, (req, n) in enumerate(batch):
@@ -242,12 +331,49 @@ class Engine:
             token = sampled.get(i)
             if token is None:
                 continue
-            req.output_token_ids.append(token)
-            reason = self._stop_reason(req, token)
-            if reason:
-                self._finish(req, reason)
-            outputs.append(self._output(req, [token]))
+            outputs.append(self._append_token(req, token))
+        if samplers and new_children:
+            for child, token in zip(new_children, tokens[len(samplers):]):
+                parent = self.children[child.parent_id][0]
+                child.num_computed_tokens = parent.num_computed_tokens
+                child.block_table = list(parent.block_table)
+                outputs.append(self._append_token(child, token))
+                if child.status is not Status.FINISHED:
+                    # The block manager forks before it frees, so this holds even if the
+                    # parent finished in this very step.
+                    self.pending_fork.append((child.parent_id, child.request_id))
+                    self.requests[child.request_id] = child
+                    child.status = Status.RUNNING
+                    self.scheduler.running.append(child)
         return outputs
+
+    def _append_token(self, req: Request, token: int) -> RequestOutput:
+        req.output_token_ids.append(token)
+        reason = self._stop_reason(req, token)
+        if reason:
+            self._finish(req, reason)
+        return self._output(req, [token])
+
+    def _make_children(self, sampling: list[Request]) -> list[Request]:
+        """Completions 1..n-1 of requests with n > 1 that sample their first token now.
+
+        They share the prompt's K/V with the request (completion 0) through a block-manager fork;
+        each gets its own derived seed (:func:`executor.request.seed_for_child`).
+        """
+        children = []
+        for req in sampling:
+            if req.params.n == 1 or req.parent_id is not None or req.request_id in self.children:
+                continue
+            group = [req]
+            for i in range(1, req.params.n):
+                params = dataclasses.replace(req.params, seed=seed_for_child(req.params.seed, i))
+                child = Request(f"{req.request_id}#{i}", req.prompt_token_ids, params, cache_salt=req.cache_salt,
+                                priority=req.priority, parent_id=req.request_id, index=i,
+                                num_cached_tokens=req.num_cached_tokens)
+                group.append(child)
+                children.append(child)
+            self.children[req.request_id] = group
+        return children
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
@@ -267,15 +393,21 @@ class Engine:
         self.requests.pop(req.request_id, None)
         self.pending_free.append(req.request_id)
 
-    @staticmethod
-    def _output(req: Request, tokens: list[int]) -> RequestOutput:
+    def _output(self, req: Request, tokens: list[int]) -> RequestOutput:
+        finished = req.status is Status.FINISHED
+        rid = req.parent_id or req.request_id
+        if finished and rid in self.children:
+            if all(c.status is Status.FINISHED for c in self.children[rid]):
+                del self.children[rid]
         return RequestOutput(
-            req.request_id,
+            rid,
             tokens,
-            req.status is Status.FINISHED,
+            finished,
             req.finish_reason,
             req.error,
             len(req.prompt_token_ids),
+            req.num_cached_tokens,
+            req.index,
         )
 
     # -- offline use ---------------------------------------------------------------------------

@@ -28,11 +28,14 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    n: int = 1
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
 
     def validate(self) -> None:
         """Raises ValueError naming the first out-of-range field."""
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.temperature < 0:
@@ -53,9 +56,25 @@ class SamplingParams:
         return params
 
 
+def seed_for_child(seed: int | None, index: int) -> int | None:
+    """The seed of completion ``index`` of an n > 1 request seeded with ``seed``.
+
+    Child 0 keeps the request's seed (so n=1 and the first of n agree); the others get a
+    SplitMix64-style mix of (seed, index) (Steele et al., "Fast splittable pseudorandom number
+    generators", OOPSLA 2014), distinct and independent of the batch. ``None`` stays ``None``.
+    """
+    if seed is None or index == 0:
+        return seed
+    z = (seed + index * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"
     FINISHED = "finished"
 
 
@@ -74,6 +93,11 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    cache_salt: str | None = None
+    priority: int = 0
+    parent_id: str | None = None  # for the n > 1 children: the request they were forked from
+    index: int = 0  # child index among the n completions
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:

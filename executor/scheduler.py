@@ -32,13 +32,40 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.swapped: deque[Request] = deque()  # preempted by swap-out, resumed before admissions
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
         self.waiting.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
+
+    def schedule_swap_ins(self) -> list[Request]:
+        """Swapped-out requests to bring back this step (they compute from the next step on).
+
+        None while anything waits to be admitted ahead of them would be unfair; swapped requests
+        go before new admissions, and only while ``max_num_seqs`` allows.
+        """
+        out = []
+        while self.swapped and len(self.running) + len(out) < self.max_num_seqs:
+            out.append(self.swapped.popleft())
+        return out
+
+    def swap_in_done(self, req: Request) -> None:
+        req.status = Status.RUNNING
+        self.running.append(req)
+
+    def swap_in_denied(self, req: Request) -> None:
+        self.swapped.appendleft(req)
+
+    def swap_out(self, req: Request) -> None:
+        """Preempt by swap-out: the request keeps its computed tokens, its K/V moves to the CPU."""
+        self.running.remove(req)
+        req.block_table = []
+        req.num_preemptions += 1
+        req.status = Status.SWAPPED
+        self.swapped.append(req)
 
     def schedule(self) -> list[tuple[Request, int]]:
         """The next step's batch: ``(request, number of its tokens to compute)`` pairs.
@@ -80,7 +107,7 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def remove(self, req: Request) -> None:
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
+        for queue in (self.running, self.waiting, self.swapped):
+            if req in queue:
+                queue.remove(req)
+                return

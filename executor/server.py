@@ -38,18 +38,21 @@ class ExecutorServer:
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(bind)
-        self.owner: dict[str, bytes] = {}  # request_id -> gateway identity
+        self.owner: dict[str, list] = {}  # request_id -> [gateway identity, unfinished completions]
         self.stopping = False
 
     def _send(self, identity: bytes, message: dict) -> None:
         self.sock.send_multipart([identity, protocol.encode(message)])
 
     def _send_output(self, out: RequestOutput) -> None:
-        identity = self.owner.get(out.request_id)
-        if identity is None:
+        entry = self.owner.get(out.request_id)
+        if entry is None:
             return
+        identity = entry[0]
         if out.finished:
-            del self.owner[out.request_id]
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self.owner[out.request_id]
         self._send(
             identity,
             {
@@ -60,6 +63,8 @@ class ExecutorServer:
                 "finish_reason": out.finish_reason,
                 "error": out.error,
                 "num_prompt_tokens": out.num_prompt_tokens,
+                "num_cached_tokens": out.num_cached_tokens,
+                "index": out.index,
             },
         )
 
@@ -69,24 +74,39 @@ class ExecutorServer:
             rid = str(msg.get("request_id"))
             try:
                 params = SamplingParams.from_dict(dict(msg.get("params") or {}))
-                self.engine.add_request(rid, list(msg.get("prompt_token_ids") or []), params)
+                salt = msg.get("cache_salt")
+                self.engine.add_request(rid, list(msg.get("prompt_token_ids") or []), params,
+                                        cache_salt=None if salt is None else str(salt),
+                                        priority=int(msg.get("priority") or 0))
             except (TypeError, ValueError) as exc:
                 self._send(identity, {
                     "op": "output", "request_id": rid, "token_ids": [], "finished": True,
                     "finish_reason": "error", "error": str(exc), "num_prompt_tokens": 0,
+                    "num_cached_tokens": 0, "index": 0,
                 })
                 return
-            self.owner[rid] = identity
+            self.owner[rid] = [identity, params.n]
         elif op == "abort":
             rid = str(msg.get("request_id"))
             self.owner.pop(rid, None)
             self.engine.abort(rid)
-        elif op in ("info", "ping"):
+        elif op in ("info", "ping", "sequences"):
             reply = {"op": "reply", "nonce": msg.get("nonce")}
+            sched = self.engine.scheduler
             if op == "info":
                 reply.update(self.info)
-                reply["num_running"] = len(self.engine.scheduler.running)
-                reply["num_waiting"] = len(self.engine.scheduler.waiting)
+                reply["num_running"] = len(sched.running)
+                reply["num_waiting"] = len(sched.waiting)
+                reply["num_swapped"] = len(sched.swapped)
+            elif op == "sequences":
+                reply["sequences"] = [
+                    {"request_id": r.request_id, "state": state, "num_prompt_tokens": len(r.prompt_token_ids),
+                     "num_output_tokens": len(r.output_token_ids), "num_computed_tokens": r.num_computed_tokens,
+                     "num_blocks": len(r.block_table), "priority": r.priority}
+                    for state, queue in (("running", sched.running), ("waiting", sched.waiting),
+                                         ("swapped", sched.swapped))
+                    for r in queue
+                ]
             self._send(identity, reply)
         else:
             log.warning("ignoring message with unknown op %r", op)
@@ -137,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the device pool (overrides --kv-cache-gib)")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default %(default)s)")
+    parser.add_argument("--swap-space", type=float, default=0.5,
+                        help="CPU swap space for preempted sequences, GiB (default %(default)s; 0 disables swapping)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -152,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--num-blocks must be >= 1")
     if args.kv_cache_gib <= 0:
         parser.error("--kv-cache-gib must be > 0")
+    if args.swap_space < 0:
+        parser.error("--swap-space must be >= 0")
     if args.num_threads < 1:
         parser.error("--num-threads must be >= 1")
     # OpenMP threads that outnumber the free cores spin against the gateway and block manager
@@ -171,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     engine = Engine(
         model, bm,
-        EngineConfig(args.block_size, num_blocks, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len),
+        EngineConfig(args.block_size, num_blocks, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len,
+                     num_cpu_blocks=int(args.swap_space * 2**30 // per_block)),
         eos_ids, executor_id=args.executor_id, device=args.device, dtype=dtype,
     )
     info = {
