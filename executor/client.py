@@ -1,11 +1,20 @@
-"""The gateway's asyncio client of one executor process (ZeroMQ DEALER)."""
+"""The gateway's asyncio client of one executor process (ZeroMQ DEALER).
+
+One socket carries every request to the executor; a reader task routes the executor's output
+messages to per-request queues and its replies to the futures of ``info`` / ``ping`` /
+``sequences`` calls (matched by nonce). See ``executor/protocol.py`` for the messages.
+
+Anything with the same methods (``start``, ``close``, ``request``, ``generate``, ``abort``,
+``num_active``, ``last_seen``) can stand in for it, e.g. ``gateway.testing.FakeExecutor``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-from typing import Any
+import time
+from typing import Any, AsyncIterator
 
 import zmq
 import zmq.asyncio
@@ -19,10 +28,21 @@ class ExecutorUnavailable(Exception):
     """The executor did not answer in time."""
 
 
+def expected_outputs(params: dict[str, Any]) -> int:
+    """How many output indexes (children) a generate message with these params yields."""
+    n = params.get("n", 1)
+    return n if isinstance(n, int) and n > 1 else 1
+
+
 class ExecutorClient:
     """Submits requests to one executor and routes its outputs to per-request queues.
 
     Must be created and used inside one running event loop; call :meth:`start` first.
+
+    Attributes:
+        address: the executor's ZeroMQ address.
+        num_active: requests submitted and not yet finished (the gateway's view of its load).
+        last_seen: ``time.monotonic()`` of the last message from the executor (None: never).
     """
 
     def __init__(self, address: str):
@@ -34,6 +54,7 @@ class ExecutorClient:
         self._nonce = itertools.count()
         self._reader: asyncio.Task | None = None
         self.num_active = 0
+        self.last_seen: float | None = None
 
     async def start(self) -> None:
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -46,10 +67,12 @@ class ExecutorClient:
             self._reader.cancel()
         if self._sock is not None:
             self._sock.close()
+            self._sock = None
 
     async def _read_loop(self) -> None:
         while True:
             frames = await self._sock.recv_multipart()
+            self.last_seen = time.monotonic()
             try:
                 msg = protocol.decode(frames[-1])
             except ValueError as exc:
@@ -64,11 +87,16 @@ class ExecutorClient:
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        await self._sock.send_multipart([protocol.encode(message)])
+    def _send_nowait(self, message: dict[str, Any]) -> None:
+        """Queue a message on the socket without awaiting (safe inside a cancelled task)."""
+        if self._sock is None:
+            raise ExecutorUnavailable(f"executor client for {self.address} is closed")
+        # zmq.asyncio sends at once when the socket can take the message; the returned future
+        # only matters when the send buffer is full.
+        self._sock.send_multipart([protocol.encode(message)])
 
-    async def request(self, op: str, timeout_s: float = 2.0) -> dict[str, Any]:
-        """Send ``info`` or ``ping`` and await the reply.
+    async def request(self, op: str, timeout_s: float = 2.0, **fields: Any) -> dict[str, Any]:
+        """Send a nonce-answered op (``info``, ``ping``, ``sequences``) and await its reply.
 
         Raises:
             ExecutorUnavailable: no reply within ``timeout_s``.
@@ -76,29 +104,52 @@ class ExecutorClient:
         nonce = next(self._nonce)
         fut = asyncio.get_running_loop().create_future()
         self._replies[nonce] = fut
-        await self._send({"op": op, "nonce": nonce})
+        self._send_nowait({**fields, "op": op, "nonce": nonce})
         try:
             return await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:
             self._replies.pop(nonce, None)
             raise ExecutorUnavailable(f"executor at {self.address} did not answer {op!r} within {timeout_s}s") from None
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any]):
-        """Yield output messages for one request until it finishes; aborts it if the caller stops early."""
+    def abort(self, request_id: str) -> None:
+        """Abort a request and all its children (fire and forget; frees its blocks next step)."""
+        try:
+            self._send_nowait({"op": "abort", "request_id": request_id})
+        except Exception as exc:  # the socket is closing: the executor frees nothing we can reach
+            log.warning("could not send abort of %s to %s: %s", request_id, self.address, exc)
+
+    def fail_all(self, reason: str) -> int:
+        """End every in-flight request with an ``unavailable`` error output; returns how many."""
+        for rid, queue in list(self._queues.items()):
+            queue.put_nowait({"op": "output", "request_id": rid, "index": 0, "token_ids": [], "finished": True,
+                              "finish_reason": "error", "error": reason, "unavailable": True})
+        return len(self._queues)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
+                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Yield output messages for one request until every child (index) has finished.
+
+        An output with ``finish_reason == "error"`` ends the whole request. If the caller stops
+        early (client disconnect, stop string, cancellation) the request is aborted.
+        """
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in flight")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self.num_active += 1
-        finished = False
+        pending = set(range(expected_outputs(params)))
         try:
-            await self._send({"op": "generate", "request_id": request_id,
-                              "prompt_token_ids": prompt_token_ids, "params": params})
-            while not finished:
+            self._send_nowait({"op": "generate", "request_id": request_id, "prompt_token_ids": prompt_token_ids,
+                               "params": params, "priority": priority, "cache_salt": cache_salt})
+            while pending:
                 msg = await queue.get()
-                finished = msg["finished"]
+                if msg.get("finish_reason") == "error":
+                    pending.clear()
+                elif msg.get("finished"):
+                    pending.discard(msg.get("index", 0) or 0)
                 yield msg
         finally:
             self.num_active -= 1
             self._queues.pop(request_id, None)
-            if not finished:
-                # Client went away (disconnect, stop string): free the request's blocks.
-                await self._send({"op": "abort", "request_id": request_id})
+            if pending:
+                self.abort(request_id)

@@ -46,6 +46,9 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads per executor (default: the cores but one, shared among executors)")
     parser.add_argument("--log-level", default="INFO")
+    from gateway.settings import add_gateway_flags
+
+    add_gateway_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_executors < 1:
@@ -88,6 +91,14 @@ def serve(argv: list[str]) -> int:
         gw_argv += ["--executor", addr]
     if args.max_model_len is not None:
         gw_argv += ["--max-model-len", str(args.max_model_len)]
+    gw_argv += ["--max-body-bytes", str(args.max_body_bytes),
+                "--max-waiting-requests", str(args.max_waiting_requests)]
+    # Keys travel in the environment, not argv, so `ps` does not show them.
+    for var, value in (("PAGEDSERVE_API_KEY", args.api_key), ("PAGEDSERVE_ADMIN_KEY", args.admin_key)):
+        if value:
+            os.environ[var] = value
+        else:
+            os.environ.pop(var, None)
     children.append(Child("gateway", gw_argv))
     return supervise(children)
 

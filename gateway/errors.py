@@ -1,11 +1,21 @@
-"""OpenAI-style errors: ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+"""OpenAI-style errors: ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status.
+
+Every error path of the app answers in this shape: parameter errors (400), authentication (401),
+admin access (403), unknown routes (404), body too large (413), overload or no executor (503, with
+``Retry-After``). An unexpected exception is logged with its traceback and answered with 500; the
+fuzz tests hold that no client input reaches that path.
+"""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("pagedserve.gateway")
 
 
 class APIError(Exception):
@@ -17,6 +27,7 @@ class APIError(Exception):
         type: OpenAI error type (``invalid_request_error``, ``authentication_error``, ...).
         param: the request field at fault, if any.
         code: a short machine-readable code.
+        headers: extra response headers (``Retry-After``, ``WWW-Authenticate``).
     """
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
@@ -33,11 +44,35 @@ class APIError(Exception):
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """HTTP 400, ``invalid_request_error``."""
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+def unavailable(message: str, code: str, retry_after_s: int = 1) -> APIError:
+    """HTTP 503 with ``Retry-After``: overloaded, or no executor / block manager answers."""
+    return APIError(503, message, "service_unavailable", None, code, headers={"Retry-After": str(retry_after_s)})
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", []) if p != "body"]
+    # pydantic names the union member it tried (e.g. "list[int]"); the client named only the field.
+    fields = [p for p in loc if not any(c in p for c in "[]")]
+    param = fields[0] if fields else None
+    where = ".".join(p for p in loc if not any(c in p for c in "[]"))
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
+    if first.get("type") == "missing" and not loc:
+        return "the request body is missing", None
+    return (f"{where}: {message}" if where else message), param
+
+
 def install_handlers(app) -> None:
-    """Make every error path answer in the OpenAI shape, never with a bare 500 for bad input."""
+    """Make every error path answer in the OpenAI shape."""
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError):
@@ -45,15 +80,15 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", []) if p != "body"]
-        param = ".".join(loc) or None
-        message = first.get("msg", "invalid request")
-        if param:
-            message = f"{param}: {message}"
+        message, param = _validation_message(exc)
         return bad_request(message, param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), kind).response()
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return APIError(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("internal error answering %s %s", request.method, request.url.path)
+        return APIError(500, f"internal server error: {type(exc).__name__}", "internal_error").response()

@@ -1,20 +1,34 @@
-"""Request bodies of the OpenAI-compatible endpoints, as in the OpenAI API reference.
+"""Request and response bodies of the HTTP API, as in the OpenAI API reference plus vLLM's extras.
 
-Unknown fields are ignored (as OpenAI does); out-of-range values are refused with HTTP 400.
+Request models validate ranges (an out-of-range value is answered with HTTP 400, never 500);
+unknown fields are ignored, as OpenAI does. Response models document the replies in the OpenAPI
+schema (``/openapi.json``); the routes build plain dicts of exactly these shapes.
+
+Integers that travel to the executor are bounded so that they always fit msgpack's 64-bit
+encoding, and floats refuse NaN and infinity.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 128  # most choices per prompt, as OpenAI allows
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI: 5 for completions, 20 for chat)
+
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+# --------------------------------------------------------------------------------- requests
 class TextPart(_Base):
+    """One part of a message's content; only text parts are supported."""
+
     type: Literal["text"]
     text: str
 
@@ -22,6 +36,7 @@ class TextPart(_Base):
 class ChatMessage(_Base):
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -35,33 +50,221 @@ class StreamOptions(_Base):
     include_usage: bool = False
 
 
-class _SamplingFields(_Base):
-    model: str | None = None
+class SamplingFields(_Base):
+    """Fields shared by completions and chat completions (OpenAI's, then vLLM's extra body)."""
+
+    model: Optional[str] = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)
-    stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Union[str, list[str], None] = Field(None, description="up to 16 stop strings; the text ends before the first")
+    seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    # vLLM-style extra body fields
-    top_k: int = Field(0, ge=-1)
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # vLLM's extra body fields
+    top_k: int = Field(0, ge=-1, le=2**31 - 1, description="0 or -1 keeps every token")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=1024)
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=1024)
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="lower runs earlier")
+    use_beam_search: bool = False
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-class ChatCompletionRequest(_SamplingFields):
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
+    max_tokens: Optional[int] = Field(16, ge=0, le=2**31 - 1)
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_N, description="beam width with use_beam_search; else must equal n")
+    suffix: Optional[str] = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1, le=2**31 - 1, description="deprecated alias of max_completion_tokens")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=2**31 - 1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
 
 
-class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[int]]
-    max_tokens: int = Field(16, ge=0)
+class TokenizeRequest(_Base):
+    """POST /tokenize: a prompt, or chat messages formatted with the model's template."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Base):
+    """POST /detokenize."""
+
+    model: Optional[str] = None
+    tokens: list[TokenId]
+
+
+# -------------------------------------------------------------------------------- responses
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever the status: ``{"error": {...}}``."""
+
+    error: ErrorDetail
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class Completion(BaseModel):
+    """A completion; also the shape of each streamed chunk (``object`` is the same)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[TokenLogprob]] = None
+    refusal: Optional[list[TokenLogprob]] = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: Optional[str] = None
+    refusal: Optional[str] = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One ``data:`` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: Optional[str] = None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+    executors: Optional[int] = None
+    problems: Optional[list[str]] = None

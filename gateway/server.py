@@ -9,7 +9,8 @@ from pathlib import Path
 
 import uvicorn
 
-from gateway.app import GatewaySettings, create_app
+from gateway.app import create_app
+from gateway.settings import GatewaySettings, add_gateway_flags
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,11 +23,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--log-level", default="INFO")
+    add_gateway_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_path = Path(args.model_dir) / "config.json"
     if not config_path.is_file():
         parser.error(f"--model-dir: {config_path} does not exist")
+    if args.max_body_bytes < 1024:
+        parser.error("--max-body-bytes must be >= 1024")
+    if args.max_waiting_requests < 0:
+        parser.error("--max-waiting-requests must be >= 0")
     config = json.loads(config_path.read_text())
     max_len = args.max_model_len or int(config.get("max_position_embeddings", 2048))
     settings = GatewaySettings(
@@ -35,5 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         executors=args.executor,
         blockmgr=args.blockmgr,
         max_model_len=max_len,
+        api_key=args.api_key or None,
+        admin_key=args.admin_key or None,
+        max_body_bytes=args.max_body_bytes,
+        max_waiting_requests=args.max_waiting_requests,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())

@@ -1,0 +1,325 @@
+"""One request on one executor: routing, admission, and its outputs as final text deltas per choice.
+
+A :class:`Run` sends one ``generate`` message (all ``n`` children) to the executor the router picks
+and turns the executor's token outputs into :class:`Delta` objects: text that can no longer
+change (no half UTF-8 character, nothing that could still become a stop string) together with
+the logprob entries of the tokens it came from. Non-streamed replies join the same deltas the
+streamed ones send, so both always agree.
+
+:meth:`Run.prime` waits for the first output before the HTTP response starts, so a request the
+executor refuses is answered with a proper status instead of an error event in a 200 stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from gateway.detokenizer import TextStream
+from gateway.errors import APIError, bad_request, unavailable
+from gateway.logprobs import normalize_entry
+from gateway.runtime import Gateway
+from gateway.sampling import check_fits, resolve_max_tokens
+
+log = logging.getLogger("pagedserve.gateway")
+
+
+@dataclass
+class Job:
+    """What to run: one prompt, its executor params, and how to turn its tokens into text.
+
+    Attributes:
+        choice_offset: index of this prompt's first choice in the response (prompt i of a
+            completions batch owns choices ``i*n .. i*n+n-1``).
+        drop_output: echo with ``max_tokens`` 0: the executor runs one token only to compute
+            the prompt logprobs; that token is not reported.
+    """
+
+    prompt_token_ids: list[int]
+    params: dict[str, Any]
+    n: int
+    stop: list[str] = field(default_factory=list)
+    priority: int = 0
+    cache_salt: str | None = None
+    skip_special_tokens: bool = True
+    drop_output: bool = False
+    choice_offset: int = 0
+    width: int = 1  # sequences that grow at once (n, or the beam width)
+    min_tokens: int = 0
+
+
+@dataclass
+class Delta:
+    """New final text of one choice, the tokens (and their logprob entries) it came from, and the
+    finish reason when this is the choice's last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict]
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Choice:
+    stream: TextStream
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    num_tokens: int = 0
+    done: bool = False
+    last_output: float | None = None
+
+
+def _finish_reason(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _raise_for(msg: dict) -> None:
+    reason = msg.get("error") or "the executor refused the request"
+    if msg.get("unavailable"):
+        raise unavailable(reason, "executor_unavailable")
+    raise bad_request(reason)
+
+
+class Run:
+    """One executor request (one prompt, all its choices). Create with :func:`start_run`."""
+
+    def __init__(self, gw: Gateway, job: Job, request_id: str, handle, cached_hint: int, arrival: float):
+        self.gw, self.job, self.request_id, self.handle = gw, job, request_id, handle
+        self.arrival = arrival
+        self.num_prompt_tokens = len(job.prompt_token_ids)
+        self.num_cached_tokens = 0
+        self.cached_hint = cached_hint
+        self.prompt_logprobs: list | None = None
+        self.first_token_at: float | None = None
+        self.choices = [_Choice(TextStream(gw.tokenizer, job.stop, job.skip_special_tokens)) for _ in range(job.n)]
+        self._gen = handle.client.generate(request_id, job.prompt_token_ids, job.params, job.priority, job.cache_salt)
+        self._first: dict | None = None
+        self._waiting = True
+        self._closed = False
+        handle.waiting += 1
+        gw.inflight[request_id] = handle.executor_id
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _not_waiting(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self.handle.waiting -= 1
+
+    async def _next(self) -> dict | None:
+        try:
+            return await self._gen.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    async def prime(self) -> None:
+        """Wait for the first output; raise APIError if the executor refused the request."""
+        msg = await self._next()
+        self._not_waiting()
+        if msg is None:
+            raise unavailable("the executor ended the request without output", "executor_unavailable")
+        if msg.get("finish_reason") == "error":
+            await self.aclose()
+            _raise_for(msg)
+        self._account(msg, time.monotonic())
+        self._first = msg
+
+    async def aclose(self) -> None:
+        """Stop the request (aborts it on the executor if it is still running)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._not_waiting()
+        self.gw.inflight.pop(self.request_id, None)
+        await self._gen.aclose()
+
+    # -- outputs --------------------------------------------------------------------------------
+    def _account(self, msg: dict, now: float) -> None:
+        if "num_prompt_tokens" in msg and msg["num_prompt_tokens"]:
+            self.num_prompt_tokens = int(msg["num_prompt_tokens"])
+        if msg.get("num_cached_tokens") is not None and self.first_token_at is None:
+            self.num_cached_tokens = int(msg["num_cached_tokens"])
+        if msg.get("prompt_logprobs") is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = list(msg["prompt_logprobs"])
+        m = self.gw.metrics
+        if self.first_token_at is None:
+            self.first_token_at = now
+            m.ttft.observe(now - self.arrival)
+            m.prompt_tokens.inc(self.num_prompt_tokens)
+
+    def _consume(self, msg: dict, now: float) -> Delta | None:
+        idx = int(msg.get("index", 0) or 0)
+        if not 0 <= idx < len(self.choices):
+            log.warning("request %s: output for unknown index %s ignored", self.request_id, idx)
+            return None
+        c = self.choices[idx]
+        if c.done:
+            return None
+        ids = [] if self.job.drop_output else list(msg.get("token_ids") or [])
+        entries = [] if self.job.drop_output else [normalize_entry(e) for e in (msg.get("logprobs") or [])]
+        if ids:
+            self.gw.metrics.generation_tokens.inc(len(ids))
+            if c.last_output is not None:
+                self.gw.metrics.itl.observe((now - c.last_output) / len(ids))
+            c.last_output = now
+        c.token_ids += ids
+        c.logprobs += [e for e in entries if e is not None]
+        c.num_tokens += len(ids)
+        text = c.stream.push(ids)
+        finish = None
+        if c.stream.stopped:
+            finish = "stop"
+        elif msg.get("finished"):
+            text += c.stream.finish()
+            finish = "length" if self.job.drop_output else _finish_reason(msg.get("finish_reason"))
+        if not text and finish is None:
+            return None
+        delta = Delta(self.job.choice_offset + idx, text, c.token_ids, c.logprobs, finish)
+        c.token_ids, c.logprobs = [], []
+        if finish is not None:
+            c.done = True
+        return delta
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Final text deltas of every choice until all have finished; closes the run at the end.
+
+        Raises:
+            APIError: the executor failed the request mid-way (400), or went away (503).
+        """
+        try:
+            msg, self._first = self._first, None
+            while True:
+                if msg is None:
+                    msg = await self._next()
+                    if msg is None:
+                        break
+                if msg.get("finish_reason") == "error":
+                    _raise_for(msg)
+                now = time.monotonic()
+                self._account(msg, now)
+                delta = self._consume(msg, now)
+                msg = None
+                if delta is not None:
+                    yield delta
+                if all(c.done for c in self.choices):
+                    break
+            self.gw.metrics.e2e.observe(time.monotonic() - self.arrival)
+        finally:
+            await self.aclose()
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
+
+async def start_run(gw: Gateway, job: Job, request_id: str, arrival: float) -> Run:
+    """Route ``job``, check it fits the chosen executor, submit it and wait for its first output.
+
+    Raises:
+        APIError(503): queue full or no executor; APIError(400): it can never fit or the executor
+        refused it.
+    """
+    gw.check_capacity()
+    handle, cached = await gw.router.pick(job.prompt_token_ids, job.cache_salt)
+    num_prompt = len(job.prompt_token_ids)
+    max_tokens = resolve_max_tokens(job.params, handle.info, num_prompt, gw.settings.max_model_len, job.width,
+                                    job.min_tokens)
+    check_fits(handle.info, num_prompt, max_tokens, gw.settings.max_model_len, job.width)
+    run = Run(gw, job, request_id, handle, cached, arrival)
+    try:
+        await run.prime()
+    except BaseException:
+        await run.aclose()
+        raise
+    return run
+
+
+async def start_runs(gw: Gateway, jobs: list[Job], prefix: str, arrival: float) -> tuple[str, list[Run]]:
+    """Start every job (prompts of one completions request) at once; all or none.
+
+    Returns:
+        (the response id, the runs in job order). Executor request ids are ``<id>`` for a single
+        job and ``<id>-<i>`` for job i of several.
+    """
+    response_id = f"{prefix}-{uuid.uuid4().hex}"
+    ids = [response_id] if len(jobs) == 1 else [f"{response_id}-{i}" for i in range(len(jobs))]
+    tasks = [asyncio.ensure_future(start_run(gw, job, rid, arrival)) for job, rid in zip(jobs, ids)]
+    try:
+        await asyncio.wait(tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await _close_started(tasks)
+        raise
+    failed = next((t for t in tasks if t.exception() is not None), None)
+    if failed is not None:
+        await _close_started(tasks)
+        raise failed.exception()
+    return response_id, [t.result() for t in tasks]
+
+
+async def _close_started(tasks) -> None:
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is None:
+            await t.result().aclose()
+        elif not t.done():
+            try:
+                await t
+            except BaseException:
+                pass
+
+
+async def merged_deltas(runs: list[Run]) -> AsyncIterator[Delta]:
+    """The deltas of several runs as they come. Closing the iterator closes (aborts) every run."""
+    if len(runs) == 1:
+        gen = runs[0].deltas()
+        try:
+            async for d in gen:
+                yield d
+        finally:
+            await gen.aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(run: Run):
+        try:
+            async for d in run.deltas():
+                queue.put_nowait(d)
+        except BaseException as exc:  # handed to the consumer
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(done)
+
+    tasks = [asyncio.ensure_future(pump(r)) for r in runs]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                if isinstance(item, asyncio.CancelledError):
+                    continue
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for r in runs:
+            if not r._closed:
+                r.handle.client.abort(r.request_id)
+
+
+def usage(runs: list[Run]) -> dict:
+    """The ``usage`` object of a response over all its runs (prompts)."""
+    prompt = sum(r.num_prompt_tokens for r in runs)
+    completion = sum(r.num_completion_tokens for r in runs)
+    cached = sum(r.num_cached_tokens for r in runs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}

@@ -1,0 +1,131 @@
+"""Request bodies -> executor ``SamplingParams`` fields, and the checks that need the executor's geometry.
+
+Only fields the executor knows are sent: the core ones always, the others only when they differ
+from their default, so an executor that predates a feature still serves every request that does
+not use it (and refuses, with a 400 naming the field, one that does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.errors import bad_request
+from gateway.openai_protocol import SamplingFields
+
+MAX_STOP_STRINGS = 16
+
+# Sent only when not at these defaults.
+OPTIONAL_DEFAULTS: dict[str, Any] = {
+    "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+    "min_tokens": 0, "logprobs": None, "prompt_logprobs": None, "n": 1, "use_beam_search": False,
+    "beam_width": None,
+}
+
+
+def stop_strings(body: SamplingFields) -> list[str]:
+    """Non-empty stop strings. Raises APIError(400) for more than 16."""
+    stops = [s for s in body.stop_list() if s]
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "stop")
+    return stops
+
+
+def beam_width(body: SamplingFields, n: int, best_of: int | None) -> int | None:
+    """The beam width for ``use_beam_search`` (``best_of`` or ``n``); None without beam search.
+
+    Raises:
+        APIError(400): ``best_of < n``, or ``best_of != n`` without beam search.
+    """
+    if best_of is not None and best_of < n:
+        raise bad_request(f"best_of ({best_of}) must be >= n ({n})", "best_of")
+    if not body.use_beam_search:
+        if best_of is not None and best_of != n:
+            raise bad_request("best_of other than n is supported only with use_beam_search", "best_of")
+        return None
+    return best_of or n
+
+
+def executor_params(body: SamplingFields, max_tokens: int | None, n: int, logprobs: int | None = None,
+                    prompt_logprobs: int | None = None, width: int | None = None) -> dict[str, Any]:
+    """The ``params`` map of an executor ``generate`` message.
+
+    ``max_tokens`` None means "as many as fit": :func:`resolve_max_tokens` sets it once the
+    executor is chosen.
+    """
+    params: dict[str, Any] = {
+        "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+        "seed": body.seed, "stop_token_ids": list(body.stop_token_ids), "ignore_eos": body.ignore_eos,
+    }
+    optional = {
+        "min_p": body.min_p, "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
+        "min_tokens": body.min_tokens, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "n": n,
+        "use_beam_search": body.use_beam_search, "beam_width": width,
+    }
+    params.update({k: v for k, v in optional.items() if v != OPTIONAL_DEFAULTS[k]})
+    return params
+
+
+def pool_tokens(info: dict, num_prompt: int, width: int) -> int | None:
+    """The most output tokens per child that the executor's pool can ever hold (None: unknown)."""
+    block_size, num_blocks = info.get("block_size"), info.get("num_blocks")
+    if not block_size or not num_blocks:
+        return None
+    block_size, num_blocks = int(block_size), int(num_blocks)
+    shared = num_prompt // block_size
+    per_child_blocks = (num_blocks - shared) // max(1, width)
+    return max(0, (shared + per_child_blocks) * block_size - num_prompt)
+
+
+def resolve_max_tokens(params: dict, info: dict, num_prompt: int, max_model_len: int, width: int,
+                       min_tokens: int = 0) -> int:
+    """Fill in a missing ``max_tokens`` with the most that fits, then check ``min_tokens``.
+
+    Raises:
+        APIError(400): the prompt leaves no room to generate, or ``min_tokens > max_tokens``.
+    """
+    if params.get("max_tokens") is None:
+        limit = min(max_model_len, int(info.get("max_model_len") or max_model_len)) - num_prompt
+        room = pool_tokens(info, num_prompt, width)
+        if room is not None:
+            limit = min(limit, room)
+        if limit < 1:
+            raise bad_request(f"the prompt ({num_prompt} tokens) leaves no room to generate within the model's "
+                              f"context length or the KV cache", "messages", "context_length_exceeded")
+        params["max_tokens"] = limit
+    if min_tokens > params["max_tokens"]:
+        raise bad_request(f"min_tokens ({min_tokens}) must be <= max_tokens ({params['max_tokens']})", "min_tokens")
+    return params["max_tokens"]
+
+
+def blocks_needed(num_prompt: int, max_tokens: int, block_size: int, width: int) -> int:
+    """KV blocks a request needs at its longest, with ``width`` children sharing the prompt's full
+    blocks (copy-on-write gives each child its own copy of the partial last block)."""
+    total = num_prompt + max_tokens
+    shared = num_prompt // block_size
+    per_child = -(-total // block_size) - shared
+    return shared + width * per_child
+
+
+def check_fits(info: dict, num_prompt: int, max_tokens: int, max_model_len: int, width: int = 1) -> None:
+    """Refuse a request that can never run on the executor.
+
+    Raises:
+        APIError(400, code ``context_length_exceeded``): prompt + max_tokens beyond max_model_len.
+        APIError(400, code ``kv_cache_too_small``): more KV blocks than the executor's pool has.
+    """
+    limit = min(max_model_len, int(info.get("max_model_len") or max_model_len))
+    total = num_prompt + max_tokens
+    if total > limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{total} tokens ({num_prompt} in the prompt, {max_tokens} in the completion). "
+            f"Please reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
+    block_size, num_blocks = info.get("block_size"), info.get("num_blocks")
+    if block_size and num_blocks:
+        need = blocks_needed(num_prompt, max_tokens, int(block_size), width)
+        if need > int(num_blocks):
+            raise bad_request(
+                f"The request needs {need} KV blocks at its longest but the executor's pool has only "
+                f"{num_blocks} blocks of {block_size} tokens; reduce the prompt, max_tokens or n.",
+                "max_tokens", "kv_cache_too_small")

@@ -1,0 +1,80 @@
+"""Server-sent events, and tying a request's lifetime to its client's connection.
+
+A client that disconnects aborts its request on the executor, whether it was streaming or not:
+
+- streamed: Starlette cancels the response's body iterator when the client goes away; the
+  cancellation runs the executor client's ``finally`` which sends ``abort`` without awaiting;
+- not streamed (and while a streamed request waits for its first token): :func:`until_disconnect`
+  races the work against the ASGI ``http.disconnect`` message and cancels the work first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, AsyncIterator, Awaitable
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from gateway.errors import APIError
+
+log = logging.getLogger("pagedserve.gateway")
+
+DONE = "data: [DONE]\n\n"
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready."""
+
+
+def sse(obj: Any) -> str:
+    """One ``data:`` event."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, work: Awaitable):
+    """Await ``work``; if the client disconnects first, cancel it and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except BaseException:
+            pass
+        raise ClientDisconnected()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+def event_stream(events: AsyncIterator[str], request_id: str) -> StreamingResponse:
+    """An SSE response of ``events`` (already ``data:`` lines), ending with ``data: [DONE]``.
+
+    An APIError raised mid-stream becomes an ``{"error": ...}`` event before ``[DONE]``.
+    """
+
+    async def body():
+        try:
+            async for chunk in events:
+                yield chunk
+        except APIError as exc:
+            log.warning("request %s failed mid-stream: %s", request_id, exc.message)
+            yield sse(exc.body())
+        yield DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
