@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from typing import Any, Callable
@@ -355,3 +356,28 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(model_dir: str):
+    """A tokenizer loaded once per process (tests build many apps)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def fake_app(tokenizer, num_executors: int = 1, executor_kwargs: dict | None = None, **settings: Any):
+    """An app over ``num_executors`` FakeExecutors sharing one FakeBlockManager.
+
+    Returns:
+        (app, [FakeExecutor], FakeBlockManager). ``settings`` override GatewaySettings fields.
+    """
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    bm = FakeBlockManager()
+    executors = [FakeExecutor(f"executor-{i}", bm, tokenizer, **(executor_kwargs or {})) for i in range(num_executors)]
+    fields = {"model_dir": "fake-model-dir", "served_model_name": "fake-model", "executors": [], "blockmgr": "",
+              "max_model_len": 2048, "health_interval_s": 0.2, **settings}
+    app = create_app(GatewaySettings(**fields), executors=executors, blockmgr=bm, tokenizer=tokenizer)
+    return app, executors, bm
