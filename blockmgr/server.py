@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import time
 
 import zmq
 
@@ -67,8 +68,30 @@ def handle(manager: BlockManager, message: dict) -> dict:
         return protocol.error(str(exc))
 
 
-def serve(bind: str, manager: BlockManager | None = None) -> None:
-    """Answer requests on ``bind`` until SIGINT/SIGTERM."""
+MUTATING_OPS = ("register", "step", "reset_prefix_cache")
+
+
+class KVEventPublisher:
+    """Publishes KV events on a ZeroMQ PUB socket as ``[timestamp, [event, ...]]`` msgpack batches."""
+
+    def __init__(self, bind: str):
+        self.sock = zmq.Context.instance().socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(bind)
+        log.info("publishing KV events on %s", bind)
+
+    def __call__(self, events: list) -> None:
+        self.sock.send(protocol.encode([time.time(), events]))
+
+
+def serve(bind: str, manager: BlockManager | None = None, store=None) -> None:
+    """Answer requests on ``bind`` until SIGINT/SIGTERM.
+
+    Args:
+        manager: the state machine (a fresh one by default).
+        store: a :class:`~blockmgr.persistence.RedisStore`; every change is saved to it before
+            the reply is sent.
+    """
     manager = manager or BlockManager()
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.ROUTER)
@@ -92,12 +115,17 @@ def serve(bind: str, manager: BlockManager | None = None) -> None:
                 continue
             frames = sock.recv_multipart()
             identity, payload = frames[0], frames[-1]
+            message = None
             try:
-                reply = handle(manager, protocol.decode(payload))
+                message = protocol.decode(payload)
+                reply = handle(manager, message)
+                if store is not None and reply["ok"] and message.get("op") in MUTATING_OPS:
+                    ex_id = message.get("executor_id")
+                    store.save(manager, [str(ex_id)] if ex_id is not None else list(manager.executors))
             except protocol.ProtocolError as exc:
                 reply = protocol.error(str(exc))
             except Exception as exc:  # a bug must not take the service down with every executor
-                log.exception("internal error handling a request")
+                log.exception("internal error handling %r", (message or {}).get("op"))
                 reply = protocol.error(f"internal error: {exc!r}")
             if not reply["ok"]:
                 log.warning("request refused: %s", reply["error"])
@@ -109,7 +137,26 @@ def serve(bind: str, manager: BlockManager | None = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pagedserve blockmgr", description="Run the block-manager service.")
     parser.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ address to bind (default %(default)s)")
+    parser.add_argument("--kv-events-bind", default=None, help="ZeroMQ PUB address for KV events (default: off)")
+    parser.add_argument("--redis-url", default=None, help="keep durable state in Redis, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    parser.add_argument("--watermark", type=float, default=0.01,
+                        help="fraction of device blocks kept free at admission (default %(default)s)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.bind)
+    if not 0 <= args.watermark < 1:
+        parser.error("--watermark must be in [0, 1)")
+    publisher = KVEventPublisher(args.kv_events_bind) if args.kv_events_bind else None
+    manager = BlockManager(args.watermark, not args.no_prefix_caching, on_events=publisher)
+    store = None
+    if args.redis_url:
+        from blockmgr.persistence import RedisStore
+
+        store = RedisStore(args.redis_url)
+        try:
+            store.ping()
+        except Exception as exc:
+            parser.error(f"--redis-url: cannot reach Redis at {args.redis_url}: {exc}")
+        store.load(manager)
+    serve(args.bind, manager, store)

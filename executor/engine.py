@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
+from blockmgr.client import BlockManagerUnavailable
 from executor.attention import AttentionMetadata
 from executor.cost_probe import measure_cost_model
 from executor.request import Request, SamplingParams, Status, seed_for_child
@@ -123,6 +124,7 @@ class Engine:
         self.pending_fork: list[tuple[str, str]] = []
         self.children: dict[str, list[Request]] = {}  # request id -> its n > 1 completions
         self._step_id = 0
+        self.block_manager_patience_s = 120.0
         bytes_per_block = 2 * model.num_layers * shape[1] * shape[2] * shape[3] * self.kv_caches[0][0].element_size()
         self.cost = measure_cost_model(model, self.device, bytes_per_block) if config.num_cpu_blocks else {}
         self.bm.register(executor_id, config.num_blocks, config.block_size, config.num_cpu_blocks, self.cost)
@@ -196,10 +198,7 @@ class Engine:
         if not (grow or admit or fork or free or swap_ins):
             return []
         self._step_id += 1
-        reply = self.bm.step(
-            self.executor_id, step_id=self._step_id, fork=fork, free=free, grow=grow,
-            swap_in=[r.request_id for r in swap_ins], admit=admit,
-        )
+        reply = self._bm_step(fork=fork, free=free, grow=grow, swap_in=[r.request_id for r in swap_ins], admit=admit)
         outputs: list[RequestOutput] = []
         batch = self._apply_reply(reply, batch, swap_ins, outputs)
         self._apply_block_ops(reply)
@@ -211,6 +210,22 @@ class Engine:
                 StepRecord(self._num_steps, {r.request_id: n for r, n in batch}, time.perf_counter() - t0)
             )
         return outputs
+
+    def _bm_step(self, **lists) -> dict:
+        """Send this step to the block manager, retrying while it is unreachable.
+
+        The step id makes a retry safe: a block manager that applied the step but lost the reply
+        (it restarted from Redis) answers the same step id with the same reply.
+        """
+        deadline = time.monotonic() + self.block_manager_patience_s
+        while True:
+            try:
+                return self.bm.step(self.executor_id, step_id=self._step_id, **lists)
+            except BlockManagerUnavailable as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s; retrying step %d", exc, self._step_id)
+                time.sleep(0.2)
 
     @staticmethod
     def _salt(req: Request) -> str | None:

@@ -142,7 +142,8 @@ def connect_block_manager(address: str, executor_id: str, num_blocks: int, block
             if time.monotonic() > deadline:
                 raise SystemExit(f"executor {executor_id}: block manager at {address} did not answer for {wait_s:.0f}s")
             log.info("waiting for the block manager at %s", address)
-    client.timeout_ms = 30_000
+    # Short: a block manager that restarts loses requests in flight; the engine retries them.
+    client.timeout_ms = 5_000
     return client
 
 
