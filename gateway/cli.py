@@ -43,6 +43,10 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--swap-space", type=float, default=0.5, help="CPU swap space per executor, GiB")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    parser.add_argument("--redis-url", default=None, help="keep the block manager's state in Redis")
+    parser.add_argument("--kv-events-bind", default=None, help="ZeroMQ PUB address for KV events (default: off)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads per executor (default: the cores but one, shared among executors)")
     parser.add_argument("--log-level", default="INFO")
@@ -70,14 +74,21 @@ def serve(argv: list[str]) -> int:
     name = args.served_model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
     level = ["--log-level", args.log_level]
     bm_addr = f"tcp://127.0.0.1:{args.blockmgr_port}"
-    children = [Child("blockmgr", ["-m", "blockmgr", "--bind", bm_addr, *level])]
+    bm_argv = ["-m", "blockmgr", "--bind", bm_addr, *level]
+    if args.no_prefix_caching:
+        bm_argv.append("--no-prefix-caching")
+    for flag, value in (("--redis-url", args.redis_url), ("--kv-events-bind", args.kv_events_bind)):
+        if value:
+            bm_argv += [flag, value]
+    children = [Child("blockmgr", bm_argv)]
     ex_addrs = []
     for i in range(args.num_executors):
         addr = f"tcp://127.0.0.1:{args.executor_base_port + i}"
         ex_addrs.append(addr)
         ex_argv = ["-m", "executor", "--model", str(model_dir), "--bind", addr, "--blockmgr", bm_addr,
                    "--executor-id", f"executor-{i}", "--dtype", args.dtype, "--block-size", str(args.block_size),
-                   "--kv-cache-gib", str(args.kv_cache_gib), "--max-num-seqs", str(args.max_num_seqs),
+                   "--kv-cache-gib", str(args.kv_cache_gib), "--swap-space", str(args.swap_space),
+                   "--max-num-seqs", str(args.max_num_seqs),
                    "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                    "--num-threads", str(args.num_threads), *level]
         for flag, value in (("--device", args.device), ("--num-blocks", args.num_blocks),
