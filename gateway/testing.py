@@ -161,6 +161,7 @@ class FakeExecutor:
         reply: the continuation, as text, or a function ``(prompt_ids, params, index) -> token ids``.
         eos_token_id: sent with finish reason ``stop`` when the reply is exhausted.
         token_delay_s: pause between two generated tokens.
+        first_token_delay_s: pause before the first output (a queued or prefilling request).
         known_params: SamplingParams fields it accepts; others are refused like the real executor does.
 
     Attributes:
@@ -172,7 +173,7 @@ class FakeExecutor:
     def __init__(self, executor_id: str = "executor-0", blockmgr: FakeBlockManager | None = None, tokenizer=None,
                  reply: str | Callable = DEFAULT_REPLY, eos_token_id: int = 2, num_blocks: int = 256,
                  block_size: int = 16, max_model_len: int = 2048, token_delay_s: float = 0.0,
-                 known_params: frozenset = SAMPLING_FIELDS, vocab_size: int | None = None):
+                 first_token_delay_s: float = 0.0, known_params: frozenset = SAMPLING_FIELDS, vocab_size: int | None = None):
         self.executor_id = executor_id
         self.address = f"fake://{executor_id}"
         self.blockmgr = blockmgr
@@ -181,6 +182,7 @@ class FakeExecutor:
         self.eos_token_id = eos_token_id
         self.num_blocks, self.block_size, self.max_model_len = num_blocks, block_size, max_model_len
         self.token_delay_s = token_delay_s
+        self.first_token_delay_s = first_token_delay_s
         self.known_params = known_params
         self.vocab_size = vocab_size or (len(tokenizer) if tokenizer is not None else 49152)
         self.received: list[dict] = []
@@ -276,6 +278,8 @@ class FakeExecutor:
         finished = [False] * n
         first = True
         try:
+            if self.first_token_delay_s:
+                await asyncio.sleep(self.first_token_delay_s)
             for step in range(max_tokens):
                 for i in range(n):
                     if finished[i]:
