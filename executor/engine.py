@@ -22,6 +22,7 @@ import torch
 import kernels
 from blockmgr.client import BlockManagerUnavailable
 from executor.attention import AttentionMetadata
+from executor.beam_search import BeamSearchGroup
 from executor.cost_probe import measure_cost_model
 from executor.request import Request, SamplingParams, Status, seed_for_child
 from executor.sampler import sample
@@ -123,6 +124,7 @@ class Engine:
         ] if config.num_cpu_blocks else []
         self.pending_fork: list[tuple[str, str]] = []
         self.children: dict[str, list[Request]] = {}  # request id -> its n > 1 completions
+        self.beam_of: dict[str, BeamSearchGroup] = {}  # beam sequence id -> its search
         self._step_id = 0
         self.block_manager_patience_s = 120.0
         bytes_per_block = 2 * model.num_layers * shape[1] * shape[2] * shape[3] * self.kv_caches[0][0].element_size()
@@ -161,11 +163,20 @@ class Engine:
             )
         req = Request(request_id, list(prompt_token_ids), params, cache_salt=cache_salt, priority=priority)
         self.requests[request_id] = req
+        if params.use_beam_search:
+            self.beam_of[request_id] = BeamSearchGroup(
+                request_id, params.beam_width, len(prompt_token_ids), min(total, self.max_model_len),
+                self.eos_token_ids, beams=[req], scores=[0.0])
         self.scheduler.add(req)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request; its blocks are freed at the next step. Returns False if unknown."""
         group = [r for r in self.children.pop(request_id, []) if r.request_id in self.requests]
+        beams = self._beam_group(request_id)
+        if beams is not None:
+            group += beams.beams
+            for b in beams.beams:
+                self.beam_of.pop(b.request_id, None)
         req = self.requests.get(request_id)
         if req is None and not group:
             return False
@@ -326,41 +337,91 @@ class Engine:
                 self.kv_caches,
                 meta,
             )
-            # Only sequences whose whole prompt is now in the cache sample a token.
-            samplers = [i for i, (req, n) in enumerate(batch) if req.num_computed_tokens + n == req.num_tokens]
-            if samplers:
-                last_rows = torch.tensor([q_starts[i + 1] - 1 for i in samplers], device=dev)
+            # Only sequences whose whole prompt is now in the cache get a next token.
+            finishing = [i for i, (req, n) in enumerate(batch) if req.num_computed_tokens + n == req.num_tokens]
+            if finishing:
+                last_rows = torch.tensor([q_starts[i + 1] - 1 for i in finishing], device=dev)
                 logits = self.model.compute_logits(hidden[last_rows]).float().cpu()
-                sample_reqs = [batch[i][0] for i in samplers]
-                new_children = self._make_children(sample_reqs)
-                if new_children:
-                    # Each child samples its first token from its parent's last-prompt logits.
-                    row_of = {r.request_id: k for k, r in enumerate(sample_reqs)}
-                    rows = [row_of[c.parent_id] for c in new_children]
-                    logits = torch.cat([logits, logits[rows]])
-                tokens = sample(logits, sample_reqs + new_children)
-        outputs = []
-        sampled = dict(zip(samplers, tokens)) if samplers else {}
-        for i, (req, n) in enumerate(batch):
+        for req, n in batch:
             req.num_computed_tokens += n
-            token = sampled.get(i)
-            if token is None:
-                continue
-            outputs.append(self._append_token(req, token))
-        if samplers and new_children:
-            for child, token in zip(new_children, tokens[len(samplers):]):
-                parent = self.children[child.parent_id][0]
-                child.num_computed_tokens = parent.num_computed_tokens
-                child.block_table = list(parent.block_table)
-                outputs.append(self._append_token(child, token))
-                if child.status is not Status.FINISHED:
-                    # The block manager forks before it frees, so this holds even if the
-                    # parent finished in this very step.
-                    self.pending_fork.append((child.parent_id, child.request_id))
-                    self.requests[child.request_id] = child
-                    child.status = Status.RUNNING
-                    self.scheduler.running.append(child)
+        if not finishing:
+            return []
+        reqs = [batch[i][0] for i in finishing]
+        beam_rows = [k for k, r in enumerate(reqs) if r.request_id in self.beam_of]
+        sample_rows = [k for k, r in enumerate(reqs) if r.request_id not in self.beam_of]
+        outputs = []
+        if sample_rows:
+            outputs += self._sample_and_append([reqs[k] for k in sample_rows], logits[sample_rows])
+        ready: list[BeamSearchGroup] = []
+        for k in beam_rows:
+            group = self.beam_of[reqs[k].request_id]
+            if group.offer(reqs[k], logits[k]) and group not in ready:
+                ready.append(group)
+        for group in ready:
+            outputs += self._beam_step(group)
         return outputs
+
+    def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample one token per request (rows of ``logits``), fork n > 1 completions, check stops."""
+        new_children = self._make_children(reqs)
+        if new_children:
+            # Each child samples its first token from its parent's last-prompt logits.
+            row_of = {r.request_id: k for k, r in enumerate(reqs)}
+            logits = torch.cat([logits, logits[[row_of[c.parent_id] for c in new_children]]])
+        tokens = sample(logits, reqs + new_children)
+        outputs = [self._append_token(req, token) for req, token in zip(reqs, tokens)]
+        for child, token in zip(new_children, tokens[len(reqs):]):
+            parent = self.children[child.parent_id][0]
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.block_table = list(parent.block_table)
+            outputs.append(self._append_token(child, token))
+            if child.status is not Status.FINISHED:
+                # The block manager forks before it frees, so this holds even if the parent
+                # finished in this very step.
+                self.pending_fork.append((child.parent_id, child.request_id))
+                self.requests[child.request_id] = child
+                child.status = Status.RUNNING
+                self.scheduler.running.append(child)
+        return outputs
+
+    def _beam_group(self, request_id: str) -> BeamSearchGroup | None:
+        return next((g for g in self.beam_of.values() if g.request_id == request_id), None)
+
+    def _beam_step(self, group: BeamSearchGroup) -> list[RequestOutput]:
+        """Advance a beam search whose beams all reported; fork, free and extend beams."""
+        continuations, dropped, done = group.advance()
+        for beam in dropped:
+            self.beam_of.pop(beam.request_id, None)
+            self.requests.pop(beam.request_id, None)
+            self.scheduler.remove(beam)
+            self.pending_free.append(beam.request_id)
+        if done:
+            best = group.best()
+            reason = "stop" if best and best[-1] in self.eos_token_ids else "length"
+            cached = dropped[0].num_cached_tokens if dropped else 0
+            return [RequestOutput(group.request_id, best, True, reason, None, group.prompt_len, cached, 0)]
+        taken: set[str] = set()
+        new_beams = []
+        for src, token in continuations:
+            if src.request_id not in taken:
+                taken.add(src.request_id)
+                new_beams.append((src, token))
+                continue
+            # Another continuation of an already-continued beam: fork its pre-token state.
+            child = Request(group.new_seq_id(), src.prompt_token_ids, src.params,
+                            output_token_ids=list(src.output_token_ids),
+                            num_computed_tokens=src.num_computed_tokens, block_table=list(src.block_table),
+                            status=Status.RUNNING, cache_salt=src.cache_salt, priority=src.priority,
+                            parent_id=group.request_id, num_cached_tokens=src.num_cached_tokens)
+            self.pending_fork.append((src.request_id, child.request_id))
+            self.requests[child.request_id] = child
+            self.beam_of[child.request_id] = group
+            self.scheduler.running.append(child)
+            new_beams.append((child, token))
+        for beam, token in new_beams:
+            beam.output_token_ids.append(token)
+        group.beams = [b for b, _ in new_beams]
+        return []
 
     def _append_token(self, req: Request, token: int) -> RequestOutput:
         req.output_token_ids.append(token)

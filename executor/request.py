@@ -19,6 +19,9 @@ class SamplingParams:
         top_p: nucleus sampling mass in (0, 1].
         top_k: keep the k most likely tokens; 0 or -1 keeps all.
         seed: per-request RNG seed; the same seed gives the same tokens whatever the batch.
+        n: completions to sample from one prompt; they share the prompt's KV blocks.
+        use_beam_search, beam_width: deterministic beam search (``executor.beam_search``);
+            the sampling fields are then ignored.
         stop_token_ids: extra token ids that end the request (kept in the output).
         ignore_eos: keep going past the model's EOS token.
     """
@@ -29,6 +32,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     n: int = 1
+    use_beam_search: bool = False
+    beam_width: int = 4
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
 
@@ -36,6 +41,10 @@ class SamplingParams:
         """Raises ValueError naming the first out-of-range field."""
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.use_beam_search and self.beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
+        if self.use_beam_search and self.n != 1:
+            raise ValueError("use_beam_search returns the best beam only; n must be 1")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.temperature < 0:
