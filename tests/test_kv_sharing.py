@@ -124,3 +124,20 @@ def test_parallel_sampling_shares_prompt_blocks(smollm, shared_prefix_prompts):
     assert peak_fork < separate, (peak_fork, separate)
     assert bm.stats()["executor-0"]["copy_on_write"] > 0
     assert bm.stats()["executor-0"]["device"]["used"] == 0
+
+
+def test_prompt_that_can_never_fit_is_refused_without_holding_the_queue(smollm, shared_prefix_prompts):
+    engine, bm = make_engine(smollm, num_blocks=6)  # 48 token slots
+    engine.add_request("huge", shared_prefix_prompts[-3] * 2, GREEDY)
+    engine.add_request("small", shared_prefix_prompts[0][:10], GREEDY)
+    outs = {"huge": [], "small": []}
+    first_step = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in first_step if o.finished] == [("huge", "error")]
+    assert "KV blocks" in first_step[0].error
+    for o in first_step:
+        outs[o.request_id] += o.new_token_ids
+    while engine.has_work():
+        for o in engine.step():
+            outs[o.request_id] += o.new_token_ids
+    assert outs["small"] and (len(outs["small"]) == GREEDY.max_tokens or outs["small"][-1] == smollm[1].eos_token_id)
+    assert bm.stats()["executor-0"]["device"]["used"] == 0
