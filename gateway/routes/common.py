@@ -27,7 +27,11 @@ def stream_doc(model) -> dict:
     """The 200 entry of an endpoint that answers JSON, or SSE when ``stream`` is true."""
     return {200: {"model": model, "description": "the result; with `stream: true`, `text/event-stream` events "
                                                  "of chunks, ending with `data: [DONE]`",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                  # Before OpenAPI 3.2 the schema of an event stream describes each event: a `data`
+                  # line holding one JSON chunk, an error object, or the final `[DONE]`.
+                  "content": {"text/event-stream": {"schema": {
+                      "type": "object", "required": ["data"],
+                      "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE]"}}}}}}}
 
 
 def now_s() -> int:
