@@ -74,6 +74,8 @@ class SamplingFields(_Base):
     cache_salt: Optional[str] = Field(None, min_length=1, max_length=1024)
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="lower runs earlier")
     use_beam_search: bool = False
+    beam_width: Optional[int] = Field(None, ge=1, le=MAX_N, description="beams kept by use_beam_search "
+                                      "(default: best_of, else the executor's default)")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

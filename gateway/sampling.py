@@ -31,7 +31,8 @@ def stop_strings(body: SamplingFields) -> list[str]:
 
 
 def beam_width(body: SamplingFields, n: int, best_of: int | None) -> int | None:
-    """The beam width for ``use_beam_search`` (``best_of`` or ``n``); None without beam search.
+    """The beam width to send with ``use_beam_search``: ``beam_width``, else ``best_of``, else None
+    (the executor's default). None without beam search.
 
     Raises:
         APIError(400): ``best_of < n``, or ``best_of != n`` without beam search.
@@ -41,8 +42,18 @@ def beam_width(body: SamplingFields, n: int, best_of: int | None) -> int | None:
     if not body.use_beam_search:
         if best_of is not None and best_of != n:
             raise bad_request("best_of other than n is supported only with use_beam_search", "best_of")
+        if body.beam_width is not None:
+            raise bad_request("beam_width needs use_beam_search: true", "beam_width")
         return None
-    return best_of or n
+    return body.beam_width or best_of
+
+
+DEFAULT_BEAM_WIDTH = 4  # the executor's default, for the KV-pool estimate
+
+
+def growth_width(body: SamplingFields, n: int, width: int | None) -> int:
+    """How many sequences of a request grow at once: the beams with beam search, else n."""
+    return max(n, width or DEFAULT_BEAM_WIDTH) if body.use_beam_search else n
 
 
 def executor_params(body: SamplingFields, max_tokens: int | None, n: int, logprobs: int | None = None,

@@ -54,11 +54,13 @@ def test_every_sampling_parameter_reaches_the_executor(client, server):
         "repetition_penalty": 1.2, "min_tokens": 2, "logprobs": 1, "n": 2}
     assert got["cache_salt"] == "tenant-a" and got["priority"] == 3
 
-    client.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=3, n=4,
-                                   extra_body={"use_beam_search": True})
+    client.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=3,
+                                   extra_body={"use_beam_search": True, "beam_width": 3})
     assert last_params(server)["params"] == {
         "max_tokens": 3, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop_token_ids": [],
-        "ignore_eos": False, "n": 4, "use_beam_search": True, "beam_width": 4}
+        "ignore_eos": False, "use_beam_search": True, "beam_width": 3}
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, best_of=5, extra_body={"use_beam_search": True})
+    assert last_params(server)["params"]["beam_width"] == 5
 
 
 def test_defaults_send_only_the_core_fields(client, server):

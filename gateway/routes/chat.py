@@ -17,7 +17,7 @@ from gateway.logprobs import chat_logprobs
 from gateway.openai_protocol import ChatCompletion, ChatCompletionRequest
 from gateway.routes.common import errors, now_s, stream_doc
 from gateway.runtime import get_gateway
-from gateway.sampling import beam_width, executor_params, stop_strings
+from gateway.sampling import beam_width, executor_params, growth_width, stop_strings
 from gateway.streaming import event_stream, sse, until_disconnect
 from gateway.tokenization import chat_prompt
 
@@ -40,7 +40,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     k = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens  # None: as many as fit
     job = Job(prompt.token_ids, executor_params(body, max_tokens, n, k, None, width), n, stops, body.priority,
-              body.cache_salt, width=width or n, min_tokens=body.min_tokens)
+              body.cache_salt, width=growth_width(body, n, width), min_tokens=body.min_tokens)
     response_id, runs = await until_disconnect(request, start_runs(gw, [job], "chatcmpl", arrival))
     tt = gw.token_text
     base = {"id": response_id, "created": now_s(), "model": gw.settings.served_model_name}

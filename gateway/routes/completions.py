@@ -21,7 +21,7 @@ from gateway.logprobs import completion_logprobs, merge_completion_logprobs, pro
 from gateway.openai_protocol import Completion, CompletionRequest
 from gateway.routes.common import errors, now_s, stream_doc
 from gateway.runtime import get_gateway
-from gateway.sampling import beam_width, executor_params, stop_strings
+from gateway.sampling import beam_width, executor_params, growth_width, stop_strings
 from gateway.streaming import event_stream, sse, until_disconnect
 from gateway.tokenization import completion_prompts
 
@@ -63,7 +63,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     else:
         jobs = [Job(p.token_ids, executor_params(body, max_tokens, n, k, k if (body.echo and k is not None) else None,
                                                  width),
-                    n, stops, body.priority, body.cache_salt, choice_offset=i * n, width=width or n,
+                    n, stops, body.priority, body.cache_salt, choice_offset=i * n, width=growth_width(body, n, width),
                     min_tokens=body.min_tokens)
                 for i, p in enumerate(prompts)]
 
