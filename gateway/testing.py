@@ -162,6 +162,7 @@ class FakeExecutor:
         eos_token_id: sent with finish reason ``stop`` when the reply is exhausted.
         token_delay_s: pause between two generated tokens.
         first_token_delay_s: pause before the first output (a queued or prefilling request).
+        fail_after_tokens: fail every request with an error output after this many steps.
         known_params: SamplingParams fields it accepts; others are refused like the real executor does.
 
     Attributes:
@@ -173,7 +174,7 @@ class FakeExecutor:
     def __init__(self, executor_id: str = "executor-0", blockmgr: FakeBlockManager | None = None, tokenizer=None,
                  reply: str | Callable = DEFAULT_REPLY, eos_token_id: int = 2, num_blocks: int = 256,
                  block_size: int = 16, max_model_len: int = 2048, token_delay_s: float = 0.0,
-                 first_token_delay_s: float = 0.0, known_params: frozenset = SAMPLING_FIELDS, vocab_size: int | None = None):
+                 first_token_delay_s: float = 0.0, fail_after_tokens: int | None = None, known_params: frozenset = SAMPLING_FIELDS, vocab_size: int | None = None):
         self.executor_id = executor_id
         self.address = f"fake://{executor_id}"
         self.blockmgr = blockmgr
@@ -183,6 +184,7 @@ class FakeExecutor:
         self.num_blocks, self.block_size, self.max_model_len = num_blocks, block_size, max_model_len
         self.token_delay_s = token_delay_s
         self.first_token_delay_s = first_token_delay_s
+        self.fail_after_tokens = fail_after_tokens
         self.known_params = known_params
         self.vocab_size = vocab_size or (len(tokenizer) if tokenizer is not None else 49152)
         self.received: list[dict] = []
@@ -281,6 +283,9 @@ class FakeExecutor:
             if self.first_token_delay_s:
                 await asyncio.sleep(self.first_token_delay_s)
             for step in range(max_tokens):
+                if self.fail_after_tokens is not None and step >= self.fail_after_tokens:
+                    yield self._error(request_id, "the executor failed the request (scripted)")
+                    return
                 for i in range(n):
                     if finished[i]:
                         continue

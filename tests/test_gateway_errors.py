@@ -141,6 +141,22 @@ def test_an_executor_refusal_is_a_400(tok):
         assert httpx.post(base + "/v1/completions", json={"prompt": "hi"}).status_code == 200
 
 
+def test_a_failure_mid_stream_is_an_error_event(tok):
+    app, _, _ = fake_app(tok, executor_kwargs={"fail_after_tokens": 3})
+    with serve_in_thread(app) as base:
+        body = {"prompt": "hi", "max_tokens": 10, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "scripted" in json.loads(events[-2])["error"]["message"]
+        assert len(events) == 5  # three tokens, the error, [DONE]
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIError):
+            list(client.completions.create(model=MODEL, prompt="hi", max_tokens=10, stream=True))
+        r = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 10})
+        assert "scripted" in assert_openai_error(r, 400)["message"]
+
+
 def test_api_key(tok):
     app, _, _ = fake_app(tok, api_key="sk-secret")
     with serve_in_thread(app) as base:
