@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from gateway.detokenizer import TextStream
-from gateway.errors import APIError, bad_request, unavailable
+from gateway.errors import bad_request, unavailable
 from gateway.logprobs import normalize_entry
 from gateway.runtime import Gateway
 from gateway.sampling import check_fits, resolve_max_tokens
@@ -314,6 +314,15 @@ async def merged_deltas(runs: list[Run]) -> AsyncIterator[Delta]:
         for r in runs:
             if not r._closed:
                 r.handle.client.abort(r.request_id)
+
+
+async def close_runs(runs: list[Run]) -> None:
+    """Close (abort, if unfinished) every run; closing a closed run does nothing."""
+    for r in runs:
+        try:
+            await r.aclose()
+        except Exception:  # a generator still running in another task: abort it directly
+            r.handle.client.abort(r.request_id)
 
 
 def usage(runs: list[Run]) -> dict:

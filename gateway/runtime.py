@@ -7,8 +7,8 @@ import logging
 
 from fastapi import Request
 
-from blockmgr.client import BlockManagerClient, BlockManagerRequestError, BlockManagerUnavailable
-from gateway.errors import APIError, bad_request, unavailable
+from blockmgr.client import BlockManagerClient, BlockManagerUnavailable
+from gateway.errors import APIError, unavailable
 from gateway.executors import ExecutorPool
 from gateway.metrics import GatewayMetrics
 from gateway.routing import Router
@@ -94,5 +94,3 @@ class Gateway:
 def get_gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
-
-__all__ = ["Gateway", "get_gateway", "BlockManagerRequestError", "bad_request"]

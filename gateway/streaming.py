@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -61,10 +61,30 @@ async def until_disconnect(request: Request, work: Awaitable):
             task.cancel()
 
 
-def event_stream(events: AsyncIterator[str], request_id: str) -> StreamingResponse:
+class _EventStreamResponse(StreamingResponse):
+    """A StreamingResponse that always runs ``cleanup`` when it ends, however it ends: a client
+    that disconnects before the first byte never starts the body iterator, whose ``finally``
+    blocks would then never run."""
+
+    def __init__(self, content, cleanup: Callable[[], Awaitable] | None, **kwargs):
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._cleanup is not None:
+                await self._cleanup()
+
+
+def event_stream(events: AsyncIterator[str], request_id: str,
+                 cleanup: Callable[[], Awaitable] | None = None) -> StreamingResponse:
     """An SSE response of ``events`` (already ``data:`` lines), ending with ``data: [DONE]``.
 
     An APIError raised mid-stream becomes an ``{"error": ...}`` event before ``[DONE]``.
+    ``cleanup`` runs when the response ends, even if ``events`` never started (use it to abort
+    the request's runs).
     """
 
     async def body():
@@ -76,5 +96,5 @@ def event_stream(events: AsyncIterator[str], request_id: str) -> StreamingRespon
             yield sse(exc.body())
         yield DONE
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _EventStreamResponse(body(), cleanup, media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 
 from gateway.auth import require_api_key
 from gateway.errors import bad_request
-from gateway.generation import Job, merged_deltas, start_runs, usage
+from gateway.generation import Job, close_runs, merged_deltas, start_runs, usage
 from gateway.logprobs import chat_logprobs
 from gateway.openai_protocol import ChatCompletion, ChatCompletionRequest
 from gateway.routes.common import errors, now_s, stream_doc
@@ -87,4 +87,4 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         if include_usage:
             yield sse({**chunk, "choices": [], "usage": usage(runs)})
 
-    return event_stream(events(), response_id)
+    return event_stream(events(), response_id, cleanup=lambda: close_runs(runs))

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 
 from gateway.auth import require_api_key
 from gateway.errors import bad_request
-from gateway.generation import Job, merged_deltas, start_runs, usage
+from gateway.generation import Job, close_runs, merged_deltas, start_runs, usage
 from gateway.logprobs import completion_logprobs, merge_completion_logprobs, prompt_entries
 from gateway.openai_protocol import Completion, CompletionRequest
 from gateway.routes.common import errors, now_s, stream_doc
@@ -168,4 +168,4 @@ async def create_completion(body: CompletionRequest, request: Request):
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage_obj()})
 
-    return event_stream(events(), response_id)
+    return event_stream(events(), response_id, cleanup=lambda: close_runs(runs))
