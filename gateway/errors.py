@@ -64,6 +64,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = fields[0] if fields else None
     where = ".".join(p for p in loc if not any(c in p for c in "[]"))
     message = first.get("msg", "invalid value")
+    message = message.removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
     if first.get("type") == "missing" and not loc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128  # most choices per prompt, as OpenAI allows
@@ -21,8 +21,31 @@ MAX_LOGPROBS = 20  # most alternatives per token (OpenAI: 5 for completions, 20 
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
+def _check_text(value, path: str = "") -> None:
+    """Raise ValueError for a string holding a lone surrogate (JSON ``"\\ud800"``): it is not
+    Unicode text, and no tokenizer or UTF-8 encoder accepts it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{path or 'a string'} is not valid Unicode text (it holds a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, path)
+            _check_text(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_text(v, f"{path}[{i}]")
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data):
+        _check_text(data)
+        return data
 
 
 # --------------------------------------------------------------------------------- requests

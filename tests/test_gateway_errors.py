@@ -103,6 +103,17 @@ def test_malformed_bodies_get_400(server, content):
         assert_openai_error(r, 400)
 
 
+@pytest.mark.parametrize("content", [
+    b'{"prompt": "\\udc00abc"}', b'{"prompt": "abc", "stop": ["\\ud800"]}', b'{"prompt": "a", "model": "\\ud800"}',
+    b'{"messages": [{"role": "user", "content": "\\ud800"}]}', b'{"prompt": "abc", "user": "\\udfff"}',
+    b'{"prompt": ' + b"[" * 20000 + b"]" * 20000 + b"}",
+])
+def test_lone_surrogates_and_deep_nesting_get_400(server, content):
+    path = "/v1/chat/completions" if b"messages" in content else "/v1/completions"
+    r = httpx.post(server["base"] + path, content=content, headers={"content-type": "application/json"})
+    assert_openai_error(r, 400)
+
+
 def test_the_server_keeps_serving_after_bad_input(server):
     client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError):
