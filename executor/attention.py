@@ -7,11 +7,12 @@ hits and decode share one code path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 import kernels
+from kernels.torch_ref import ExtendAttentionPlan
 
 
 @dataclass
@@ -31,6 +32,9 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
     max_query_len: int
+    #: The CPU path's per-step plan (``kernels.torch_ref.ExtendAttentionPlan``), built by the first
+    #: layer and reused by the others.
+    torch_plan: object | None = field(default=None, repr=False)
 
     @property
     def is_decode_only(self) -> bool:
@@ -69,6 +73,12 @@ def paged_attention(
             max_query_len=meta.max_query_len,  # known on the host: spares a device sync
         )
     kernels.write_kv_cache_torch(key, value, key_cache, value_cache, meta.slot_mapping)
+    if meta.torch_plan is None:
+        meta.torch_plan = ExtendAttentionPlan.build(
+            meta.block_table, meta.query_start_loc, meta.seq_lens, key_cache.shape[1],
+            query.shape[1] // key_cache.shape[2],
+        )
     return kernels.paged_extend_attention_torch(
-        query, key_cache, value_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale
+        query, key_cache, value_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale,
+        plan=meta.torch_plan,
     )

@@ -97,6 +97,63 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def _onednn_linear_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN = _onednn_linear_available()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose CPU fp32 forward gives every row the same bits whatever the batch.
+
+    ``F.linear`` on the CPU calls MKL's sgemm, which picks its kernel (and so its order of
+    summation) by the number of rows: one row, 2-15 rows and 16 or more rows each round
+    differently, and with several threads the split of the rows between threads changes it too.
+    A token's hidden state would then depend on how many other tokens share its step. Here, on
+    the CPU in fp32 without autograd, the product runs in oneDNN on a weight packed once
+    (``torch.ops.mkldnn._reorder_linear_weight``; repacked when the weight changes), whose
+    rows come out identical for any number of rows from 2 up, at any row position, with 1 to 3
+    threads (checked on the shapes of SmolLM2, Qwen2 and Llama; the end-to-end check is
+    tests/test_batch_invariance.py). A single row is doubled, since oneDNN's one-row path sums in
+    another order. Costs: the packed copy of each weight (as much memory again), and at most
+    doubling one-row products, which cost about the same as a vector-matrix product anyway.
+
+    Elsewhere (CUDA, fp16/bf16 on the CPU, gradients, a torch without oneDNN) it is ``F.linear``.
+    Shapes: ``[n, in_features]`` -> ``[n, out_features]`` (other ranks take the ``F.linear`` path).
+    """
+
+    _pack: torch.Tensor | None = None
+    _pack_key: tuple | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            _ONEDNN
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and w.dtype == torch.float32
+            and x.dim() == 2
+            and x.shape[0] > 0
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+        ):
+            rows = x.shape[0]
+            if rows == 1:
+                x = torch.cat((x, x))
+            y = torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+            return y[:1] if rows == 1 else y
+        return F.linear(x, w, self.bias)
+
+    def _packed_weight(self) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape))
+        if self._pack_key != key:
+            with torch.no_grad():
+                self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 2)
+            self._pack_key = key
+        return self._pack
+
+
 def rope_parameters(config: Any) -> dict[str, Any]:
     """RoPE settings of ``config`` as one flat dict: ``rope_type``, ``rope_theta`` and scaling keys.
 
@@ -235,8 +292,8 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * head_dim
         self.scale = head_dim**-0.5
         hidden = config.hidden_size
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, hidden, bias=o_bias)
 
     def forward(
         self,
@@ -269,8 +326,8 @@ class MLP(nn.Module):
         if act not in ("silu", "swish"):
             raise UnsupportedModelError(f"hidden_act={act!r} is not supported (only silu / SwiGLU)")
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
+        self.down_proj = Linear(self.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -374,7 +431,7 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(config, self.head_dim, qkv_bias, o_bias, mlp_bias) for _ in range(self.num_layers)
         )
         self.norm = RMSNorm(self.hidden_size, float(_cfg(config, "rms_norm_eps", 1e-6)))
-        self.lm_head = nn.Linear(self.hidden_size, self.vocab_size, bias=False)
+        self.lm_head = Linear(self.hidden_size, self.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

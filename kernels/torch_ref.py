@@ -13,6 +13,9 @@ Grouped-query attention: query head ``h`` reads KV head ``h // (num_heads // num
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
 
 
@@ -38,14 +41,172 @@ def write_kv_cache_torch(
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
-def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
-    """The first ``length`` tokens of one sequence, ``[length, num_kv_heads, head_dim]``.
+#: Fewest keys in one chunk of the CPU attention path (see :func:`key_chunk_size`).
+MIN_KEY_CHUNK = 128
+#: Rows (query heads x tokens per KV head) in one query tile of a prefill (bounds the score matrix).
+QUERY_TILE_ROWS = 512
+#: Rows of the all-ones matrix whose product with the probabilities gives softmax denominators.
+_DENOM_ROWS = 16
 
-    Copies only the blocks that hold those tokens (ceil(length / block_size) of them).
+
+def key_chunk_size(block_size: int) -> int:
+    """Keys per chunk of :func:`paged_extend_attention_torch` for a cache of ``block_size``.
+
+    The smallest multiple of ``lcm(block_size, 64)`` that is at least :data:`MIN_KEY_CHUNK`: whole
+    blocks (so a chunk is gathered block by block), and a multiple of 64 so every elementwise
+    pass over the scores runs on whole SIMD vectors (see the notes on invariance there).
     """
-    block_size = cache.shape[1]
-    num_blocks = (length + block_size - 1) // block_size
-    return cache[blocks[:num_blocks].long()].flatten(0, 1)[:length]
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    unit = block_size * 64 // math.gcd(block_size, 64)
+    return unit * max(1, -(-MIN_KEY_CHUNK // unit))
+
+
+@dataclass
+class _Work:
+    """Sequences attended together: ``S`` decodes with the same chunk count, or one prefill tile.
+
+    Attributes:
+        token_rows: ``[S * T]`` int64 rows of ``query`` (and of the output), sequence-major.
+        num_seqs, num_tokens: ``S`` and ``T`` (tokens per sequence).
+        gather: index into ``kv`` (the plan's gathered-context list) of these sequences' K/V.
+        num_chunks: chunks the tokens can see (a prefix of the gathered ones).
+        hidden: ``[1, S, nC, C, T, 1]`` bool, True where a key is after the token (masked).
+    """
+
+    token_rows: torch.Tensor
+    num_seqs: int
+    num_tokens: int
+    gather: int
+    num_chunks: int
+    hidden: torch.Tensor
+    first_row: int = -1  # >= 0: token_rows is the range first_row .. first_row + S*T - 1
+
+
+@dataclass
+class ExtendAttentionPlan:
+    """What :func:`paged_extend_attention_torch` derives from a step's batch layout alone.
+
+    The same for every layer of a step, so a caller that runs many layers builds it once
+    (:meth:`build`) and passes it to each call.
+
+    Attributes:
+        chunk: keys per chunk (:func:`key_chunk_size`).
+        gathers: per gathered context, ``(block ids [S * nb] int64, value rows to zero [n] int64,
+            S, nC)``: the blocks to copy (``nb = nC * chunk / block_size`` per sequence) and the
+            positions at or after each sequence's length.
+        work: the :class:`_Work` items.
+        num_tokens: rows of ``query``.
+    """
+
+    chunk: int
+    gathers: list[tuple[torch.Tensor, torch.Tensor, int, int]] = field(default_factory=list)
+    work: list[_Work] = field(default_factory=list)
+    num_tokens: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        block_table: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        num_queries_per_kv: int,
+    ) -> "ExtendAttentionPlan":
+        """Plan a call; arguments as :func:`paged_extend_attention_torch`'s (shapes only)."""
+        device = block_table.device
+        chunk = key_chunk_size(block_size)
+        starts = query_start_loc.tolist()
+        lens = seq_lens.tolist()
+        plan = cls(chunk=chunk, num_tokens=starts[-1])
+        table = block_table.long()
+        tile = max(1, QUERY_TILE_ROWS // num_queries_per_kv)
+
+        def add_gather(seqs: list[int], seq_lens_: list[int], nc: int) -> int:
+            nb = nc * chunk // block_size
+            rows = table.index_select(0, torch.tensor(seqs, device=device))
+            if rows.shape[1] < nb:
+                rows = torch.cat([rows, rows[:, :1].expand(-1, nb - rows.shape[1])], dim=1)
+            rows = rows[:, :nb]
+            lens_t = torch.tensor(seq_lens_, device=device)
+            own = (lens_t + block_size - 1) // block_size
+            ids = torch.where(torch.arange(nb, device=device)[None, :] < own[:, None], rows, rows[:, :1])
+            tail = (torch.arange(nc * chunk, device=device)[None, :] >= lens_t[:, None]).flatten()
+            plan.gathers.append((ids.flatten(), tail.nonzero().squeeze(1), len(seqs), nc))
+            return len(plan.gathers) - 1
+
+        def hidden_mask(q_pos: torch.Tensor, nc: int) -> torch.Tensor:
+            s, t = q_pos.shape
+            key_pos = torch.arange(nc * chunk, device=device).view(1, nc, chunk, 1)
+            return (key_pos > q_pos.view(s, 1, 1, t)).view(1, s, nc, chunk, t, 1)
+
+        decodes: dict[int, list[int]] = {}
+        for i, length in enumerate(lens):
+            q_len = starts[i + 1] - starts[i]
+            if q_len == 0 or length == 0:
+                continue  # nothing to compute, or a token that sees nothing: zeros
+            nc_all = -(-length // chunk)
+            if q_len == 1:
+                decodes.setdefault(nc_all, []).append(i)
+                continue
+            g = add_gather([i], [length], nc_all)
+            first = length - q_len  # position of the first new token
+            for t0 in range(0, q_len, tile):
+                t1 = min(q_len, t0 + tile)
+                nc = -(-(first + t1) // chunk)  # chunks the tile's last token can see
+                pos = torch.arange(first + t0, first + t1, device=device).view(1, -1)
+                rows = torch.arange(starts[i] + t0, starts[i] + t1, device=device)
+                plan.work.append(_Work(rows, 1, t1 - t0, g, nc, hidden_mask(pos, nc), starts[i] + t0))
+        for nc, seqs in decodes.items():
+            seq_lens_ = [lens[i] for i in seqs]
+            g = add_gather(seqs, seq_lens_, nc)
+            pos = torch.tensor(seq_lens_, device=device).view(-1, 1) - 1
+            rows = torch.tensor([starts[i] for i in seqs], device=device)
+            plan.work.append(_Work(rows, len(seqs), 1, g, nc, hidden_mask(pos, nc)))
+        return plan
+
+
+def _attend_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Causal attention of scaled queries over chunked keys, with fixed-shape products.
+
+    Args:
+        q: ``[KVH, S, T, G, D]``, ``T`` tokens of each of ``S`` sequences, ``G`` query heads per KV
+            head, already multiplied by the softmax scale.
+        k, v: ``[S, nC, C, KVH, D]``, the sequences' first ``nC * C`` keys and values (values
+            finite everywhere).
+        hidden: ``[1, S, nC, C, T, 1]`` bool, True for keys after the token; every token sees key 0.
+
+    Returns:
+        ``[KVH, S, D, T, G]`` in ``q``'s dtype.
+    """
+    kvh, s, t, g, d = q.shape
+    nc, c = k.shape[1], k.shape[2]
+    rows, batch = t * g, s * nc
+    # Q^T of each (KV head, sequence), once per chunk: [KVH, S * nC, D, rows] (a small copy).
+    qt = q.reshape(kvh, s, 1, rows, d).transpose(-1, -2).expand(kvh, s, nc, d, rows).reshape(kvh, batch, d, rows)
+    kb, vb = k.view(batch, c, kvh, d), v.view(batch, c, kvh, d)
+    # Key-major scores: one [C, D] x [D, rows] product per (KV head, sequence, chunk).
+    scores = q.new_empty((kvh, batch, c, rows))
+    for h in range(kvh):
+        torch.bmm(kb[:, :, h], qt[h], out=scores[h])
+    by_seq = scores.view(kvh, s, nc, c, t, g).masked_fill_(hidden, float("-inf"))
+    by_seq.sub_(by_seq.amax(dim=(2, 3), keepdim=True))
+    probs = scores.exp_()
+    # Per-chunk numerators [D, C] x [C, rows] and denominators [16, C] x [C, rows] (row 0 used),
+    # then summed over chunks in order 0, 1, ... (cumsum is a sequential scan).
+    num = q.new_empty((kvh, batch, d, rows))
+    den = q.new_empty((kvh, batch, _DENOM_ROWS, rows))
+    ones = torch.ones((1, _DENOM_ROWS, c), dtype=q.dtype, device=q.device).expand(batch, -1, -1)
+    for h in range(kvh):
+        torch.bmm(vb[:, :, h].transpose(1, 2), probs[h], out=num[h])
+        torch.bmm(ones, probs[h], out=den[h])
+    num = num.view(kvh, s, nc, d, rows)
+    den = den.view(kvh, s, nc, _DENOM_ROWS, rows)[:, :, :, :1]
+    if nc > 1:
+        num = num.cumsum(2)
+        den = den.cumsum(2)
+    out = num[:, :, -1].div_(den[:, :, -1])  # [KVH, S, D, rows]
+    return out.view(kvh, s, d, t, g)
 
 
 def paged_decode_attention_torch(
@@ -62,7 +223,7 @@ def paged_decode_attention_torch(
         query: ``[num_seqs, num_heads, head_dim]``.
         key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
         block_table: ``[num_seqs, max_blocks_per_seq]`` int32.
-        seq_lens: ``[num_seqs]`` int32, context length including the query token (>= 1).
+        seq_lens: ``[num_seqs]`` int32, context length including the query token (0 gives zeros).
         scale: softmax scale, usually ``head_dim ** -0.5``.
 
     Returns:
@@ -82,6 +243,8 @@ def paged_extend_attention_torch(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    max_query_len: int | None = None,
+    plan: ExtendAttentionPlan | None = None,
 ) -> torch.Tensor:
     """Prefill / extend attention over a paged context (covers decode, chunked prefill, prefix hits).
 
@@ -92,39 +255,73 @@ def paged_extend_attention_torch(
     Args:
         query: ``[num_tokens, num_heads, head_dim]``, the sequences' new tokens back to back.
         key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
-        block_table: ``[num_seqs, max_blocks_per_seq]`` int32.
+        block_table: ``[num_seqs, max_blocks_per_seq]`` int32 (or int64); entries past a
+            sequence's own blocks are never read.
         query_start_loc: ``[num_seqs + 1]`` int32 cumulative query lengths, starting at 0.
         seq_lens: ``[num_seqs]`` int32 context lengths including the new tokens.
         scale: softmax scale.
+        max_query_len: accepted for parity with the Triton kernel; unused.
+        plan: :meth:`ExtendAttentionPlan.build` of the same layout, to share between layers.
 
     Returns:
-        ``[num_tokens, num_heads, head_dim]`` in the query's dtype.
+        ``[num_tokens, num_heads, head_dim]`` in the query's dtype (fp16/bf16 inputs are computed
+        in fp32). A token of a sequence with ``seq_len == 0`` gets zeros.
+
+    How it works, and why a token's output does not depend on the batch:
+
+    - Copies: the blocks holding each sequence's context are copied once per call (one
+      ``index_select`` for K, one for V), rounded up to whole chunks of
+      ``key_chunk_size(block_size)`` keys; grouped-query heads are folded into the query side, so
+      K/V are never repeated per query head. Only the tail of V past the context is written (zeroed,
+      so stale or NaN cache entries cannot reach the output).
+    - Every matrix product has a fixed shape in two of its three dimensions: scores are
+      ``K_chunk [C, D] @ Q^T [D, rows]`` and outputs ``V_chunk^T [D, C] @ P_chunk [C, rows]``; only
+      ``rows`` (query heads x tokens) varies. On CPU (MKL, fp32) each output column then has the same
+      bits whatever ``rows`` is and wherever the query sits (checked for 1 to 2000 rows with 1 and 2
+      threads; tests/test_batch_invariance.py checks it end to end). A plain ``Q @ K^T`` would not
+      have: MKL picks different kernels (with different summation orders) for 1, 2-15 and 16+ rows.
+    - Softmax: the maximum is exact in any order; ``exp`` runs over multiples of 64 floats (no scalar
+      tail); denominators come from the same kind of fixed-shape product; chunk partials are added
+      in chunk order, and chunks past a token's position contribute exact zeros.
+
+    So a token's output is the same whether it is computed alone (decode), inside a long prefill,
+    in any chunk of a chunked prefill or again after preemption. Decodes (``q_len == 1``) with the
+    same number of chunks run as one batched product; other sequences run one at a time in query
+    tiles of about :data:`QUERY_TILE_ROWS` rows, each reading only the chunks it can see.
     """
-    num_heads = query.shape[1]
-    num_kv_heads = key_cache.shape[2]
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(query)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for i, seq_len in enumerate(lens):
-        q = query[starts[i] : starts[i + 1]]  # [q_len, H, D]
-        q_len = q.shape[0]
-        if q_len == 0:
-            continue
-        k = _gather_context(key_cache, block_table[i], seq_len)  # [L, KVH, D]
-        v = _gather_context(value_cache, block_table[i], seq_len)
-        # [H, q_len, D] x [KVH, L, D]: SDPA broadcasts KV heads over their query group.
-        qh = q.transpose(0, 1)
-        kh = k.transpose(0, 1).repeat_interleave(group, dim=0) if group > 1 else k.transpose(0, 1)
-        vh = v.transpose(0, 1).repeat_interleave(group, dim=0) if group > 1 else v.transpose(0, 1)
-        if q_len == 1:
-            mask = None
+    out = torch.zeros_like(query)
+    if num_tokens == 0:
+        return out
+    if plan is None:
+        plan = ExtendAttentionPlan.build(block_table, query_start_loc, seq_lens, block_size, group)
+    compute = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    chunk = plan.chunk
+    # [KVH, T, G, D], scaled: the only copy of the queries.
+    q_all = (query.to(compute) * scale).reshape(num_tokens, num_kv_heads, group, head_dim).transpose(0, 1)
+    contexts = []
+    for ids, tail, s, nc in plan.gathers:
+        ids = ids.to(key_cache.device)
+        k = key_cache.index_select(0, ids).to(compute).view(s, nc, chunk, num_kv_heads, head_dim)
+        v = value_cache.index_select(0, ids).to(compute)
+        if tail.numel():
+            v.view(-1, num_kv_heads * head_dim).index_fill_(0, tail.to(v.device), 0)
+        contexts.append((k, v.view(s, nc, chunk, num_kv_heads, head_dim)))
+    for w in plan.work:
+        k, v = contexts[w.gather]
+        if w.first_row >= 0:
+            q = q_all[:, w.first_row : w.first_row + w.num_tokens].unsqueeze(1)
         else:
-            # Query j sits at absolute position seq_len - q_len + j and sees keys 0..that position.
-            q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-            mask = torch.arange(seq_len).unsqueeze(0) <= q_pos
-        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-        out[starts[i] : starts[i + 1]] = o.transpose(0, 1)
+            q = q_all.index_select(1, w.token_rows.to(q_all.device)).view(
+                num_kv_heads, w.num_seqs, w.num_tokens, group, head_dim)
+        o = _attend_chunks(q, k[:, : w.num_chunks], v[:, : w.num_chunks], w.hidden)  # [KVH, S, D, T, G]
+        o = o.permute(1, 3, 0, 4, 2).reshape(w.num_seqs * w.num_tokens, num_heads, head_dim)
+        if w.first_row >= 0:
+            out[w.first_row : w.first_row + w.num_tokens] = o
+        else:
+            out[w.token_rows] = o.to(out.dtype)
     return out
 
 
