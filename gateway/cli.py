@@ -4,6 +4,7 @@
     pagedserve blockmgr --bind tcp://127.0.0.1:5557  # one service on its own
     pagedserve executor --blockmgr ... --bind ...
     pagedserve gateway --model-dir ... --executor ...
+    pagedserve bench throughput|serve ...            # benchmarks (gateway/bench/)
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def serve(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"serve", "blockmgr", "executor", "gateway"}
+    commands = {"serve", "blockmgr", "executor", "gateway", "bench"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
@@ -127,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "serve":
         raise SystemExit(serve(rest))
+    if command == "bench":
+        from gateway.bench.cli import main as bench_main
+
+        raise SystemExit(bench_main(rest))
     # Each service runs as its own module; exec keeps one process per service with no import
     # from gateway into the other services' internals.
     os.execv(sys.executable, [sys.executable, "-m", command, *rest])
