@@ -25,7 +25,7 @@ from executor.attention import AttentionMetadata
 from executor.beam_search import BeamSearchGroup
 from executor.cost_probe import measure_cost_model
 from executor.request import Request, SamplingParams, Status, seed_for_child
-from executor.sampler import sample
+from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries, sample_with_logprobs
 from executor.scheduler import Scheduler
 
 log = logging.getLogger("pagedserve.executor")
@@ -54,7 +54,15 @@ class EngineConfig:
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request (sent to the gateway)."""
+    """What one step produced for one request (sent to the gateway).
+
+    Attributes:
+        logprobs: when the request set ``logprobs``, one entry per ``new_token_ids`` item:
+            ``{"token_id", "logprob", "top": [[token_id, logprob], ...]}`` (see
+            :mod:`executor.sampler`); else None.
+        prompt_logprobs: on a request's first output only, when it set ``prompt_logprobs``: one
+            item per prompt token, ``None`` for the first, then entries of the same shape.
+    """
 
     request_id: str
     new_token_ids: list[int]
@@ -64,6 +72,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     index: int = 0  # which of the request's n completions
+    logprobs: list[dict] | None = None
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -342,6 +352,7 @@ class Engine:
             if finishing:
                 last_rows = torch.tensor([q_starts[i + 1] - 1 for i in finishing], device=dev)
                 logits = self.model.compute_logits(hidden[last_rows]).float().cpu()
+            self._collect_prompt_logprobs(batch, hidden, q_starts)
         for req, n in batch:
             req.num_computed_tokens += n
         if not finishing:
@@ -368,13 +379,14 @@ class Engine:
             # Each child samples its first token from its parent's last-prompt logits.
             row_of = {r.request_id: k for k, r in enumerate(reqs)}
             logits = torch.cat([logits, logits[[row_of[c.parent_id] for c in new_children]]])
-        tokens = sample(logits, reqs + new_children)
-        outputs = [self._append_token(req, token) for req, token in zip(reqs, tokens)]
-        for child, token in zip(new_children, tokens[len(reqs):]):
+        picked = sample_with_logprobs(logits, reqs + new_children, self.eos_token_ids)
+        tokens, entries = picked.token_ids, picked.logprobs
+        outputs = [self._append_token(req, token, entry) for req, token, entry in zip(reqs, tokens, entries)]
+        for child, token, entry in zip(new_children, tokens[len(reqs):], entries[len(reqs):]):
             parent = self.children[child.parent_id][0]
             child.num_computed_tokens = parent.num_computed_tokens
             child.block_table = list(parent.block_table)
-            outputs.append(self._append_token(child, token))
+            outputs.append(self._append_token(child, token, entry))
             if child.status is not Status.FINISHED:
                 # The block manager forks before it frees, so this holds even if the parent
                 # finished in this very step.
@@ -423,12 +435,39 @@ class Engine:
         group.beams = [b for b, _ in new_beams]
         return []
 
-    def _append_token(self, req: Request, token: int) -> RequestOutput:
+    def _append_token(self, req: Request, token: int, logprob_entry: dict | None = None) -> RequestOutput:
         req.output_token_ids.append(token)
         reason = self._stop_reason(req, token)
         if reason:
             self._finish(req, reason)
-        return self._output(req, [token])
+        return self._output(req, [token], None if logprob_entry is None else [logprob_entry])
+
+    def _collect_prompt_logprobs(self, batch: list[tuple[Request, int]], hidden: torch.Tensor,
+                                 q_starts: list[int]) -> None:
+        """Extend ``req.prompt_logprobs`` for the prompt positions this step computed.
+
+        Position ``p`` (a row of ``hidden``) predicts prompt token ``p + 1``; logits come from the
+        model's raw log-softmax, :data:`~executor.sampler.PROMPT_LOGPROB_ROWS` rows at a time. A
+        chunked prefill adds its entries chunk by chunk; positions computed again (after a
+        preemption by recompute) are skipped; positions this engine never computed (a
+        prefix-cache hit, which ``needs_prompt_logprobs`` is meant to prevent) get None entries.
+        """
+        for i, (req, n) in enumerate(batch):
+            if not req.needs_prompt_logprobs or req.prompt_logprobs_sent or req.parent_id is not None:
+                continue  # n > 1 children and beams share the parent's prompt
+            prompt = req.prompt_token_ids
+            start = req.num_computed_tokens
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None]
+            entries = req.prompt_logprobs
+            while len(entries) < min(start + 1, len(prompt)):
+                entries.append(None)  # skipped positions (never expected; keeps the alignment)
+            lo, hi = len(entries) - 1, min(start + n, len(prompt) - 1)
+            for a in range(lo, hi, PROMPT_LOGPROB_ROWS):
+                b = min(hi, a + PROMPT_LOGPROB_ROWS)
+                rows = hidden[q_starts[i] + a - start : q_starts[i] + b - start]
+                logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1).cpu()
+                entries.extend(prompt_logprob_entries(logprobs, prompt[a + 1 : b + 1], req.params.prompt_logprobs))
 
     def _make_children(self, sampling: list[Request]) -> list[Request]:
         """Completions 1..n-1 of requests with n > 1 that sample their first token now.
@@ -453,10 +492,13 @@ class Engine:
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
-        if not p.ignore_eos and token in self.eos_token_ids:
-            return "stop"
-        if token in p.stop_token_ids:
-            return "stop"
+        # EOS and stop_token_ids end a request only past min_tokens (the sampler suppresses them
+        # until then; this keeps a stop token that slipped through from ending it early).
+        if len(req.output_token_ids) > p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop"
+            if token in p.stop_token_ids:
+                return "stop"
         if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return "length"
         return None
@@ -469,7 +511,7 @@ class Engine:
         self.requests.pop(req.request_id, None)
         self.pending_free.append(req.request_id)
 
-    def _output(self, req: Request, tokens: list[int]) -> RequestOutput:
+    def _output(self, req: Request, tokens: list[int], logprobs: list[dict] | None = None) -> RequestOutput:
         finished = req.status is Status.FINISHED
         rid = req.parent_id or req.request_id
         if finished and rid in self.children:
@@ -484,7 +526,17 @@ class Engine:
             len(req.prompt_token_ids),
             req.num_cached_tokens,
             req.index,
+            logprobs,
+            self._take_prompt_logprobs(req) if tokens else None,
         )
+
+    @staticmethod
+    def _take_prompt_logprobs(req: Request) -> list | None:
+        """The prompt log-probabilities, for the request's first output only."""
+        if req.prompt_logprobs is None or req.prompt_logprobs_sent:
+            return None
+        req.prompt_logprobs_sent = True
+        return req.prompt_logprobs
 
     # -- offline use ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

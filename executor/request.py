@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+#: Most alternatives ``logprobs`` / ``prompt_logprobs`` may ask for (vLLM's and OpenAI's limit).
+MAX_LOGPROBS = 20
+
 
 @dataclass
 class SamplingParams:
@@ -24,6 +27,20 @@ class SamplingParams:
             the sampling fields are then ignored.
         stop_token_ids: extra token ids that end the request (kept in the output).
         ignore_eos: keep going past the model's EOS token.
+        min_p: drop tokens whose probability is below ``min_p`` times the most likely token's, in
+            [0, 1]; 0 disables.
+        presence_penalty, frequency_penalty: OpenAI's, in [-2, 2]: each generated token's logit
+            is lowered by ``frequency_penalty * count + presence_penalty * (count > 0)``.
+        repetition_penalty: > 0, 1 disables; HF / CTRL semantics over the prompt and the output
+            (a seen token's logit is divided by it when positive, multiplied when negative).
+        min_tokens: generate at least this many tokens (<= max_tokens): EOS and ``stop_token_ids``
+            are suppressed until then.
+        logprobs: None, or how many most likely alternatives (0 to :data:`MAX_LOGPROBS`) to
+            return with each generated token's log-probability.
+        prompt_logprobs: None, or the same for every prompt token (the first has none).
+
+    :mod:`executor.sampler` documents the order in which these apply and which distribution the
+    log-probabilities come from (the model's raw one).
     """
 
     max_tokens: int = 16
@@ -36,6 +53,13 @@ class SamplingParams:
     beam_width: int = 4
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
         """Raises ValueError naming the first out-of-range field."""
@@ -53,6 +77,27 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 or positive, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or in [0, {MAX_LOGPROBS}], got {value}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be integers")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
@@ -108,10 +153,31 @@ class Request:
     parent_id: str | None = None  # for the n > 1 children: the request they were forked from
     index: int = 0  # child index among the n completions
     generator: torch.Generator | None = None
+    #: Prompt log-probability entries computed so far (``[None, entry, ...]``, one per prompt token
+    #: up to the last computed position), when ``params.prompt_logprobs`` is set.
+    prompt_logprobs: list | None = None
+    #: True once an output has carried ``prompt_logprobs``.
+    prompt_logprobs_sent: bool = False
+    _prompt_mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """The request wants prompt log-probabilities, so every prompt position must be computed
+        here (a prefix-cache hit would skip positions)."""
+        return self.params.prompt_logprobs is not None
+
+    def prompt_token_mask(self, vocab_size: int) -> torch.Tensor:
+        """``[vocab_size]`` bool, True for the token ids in the prompt (cached; for penalties)."""
+        mask = self._prompt_mask
+        if mask is None or mask.shape[0] != vocab_size:
+            mask = torch.zeros(vocab_size, dtype=torch.bool)
+            mask[torch.tensor(self.prompt_token_ids, dtype=torch.int64)] = True
+            self._prompt_mask = mask
+        return mask
 
     @property
     def all_token_ids(self) -> list[int]:

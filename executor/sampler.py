@@ -1,43 +1,216 @@
-"""Token selection from one step's logits: greedy, temperature, top-k and top-p (nucleus).
+"""Token selection from one step's logits, and the log-probabilities requests ask for.
 
-Each request samples from its own ``torch.Generator`` when it has a seed, so its tokens do not
-depend on which other requests share the batch. Nucleus sampling: Holtzman et al., "The Curious
-Case of Neural Text Degeneration", ICLR 2020.
+Per row (the raw fp32 logits of one sequence's next token), in this order:
+
+1. **Log-probabilities**: ``log_softmax`` of the raw logits, before penalties, temperature or any
+   filtering (vLLM's default ``logprobs_mode="raw_logprobs"``). A request with ``logprobs = k``
+   gets the sampled token's value and the ``k`` most likely tokens'; prompt log-probabilities
+   (:func:`prompt_logprob_entries`) come from the same raw distribution.
+2. **Penalties**, each only where the request sets it:
+
+   - ``repetition_penalty`` ``r`` over every token id in the prompt or the output so far
+     (Keskar et al., "CTRL", 2019; HF's ``RepetitionPenaltyLogitsProcessor``): a logit ``l``
+     becomes ``l / r`` if ``l > 0`` else ``l * r``;
+   - ``frequency_penalty`` and ``presence_penalty`` over the generated tokens only (OpenAI's
+     definition): ``l -= frequency_penalty * count + presence_penalty * (count > 0)``.
+
+3. **min_tokens**: while the output is shorter than ``min_tokens``, EOS (unless ``ignore_eos``)
+   and ``stop_token_ids`` get ``-inf``.
+4. **Selection**: ``temperature == 0`` takes the argmax (the lowest id among equal maxima).
+   Otherwise the logits are divided by the temperature and filtered in HF's warper order:
+   ``top_k`` (keep the k largest), ``top_p`` (keep the smallest set of most likely tokens whose
+   probability mass reaches top_p; the most likely token always stays; Holtzman et al., ICLR
+   2020), ``min_p`` (drop tokens less likely than ``min_p`` times the most likely one); then one
+   token is drawn from the softmax of what is left.
+5. **Drawing** is an exponential race: ``argmax_i p_i / E_i`` with ``E_i ~ Exp(1)`` independent
+   picks token ``i`` with probability ``p_i`` (the Gumbel-max trick written with exponentials, as
+   vLLM samples). A seeded request draws its ``E`` from its own ``torch.Generator``, one
+   vocabulary-sized draw per sampled token, so its tokens depend only on its seed and its own
+   logits, never on the rest of the batch; unseeded rows draw from torch's global generator.
+
+Everything is batched over rows where that is cheap (penalties, filtering, softmax, the race); the
+per-row Python work is building the token-count inputs and one generator call per seeded row.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
 
 import torch
 
 from executor.request import Request
 
+#: Rows of prompt positions whose logits are computed at once for prompt log-probabilities.
+PROMPT_LOGPROB_ROWS = 256
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
-    """Pick one token per row.
+
+@dataclass
+class SamplerOutput:
+    """One step's picks.
+
+    Attributes:
+        token_ids: one token per row.
+        logprobs: per row, ``{"token_id", "logprob", "top": [[token_id, logprob], ...]}`` (``top``
+            holds the ``params.logprobs`` most likely tokens, best first) or None when the request
+            did not ask for log-probabilities.
+    """
+
+    token_ids: list[int]
+    logprobs: list[dict | None]
+
+
+def logprob_entry(logprobs_row: torch.Tensor, token_id: int, num_top: int) -> dict:
+    """``{"token_id", "logprob", "top"}`` for ``token_id`` from one row of log-probabilities."""
+    entry = {"token_id": int(token_id), "logprob": float(logprobs_row[token_id]), "top": []}
+    if num_top > 0:
+        values, ids = torch.topk(logprobs_row, num_top)
+        entry["top"] = [[int(i), float(v)] for i, v in zip(ids.tolist(), values.tolist())]
+    return entry
+
+
+def sample(logits: torch.Tensor, requests: list[Request], eos_token_ids: Collection[int] = ()) -> list[int]:
+    """Pick one token per row; :func:`sample_with_logprobs` without the log-probabilities."""
+    return sample_with_logprobs(logits, requests, eos_token_ids).token_ids
+
+
+def sample_with_logprobs(
+    logits: torch.Tensor, requests: list[Request], eos_token_ids: Collection[int] = ()
+) -> SamplerOutput:
+    """Pick one token per row and report the log-probabilities the requests asked for.
 
     Args:
-        logits: ``[num_requests, vocab_size]`` float32, row i belongs to ``requests[i]``.
-        requests: the requests being sampled, in row order.
+        logits: ``[num_rows, vocab_size]`` raw next-token logits (any float dtype; used in fp32,
+            not modified). Row ``i`` belongs to ``requests[i]``.
+        requests: the sequences being sampled, in row order; their ``params``, output so far
+            (penalties, ``min_tokens``) and ``generator`` (seeded requests) are read, and a seeded
+            request's generator advances.
+        eos_token_ids: the model's EOS ids (suppressed by ``min_tokens`` unless ``ignore_eos``).
 
     Returns:
-        One token id per request.
+        :class:`SamplerOutput`.
+
+    Raises:
+        ValueError: ``logits`` is not 2-D with one row per request.
     """
-    tokens = []
-    for row, req in zip(logits, requests):
-        p = req.params
-        if p.temperature == 0:
-            tokens.append(int(torch.argmax(row)))
+    if logits.dim() != 2 or logits.shape[0] != len(requests):
+        raise ValueError(f"expected logits [{len(requests)}, vocab], got {tuple(logits.shape)}")
+    raw = logits.float()
+    entries: list[dict | None] = [None] * len(requests)
+    want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    raw_logprobs = torch.log_softmax(raw[want], dim=-1) if want else None
+
+    work = raw.clone()
+    _apply_penalties(work, requests)
+    _apply_min_tokens(work, requests, eos_token_ids)
+    tokens = torch.empty(len(requests), dtype=torch.int64)
+    greedy = [i for i, r in enumerate(requests) if r.params.temperature == 0]
+    rand = [i for i, r in enumerate(requests) if r.params.temperature != 0]
+    if greedy:
+        tokens[greedy] = work[greedy].argmax(dim=-1)
+    if rand:
+        tokens[rand] = _sample_random(work[rand], [requests[i] for i in rand])
+    token_list = tokens.tolist()
+    for k, i in enumerate(want):
+        entries[i] = logprob_entry(raw_logprobs[k], token_list[i], requests[i].params.logprobs)
+    return SamplerOutput(token_list, entries)
+
+
+def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Repetition, frequency and presence penalties, in place, on the rows that set any."""
+    rows = [
+        i for i, r in enumerate(requests)
+        if r.params.repetition_penalty != 1.0 or r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0
+    ]
+    if not rows:
+        return
+    vocab = logits.shape[1]
+    reqs = [requests[i] for i in rows]
+    # Output token counts [rows, vocab], from ids padded with an extra "vocab" column.
+    longest = max(len(r.output_token_ids) for r in reqs)
+    ids = torch.full((len(rows), max(longest, 1)), vocab, dtype=torch.int64)
+    for k, r in enumerate(reqs):
+        if r.output_token_ids:
+            ids[k, : len(r.output_token_ids)] = torch.tensor(r.output_token_ids, dtype=torch.int64)
+    counts = torch.zeros((len(rows), vocab + 1), dtype=logits.dtype)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
+    counts = counts[:, :vocab]
+    sub = logits[rows]
+    rep = torch.tensor([r.params.repetition_penalty for r in reqs], dtype=logits.dtype).unsqueeze(1)
+    if bool((rep != 1.0).any()):
+        seen = torch.stack([r.prompt_token_mask(vocab) for r in reqs]) | (counts > 0)
+        penalized = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen, penalized, sub)
+    freq = torch.tensor([r.params.frequency_penalty for r in reqs], dtype=logits.dtype).unsqueeze(1)
+    pres = torch.tensor([r.params.presence_penalty for r in reqs], dtype=logits.dtype).unsqueeze(1)
+    sub = sub - freq * counts - pres * (counts > 0).to(logits.dtype)
+    logits[rows] = sub
+
+
+def _apply_min_tokens(logits: torch.Tensor, requests: list[Request], eos_token_ids: Collection[int]) -> None:
+    for i, r in enumerate(requests):
+        p = r.params
+        if len(r.output_token_ids) >= p.min_tokens:
             continue
-        row = row.float() / p.temperature
-        if p.top_k > 0 and p.top_k < row.shape[0]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= p.top_p
-            sorted_probs[drop] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        tokens.append(int(torch.multinomial(probs, 1, generator=req.generator)))
-    return tokens
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+        stops = [t for t in stops if 0 <= t < logits.shape[1]]
+        if stops:
+            logits[i, stops] = float("-inf")
+
+
+def _sample_random(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p, then the exponential race; ``logits`` is modified."""
+    num_rows, vocab = logits.shape
+    params = [r.params for r in requests]
+    logits.div_(torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1))
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    filtered = [i for i, p in enumerate(params) if top_k[i] < vocab or p.top_p < 1.0 or p.min_p > 0.0]
+    if filtered:
+        sub = logits[filtered]
+        ordered, order = sub.sort(dim=-1, descending=True, stable=True)
+        ranks = torch.arange(vocab).unsqueeze(0)
+        drop = ranks >= torch.tensor([top_k[i] for i in filtered]).unsqueeze(1)
+        ordered = ordered.masked_fill(drop, float("-inf"))
+        top_p = torch.tensor([params[i].top_p if params[i].top_p < 1.0 else float("inf") for i in filtered],
+                             dtype=logits.dtype).unsqueeze(1)
+        probs = torch.softmax(ordered, dim=-1)
+        # Mass of the strictly more likely tokens: a token stays while that is below top_p.
+        drop |= (probs.cumsum(dim=-1) - probs) >= top_p
+        ordered = ordered.masked_fill(drop, float("-inf"))
+        min_p = torch.tensor([params[i].min_p for i in filtered], dtype=logits.dtype).unsqueeze(1)
+        probs = torch.softmax(ordered, dim=-1)
+        drop |= probs < min_p * probs[:, :1]
+        logits[filtered] = sub.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    race = torch.empty_like(probs)
+    unseeded = [i for i, r in enumerate(requests) if r.generator is None]
+    for i, r in enumerate(requests):
+        if r.generator is not None:
+            race[i].exponential_(generator=r.generator)
+    if unseeded:
+        race[unseeded] = torch.empty((len(unseeded), vocab), dtype=probs.dtype).exponential_()
+    race.clamp_(min=torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(dim=-1)
+
+
+def prompt_logprob_entries(
+    logprobs_rows: torch.Tensor, next_token_ids: list[int], num_top: int
+) -> list[dict]:
+    """Prompt log-probability entries from the raw log-softmax at consecutive prompt positions.
+
+    Args:
+        logprobs_rows: ``[n, vocab_size]`` fp32 log-probabilities at positions ``p .. p + n - 1``.
+        next_token_ids: the prompt tokens at positions ``p + 1 .. p + n`` (what each row predicts).
+        num_top: how many most likely alternatives to list per entry.
+
+    Returns:
+        ``n`` entries ``{"token_id", "logprob", "top"}``.
+    """
+    ids = torch.tensor(next_token_ids, dtype=torch.int64)
+    chosen = logprobs_rows.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+    if num_top > 0:
+        values, top_ids = torch.topk(logprobs_rows, num_top, dim=-1)
+        tops = [[[int(t), float(v)] for t, v in zip(ti, vi)] for ti, vi in zip(top_ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in next_token_ids]
+    return [{"token_id": int(t), "logprob": float(lp), "top": top} for t, lp, top in zip(next_token_ids, chosen, tops)]

@@ -1,17 +1,75 @@
 """Continuous batching with chunked prefill under one token budget per step.
 
-Each step, running sequences go first (a decode costs one token, an unfinished prefill a chunk of
-its prompt), then waiting requests are admitted first come, first served while the token budget
-(``max_num_batched_tokens``) and ``max_num_seqs`` allow. A long prompt is split into chunks, so it
-never holds up the running decodes for more than one step (chunked prefill, as in Sarathi-Serve:
-Agrawal et al., OSDI 2024).
+Each step shares one budget of ``max_num_batched_tokens`` tokens, in this order:
+
+1. every running decode (one token each);
+2. running prefills that are not finished (a chunk of the prompt each, as much as the budget
+   leaves);
+3. waiting requests, admitted while the budget and ``max_num_seqs`` allow (the last one admitted
+   may get only a first chunk of its prompt).
+
+Decodes go first, so a long prompt never holds up the running decodes: it is split into chunks
+that take what the decodes leave (chunked prefill with decode-first batching, as in
+Sarathi-Serve: Agrawal et al., OSDI 2024). Within each group requests are ordered by
+``(priority, arrival)``: a lower ``priority`` value is served first, equal priorities first come,
+first served (vLLM's priority scheduling policy). Preempted requests go back to the waiting queue
+at their place in that order, which for equal priorities is ahead of everything that arrived
+after them. Which running sequences to preempt when KV memory runs out is the block manager's
+decision (``blockmgr.preemption.victim_order``: highest ``priority`` value, then latest arrival).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
+from collections.abc import Iterator
 
 from executor.request import Request, Status
+
+
+class WaitQueue:
+    """Requests waiting for admission, kept sorted by a key (ties: insertion order).
+
+    Supports what the engine and server use of a deque: ``append`` / ``appendleft`` (both insert
+    at the request's place by key), ``popleft``, ``remove``, ``len``, ``in``, iteration.
+    """
+
+    def __init__(self, key) -> None:
+        self._key = key
+        self._items: list[Request] = []
+        self._keys: list[tuple] = []
+
+    def append(self, req: Request) -> None:
+        key = self._key(req)
+        i = bisect.bisect_right(self._keys, key)
+        self._keys.insert(i, key)
+        self._items.insert(i, req)
+
+    appendleft = append
+
+    def popleft(self) -> Request:
+        self._keys.pop(0)
+        return self._items.pop(0)
+
+    def remove(self, req: Request) -> None:
+        i = self._items.index(req)
+        del self._items[i], self._keys[i]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(list(self._items))
+
+    def __contains__(self, req: object) -> bool:
+        return req in self._items
+
+    def __getitem__(self, i: int) -> Request:
+        return self._items[i]
 
 
 class Scheduler:
@@ -30,9 +88,23 @@ class Scheduler:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Request] = deque()
+        self._arrival: dict[str, int] = {}
+        self._arrivals = itertools.count()
+        self.waiting = WaitQueue(self.order_key)
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()  # preempted by swap-out, resumed before admissions
+
+    def order_key(self, req: Request) -> tuple[int, int]:
+        """``(priority, arrival number)``: smaller is served first. A sequence forked from a
+        request (n > 1, beams) shares the request's arrival number."""
+        rid = req.request_id
+        seq = self._arrival.get(rid)
+        if seq is None:
+            seq = self._arrival.get(req.parent_id) if req.parent_id is not None else None
+            if seq is None:
+                seq = next(self._arrivals)
+            self._arrival[rid] = seq
+        return (req.priority, seq)
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
@@ -75,13 +147,15 @@ class Scheduler:
         """
         budget = self.max_num_batched_tokens
         batch: list[tuple[Request, int]] = []
-        for req in self.running:
+        running = sorted(self.running, key=self.order_key)
+        decodes = [r for r in running if r.num_uncomputed_tokens == 1]
+        prefills = [r for r in running if r.num_uncomputed_tokens > 1]
+        for req in decodes + prefills:
             if budget == 0:
                 break
             n = min(req.num_uncomputed_tokens, budget)
-            if n > 0:
-                batch.append((req, n))
-                budget -= n
+            batch.append((req, n))
+            budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
             n = min(req.num_uncomputed_tokens, budget)
@@ -92,13 +166,15 @@ class Scheduler:
         return batch
 
     def unadmit(self, req: Request) -> None:
-        """Return a request admitted this step to the front of the queue (it got no blocks)."""
+        """Return a request admitted this step to the waiting queue (it got no blocks); it goes
+        back to its place by ``(priority, arrival)``, where it was."""
         self.running.remove(req)
         req.status = Status.WAITING
         self.waiting.appendleft(req)
 
     def preempt(self, req: Request) -> None:
-        """Preempt by recompute: forget the request's cached K/V and queue it first."""
+        """Preempt by recompute: forget the request's cached K/V and queue it again at its place
+        by ``(priority, arrival)`` (ahead of every later arrival of the same priority)."""
         self.running.remove(req)
         req.num_computed_tokens = 0
         req.block_table = []
@@ -107,6 +183,8 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def remove(self, req: Request) -> None:
+        """Forget a finished or aborted request."""
+        self._arrival.pop(req.request_id, None)
         for queue in (self.running, self.waiting, self.swapped):
             if req in queue:
                 queue.remove(req)

@@ -65,6 +65,8 @@ class ExecutorServer:
                 "num_prompt_tokens": out.num_prompt_tokens,
                 "num_cached_tokens": out.num_cached_tokens,
                 "index": out.index,
+                "logprobs": out.logprobs,
+                "prompt_logprobs": out.prompt_logprobs,
             },
         )
 
