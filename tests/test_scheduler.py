@@ -50,7 +50,7 @@ def test_an_older_prefill_cannot_starve_decodes():
     s.preempt(old)  # recomputed later: a 61-token prefill, older than "new"
     s.max_num_batched_tokens = 8
     steps = 0
-    while old.num_computed_tokens < old.num_tokens:
+    while old.num_computed_tokens < 61:
         batch = s.schedule()
         assert ids(batch)[0] == ("new", 1) and sum(n for _, n in batch) <= 8
         advance(batch)
