@@ -29,5 +29,10 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Benchmarks (see README, Performance): `make bench BENCH_ARGS="--workload all"`.
+BENCH_ARGS ?=
+bench: setup
+	$(VENV)/bin/pagedserve bench throughput $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

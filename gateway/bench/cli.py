@@ -52,6 +52,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="bench-results", help="where JSON and PNG files go (default %(default)s)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--concurrency", type=_csv(int), default=[1, 16],
+                   help="decode workload: concurrent requests, comma-separated (default 1,16)")
 
 
 def _metadata(argv: list[str], threads: int | None) -> dict:
@@ -83,8 +85,6 @@ def throughput(argv: list[str]) -> int:
                                 description="Offline benchmark: the engine in this process, no HTTP, with an "
                                             "HF transformers static-batching baseline measured in the same run.")
     _common(p)
-    p.add_argument("--concurrency", type=_csv(int), default=[1, 16],
-                   help="decode workload: concurrent requests, comma-separated (default 1,16)")
     p.add_argument("--hf-batch-sizes", type=_csv(int), default=[8, 16],
                    help="HF static batch sizes to try on n=1 workloads; the best counts (default 8,16)")
     p.add_argument("--hf-workloads", type=_workloads, default=["sharegpt", "alpaca", "decode"],
@@ -250,16 +250,19 @@ def serve(argv: list[str]) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     source = TextSource(tok)
     results = _metadata(["serve", *argv], None) | {"kind": "serve", "url": args.url, "runs": []}
-    for name in args.workload:
+    jobs = [(w, c) for w in args.workload for c in (args.concurrency if w == "decode" else [None])]
+    for name, conc in jobs:
         wl = make_workload(name, tok, num_requests=args.num_requests, seed=args.seed,
-                           max_model_len=args.max_model_len, shared_output_len=args.shared_output_len, source=source)
+                           max_model_len=args.max_model_len, shared_output_len=args.shared_output_len,
+                           concurrency=conc or 16, source=source)
         for rate in args.request_rate:
             r = online.run_serve(args.url, wl, rate, seed=args.seed, model=args.served_model_name,
                                  timeout_s=args.timeout, progress=not args.quiet)
             r["params"] = wl.summary()
+            r["label"] = f"{name} (concurrency {conc})" if conc else name
             results["runs"].append(r)
             extra = f", warm/cold TTFT {100 * r['warm_over_cold']:.1f}%" if "warm_over_cold" in r else ""
-            print(f"{name} @ {rate} req/s: {r['output_tokens_per_s']:.2f} output tok/s, "
+            print(f"{r['label']} @ {rate} req/s: {r['output_tokens_per_s']:.2f} output tok/s, "
                   f"{r['requests_per_s']:.3f} req/s, TTFT p50/p90/p99 "
                   f"{_fmt(r['ttft']['p50'], '.3f')}/{_fmt(r['ttft']['p90'], '.3f')}/{_fmt(r['ttft']['p99'], '.3f')} s, "
                   f"ITL p50/p90/p99 {_fmt(r['itl']['p50'], '.3f')}/{_fmt(r['itl']['p90'], '.3f')}/"

@@ -70,7 +70,7 @@ def throughput_vs_rate(runs: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     by_workload: dict[str, list[dict]] = {}
     for r in runs:
-        by_workload.setdefault(r["workload"], []).append(r)
+        by_workload.setdefault(r.get("label", r["workload"]), []).append(r)
     finite = [r["request_rate"] for r in runs if np.isfinite(r["request_rate"])]
     inf_x = (max(finite) * 1.5) if finite else 1.0
     for name, rs in by_workload.items():
@@ -94,7 +94,7 @@ def latency_cdfs(runs: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for run in runs:
         ok = [r for r in run["requests"] if r["error"] is None]
-        label = f"{run['workload']} @ {run['request_rate']}/s"
+        label = f"{run.get('label', run['workload'])} @ {run['request_rate']}/s"
         series = {
             "TTFT (s)": [r["ttft_s"] for r in ok if r["ttft_s"] is not None],
             "ITL (s)": [g for r in ok for g in r["itl_s"]],
