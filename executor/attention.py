@@ -72,12 +72,19 @@ def paged_attention(
             query, key_cache, value_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale,
             max_query_len=meta.max_query_len,  # known on the host: spares a device sync
         )
-    kernels.write_kv_cache_torch(key, value, key_cache, value_cache, meta.slot_mapping)
-    if meta.torch_plan is None:
-        meta.torch_plan = ExtendAttentionPlan.build(
+    plan = meta.torch_plan
+    if plan is None:
+        plan = meta.torch_plan = ExtendAttentionPlan.build(
             meta.block_table, meta.query_start_loc, meta.seq_lens, key_cache.shape[1],
             query.shape[1] // key_cache.shape[2],
         )
+        plan.slots_valid = bool((meta.slot_mapping >= 0).all())
+    if plan.slots_valid:  # the twin's scatter without its per-call check for padding slots
+        kvh, head_dim = key_cache.shape[2], key_cache.shape[3]
+        key_cache.view(-1, kvh, head_dim).index_copy_(0, meta.slot_mapping, key)
+        value_cache.view(-1, kvh, head_dim).index_copy_(0, meta.slot_mapping, value)
+    else:
+        kernels.write_kv_cache_torch(key, value, key_cache, value_cache, meta.slot_mapping)
     return kernels.paged_extend_attention_torch(
         query, key_cache, value_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale,
         plan=meta.torch_plan,

@@ -89,6 +89,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype is torch.float32:  # the same operations, minus two no-op casts
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps)))
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
@@ -102,6 +104,7 @@ def _onednn_linear_available() -> bool:
 
 
 _ONEDNN = _onednn_linear_available()
+_LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default if _ONEDNN else None
 
 
 class Linear(nn.Linear):
@@ -127,30 +130,26 @@ class Linear(nn.Linear):
     _pack_key: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (
-            _ONEDNN
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and w.dtype == torch.float32
-            and x.dim() == 2
-            and x.shape[0] > 0
-            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-        ):
+        if _ONEDNN and x.dtype is torch.float32 and x.is_cpu and x.dim() == 2 and not torch.is_grad_enabled():
+            w = self.weight
+            pack = self._pack
+            if pack is None or self._pack_key != (w.data_ptr(), w._version):
+                pack = self._repack()
             rows = x.shape[0]
-            if rows == 1:
-                x = torch.cat((x, x))
-            y = torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
-            return y[:1] if rows == 1 else y
-        return F.linear(x, w, self.bias)
+            if pack is not None and rows > 0:
+                if rows == 1:
+                    return _LINEAR_POINTWISE(torch.cat((x, x)), pack, self.bias, "none", [], "")[:1]
+                return _LINEAR_POINTWISE(x, pack, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
-    def _packed_weight(self) -> torch.Tensor:
+    def _repack(self) -> torch.Tensor | None:
+        """Pack the weight for oneDNN (None when it is not an fp32 CPU tensor)."""
         w = self.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape))
-        if self._pack_key != key:
+        self._pack_key = (w.data_ptr(), w._version)
+        self._pack = None
+        if w.dtype is torch.float32 and w.is_cpu and (self.bias is None or self.bias.dtype is torch.float32):
             with torch.no_grad():
                 self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 2)
-            self._pack_key = key
         return self._pack
 
 
@@ -261,6 +260,12 @@ class RotaryEmbedding(nn.Module):
         key = key * cos + cls.rotate_half(key) * sin
         return query, key
 
+    @classmethod
+    def rotate(cls, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``heads [T, n, D]`` (query and key heads side by side) in one pass; the same
+        arithmetic per element as :meth:`apply`. Returns a new contiguous tensor."""
+        return heads * cos + cls.rotate_half(heads) * sin
+
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,13 +312,14 @@ class Attention(nn.Module):
         ``rope`` is ``(cos, sin)``, each ``[T, 1, head_dim]``, from :meth:`RotaryEmbedding.cos_sin`.
         """
         num_tokens = hidden_states.shape[0]
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(q, k, *rope)
+        qkv = self.qkv_proj(hidden_states)
+        qk_size = self.q_size + self.kv_size
+        # Query and key heads rotated together (one set of elementwise passes instead of two).
+        qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = RotaryEmbedding.rotate(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
-        out = paged_attention(q, k, v.contiguous(), key_cache, value_cache, meta, self.scale)
+        out = paged_attention(q, k, v, key_cache, value_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

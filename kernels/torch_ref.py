@@ -42,7 +42,7 @@ def write_kv_cache_torch(
 
 
 #: Fewest keys in one chunk of the CPU attention path (see :func:`key_chunk_size`).
-MIN_KEY_CHUNK = 128
+MIN_KEY_CHUNK = 64
 #: Rows (query heads x tokens per KV head) in one query tile of a prefill (bounds the score matrix).
 QUERY_TILE_ROWS = 512
 #: Rows of the all-ones matrix whose product with the probabilities gives softmax denominators.
@@ -63,24 +63,47 @@ def key_chunk_size(block_size: int) -> int:
 
 
 @dataclass
+class _Gather:
+    """The context of ``S`` sequences, gathered once per layer into buffers reused by every layer.
+
+    Attributes:
+        block_ids: ``[S * nb]`` int64 blocks to copy (``nb = nC * chunk / block_size`` per sequence;
+            blocks past a sequence's own repeat its first block: in range, masked or zeroed).
+        tail: ``[n]`` int64 flat positions at or after each sequence's length (V is zeroed there).
+        num_seqs, num_chunks: ``S`` and ``nC``.
+        k, v: ``[S, nC, chunk, KVH, D]`` buffers (allocated by the first layer).
+    """
+
+    block_ids: torch.Tensor
+    tail: torch.Tensor
+    num_seqs: int
+    num_chunks: int
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+@dataclass
 class _Work:
-    """Sequences attended together: ``S`` decodes with the same chunk count, or one prefill tile.
+    """Tokens attended together: ``S`` decodes with the same chunk count, or one prefill tile.
 
     Attributes:
         token_rows: ``[S * T]`` int64 rows of ``query`` (and of the output), sequence-major.
+        first_row: ``>= 0`` when ``token_rows`` is the range ``first_row .. first_row + S*T - 1``.
         num_seqs, num_tokens: ``S`` and ``T`` (tokens per sequence).
-        gather: index into ``kv`` (the plan's gathered-context list) of these sequences' K/V.
+        gather: index into the plan's ``gathers``.
         num_chunks: chunks the tokens can see (a prefix of the gathered ones).
         hidden: ``[1, S, nC, C, T, 1]`` bool, True where a key is after the token (masked).
+        bufs: per-step buffers and their per-head views (built by the first layer).
     """
 
     token_rows: torch.Tensor
+    first_row: int
     num_seqs: int
     num_tokens: int
     gather: int
     num_chunks: int
     hidden: torch.Tensor
-    first_row: int = -1  # >= 0: token_rows is the range first_row .. first_row + S*T - 1
+    bufs: dict | None = None
 
 
 @dataclass
@@ -88,21 +111,24 @@ class ExtendAttentionPlan:
     """What :func:`paged_extend_attention_torch` derives from a step's batch layout alone.
 
     The same for every layer of a step, so a caller that runs many layers builds it once
-    (:meth:`build`) and passes it to each call.
+    (:meth:`build`) and passes it to each call; the plan also keeps the step's working buffers,
+    so layers reuse them instead of allocating their own. A plan serves one query shape, dtype and
+    device (those of its first call).
 
     Attributes:
         chunk: keys per chunk (:func:`key_chunk_size`).
-        gathers: per gathered context, ``(block ids [S * nb] int64, value rows to zero [n] int64,
-            S, nC)``: the blocks to copy (``nb = nC * chunk / block_size`` per sequence) and the
-            positions at or after each sequence's length.
+        gathers: the :class:`_Gather` items.
         work: the :class:`_Work` items.
         num_tokens: rows of ``query``.
+        slots_valid: whether every slot of the step's ``slot_mapping`` is >= 0 (set by callers
+            that write the cache themselves; None if unknown).
     """
 
     chunk: int
-    gathers: list[tuple[torch.Tensor, torch.Tensor, int, int]] = field(default_factory=list)
+    gathers: list[_Gather] = field(default_factory=list)
     work: list[_Work] = field(default_factory=list)
     num_tokens: int = 0
+    slots_valid: bool | None = None
 
     @classmethod
     def build(
@@ -124,7 +150,7 @@ class ExtendAttentionPlan:
 
         def add_gather(seqs: list[int], seq_lens_: list[int], nc: int) -> int:
             nb = nc * chunk // block_size
-            rows = table.index_select(0, torch.tensor(seqs, device=device))
+            rows = table[seqs[0] : seqs[0] + 1] if len(seqs) == 1 else table.index_select(0, torch.tensor(seqs, device=device))
             if rows.shape[1] < nb:
                 rows = torch.cat([rows, rows[:, :1].expand(-1, nb - rows.shape[1])], dim=1)
             rows = rows[:, :nb]
@@ -132,7 +158,7 @@ class ExtendAttentionPlan:
             own = (lens_t + block_size - 1) // block_size
             ids = torch.where(torch.arange(nb, device=device)[None, :] < own[:, None], rows, rows[:, :1])
             tail = (torch.arange(nc * chunk, device=device)[None, :] >= lens_t[:, None]).flatten()
-            plan.gathers.append((ids.flatten(), tail.nonzero().squeeze(1), len(seqs), nc))
+            plan.gathers.append(_Gather(ids.flatten(), tail.nonzero().squeeze(1), len(seqs), nc))
             return len(plan.gathers) - 1
 
         def hidden_mask(q_pos: torch.Tensor, nc: int) -> torch.Tensor:
@@ -156,57 +182,73 @@ class ExtendAttentionPlan:
                 nc = -(-(first + t1) // chunk)  # chunks the tile's last token can see
                 pos = torch.arange(first + t0, first + t1, device=device).view(1, -1)
                 rows = torch.arange(starts[i] + t0, starts[i] + t1, device=device)
-                plan.work.append(_Work(rows, 1, t1 - t0, g, nc, hidden_mask(pos, nc), starts[i] + t0))
+                plan.work.append(_Work(rows, starts[i] + t0, 1, t1 - t0, g, nc, hidden_mask(pos, nc)))
         for nc, seqs in decodes.items():
             seq_lens_ = [lens[i] for i in seqs]
             g = add_gather(seqs, seq_lens_, nc)
             pos = torch.tensor(seq_lens_, device=device).view(-1, 1) - 1
-            rows = torch.tensor([starts[i] for i in seqs], device=device)
-            plan.work.append(_Work(rows, len(seqs), 1, g, nc, hidden_mask(pos, nc)))
+            rows = [starts[i] for i in seqs]
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+            plan.work.append(_Work(torch.tensor(rows, device=device), rows[0] if contiguous else -1,
+                                   len(seqs), 1, g, nc, hidden_mask(pos, nc)))
         return plan
 
 
-def _attend_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """Causal attention of scaled queries over chunked keys, with fixed-shape products.
+def _work_buffers(w: _Work, gather: _Gather, kvh: int, group: int, head_dim: int, chunk: int,
+                  dtype: torch.dtype, device: torch.device) -> dict:
+    """Buffers of one work item and their per-KV-head views, reused by every layer of a step."""
+    s, nc, d = w.num_seqs, w.num_chunks, head_dim
+    rows, batch = w.num_tokens * group, s * nc
+    k = gather.k[:, :nc].reshape(batch, chunk, kvh, d)  # a view: S == 1 or nc == all chunks
+    v = gather.v[:, :nc].reshape(batch, chunk, kvh, d)
+    qt = torch.empty((kvh, batch, d, rows), dtype=dtype, device=device)
+    scores = torch.empty((kvh, batch, chunk, rows), dtype=dtype, device=device)
+    num = torch.empty((kvh, batch, d, rows), dtype=dtype, device=device)
+    den = torch.empty((kvh * batch, _DENOM_ROWS, rows), dtype=dtype, device=device)
+    ones = torch.ones((1, _DENOM_ROWS, chunk), dtype=dtype, device=device).expand(kvh * batch, -1, -1)
+    return {
+        "qt": qt.view(kvh, s, nc, d, rows),
+        "heads": [(k[:, :, h], qt[h], scores[h], v[:, :, h].transpose(1, 2), num[h]) for h in range(kvh)],
+        "scores": scores,
+        "by_seq": scores.view(kvh, s, nc, chunk, w.num_tokens, group),
+        "probs": scores.view(kvh * batch, chunk, rows),
+        "num": num.view(kvh, s, nc, d, rows),
+        "den": den,
+        "den_by_seq": den.view(kvh, s, nc, _DENOM_ROWS, rows)[:, :, :, :1],
+        "ones": ones,
+    }
+
+
+def _attend(w: _Work, q: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one work item's scaled queries over its gathered chunks.
 
     Args:
-        q: ``[KVH, S, T, G, D]``, ``T`` tokens of each of ``S`` sequences, ``G`` query heads per KV
-            head, already multiplied by the softmax scale.
-        k, v: ``[S, nC, C, KVH, D]``, the sequences' first ``nC * C`` keys and values (values
-            finite everywhere).
-        hidden: ``[1, S, nC, C, T, 1]`` bool, True for keys after the token; every token sees key 0.
+        w: the work item, with its buffers.
+        q: ``[KVH, S, T, G, D]``, already multiplied by the softmax scale.
 
     Returns:
-        ``[KVH, S, D, T, G]`` in ``q``'s dtype.
+        ``[KVH, S, D, T, G]`` (a view of a buffer: copy it out before the next layer).
     """
     kvh, s, t, g, d = q.shape
-    nc, c = k.shape[1], k.shape[2]
-    rows, batch = t * g, s * nc
-    # Q^T of each (KV head, sequence), once per chunk: [KVH, S * nC, D, rows] (a small copy).
-    qt = q.reshape(kvh, s, 1, rows, d).transpose(-1, -2).expand(kvh, s, nc, d, rows).reshape(kvh, batch, d, rows)
-    kb, vb = k.view(batch, c, kvh, d), v.view(batch, c, kvh, d)
+    b = w.bufs
+    # Q^T of each (KV head, sequence), once per chunk.
+    b["qt"].copy_(q.reshape(kvh, s, 1, t * g, d).transpose(-1, -2).expand(-1, -1, w.num_chunks, -1, -1))
     # Key-major scores: one [C, D] x [D, rows] product per (KV head, sequence, chunk).
-    scores = q.new_empty((kvh, batch, c, rows))
-    for h in range(kvh):
-        torch.bmm(kb[:, :, h], qt[h], out=scores[h])
-    by_seq = scores.view(kvh, s, nc, c, t, g).masked_fill_(hidden, float("-inf"))
+    for k_h, qt_h, scores_h, _, _ in b["heads"]:
+        torch.bmm(k_h, qt_h, out=scores_h)
+    by_seq = b["by_seq"].masked_fill_(w.hidden, float("-inf"))
     by_seq.sub_(by_seq.amax(dim=(2, 3), keepdim=True))
-    probs = scores.exp_()
+    b["scores"].exp_()
     # Per-chunk numerators [D, C] x [C, rows] and denominators [16, C] x [C, rows] (row 0 used),
     # then summed over chunks in order 0, 1, ... (cumsum is a sequential scan).
-    num = q.new_empty((kvh, batch, d, rows))
-    den = q.new_empty((kvh, batch, _DENOM_ROWS, rows))
-    ones = torch.ones((1, _DENOM_ROWS, c), dtype=q.dtype, device=q.device).expand(batch, -1, -1)
-    for h in range(kvh):
-        torch.bmm(vb[:, :, h].transpose(1, 2), probs[h], out=num[h])
-        torch.bmm(ones, probs[h], out=den[h])
-    num = num.view(kvh, s, nc, d, rows)
-    den = den.view(kvh, s, nc, _DENOM_ROWS, rows)[:, :, :, :1]
-    if nc > 1:
+    for _, _, probs_h, vt_h, num_h in b["heads"]:
+        torch.bmm(vt_h, probs_h, out=num_h)
+    torch.bmm(b["ones"], b["probs"], out=b["den"])
+    num, den = b["num"], b["den_by_seq"]
+    if w.num_chunks > 1:
         num = num.cumsum(2)
         den = den.cumsum(2)
-    out = num[:, :, -1].div_(den[:, :, -1])  # [KVH, S, D, rows]
-    return out.view(kvh, s, d, t, g)
+    return num[:, :, -1].div_(den[:, :, -1]).view(kvh, s, d, t, g)
 
 
 def paged_decode_attention_torch(
@@ -299,27 +341,37 @@ def paged_extend_attention_torch(
         plan = ExtendAttentionPlan.build(block_table, query_start_loc, seq_lens, block_size, group)
     compute = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
     chunk = plan.chunk
+    device = query.device
     # [KVH, T, G, D], scaled: the only copy of the queries.
     q_all = (query.to(compute) * scale).reshape(num_tokens, num_kv_heads, group, head_dim).transpose(0, 1)
-    contexts = []
-    for ids, tail, s, nc in plan.gathers:
-        ids = ids.to(key_cache.device)
-        k = key_cache.index_select(0, ids).to(compute).view(s, nc, chunk, num_kv_heads, head_dim)
-        v = value_cache.index_select(0, ids).to(compute)
-        if tail.numel():
-            v.view(-1, num_kv_heads * head_dim).index_fill_(0, tail.to(v.device), 0)
-        contexts.append((k, v.view(s, nc, chunk, num_kv_heads, head_dim)))
+    for gather in plan.gathers:
+        if gather.k is None:
+            shape = (gather.num_seqs, gather.num_chunks, chunk, num_kv_heads, head_dim)
+            gather.block_ids = gather.block_ids.to(key_cache.device)
+            gather.tail = gather.tail.to(device)
+            gather.k = torch.empty(shape, dtype=compute, device=device)
+            gather.v = torch.empty(shape, dtype=compute, device=device)
+        for cache, buf in ((key_cache, gather.k), (value_cache, gather.v)):
+            flat = buf.view(-1, block_size, num_kv_heads, head_dim)
+            if cache.dtype == compute and cache.device == device:
+                torch.index_select(cache, 0, gather.block_ids, out=flat)
+            else:
+                flat.copy_(cache.index_select(0, gather.block_ids))
+        if gather.tail.numel():
+            gather.v.view(-1, num_kv_heads * head_dim).index_fill_(0, gather.tail, 0)
     for w in plan.work:
-        k, v = contexts[w.gather]
+        if w.bufs is None:
+            w.bufs = _work_buffers(w, plan.gathers[w.gather], num_kv_heads, group, head_dim, chunk, compute, device)
+            w.token_rows = w.token_rows.to(device)
+        n = w.num_seqs * w.num_tokens
         if w.first_row >= 0:
-            q = q_all[:, w.first_row : w.first_row + w.num_tokens].unsqueeze(1)
+            q = q_all[:, w.first_row : w.first_row + n]
         else:
-            q = q_all.index_select(1, w.token_rows.to(q_all.device)).view(
-                num_kv_heads, w.num_seqs, w.num_tokens, group, head_dim)
-        o = _attend_chunks(q, k[:, : w.num_chunks], v[:, : w.num_chunks], w.hidden)  # [KVH, S, D, T, G]
-        o = o.permute(1, 3, 0, 4, 2).reshape(w.num_seqs * w.num_tokens, num_heads, head_dim)
+            q = q_all.index_select(1, w.token_rows)
+        o = _attend(w, q.view(num_kv_heads, w.num_seqs, w.num_tokens, group, head_dim))  # [KVH, S, D, T, G]
+        o = o.permute(1, 3, 0, 4, 2).reshape(n, num_heads, head_dim)
         if w.first_row >= 0:
-            out[w.first_row : w.first_row + w.num_tokens] = o
+            out[w.first_row : w.first_row + n] = o
         else:
             out[w.token_rows] = o.to(out.dtype)
     return out
