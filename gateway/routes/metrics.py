@@ -25,5 +25,6 @@ async def metrics(request: Request):
     except (APIError, Exception) as exc:  # scrape what we have; the block manager's part is absent
         log.debug("metrics without block-manager stats: %s", exc)
         stats = None
+    await gw.pool.probe_all(timeout_s=0.5)  # queue lengths as of this scrape, not the last health probe
     gw.metrics.update(stats, {h.executor_id: h.info for h in gw.pool.handles if h.info})
     return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
