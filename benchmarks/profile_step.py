@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Where a CPU decode step's time goes: matmuls, attention, other model ops, sampling, engine.
+
+Runs SmolLM2-135M-Instruct (fp32, CPU) in an :class:`executor.engine.Engine` with an in-process
+block manager, fills it with ``B`` requests of ``--prompt-len`` random prompt tokens, lets them
+reach steady decoding, then
+
+1. times ``--steps`` decode steps without a profiler (the step times to quote), and
+2. profiles as many steps with ``torch.profiler`` and splits each step's time into exclusive
+   parts: the code under each of these ranges, which the script marks with ``record_function``
+   (monkeypatched, so the engine itself carries no profiling code):
+
+   - ``matmul``: every linear layer (q/k/v, o, gate/up, down) and the LM head;
+   - ``attention``: the KV-cache write and paged attention of every layer;
+   - ``model (other)``: the rest of the forward pass: embedding, RMSNorms, RoPE, SiLU, residuals;
+   - ``sampling``: the sampler, stop checks and output objects;
+   - ``block manager``: the per-step round trip to the (in-process) block manager;
+   - ``engine``: everything else in ``Engine.step``: scheduling, building the batch's
+     input tensors and attention metadata.
+
+   Each part is further split into time inside torch operators (``aten::``/``mkldnn::`` ops, the
+   work itself plus torch's C++ dispatch) and time between them (Python: the interpreter running our
+   code, and the Python side of each torch call).
+
+How the numbers are made: the time inside operators is what the profiler measured for them. The
+time between operators is the unprofiled step time minus all operator time: the profiler's own
+cost (a few microseconds per operator and per range, which all lands between operators) is thus
+left out. That remainder is shared among the parts in proportion to the between-operator time the
+profiler saw in each, which still carries some of the profiler's cost, so that split is
+approximate; the operator counts per step show where the many small calls are.
+
+Usage::
+
+    python benchmarks/profile_step.py                       # batch 1 and 16, 1 thread
+    python benchmarks/profile_step.py --batch-sizes 1 4 16 64 --prompt-len 512 --threads 2
+    python benchmarks/profile_step.py --trace /tmp/trace    # also writes Chrome traces
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CATEGORIES = ("matmul", "attention", "model (other)", "sampling", "block manager", "engine")
+_RANGE_OF = {"ps:matmul": "matmul", "ps:attention": "attention", "ps:model": "model (other)",
+             "ps:sampling": "sampling", "ps:block_manager": "block manager", "ps:step": "engine"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="decode steps timed, and as many profiled")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CI has 2 cores: 1)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--trace", default=None, help="directory for Chrome traces (one per batch size)")
+    return p.parse_args(argv)
+
+
+def instrument(engine):
+    """Wrap the parts of a step in record_function ranges; returns an undo function."""
+    from torch.profiler import record_function
+
+    import executor.engine as engine_mod
+    import executor.model as model_mod
+
+    saved = []
+
+    def wrap(owner, name, label):
+        own = vars(owner).get(name)  # None where the attribute comes from a class
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            with record_function(label):
+                return original(*args, **kwargs)
+
+        saved.append((owner, name, own))
+        setattr(owner, name, wrapped)
+
+    wrap(model_mod.Linear, "forward", "ps:matmul")
+    wrap(model_mod, "paged_attention", "ps:attention")
+    wrap(model_mod.LlamaForCausalLM, "forward", "ps:model")
+    wrap(engine_mod, "sample_with_logprobs", "ps:sampling")
+    wrap(engine_mod.Engine, "_sample_and_append", "ps:sampling")
+    wrap(engine.bm, "step", "ps:block_manager")
+    wrap(engine, "step", "ps:step")
+
+    def undo():
+        for owner, name, own in reversed(saved):
+            if own is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+
+    return undo
+
+
+def split_profile(prof, num_steps: int) -> tuple[dict, dict, dict, float]:
+    """Per step and category: ms inside torch ops, ms between them, op calls; and the step total."""
+    ops = defaultdict(float)
+    gaps = defaultdict(float)
+    calls = defaultdict(int)
+    total = 0.0
+    for ev in prof.events():
+        category = _RANGE_OF.get(ev.name)
+        if category is None:
+            continue
+        duration = ev.time_range.elapsed_us()
+        if ev.name == "ps:step":
+            total += duration
+        children = [c for c in ev.cpu_children if c.name not in _RANGE_OF]
+        inner_ranges = sum(c.time_range.elapsed_us() for c in ev.cpu_children if c.name in _RANGE_OF)
+        inner_ops = sum(c.time_range.elapsed_us() for c in children)
+        ops[category] += inner_ops
+        calls[category] += len(children)
+        gaps[category] += duration - inner_ranges - inner_ops
+    scale = 1e-3 / num_steps
+    return ({k: v * scale for k, v in ops.items()}, {k: v * scale for k, v in gaps.items()},
+            {k: v / num_steps for k, v in calls.items()}, total * scale)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(args.threads)
+    from blockmgr.client import InProcessBlockManager
+    from blockmgr.manager import BlockManager
+    from executor.engine import Engine, EngineConfig
+    from executor.model_loader import default_model_path, load_model, resolve_model_dir
+    from executor.request import SamplingParams
+
+    model = load_model(resolve_model_dir(args.model or default_model_path()))
+    print(f"# SmolLM2 decode step on the CPU: torch {torch.__version__}, {args.threads} thread(s), "
+          f"prompt {args.prompt_len} tokens, block size {args.block_size}, {os.cpu_count()} cores seen")
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for batch in args.batch_sizes:
+        total_tokens = args.prompt_len + args.warmup + 2 * args.steps + 2
+        blocks = batch * -(-total_tokens // args.block_size) + 8
+        engine = Engine(model, InProcessBlockManager(BlockManager(enable_prefix_caching=False)),
+                        EngineConfig(block_size=args.block_size, num_blocks=blocks, max_num_seqs=max(batch, 1),
+                                     max_num_batched_tokens=max(2048, batch * args.prompt_len)),
+                        eos_token_ids=set())
+        params = SamplingParams(max_tokens=args.warmup + 2 * args.steps + 2, temperature=0, ignore_eos=True)
+        for i in range(batch):
+            prompt = torch.randint(100, model.vocab_size, (args.prompt_len,), generator=gen).tolist()
+            engine.add_request(f"r{i}", prompt, params)
+        engine.step()  # the prefill
+        for _ in range(args.warmup):
+            engine.step()
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            outs = engine.step()
+            times.append((time.perf_counter() - t0) * 1e3)
+            assert len(outs) == batch
+        undo = instrument(engine)
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(args.steps):
+                    engine.step()
+        finally:
+            undo()
+        if args.trace:
+            Path(args.trace).mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(Path(args.trace) / f"decode_b{batch}.json"))
+        results.append((batch, statistics.median(times), *split_profile(prof, args.steps)))
+
+    for batch, median, ops, gaps, calls, profiled in results:
+        in_ops = sum(ops.values())
+        between = max(0.0, median - in_ops)
+        seen_gaps = sum(gaps.values()) or 1.0
+        print(f"\n## batch {batch}: {median:.1f} ms per decode step (median of {args.steps}, unprofiled; "
+              f"{profiled:.1f} ms profiled)\n")
+        print("| part | in torch ops (ms) | between ops, Python (ms) | total (ms) | share | op calls |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for cat in CATEGORIES:
+            o = ops.get(cat, 0.0)
+            g = between * gaps.get(cat, 0.0) / seen_gaps
+            print(f"| {cat} | {o:.1f} | {g:.1f} | {o + g:.1f} | {100 * (o + g) / median:.0f}% | {calls.get(cat, 0):.0f} |")
+        print(f"| **step** | {in_ops:.1f} | {between:.1f} | {median:.1f} | 100% | {sum(calls.values()):.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
