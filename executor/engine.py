@@ -362,7 +362,8 @@ class Engine:
         sample_rows = [k for k, r in enumerate(reqs) if r.request_id not in self.beam_of]
         outputs = []
         if sample_rows:
-            outputs += self._sample_and_append([reqs[k] for k in sample_rows], logits[sample_rows])
+            rows = logits if len(sample_rows) == len(reqs) else logits[sample_rows]
+            outputs += self._sample_and_append([reqs[k] for k in sample_rows], rows)
         ready: list[BeamSearchGroup] = []
         for k in beam_rows:
             group = self.beam_of[reqs[k].request_id]

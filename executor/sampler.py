@@ -96,32 +96,42 @@ def sample_with_logprobs(
     if logits.dim() != 2 or logits.shape[0] != len(requests):
         raise ValueError(f"expected logits [{len(requests)}, vocab], got {tuple(logits.shape)}")
     raw = logits.float()
-    entries: list[dict | None] = [None] * len(requests)
+    num_rows = len(requests)
+    entries: list[dict | None] = [None] * num_rows
     want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-    raw_logprobs = torch.log_softmax(raw[want], dim=-1) if want else None
+    if want:
+        raw_logprobs = torch.log_softmax(raw if len(want) == num_rows else raw[want], dim=-1)
 
-    work = raw.clone()
-    _apply_penalties(work, requests)
-    _apply_min_tokens(work, requests, eos_token_ids)
-    tokens = torch.empty(len(requests), dtype=torch.int64)
+    work = raw
+    if any(_penalized(r.params) or len(r.output_token_ids) < r.params.min_tokens for r in requests):
+        work = raw.clone()
+        _apply_penalties(work, requests)
+        _apply_min_tokens(work, requests, eos_token_ids)
     greedy = [i for i, r in enumerate(requests) if r.params.temperature == 0]
-    rand = [i for i, r in enumerate(requests) if r.params.temperature != 0]
-    if greedy:
-        tokens[greedy] = work[greedy].argmax(dim=-1)
-    if rand:
-        tokens[rand] = _sample_random(work[rand], [requests[i] for i in rand])
-    token_list = tokens.tolist()
+    if len(greedy) == num_rows:
+        # max's indices are argmax's (the first maximum), and max is the faster kernel.
+        token_list = work.max(dim=-1).indices.tolist()
+    else:
+        tokens = torch.empty(num_rows, dtype=torch.int64)
+        rand = [i for i, r in enumerate(requests) if r.params.temperature != 0]
+        if greedy:
+            tokens[greedy] = work[greedy].max(dim=-1).indices
+        # _sample_random works in place: on a copy unless ``work`` is already one.
+        sub = work[rand] if (greedy or work is raw) else work
+        tokens[rand] = _sample_random(sub, [requests[i] for i in rand])
+        token_list = tokens.tolist()
     for k, i in enumerate(want):
         entries[i] = logprob_entry(raw_logprobs[k], token_list[i], requests[i].params.logprobs)
     return SamplerOutput(token_list, entries)
 
 
+def _penalized(p) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
 def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     """Repetition, frequency and presence penalties, in place, on the rows that set any."""
-    rows = [
-        i for i, r in enumerate(requests)
-        if r.params.repetition_penalty != 1.0 or r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0
-    ]
+    rows = [i for i, r in enumerate(requests) if _penalized(r.params)]
     if not rows:
         return
     vocab = logits.shape[1]

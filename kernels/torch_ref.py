@@ -47,6 +47,10 @@ MIN_KEY_CHUNK = 64
 QUERY_TILE_ROWS = 512
 #: Rows of the all-ones matrix whose product with the probabilities gives softmax denominators.
 _DENOM_ROWS = 16
+#: Shifted scores are clamped here before ``exp``: CPU ``exp`` is 10x slower on -inf and 100x
+#: slower where its result is subnormal (below e^-87.3). A probability under e^-87 (1.6e-38) thus
+#: becomes 1.6e-38, which no fp32 sum that includes the row's maximum (probability 1) can see.
+_EXP_FLOOR = -87.0
 
 
 def key_chunk_size(block_size: int) -> int:
@@ -238,7 +242,8 @@ def _attend(w: _Work, q: torch.Tensor) -> torch.Tensor:
         torch.bmm(k_h, qt_h, out=scores_h)
     by_seq = b["by_seq"].masked_fill_(w.hidden, float("-inf"))
     by_seq.sub_(by_seq.amax(dim=(2, 3), keepdim=True))
-    b["scores"].exp_()
+    b["scores"].clamp_(min=_EXP_FLOOR).exp_()
+    by_seq.masked_fill_(w.hidden, 0.0)  # hidden keys: exactly 0
     # Per-chunk numerators [D, C] x [C, rows] and denominators [16, C] x [C, rows] (row 0 used),
     # then summed over chunks in order 0, 1, ... (cumsum is a sequential scan).
     for _, _, probs_h, vt_h, num_h in b["heads"]:
@@ -323,8 +328,9 @@ def paged_extend_attention_torch(
       threads; tests/test_batch_invariance.py checks it end to end). A plain ``Q @ K^T`` would not
       have: MKL picks different kernels (with different summation orders) for 1, 2-15 and 16+ rows.
     - Softmax: the maximum is exact in any order; ``exp`` runs over multiples of 64 floats (no scalar
-      tail); denominators come from the same kind of fixed-shape product; chunk partials are added
-      in chunk order, and chunks past a token's position contribute exact zeros.
+      tail; its input is clamped at ``_EXP_FLOOR`` to stay off slow paths); denominators come from
+      the same kind of fixed-shape product; chunk partials are added in chunk order, and chunks past
+      a token's position contribute exact zeros.
 
     So a token's output is the same whether it is computed alone (decode), inside a long prefill,
     in any chunk of a chunked prefill or again after preemption. Decodes (``q_len == 1``) with the
