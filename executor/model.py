@@ -139,7 +139,7 @@ class Linear(nn.Linear):
             rows = x.shape[0]
             if pack is not None and rows > 0:
                 if rows == 1:
-                    return _LINEAR_POINTWISE(torch.cat((x, x)), pack, self.bias, "none", [], "")[:1]
+                    return _LINEAR_POINTWISE(x.expand(2, -1), pack, self.bias, "none", [], "")[:1]
                 return _LINEAR_POINTWISE(x, pack, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
