@@ -35,6 +35,9 @@ Usage::
     python benchmarks/profile_step.py                       # batch 1 and 16, 1 thread
     python benchmarks/profile_step.py --batch-sizes 1 4 16 64 --prompt-len 512 --threads 2
     python benchmarks/profile_step.py --trace /tmp/trace    # also writes Chrome traces
+    # step times of another checkout (say the commit before these changes), same settings:
+    git archive 13482c8 | (mkdir -p /tmp/old && tar -x -C /tmp/old)
+    python benchmarks/profile_step.py --time-only --repo /tmp/old
 
 """
 
@@ -49,7 +52,6 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 CATEGORIES = ("matmul", "attention", "model (other)", "sampling", "block manager", "engine")
 _RANGE_OF = {"ps:matmul": "matmul", "ps:attention": "attention", "ps:model": "model (other)",
@@ -67,6 +69,8 @@ def parse_args(argv):
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--trace", default=None, help="directory for Chrome traces (one per batch size)")
     p.add_argument("--no-hollow", action="store_true", help="skip the hollow-model overhead measurement")
+    p.add_argument("--time-only", action="store_true", help="only time the decode steps (no profile, no hollow model)")
+    p.add_argument("--repo", default=str(REPO), help="the pagedserve checkout to import (default: this one)")
     return p.parse_args(argv)
 
 
@@ -134,6 +138,7 @@ def split_profile(prof, num_steps: int) -> tuple[dict, dict, dict, float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    sys.path.insert(0, str(Path(args.repo).resolve()))
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -146,13 +151,18 @@ def main(argv=None) -> int:
 
     model = load_model(resolve_model_dir(args.model or default_model_path()))
     print(f"# SmolLM2 decode step on the CPU: torch {torch.__version__}, {args.threads} thread(s), "
-          f"prompt {args.prompt_len} tokens, block size {args.block_size}, {os.cpu_count()} cores seen")
+          f"prompt {args.prompt_len} tokens, block size {args.block_size}, {os.cpu_count()} cores seen, "
+          f"code from {args.repo}")
     gen = torch.Generator().manual_seed(0)
     results = []
     for batch in args.batch_sizes:
         total_tokens = args.prompt_len + args.warmup + 2 * args.steps + 2
         blocks = batch * -(-total_tokens // args.block_size) + 8
-        engine = Engine(model, InProcessBlockManager(BlockManager(enable_prefix_caching=False)),
+        try:
+            bm = BlockManager(enable_prefix_caching=False)
+        except TypeError:  # an older block manager, without prefix caching
+            bm = BlockManager()
+        engine = Engine(model, InProcessBlockManager(bm),
                         EngineConfig(block_size=args.block_size, num_blocks=blocks, max_num_seqs=max(batch, 1),
                                      max_num_batched_tokens=max(2048, batch * args.prompt_len)),
                         eos_token_ids=set())
@@ -169,6 +179,10 @@ def main(argv=None) -> int:
             outs = engine.step()
             times.append((time.perf_counter() - t0) * 1e3)
             assert len(outs) == batch
+        if args.time_only:
+            print(f"batch {batch}: {statistics.median(times):.1f} ms per decode step "
+                  f"(median of {args.steps}; min {min(times):.1f})")
+            continue
         undo = instrument(engine)
         try:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -181,6 +195,8 @@ def main(argv=None) -> int:
             prof.export_chrome_trace(str(Path(args.trace) / f"decode_b{batch}.json"))
         results.append((batch, statistics.median(times), *split_profile(prof, args.steps)))
 
+    if args.time_only:
+        return 0
     hollow = {} if args.no_hollow else hollow_step_times(model.config, args)
     for batch, median, ops, gaps, calls, profiled in results:
         print(f"\n## batch {batch}: {median:.1f} ms per decode step (median of {args.steps}, unprofiled; "
