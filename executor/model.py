@@ -442,6 +442,18 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(self.hidden_size, self.vocab_size, bias=False)
         self.tie_weights()
 
+    def pack_weights(self) -> int:
+        """Pack every CPU fp32 linear weight for oneDNN now (see :class:`Linear`); returns how many.
+
+        Otherwise each is packed on its first use, in the first forward pass. Packing again after
+        the weights change happens by itself.
+        """
+        packed = 0
+        for module in self.modules():
+            if isinstance(module, Linear) and _ONEDNN and module._repack() is not None:
+                packed += 1
+        return packed
+
     def tie_weights(self) -> None:
         """Share ``lm_head.weight`` with the embedding when ``tie_word_embeddings`` (again after ``to_empty``)."""
         if self.tie_word_embeddings:

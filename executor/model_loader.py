@@ -366,6 +366,7 @@ def load_model(
     model.tie_weights()
     model.load_weights(_iter_safetensors(files, progress))
     model.eval()
+    model.pack_weights()  # now, rather than in the first request's forward pass
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         "loaded %s (%s, %d layers, %.1fM parameters) as %s on %s in %.1f s",
