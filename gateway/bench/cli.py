@@ -68,9 +68,13 @@ def _metadata(argv: list[str], threads: int | None) -> dict:
     }
 
 
-def _write(out_dir: Path, kind: str, results: dict) -> Path:
+def _result_path(out_dir: Path, kind: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return out_dir / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def _write(path: Path, results: dict) -> Path:
+    """Write (or rewrite: after every workload, so an interrupted run keeps what it measured)."""
     path.write_text(json.dumps(results, indent=1, default=float) + "\n")
     return path
 
@@ -127,6 +131,7 @@ def throughput(argv: list[str]) -> int:
         "workloads": [],
     }
     progress = not args.quiet
+    path = _result_path(Path(args.output_dir), "throughput")
     # Warm-up: one-time allocations and lazy initialisation fall outside the measurements.
     engine, bm = offline.make_engine(model, eos_ids, cfg)
     engine.generate([source.ids[:64]], offline.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
@@ -149,6 +154,7 @@ def throughput(argv: list[str]) -> int:
             entry["error"] = str(exc)
             failed.append(name)
             results["workloads"].append(entry)
+            _write(path, results)
             continue
         entry["ours"] = ours
         print(f"   ours: {_fmt(ours['output_tokens_per_s'], '.2f')} output tok/s "
@@ -181,18 +187,20 @@ def throughput(argv: list[str]) -> int:
             entry["ours_over_hf"] = ours["output_tokens_per_s"] / best["output_tokens_per_s"]
             print(f"   ours / HF (best bs={best['batch_size']}) = {entry['ours_over_hf']:.2f}x", flush=True)
         results["workloads"].append(entry)
+        _write(path, results)
     results["summary"] = summary_table(results)
     print("\n" + results["summary"])
-    out_dir = Path(args.output_dir)
-    path = _write(out_dir, "throughput", results)
+    _write(path, results)
     print(f"\nresults: {path}")
     if not args.no_plots:
         stem = path.with_suffix("")
         runs = [e["ours"] for e in results["workloads"] if "ours" in e and e["workload"] != "decode"]
         hfs = [h for e in results["workloads"] for h in e.get("hf", []) if e["workload"] != "decode"]
+        # Completion-time CDF: the first workload with an HF baseline (sharegpt when it ran).
+        cdf_workload = next((h["workload"] for h in hfs), runs[0]["workload"] if runs else None)
         pngs = [plots.memory_over_time(runs, Path(f"{stem}-memory.png")),
                 plots.throughput_bars(runs, hfs, Path(f"{stem}-throughput.png")),
-                plots.offline_latency_cdfs([e for e in runs + hfs if e["workload"] == "sharegpt"],
+                plots.offline_latency_cdfs([e for e in runs + hfs if e["workload"] == cdf_workload],
                                            Path(f"{stem}-completion-cdf.png"))]
         print("plots: " + ", ".join(str(x) for x in pngs))
     if failed:
@@ -271,7 +279,7 @@ def serve(argv: list[str]) -> int:
                   flush=True)
             for err in r["errors"]:
                 print(f"   error: {err}", file=sys.stderr)
-    path = _write(Path(args.output_dir), "serve", results)
+    path = _write(_result_path(Path(args.output_dir), "serve"), results)
     print(f"results: {path}")
     if not args.no_plots and results["runs"]:
         stem = path.with_suffix("")
