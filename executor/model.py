@@ -262,11 +262,21 @@ class RotaryEmbedding(nn.Module):
         key = key * cos + cls.rotate_half(key) * sin
         return query, key
 
-    @classmethod
-    def rotate(cls, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``heads [T, n, D]`` (query and key heads side by side) in one pass; the same
-        arithmetic per element as :meth:`apply`. Returns a new contiguous tensor."""
-        return heads * cos + cls.rotate_half(heads) * sin
+    @staticmethod
+    def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+        """``sin`` with its first half negated, for :meth:`rotate`."""
+        half = sin.shape[-1] // 2
+        return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+    @staticmethod
+    def rotate(heads: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``heads [T, n, D]`` (query and key heads side by side) in one pass.
+
+        ``signed_sin`` comes from :meth:`signed_sin`. ``roll(x, D/2) * signed_sin`` is
+        ``rotate_half(x) * sin`` element by element (``(-a) * s == a * (-s)`` exactly), so the
+        result has the same bits as :meth:`apply`, in four operations instead of seven.
+        """
+        return heads * cos + torch.roll(heads, heads.shape[-1] // 2, dims=-1) * signed_sin
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
@@ -311,7 +321,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``hidden_states [T, hidden]`` -> ``[T, hidden]``; writes this step's K/V into ``kv_cache``.
 
-        ``rope`` is ``(cos, sin)``, each ``[T, 1, head_dim]``, from :meth:`RotaryEmbedding.cos_sin`.
+        ``rope`` is ``(cos, signed_sin)``, each ``[T, 1, head_dim]``, from
+        :meth:`RotaryEmbedding.cos_sin` and :meth:`RotaryEmbedding.signed_sin`.
         """
         num_tokens = hidden_states.shape[0]
         qkv = self.qkv_proj.forward(hidden_states)
@@ -496,7 +507,8 @@ class LlamaForCausalLM(nn.Module):
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} (key_cache, value_cache) pairs, got {len(kv_caches)}")
         hidden_states = self.embed_tokens(input_ids)
-        rope = self.rotary_emb.cos_sin(positions, hidden_states.dtype)
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden_states.dtype)
+        rope = (cos, RotaryEmbedding.signed_sin(sin))
         for layer, kv_cache in zip(self.layers, kv_caches):
             # .forward: the per-layer modules skip nn.Module.__call__ (hooks are not supported
             # inside the model; a decode step makes ~300 such calls).
