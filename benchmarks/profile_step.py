@@ -69,13 +69,15 @@ def parse_args(argv):
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--trace", default=None, help="directory for Chrome traces (one per batch size)")
     p.add_argument("--no-hollow", action="store_true", help="skip the hollow-model overhead measurement")
-    p.add_argument("--time-only", action="store_true", help="only time the decode steps (no profile, no hollow model)")
+    p.add_argument("--time-only", action="store_true",
+                   help="only time the decode steps, and the hollow model unless --no-hollow (no profile)")
     p.add_argument("--repo", default=str(REPO), help="the pagedserve checkout to import (default: this one)")
     return p.parse_args(argv)
 
 
 def instrument(engine):
     """Wrap the parts of a step in record_function ranges; returns an undo function."""
+    import torch
     from torch.profiler import record_function
 
     import executor.engine as engine_mod
@@ -84,6 +86,8 @@ def instrument(engine):
     saved = []
 
     def wrap(owner, name, label):
+        if not hasattr(owner, name):  # an older checkout (see --repo) may lack it
+            return
         own = vars(owner).get(name)  # None where the attribute comes from a class
         original = getattr(owner, name)
 
@@ -94,10 +98,11 @@ def instrument(engine):
         saved.append((owner, name, own))
         setattr(owner, name, wrapped)
 
-    wrap(model_mod.Linear, "forward", "ps:matmul")
+    wrap(getattr(model_mod, "Linear", torch.nn.Linear), "forward", "ps:matmul")
     wrap(model_mod, "paged_attention", "ps:attention")
     wrap(model_mod.LlamaForCausalLM, "forward", "ps:model")
     wrap(engine_mod, "sample_with_logprobs", "ps:sampling")
+    wrap(engine_mod, "sample", "ps:sampling")
     wrap(engine_mod.Engine, "_sample_and_append", "ps:sampling")
     wrap(engine.bm, "step", "ps:block_manager")
     wrap(engine, "step", "ps:step")
@@ -195,9 +200,11 @@ def main(argv=None) -> int:
             prof.export_chrome_trace(str(Path(args.trace) / f"decode_b{batch}.json"))
         results.append((batch, statistics.median(times), *split_profile(prof, args.steps)))
 
-    if args.time_only:
-        return 0
     hollow = {} if args.no_hollow else hollow_step_times(model.config, args)
+    if args.time_only:
+        for batch, ms in hollow.items():
+            print(f"batch {batch}: hollow model {ms:.1f} ms per step")
+        return 0
     for batch, median, ops, gaps, calls, profiled in results:
         print(f"\n## batch {batch}: {median:.1f} ms per decode step (median of {args.steps}, unprofiled; "
               f"{profiled:.1f} ms profiled)\n")
@@ -235,7 +242,11 @@ def hollow_step_times(config, args) -> dict[int, float]:
     model = LlamaForCausalLM(cfg).eval()
     out = {}
     for batch in args.batch_sizes:
-        engine = Engine(model, InProcessBlockManager(BlockManager(enable_prefix_caching=False)),
+        try:
+            bm = BlockManager(enable_prefix_caching=False)
+        except TypeError:  # an older block manager, without prefix caching
+            bm = BlockManager()
+        engine = Engine(model, InProcessBlockManager(bm),
                         EngineConfig(block_size=args.block_size, num_blocks=batch * 64 + 8,
                                      max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * args.prompt_len)),
                         eos_token_ids=set())
