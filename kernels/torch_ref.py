@@ -369,6 +369,7 @@ def paged_extend_attention_torch(
         if w.bufs is None:
             w.bufs = _work_buffers(w, plan.gathers[w.gather], num_kv_heads, group, head_dim, chunk, compute, device)
             w.token_rows = w.token_rows.to(device)
+            w.hidden = w.hidden.to(device)
         n = w.num_seqs * w.num_tokens
         if w.first_row >= 0:
             q = q_all[:, w.first_row : w.first_row + n]
