@@ -203,8 +203,8 @@ def _work_buffers(w: _Work, gather: _Gather, kvh: int, group: int, head_dim: int
     """Buffers of one work item and their per-KV-head views, reused by every layer of a step."""
     s, nc, d = w.num_seqs, w.num_chunks, head_dim
     rows, batch = w.num_tokens * group, s * nc
-    k = gather.k[:, :nc].reshape(batch, chunk, kvh, d)  # a view: S == 1 or nc == all chunks
-    v = gather.v[:, :nc].reshape(batch, chunk, kvh, d)
+    k = gather.k[:, :nc].view(batch, chunk, kvh, d)  # a view (S == 1 or nc == all chunks): no copy
+    v = gather.v[:, :nc].view(batch, chunk, kvh, d)
     qt = torch.empty((kvh, batch, d, rows), dtype=dtype, device=device)
     scores = torch.empty((kvh, batch, chunk, rows), dtype=dtype, device=device)
     num = torch.empty((kvh, batch, d, rows), dtype=dtype, device=device)
