@@ -145,12 +145,6 @@ def _used_blocks(base) -> int:
     return sum(ex["device"]["used"] for ex in httpx.get(base + "/admin/cache").json()["executors"].values())
 
 
-def _unsupported(exc: openai.BadRequestError) -> str | None:
-    """The executor's refusal of a sampling field it does not have yet, if that is what this is."""
-    message = str(exc)
-    return message if "unknown sampling parameters" in message else None
-
-
 def test_completion_prompt_forms_n_seed_and_stop_token_ids(client):
     ids = client.post("/../tokenize", cast_to=object, body={"prompt": "The capital of France is"})["tokens"]
     for prompt in ("The capital of France is", ["The capital of France is", "One, two, three,"], ids, [ids, ids]):
@@ -191,25 +185,15 @@ def test_chat_parameters(client):
     {"logprobs": True, "top_logprobs": 2},
 ])
 def test_sampling_extras_on_chat(client, extra):
-    try:
-        r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=6, temperature=0, **extra)
-    except openai.BadRequestError as exc:
-        if _unsupported(exc):
-            pytest.skip(f"waits on the executor: {_unsupported(exc)}")
-        raise
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=6, temperature=0, **extra)
     assert r.choices[0].message.content
     if extra.get("logprobs"):
         assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
 
 
 def test_echo_logprobs_for_lm_eval(client):
-    try:
-        r = client.completions.create(model=MODEL, prompt="The capital of France is Paris", max_tokens=0, echo=True,
-                                      logprobs=1, temperature=0)
-    except openai.BadRequestError as exc:
-        if _unsupported(exc):
-            pytest.skip(f"waits on the executor: {_unsupported(exc)}")
-        raise
+    r = client.completions.create(model=MODEL, prompt="The capital of France is Paris", max_tokens=0, echo=True,
+                                  logprobs=1, temperature=0)
     lp = r.choices[0].logprobs
     assert r.choices[0].text == "The capital of France is Paris" and r.usage.completion_tokens == 0
     assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
@@ -219,13 +203,8 @@ def test_echo_logprobs_for_lm_eval(client):
 
 
 def test_use_beam_search(client):
-    try:
-        r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
-                                      extra_body={"use_beam_search": True, "beam_width": 2})
-    except openai.BadRequestError as exc:
-        if _unsupported(exc):
-            pytest.skip(f"waits on the executor: {_unsupported(exc)}")
-        raise
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
+                                  extra_body={"use_beam_search": True, "beam_width": 2})
     assert r.choices[0].text
 
 
