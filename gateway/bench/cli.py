@@ -1,7 +1,7 @@
 """``pagedserve bench``: throughput (offline, in-process engine) and serve (online, HTTP) benchmarks.
 
-    pagedserve bench throughput [--workload sharegpt,alpaca,...|all] [--num-requests 16] [--seed 0]
-                                [--hf-batch-sizes 4,8,16] [--concurrency 1,16] [--output-dir bench-results]
+    pagedserve bench throughput [--workload sharegpt,alpaca,...|all] [--num-requests 12] [--seed 0]
+                                [--hf-batch-sizes 4,8] [--concurrency 1,16] [--output-dir bench-results]
     pagedserve bench serve --url http://127.0.0.1:8000 [--workload sharegpt] [--request-rate 0.5,1,inf]
 
 Results go to ``<output-dir>/<kind>-<timestamp>.json`` and PNG plots beside it.
@@ -43,10 +43,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", type=_workloads, default=["sharegpt"],
                    help=f"comma-separated, from {', '.join(WORKLOADS)}; 'all' = {','.join(DEFAULT_WORKLOADS)} "
                         "(default sharegpt)")
-    p.add_argument("--num-requests", type=int, default=16, help="requests per workload (default %(default)s)")
+    p.add_argument("--num-requests", type=int, default=12,
+                   help="requests per workload (default %(default)s: a few minutes on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="seeds lengths, texts and sampling (default %(default)s)")
-    p.add_argument("--max-model-len", type=int, default=1024,
-                   help="cap on input + output tokens of drawn requests (default %(default)s; the model allows 8192)")
+    p.add_argument("--max-model-len", type=int, default=512,
+                   help="cap on input + output tokens of sharegpt-like draws (default %(default)s, for short runs; "
+                        "the README's figures use 1024; the model allows 8192)")
     p.add_argument("--shared-output-len", type=int, default=32, help="output tokens per shared-prefix request")
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--output-dir", default="bench-results", help="where JSON and PNG files go (default %(default)s)")
@@ -89,8 +91,8 @@ def throughput(argv: list[str]) -> int:
                                 description="Offline benchmark: the engine in this process, no HTTP, with an "
                                             "HF transformers static-batching baseline measured in the same run.")
     _common(p)
-    p.add_argument("--hf-batch-sizes", type=_csv(int), default=[8, 16],
-                   help="HF static batch sizes to try on n=1 workloads; the best counts (default 8,16)")
+    p.add_argument("--hf-batch-sizes", type=_csv(int), default=[4, 8],
+                   help="HF static batch sizes to try on n=1 workloads; the best counts (default 4,8)")
     p.add_argument("--hf-workloads", type=_workloads, default=["sharegpt", "alpaca", "decode"],
                    help="workloads that also run the HF baseline (n=1, no beam; default sharegpt,alpaca,decode)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
