@@ -152,18 +152,18 @@ class Keys:
 class _NamingAuthenticator(ThreadAuthenticator):
     """Accepts the trusted keys and names each connection by its key's principal."""
 
-    def __init__(self, context: zmq.Context, keys: Keys):
+    def __init__(self, context: zmq.Context):
         super().__init__(context, log=logging.getLogger("pagedserve.zap"))
-        self.keys = keys
+        self.trusted: dict[bytes, str] = {}
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
-        if z85_key in self.keys.trusted:
+        if z85_key in self.trusted:
             return True
         log.warning("refused a CURVE client with an unknown public key %s", z85_key.decode("ascii", "replace"))
         return False
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        return self.keys.trusted[zmq.utils.z85.encode(client_public_key)]
+        return self.trusted[zmq.utils.z85.encode(client_public_key)]
 
 
 _authenticators: dict[int, _NamingAuthenticator] = {}
@@ -171,16 +171,18 @@ _auth_lock = threading.Lock()
 
 
 def _authenticator(ctx: zmq.Context, keys: Keys) -> _NamingAuthenticator:
-    """The context's ZAP handler (libzmq allows one per context), started on first use."""
+    """The context's ZAP handler (libzmq allows one per context), started on first use.
+
+    A process serving with keys from several directories (only tests do) trusts their union.
+    """
     with _auth_lock:
         auth = _authenticators.get(id(ctx))
         if auth is None:
-            auth = _NamingAuthenticator(ctx, keys)
+            auth = _NamingAuthenticator(ctx)
             auth.start()
-            auth.configure_curve_callback("*", credentials_provider=auth)
+            auth.configure_curve_callback(ZAP_DOMAIN.decode(), credentials_provider=auth)
             _authenticators[id(ctx)] = auth
-        elif auth.keys.dir != keys.dir:
-            raise KeysError(f"this ZeroMQ context already authenticates against {auth.keys.dir}")
+        auth.trusted.update(keys.trusted)
         return auth
 
 
