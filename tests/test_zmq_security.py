@@ -329,8 +329,11 @@ def test_fuzzed_block_manager_answers_and_keeps_its_books(blockmgr, keys_dir):
             assert sock.poll(5000), "every message gets a reply"
             reply = protocol.decode(sock.recv_multipart()[-1])
             assert isinstance(reply["ok"], bool) and (reply["ok"] or isinstance(reply["error"], str))
-        for ex in manager.executors.values():
+        for ex in list(manager.executors.values()):
             check_books(ex)
+            if ex.device.num_blocks + ex.cpu.num_blocks > 4096:
+                # A valid but huge pool (up to 2^22 blocks) makes every later check slow: start over.
+                manager.register(ex.executor_id, 12, 4, 4)
 
     try:
         run()
