@@ -113,7 +113,7 @@ def test_services_refuse_to_start_without_keys_or_on_a_public_address_insecurely
     assert events.returncode == 2 and "loopback addresses only" in events.stderr
     executor = _run("executor", "--insecure-local", "--bind", f"tcp://0.0.0.0:{port}")
     assert executor.returncode == 2 and "loopback addresses only" in executor.stderr
-    missing = _run("executor", "--keys-dir", str(tmp_path / "nowhere"))
+    missing = _run("blockmgr", "--keys-dir", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     from blockmgr.server import serve
 
