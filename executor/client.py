@@ -111,6 +111,9 @@ class ExecutorClient:
                     fut.set_result(msg)
             elif msg.get("op") == "error":
                 log.warning("executor %s refused a message: %s", self.address, msg.get("error"))
+                fut = self._replies.pop(msg.get("nonce"), None) if "nonce" in msg else None
+                if fut is not None and not fut.done():
+                    fut.set_exception(ExecutorUnavailable(f"executor at {self.address} refused: {msg.get('error')}"))
 
     def _send_nowait(self, message: dict[str, Any]) -> None:
         """Queue a message on the socket without awaiting (safe inside a cancelled task)."""

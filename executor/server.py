@@ -190,7 +190,9 @@ def connect_block_manager(address: str, executor_id: str, num_blocks: int, block
             break
         except BlockManagerUnavailable:
             if time.monotonic() > deadline:
-                raise SystemExit(f"executor {executor_id}: block manager at {address} did not answer for {wait_s:.0f}s")
+                hint = "; check that its keys directory holds this executor's public key" if keys is not None else ""
+                raise SystemExit(f"executor {executor_id}: block manager at {address} did not answer for "
+                                 f"{wait_s:.0f}s{hint}")
             log.info("waiting for the block manager at %s", address)
     # Short: a block manager that restarts loses requests in flight; the engine retries them.
     client.timeout_ms = 5_000

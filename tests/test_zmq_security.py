@@ -493,3 +493,25 @@ def test_fuzzed_executor_answers_and_frees_every_block(executor, keys_dir):
         run()
     finally:
         gw.close()
+
+
+def test_gateway_client_talks_curve_and_surfaces_refusals(executor, keys_dir):
+    import asyncio
+
+    from executor.client import ExecutorClient, ExecutorUnavailable
+
+    addr, _, _ = executor
+
+    async def main():
+        client = ExecutorClient(f"executor-0@{addr}", keys=keys(keys_dir, "gateway"))
+        await client.start()
+        try:
+            assert (await client.request("info", timeout_s=10))["executor_id"] == "executor-0"
+            with pytest.raises(ExecutorUnavailable, match="refused: unknown op 'frobnicate'"):
+                await client.request("frobnicate", timeout_s=10)
+            outs = [m async for m in client.generate("c1", [5, 6], {"max_tokens": 2, "temperature": 0})]
+            assert outs[-1]["finished"] and sum(len(m["token_ids"]) for m in outs) == 2
+        finally:
+            await client.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
