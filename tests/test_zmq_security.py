@@ -259,7 +259,8 @@ def valid_blockmgr_messages():
         st.builds(lambda n, c: {"op": "register", "executor_id": "executor-0", "num_device_blocks": n,
                                 "block_size": 4, "num_cpu_blocks": c,
                                 "cost": {"bytes_per_block": 1, "copy_bandwidth": 1e9, "flops_per_token": 1e9,
-                                         "flops_per_s": 1e9}}, st.integers(1, 12), st.integers(0, 4)),
+                                         "flops_per_s": 1e9}}, st.sampled_from([12, 12, 12, 5]),
+                  st.sampled_from([4, 4, 4, 0])),
         st.builds(lambda a, f, fk, g, s: {"op": "step", "executor_id": "executor-0", "admit": a, "free": f,
                                           "fork": fk, "grow": g, "swap_in": s},
                   st.lists(st.tuples(ids, prompt, st.integers(1, 12), st.none() | st.just("salt"),
@@ -317,14 +318,34 @@ def frames():
 
 def test_fuzzed_block_manager_answers_and_keeps_its_books(blockmgr, keys_dir):
     addr, manager = blockmgr
-    BlockManagerClient(addr, 5, keys(keys_dir, "executor-0")).register("executor-0", 12, 4, 4)
+    legit = BlockManagerClient(addr, 5, keys(keys_dir, "executor-0"))
+    cost = {"bytes_per_block": 1, "copy_bandwidth": 1e9, "flops_per_token": 1e9, "flops_per_s": 1e9}
+    legit.register("executor-0", 12, 4, 4, cost)
     sock = raw_dealer(keys(keys_dir, "executor-0"))
     sock.connect(addr)
+
+    def legit_step():
+        """The executor's own traffic: admit a sequence (sharing a prefix), grow the running ones, free old ones."""
+        ex = manager.executors.get("executor-0")
+        if ex is None:
+            return
+        seqs = list(ex.seqs.values())
+        free = [s.seq_id for s in seqs[:-5]]
+        grow = [(s.seq_id, s.num_tokens + 1, [7]) for s in seqs[-5:] if not s.swapped and s.block_table]
+        swap_in = [s.seq_id for s in seqs[-5:] if s.swapped][:1]
+        # The fuzzer's messages name sequences a, b, c: keep some of them alive for it to hit.
+        new = next((x for x in ("a", "b", "c", "d", "e") if x not in ex.seqs and x not in free), None)
+        try:
+            legit.step("executor-0", free=free, grow=grow, swap_in=swap_in,
+                       admit=[(new, [1, 2, 3, 4, 5, 6], 6, None, 0)] if new else [])
+        except BlockManagerRequestError:
+            pass
 
     @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(frames(), min_size=1, max_size=4))
     def run(batch):
         for frame in batch:
+            legit_step()
             sock.send_multipart([b"", frame])
             assert sock.poll(5000), "every message gets a reply"
             reply = protocol.decode(sock.recv_multipart()[-1])
@@ -339,6 +360,7 @@ def test_fuzzed_block_manager_answers_and_keeps_its_books(blockmgr, keys_dir):
         run()
     finally:
         sock.close()
+        legit.close()
 
 
 # -- the executor -----------------------------------------------------------------------------
