@@ -89,6 +89,25 @@ def test_three_service_processes(stack):
     assert names == ["blockmgr", "executor", "executor", "gateway"]
 
 
+def test_the_stack_is_authenticated_by_default(stack):
+    import zmq
+
+    from blockmgr import protocol
+
+    cmdlines = [_cmdline(pid) for pid in _children(stack["proc"].pid)]
+    assert all("--keys-dir" in c and "--insecure-local" not in c for c in cmdlines)
+    for c in cmdlines:
+        if " -m gateway" in c:
+            continue
+        bind = c.split("--bind ")[1].split()[0]
+        plain = zmq.Context.instance().socket(zmq.DEALER)
+        plain.setsockopt(zmq.LINGER, 0)
+        plain.connect(bind)
+        plain.send_multipart([b"", protocol.encode({"op": "ping", "nonce": 1})])
+        assert not plain.poll(1000), f"{bind} answered a peer without a key"
+        plain.close()
+
+
 def test_chat_answers_paris_streamed_and_not(client, stack):
     model = client.models.list().data[0].id
     full = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=40)
