@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockmgr.block_hash import ROOT_HASH, hash_block, hash_chain
+from blockmgr import cache_index, pins
 from blockmgr.block_pool import BlockPool
+from blockmgr.eviction import POLICIES, make_evictor
 from blockmgr.preemption import CostModel, victim_order
 
 log = logging.getLogger("pagedserve.blockmgr")
@@ -99,6 +101,10 @@ class ExecutorState:
     # device block -> (hash, parent hash, token ids), for blocks that are in the prefix cache
     cached_meta: dict[int, tuple[int, int, list[int]]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    use: dict[int, list] = field(default_factory=dict)  # block hash -> [hits, last_use, priority]
+    pins: dict[str, dict] = field(default_factory=dict)  # pin id -> record (blockmgr.pins)
+    cpu_cache: dict[int, int] = field(default_factory=dict)  # block hash -> CPU block (the CPU tier)
+    cpu_meta: dict[int, tuple[int, int, list[int]]] = field(default_factory=dict)  # CPU block -> meta
     last_step_id: int | None = None
     last_reply: dict | None = None
 
@@ -132,15 +138,26 @@ class BlockManager:
         enable_prefix_caching: publish computed full blocks and reuse them across requests.
         on_events: called with a list of KV events after each change to a prefix cache
             (``["BlockStored", executor_id, hashes, parent_hash, token_ids, block_size]``,
-            ``["BlockRemoved", executor_id, hashes]``, ``["AllBlocksCleared", executor_id]``).
+            ``["BlockRemoved", executor_id, hashes]``, ``["AllBlocksCleared", executor_id]``, and
+            the pin and tier events of ``blockmgr.protocol``).
+        eviction: which cached free block is reused first: ``lru``, ``lfu`` or ``priority``
+            (``blockmgr.eviction``).
+        pin_share: most of each device pool that pins may hold (``blockmgr.pins``).
 
     Raises:
-        BlockManagerError: watermark outside [0, 1).
+        BlockManagerError: watermark outside [0, 1), pin_share outside [0, 1], unknown policy.
     """
 
-    def __init__(self, watermark: float = 0.01, enable_prefix_caching: bool = True, on_events=None) -> None:
+    def __init__(self, watermark: float = 0.01, enable_prefix_caching: bool = True, on_events=None,
+                 eviction: str = "lru", pin_share: float = 0.5) -> None:
         if not 0 <= watermark < 1:
             raise BlockManagerError(f"watermark must be in [0, 1), got {watermark}")
+        if not 0 <= pin_share <= 1:
+            raise BlockManagerError(f"pin_share must be in [0, 1], got {pin_share}")
+        if eviction not in POLICIES:
+            raise BlockManagerError(f"unknown eviction policy {eviction!r}; expected one of {', '.join(POLICIES)}")
+        self.eviction = eviction
+        self.pin_share = pin_share
         self.watermark = watermark
         self.enable_prefix_caching = enable_prefix_caching
         self.executors: dict[str, ExecutorState] = {}
@@ -177,18 +194,28 @@ class BlockManager:
             old.cost = cost_model
             log.info("executor %s re-registered; keeping %d sequences", executor_id, len(old.seqs))
             return {"resumed": True, "num_seqs": len(old.seqs)}
-        if old is not None and old.cache:
+        if old is not None:
+            pins.dropped_with(self, old)
+        if old is not None and (old.cache or old.cpu_cache):
             self._emit(["AllBlocksCleared", executor_id])
-        self.executors[executor_id] = ExecutorState(
+        self.executors[executor_id] = self._with_policy(ExecutorState(
             executor_id, block_size, BlockPool(num_device_blocks), BlockPool(num_cpu_blocks),
             watermark_blocks=int(self.watermark * num_device_blocks), cost=cost_model,
-        )
+        ))
         log.info(
             "executor %s registered: %d device blocks, %d cpu blocks, block_size %d",
             executor_id, num_device_blocks, num_cpu_blocks, block_size,
         )
         self._flush_events()
         return {"resumed": False, "num_seqs": 0}
+
+    def _with_policy(self, ex: ExecutorState) -> ExecutorState:
+        def use_of(block):
+            meta = ex.cached_meta.get(block)
+            return None if meta is None else ex.use.get(meta[0], [0, 0.0, 0])
+
+        ex.device.use_evictor(make_evictor(self.eviction, use_of))
+        return ex
 
     def _executor(self, executor_id: str) -> ExecutorState:
         try:
@@ -243,6 +270,7 @@ class BlockManager:
             log.info("executor %s retried step %s; answering it again", executor_id, step_id)
             return ex.last_reply
         self._validate_step(ex, fork, free, grow, swap_in, admit)
+        pins.expire(self)
         r = _StepReply()
         for parent, child in fork:
             self._fork(ex, parent, child)
@@ -302,6 +330,7 @@ class BlockManager:
             meta = ex.cached_meta.pop(b, None)
             if meta is not None:
                 del ex.cache[meta[0]]
+                ex.use.pop(meta[0], None)
                 evicted.append(meta[0])
         if evicted:
             ex.counters["evictions"] += len(evicted)
@@ -324,6 +353,7 @@ class BlockManager:
             if h not in ex.cache and b not in ex.cached_meta:
                 ex.cache[h] = b
                 ex.cached_meta[b] = (h, parent, tokens)
+                cache_index.record_store(ex, h, seq.priority)
                 if not stored:
                     first_parent = parent
                 stored.append(h)
@@ -458,6 +488,7 @@ class BlockManager:
                 ex.device.take(b)
             else:
                 ex.device.incref(b)
+            cache_index.record_hit(ex, ex.cached_meta[b][0], priority)
         seq.block_table = hits + self._allocate(ex, need)
         seq.tokens = prompt[:target]
         seq.block_hashes = hashes[: len(hits)]
@@ -531,6 +562,7 @@ class BlockManager:
             for b in gone:
                 h = ex.cached_meta.pop(b)[0]
                 del ex.cache[h]
+                ex.use.pop(h, None)
                 hashes.append(h)
             dropped += len(gone)
             in_use += len(ex.cached_meta)
@@ -621,6 +653,8 @@ class BlockManager:
             "seqs": [s.to_wire() for s in ex.seqs.values()],
             "cached": [[b, h, p, t] for b, (h, p, t) in ex.cached_meta.items()],
             "counters": ex.counters, "last_step_id": ex.last_step_id, "last_reply": ex.last_reply,
+            "use": [[h, *u] for h, u in ex.use.items()], "pins": list(ex.pins.values()),
+            "cpu_cached": [[b, h, p, t] for b, (h, p, t) in ex.cpu_meta.items()],
             "saved_at": time.time(),
         }
 
@@ -636,9 +670,14 @@ class BlockManager:
         for b, h, p, t in snap["cached"]:
             ex.cache[h] = b
             ex.cached_meta[b] = (h, p, list(t))
+        for b, h, p, t in snap.get("cpu_cached", ()):
+            ex.cpu_cache[h] = b
+            ex.cpu_meta[b] = (h, p, list(t))
+        ex.use = {h: list(u) for h, *u in snap.get("use", ())}
+        ex.pins = {rec["pin_id"]: rec for rec in snap.get("pins", ())}
         ex.counters.update(snap["counters"])
         ex.last_step_id, ex.last_reply = snap["last_step_id"], snap["last_reply"]
-        self.executors[ex.executor_id] = ex
+        self.executors[ex.executor_id] = self._with_policy(ex)
         arrivals = [s.arrival for s in ex.seqs.values()]
         if arrivals:
             self._arrivals = itertools.count(max(max(arrivals) + 1, next(self._arrivals)))

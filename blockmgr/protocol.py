@@ -17,12 +17,25 @@ Every request is a map with an ``"op"`` key; every reply is ``{"ok": true, ...re
 - ``sequence``: executor_id, seq_id -> ``sequence`` (block table with refcounts, tiers, hashes)
 - ``match_prefix``: token_ids, cache_salt -> ``matches {executor_id: num_cached_tokens}``
 - ``reset_prefix_cache``: executor_id (optional) -> reset, dropped_blocks, blocks_in_use, message
+- ``cache_lookup``: token_ids, cache_salt -> ``executors {id: {cached_tokens, device_tokens,
+  cpu_tokens, pinned_tokens, num_tokens, block_size, prefix_id}}`` (:func:`blockmgr.cache_index.lookup`)
+- ``cache_prefixes``: executor_id, offset, limit, max_tokens (all optional) -> total, prefixes
+  (:func:`blockmgr.cache_index.list_prefixes`)
+- ``pin``: token_ids + cache_salt, or prefix_id; executor_id, ttl_s (optional) -> pins
+  (:func:`blockmgr.pins.pin`); ``unpin``: pin_id -> pin_id, executor_id, num_blocks;
+  ``pins`` -> pins (every pin)
+
+A refusal may carry ``"code"``: ``not_cached``, ``unknown_pin``, ``pin_does_not_fit``, ``invalid``.
 
 KV events (``--kv-events-bind``, a PUB socket): each message is one msgpack array
 ``[timestamp_seconds, [event, ...]]`` with events ``["BlockStored", executor_id, [hashes],
 parent_hash, [token ids], block_size]``, ``["BlockRemoved", executor_id, [hashes]]`` and
-``["AllBlocksCleared", executor_id]``. A subscriber that applies them in order mirrors every
-executor's prefix cache (hash -> present).
+``["AllBlocksCleared", executor_id]``; pins ``["BlockPinned", executor_id, [hashes], pin_id,
+expires_at|nil]`` and ``["BlockUnpinned", executor_id, [hashes], pin_id, reason]`` (reason
+``unpinned``, ``expired`` or ``executor_restarted``); and tier moves of the CPU tier
+``["BlockMoved", executor_id, [hashes], from_tier, to_tier]`` (tiers ``device``, ``cpu``; a block
+moved to ``cpu`` is still cached, so a router may count it as a slower hit). A subscriber that
+applies them in order mirrors every executor's prefix cache (hash -> tier, pinned).
 """
 
 from __future__ import annotations
@@ -31,7 +44,8 @@ from typing import Any
 
 import msgpack
 
-OPS = ("ping", "register", "step", "stats", "sequence", "match_prefix", "reset_prefix_cache")
+OPS = ("ping", "register", "step", "stats", "sequence", "match_prefix", "reset_prefix_cache", "cache_lookup",
+       "cache_prefixes", "pin", "unpin", "pins")
 
 
 class ProtocolError(Exception):
@@ -61,5 +75,5 @@ def ok(**result: Any) -> dict[str, Any]:
     return {"ok": True, **result}
 
 
-def error(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": message}
+def error(message: str, code: str | None = None) -> dict[str, Any]:
+    return {"ok": False, "error": message, **({"code": code} if code else {})}

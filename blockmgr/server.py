@@ -13,7 +13,8 @@ import time
 
 import zmq
 
-from blockmgr import protocol
+from blockmgr import cache_index, pins, protocol
+from blockmgr.eviction import POLICIES
 from blockmgr.manager import BlockManager, BlockManagerError
 
 log = logging.getLogger("pagedserve.blockmgr")
@@ -59,6 +60,8 @@ def handle(manager: BlockManager, message: dict) -> dict:
         if op == "reset_prefix_cache":
             ex_id = message.get("executor_id")
             return protocol.ok(**manager.reset_prefix_cache(None if ex_id is None else str(ex_id)))
+        if op in ("cache_lookup", "cache_prefixes", "pin", "unpin", "pins"):
+            return _cache_op(manager, op, message)
         return protocol.error(f"unknown op {op!r}; expected one of {', '.join(protocol.OPS)}")
     except KeyError as exc:
         return protocol.error(f"op {op!r} is missing field {exc.args[0]!r}")
@@ -66,9 +69,37 @@ def handle(manager: BlockManager, message: dict) -> dict:
         return protocol.error(f"op {op!r} has a malformed field: {exc}")
     except BlockManagerError as exc:
         return protocol.error(str(exc))
+    except pins.PinError as exc:
+        return protocol.error(str(exc), exc.code)
 
 
-MUTATING_OPS = ("register", "step", "reset_prefix_cache")
+def _opt(message: dict, key: str, kind):
+    value = message.get(key)
+    return None if value is None else kind(value)
+
+
+def _cache_op(manager: BlockManager, op: str, message: dict) -> dict:
+    """The cache inspection and pinning ops (``blockmgr.cache_index``, ``blockmgr.pins``)."""
+    token_ids = message.get("token_ids")
+    token_ids = None if token_ids is None else [int(t) for t in token_ids]
+    salt = _opt(message, "cache_salt", str)
+    if op == "cache_lookup":
+        if not token_ids:
+            raise ValueError("token_ids must be a non-empty list")
+        return protocol.ok(executors=cache_index.lookup(manager, token_ids, salt))
+    if op == "cache_prefixes":
+        return protocol.ok(**cache_index.list_prefixes(
+            manager, _opt(message, "executor_id", str), int(message.get("offset", 0)),
+            int(message.get("limit", 50)), int(message.get("max_tokens", 32))))
+    if op == "pin":
+        return protocol.ok(**pins.pin(manager, token_ids, salt, _opt(message, "prefix_id", str),
+                                      _opt(message, "executor_id", str), _opt(message, "ttl_s", float)))
+    if op == "unpin":
+        return protocol.ok(**pins.unpin(manager, str(message["pin_id"])))
+    return protocol.ok(pins=pins.list_pins(manager))
+
+
+MUTATING_OPS = ("register", "step", "reset_prefix_cache", "pin", "unpin", "pins")
 
 
 class KVEventPublisher:
@@ -142,13 +173,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--watermark", type=float, default=0.01,
                         help="fraction of device blocks kept free at admission (default %(default)s)")
+    parser.add_argument("--eviction", choices=POLICIES, default="lru",
+                        help="which cached block is reused first (default %(default)s)")
+    parser.add_argument("--pin-share", type=float, default=0.5,
+                        help="most of each device pool that pins may hold (default %(default)s)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 <= args.watermark < 1:
         parser.error("--watermark must be in [0, 1)")
     publisher = KVEventPublisher(args.kv_events_bind) if args.kv_events_bind else None
-    manager = BlockManager(args.watermark, not args.no_prefix_caching, on_events=publisher)
+    if not 0 <= args.pin_share <= 1:
+        parser.error("--pin-share must be in [0, 1]")
+    manager = BlockManager(args.watermark, not args.no_prefix_caching, on_events=publisher,
+                           eviction=args.eviction, pin_share=args.pin_share)
     store = None
     if args.redis_url:
         from blockmgr.persistence import RedisStore
