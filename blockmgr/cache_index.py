@@ -161,3 +161,29 @@ def list_prefixes(manager, executor_id: str | None = None, offset: int = 0, limi
             })
     entries.sort(key=lambda e: (-e["hits"], -e["last_use"], e["id"]))
     return {"total": len(entries), "prefixes": entries[offset : offset + limit]}
+
+
+# One character per block, so a 10k-block pool is a 10 kB string.
+MAP_FREE, MAP_USED, MAP_CACHED, MAP_PINNED = ".", "u", "c", "p"
+
+
+def block_map(manager) -> dict[str, dict]:
+    """Per executor, each block's state as one character per block, for the cache page.
+
+    Returns:
+        ``{executor_id: {"device": str, "cpu": str}}``; in ``device``: ``.`` free, ``c`` free but
+        holding a cached prefix, ``u`` in use, ``p`` pinned (possibly also in use); in ``cpu``:
+        ``.`` free, ``c`` a prefix block of the CPU tier, ``u`` a swapped-out sequence's block.
+    """
+    out = {}
+    for ex_id, ex in manager.executors.items():
+        pinned = {b for pin in ex.pins.values() for b in pin["blocks"]}
+        dev = ex.device
+        device = "".join(
+            MAP_PINNED if b in pinned else MAP_USED if not dev.is_free(b) else
+            MAP_CACHED if b in ex.cached_meta else MAP_FREE for b in range(dev.num_blocks))
+        cpu = "".join(
+            MAP_USED if not ex.cpu.is_free(b) else MAP_CACHED if b in ex.cpu_meta else MAP_FREE
+            for b in range(ex.cpu.num_blocks))
+        out[ex_id] = {"device": device, "cpu": cpu}
+    return out

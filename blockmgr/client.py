@@ -100,6 +100,10 @@ class _Api:
     def pins(self) -> list[dict]:
         return self._checked({"op": "pins"})["pins"]
 
+    def block_map(self) -> dict[str, dict]:
+        """Per executor, each block's state as one character (:func:`blockmgr.cache_index.block_map`)."""
+        return self._checked({"op": "block_map"})["executors"]
+
     def sequence(self, executor_id: str, seq_id: str) -> dict:
         return self._checked({"op": "sequence", "executor_id": executor_id, "seq_id": seq_id})["sequence"]
 

@@ -24,6 +24,8 @@ Every request is a map with an ``"op"`` key; every reply is ``{"ok": true, ...re
 - ``pin``: token_ids + cache_salt, or prefix_id; executor_id, ttl_s (optional) -> pins
   (:func:`blockmgr.pins.pin`); ``unpin``: pin_id -> pin_id, executor_id, num_blocks;
   ``pins`` -> pins (every pin)
+- ``block_map`` -> ``executors {id: {device, cpu}}``: one character per block
+  (:func:`blockmgr.cache_index.block_map`)
 
 A refusal may carry ``"code"``: ``not_cached``, ``unknown_pin``, ``pin_does_not_fit``, ``invalid``.
 
@@ -45,7 +47,7 @@ from typing import Any
 import msgpack
 
 OPS = ("ping", "register", "step", "stats", "sequence", "match_prefix", "reset_prefix_cache", "cache_lookup",
-       "cache_prefixes", "pin", "unpin", "pins")
+       "cache_prefixes", "pin", "unpin", "pins", "block_map")
 
 
 class ProtocolError(Exception):

@@ -60,7 +60,7 @@ def handle(manager: BlockManager, message: dict) -> dict:
         if op == "reset_prefix_cache":
             ex_id = message.get("executor_id")
             return protocol.ok(**manager.reset_prefix_cache(None if ex_id is None else str(ex_id)))
-        if op in ("cache_lookup", "cache_prefixes", "pin", "unpin", "pins"):
+        if op in ("cache_lookup", "cache_prefixes", "pin", "unpin", "pins", "block_map"):
             return _cache_op(manager, op, message)
         return protocol.error(f"unknown op {op!r}; expected one of {', '.join(protocol.OPS)}")
     except KeyError as exc:
@@ -96,6 +96,8 @@ def _cache_op(manager: BlockManager, op: str, message: dict) -> dict:
                                       _opt(message, "executor_id", str), _opt(message, "ttl_s", float)))
     if op == "unpin":
         return protocol.ok(**pins.unpin(manager, str(message["pin_id"])))
+    if op == "block_map":
+        return protocol.ok(executors=cache_index.block_map(manager))
     return protocol.ok(pins=pins.list_pins(manager))
 
 
