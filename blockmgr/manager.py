@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockmgr.block_hash import ROOT_HASH, hash_block, hash_chain
-from blockmgr import cache_index, pins
+from blockmgr import cache_index, cpu_tier, pins
 from blockmgr.block_pool import BlockPool
 from blockmgr.eviction import POLICIES, make_evictor
 from blockmgr.preemption import CostModel, victim_order
@@ -41,7 +41,7 @@ DENIED_NEVER_FITS = "never_fits"  # larger than the whole pool: refuse the reque
 COUNTERS = (
     "prefix_queries_blocks", "prefix_hits_blocks", "prefix_queries_tokens", "prefix_hits_tokens",
     "evictions", "swap_out_blocks", "swap_in_blocks", "preemptions_swap", "preemptions_recompute",
-    "copy_on_write",
+    "copy_on_write", "cpu_tier_out_blocks", "cpu_tier_in_blocks",
 )
 
 
@@ -123,9 +123,10 @@ class _StepReply:
     swap_in: list[list[int]] = field(default_factory=list)
     copies: list[list[int]] = field(default_factory=list)
     grown_from: dict[str, int] = field(default_factory=dict)  # seq -> num_tokens before this step
+    cpu_held: list[int] = field(default_factory=list)  # CPU blocks read by this step (blockmgr.cpu_tier)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "grown_from"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("grown_from", "cpu_held")}
 
 
 class BlockManager:
@@ -286,6 +287,7 @@ class BlockManager:
             self._swap_in(ex, self._seq(ex, seq_id), r)
         for seq_id, prompt, num_new, salt, priority in admit:
             self._admit(ex, seq_id, list(prompt), int(num_new), salt, int(priority), r)
+        cpu_tier.release_held(ex, r.cpu_held)
         reply = r.to_dict()
         ex.last_step_id, ex.last_reply = step_id, reply
         self._flush_events()
@@ -322,16 +324,19 @@ class BlockManager:
                 raise BlockManagerError(f"admit {seq_id!r}: empty prompt or num_new_tokens < 1")
             known[seq_id] = False
 
-    def _allocate(self, ex: ExecutorState, n: int) -> list[int]:
-        """Take ``n`` free device blocks, evicting the prefix-cache entries they still carry."""
+    def _allocate(self, ex: ExecutorState, n: int, r: _StepReply) -> list[int]:
+        """Take ``n`` free device blocks, evicting the prefix-cache entries they still carry (to the
+        CPU tier when it is worth it: ``blockmgr.cpu_tier``)."""
         blocks = ex.device.allocate(n)
-        evicted = []
+        moves = []
         for b in blocks:
             meta = ex.cached_meta.pop(b, None)
             if meta is not None:
                 del ex.cache[meta[0]]
-                ex.use.pop(meta[0], None)
-                evicted.append(meta[0])
+                moves.append((b, meta))
+        evicted = cpu_tier.move_out(self, ex, moves, r.swap_out) if moves else []
+        for h in evicted:
+            ex.use.pop(h, None)
         if evicted:
             ex.counters["evictions"] += len(evicted)
             self._emit(["BlockRemoved", ex.executor_id, evicted])
@@ -350,6 +355,8 @@ class BlockManager:
             h = hash_block(parent, tokens, seq.extra_keys)
             seq.block_hashes.append(h)
             b = seq.block_table[i]
+            if h in ex.cpu_cache and b not in ex.cached_meta:  # recomputed: the device copy wins
+                cpu_tier.claim(self, ex, [ex.cpu_cache[h]])
             if h not in ex.cache and b not in ex.cached_meta:
                 ex.cache[h] = b
                 ex.cached_meta[b] = (h, parent, tokens)
@@ -401,7 +408,7 @@ class BlockManager:
             self._preempt(ex, victim, r)
         start = len(seq.block_table)
         if cow:
-            (dst,) = self._allocate(ex, 1)
+            (dst,) = self._allocate(ex, 1, r)
             src = seq.block_table[write_block]
             ex.device.decref(src)
             seq.block_table[write_block] = dst
@@ -409,7 +416,7 @@ class BlockManager:
             ex.counters["copy_on_write"] += 1
             start = write_block
         if need - (1 if cow else 0) > 0:
-            seq.block_table.extend(self._allocate(ex, need - (1 if cow else 0)))
+            seq.block_table.extend(self._allocate(ex, need - (1 if cow else 0), r))
         r.grown_from[seq.seq_id] = old_len
         seq.tokens.extend(token_ids)
         if start < len(seq.block_table):
@@ -429,6 +436,7 @@ class BlockManager:
         n = len(seq.block_table)
         if n <= ex.cpu.num_free and ex.cost.prefer_swap(n, seq.num_tokens):
             cpu_blocks = ex.cpu.allocate(n)
+            cpu_tier.claim(self, ex, cpu_blocks)
             r.swap_out.extend([g, c] for g, c in zip(seq.block_table, cpu_blocks))
             for b in seq.block_table:
                 ex.device.decref(b)
@@ -451,10 +459,9 @@ class BlockManager:
         if ex.device.num_free - n < ex.watermark_blocks:
             r.denied[seq.seq_id] = DENIED_NO_SPACE
             return
-        blocks = self._allocate(ex, n)
+        blocks = self._allocate(ex, n, r)
         r.swap_in.extend([c, g] for c, g in zip(seq.cpu_table, blocks))
-        for c in seq.cpu_table:
-            ex.cpu.decref(c)
+        r.cpu_held.extend(seq.cpu_table)  # freed when the step ends (blockmgr.cpu_tier)
         seq.block_table, seq.cpu_table, seq.swapped = blocks, [], False
         ex.counters["swap_in_blocks"] += n
         r.swapped_in.append(seq.seq_id)
@@ -471,12 +478,13 @@ class BlockManager:
             r.denied[seq_id] = DENIED_NEVER_FITS
             return
         seq = Sequence(seq_id, cache_salt=salt, priority=priority, arrival=next(self._arrivals))
-        hits, hashes = [], []
+        hits, hashes, from_cpu = [], [], []
         if self.enable_prefix_caching:
             # Never the whole prompt: its last token must be computed to get logits.
             hashes = hash_chain(prompt, bs, seq.extra_keys, (len(prompt) - 1) // bs)
             hits = self._lookup(ex, hashes, prompt)
-        num_cached = len(hits) * bs
+            from_cpu = cpu_tier.continue_chain(ex, hashes, prompt, len(hits))
+        num_cached = (len(hits) + len(from_cpu)) * bs
         target = min(len(prompt), num_cached + num_new)
         need = blocks_for(target, bs) - len(hits)
         reviving = sum(1 for b in hits if ex.device.is_free(b))
@@ -489,13 +497,18 @@ class BlockManager:
             else:
                 ex.device.incref(b)
             cache_index.record_hit(ex, ex.cached_meta[b][0], priority)
-        seq.block_table = hits + self._allocate(ex, need)
+        cpu_tier.hold(ex, from_cpu, r.cpu_held)
+        revived = self._allocate(ex, len(from_cpu), r)
+        cpu_tier.bring_in(self, ex, from_cpu, revived, r.swap_in)
+        for h in hashes[len(hits) : len(hits) + len(from_cpu)]:
+            cache_index.record_hit(ex, h, priority)
+        seq.block_table = hits + revived + self._allocate(ex, need - len(from_cpu), r)
         seq.tokens = prompt[:target]
-        seq.block_hashes = hashes[: len(hits)]
+        seq.block_hashes = hashes[: len(hits) + len(from_cpu)]
         ex.seqs[seq_id] = seq
         c = ex.counters
         c["prefix_queries_blocks"] += len(hashes)
-        c["prefix_hits_blocks"] += len(hits)
+        c["prefix_hits_blocks"] += len(hits) + len(from_cpu)
         c["prefix_queries_tokens"] += len(prompt)
         c["prefix_hits_tokens"] += num_cached
         r.admitted[seq_id] = num_cached
@@ -558,7 +571,11 @@ class BlockManager:
         dropped = in_use = 0
         for ex in targets:
             gone = [b for b in ex.cached_meta if ex.device.is_free(b)]
-            hashes = []
+            hashes = list(ex.cpu_cache)
+            dropped += len(hashes)
+            for h in hashes:
+                del ex.cpu_meta[ex.cpu_cache.pop(h)]
+                ex.use.pop(h, None)
             for b in gone:
                 h = ex.cached_meta.pop(b)[0]
                 del ex.cache[h]
@@ -566,7 +583,7 @@ class BlockManager:
                 hashes.append(h)
             dropped += len(gone)
             in_use += len(ex.cached_meta)
-            if not ex.cached_meta and gone:
+            if not ex.cached_meta and hashes:
                 self._emit(["AllBlocksCleared", ex.executor_id])
             elif hashes:
                 self._emit(["BlockRemoved", ex.executor_id, hashes])
@@ -609,7 +626,8 @@ class BlockManager:
                     "cached_free": sum(1 for b in ex.cached_meta if dev.is_free(b)),
                     "usage_perc": 100.0 * dev.num_used / dev.num_blocks if dev.num_blocks else 0.0,
                 },
-                "cpu": {"total": ex.cpu.num_blocks, "free": ex.cpu.num_free, "used": ex.cpu.num_used},
+                "cpu": {"total": ex.cpu.num_blocks, "free": ex.cpu.num_free, "used": ex.cpu.num_used,
+                        "cached_free": len(ex.cpu_meta)},
                 "token_utilization": sum(fill.values()) / (len(fill) * ex.block_size) if fill else 1.0,
                 "prefix_cache": {
                     "queries_blocks": c["prefix_queries_blocks"], "hits_blocks": c["prefix_hits_blocks"],
@@ -620,6 +638,7 @@ class BlockManager:
                 "swap_out_blocks": c["swap_out_blocks"],
                 "swap_in_blocks": c["swap_in_blocks"],
                 "copy_on_write": c["copy_on_write"],
+                "cpu_tier": {"out_blocks": c["cpu_tier_out_blocks"], "in_blocks": c["cpu_tier_in_blocks"]},
                 "preemptions": {"swap": c["preemptions_swap"], "recompute": c["preemptions_recompute"]},
             }
         return out

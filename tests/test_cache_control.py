@@ -182,7 +182,11 @@ def test_eviction_policies_choose_their_victim():
 
 
 class PolicyMachine(RuleBasedStateMachine):
-    """Random admissions, growth, frees, forks, pins and unpins keep every pool's books balanced."""
+    """Random admissions, growth, frees, forks, swaps, pins and unpins keep every pool's books
+    balanced, and a simulated executor that applies each reply's copies in the executor's order
+    (swap-out, swap-in, copy-on-write, then the forward pass writes the granted tokens) always
+    finds in each block the tokens the block manager thinks are there: so tier moves, revivals
+    from the CPU tier and preemption never hand out a block whose contents are wrong."""
 
     eviction = "lru"
 
@@ -195,6 +199,31 @@ class PolicyMachine(RuleBasedStateMachine):
         self.client.register("ex", 12, BS, 6, cost)
         self.ex = self.bm.executors["ex"]
         self.n = 0
+        self.dev, self.cpu = {}, {}  # simulated KV: block -> {position in block: token}
+        self.written = {}  # seq -> tokens whose K/V the simulated executor has written
+
+    def _step(self, **lists):
+        r = self.client.step("ex", **lists)
+        for d, c in r["swap_out"]:
+            self.cpu[c] = dict(self.dev.get(d, {}))
+        for c, d in r["swap_in"]:
+            self.dev[d] = dict(self.cpu.get(c, {}))
+        for src, dst in r["copies"]:
+            self.dev[dst] = dict(self.dev.get(src, {}))
+        for parent, child in lists.get("fork", ()):
+            self.written[child] = self.written[parent]
+        for seq_id in list(self.written):
+            if seq_id not in self.ex.seqs:
+                del self.written[seq_id]
+        for seq_id, n in r["admitted"].items():
+            self.written[seq_id] = n
+        for seq in self.ex.seqs.values():
+            if seq.swapped:
+                continue
+            for pos in range(self.written[seq.seq_id], seq.num_tokens):
+                self.dev.setdefault(seq.block_table[pos // BS], {})[pos % BS] = seq.tokens[pos]
+            self.written[seq.seq_id] = seq.num_tokens
+        return r
 
     def _running(self):
         return sorted(s for s, q in self.ex.seqs.items() if not q.swapped)
@@ -202,29 +231,29 @@ class PolicyMachine(RuleBasedStateMachine):
     @rule(n=st.integers(1, 14), family=st.integers(0, 3), prio=st.integers(0, 3))
     def admit(self, n, family, prio):
         self.n += 1
-        self.client.step("ex", admit=[[f"s{self.n}", [family * 100 + i for i in range(n)], n, None, prio]])
+        self._step(admit=[[f"s{self.n}", [family * 100 + i for i in range(n)], n, None, prio]])
 
     @precondition(lambda self: self._running())
     @rule(data=st.data(), extra=st.integers(1, 6))
     def grow(self, data, extra):
         seq = self.ex.seqs[data.draw(st.sampled_from(self._running()))]
-        self.client.step("ex", grow=[[seq.seq_id, seq.num_tokens + extra, [seq.num_tokens + i for i in range(extra)]]])
+        self._step(grow=[[seq.seq_id, seq.num_tokens + extra, [seq.num_tokens + i for i in range(extra)]]])
 
     @precondition(lambda self: self._running())
     @rule(data=st.data())
     def fork(self, data):
         self.n += 1
-        self.client.step("ex", fork=[[data.draw(st.sampled_from(self._running())), f"s{self.n}"]])
+        self._step(fork=[[data.draw(st.sampled_from(self._running())), f"s{self.n}"]])
 
     @precondition(lambda self: self.ex.seqs)
     @rule(data=st.data())
     def free(self, data):
-        self.client.step("ex", free=[data.draw(st.sampled_from(sorted(self.ex.seqs)))])
+        self._step(free=[data.draw(st.sampled_from(sorted(self.ex.seqs)))])
 
     @precondition(lambda self: any(q.swapped for q in self.ex.seqs.values()))
     @rule(data=st.data())
     def swap_in(self, data):
-        self.client.step("ex", swap_in=[data.draw(st.sampled_from(sorted(s for s, q in self.ex.seqs.items() if q.swapped)))])
+        self._step(swap_in=[data.draw(st.sampled_from(sorted(s for s, q in self.ex.seqs.items() if q.swapped)))])
 
     @rule(family=st.integers(0, 3), ttl=st.sampled_from([None, 3600.0]))
     def pin(self, family, ttl):
@@ -269,6 +298,18 @@ class PolicyMachine(RuleBasedStateMachine):
             assert ex.cpu_meta[b][0] == h and ex.cpu.is_free(b) and h not in ex.cache
         assert set(ex.use) <= set(ex.cache) | set(ex.cpu_cache), "no use record outlives its prefix"
 
+    @invariant()
+    def blocks_hold_what_the_books_say(self):
+        ex = self.ex
+        for b, (_, _, tokens) in ex.cached_meta.items():
+            assert [self.dev.get(b, {}).get(i) for i in range(BS)] == list(tokens), "a device-cached block"
+        for c, (_, _, tokens) in ex.cpu_meta.items():
+            assert [self.cpu.get(c, {}).get(i) for i in range(BS)] == list(tokens), "a CPU-tier block"
+        for seq in ex.seqs.values():
+            table, kv = (seq.cpu_table, self.cpu) if seq.swapped else (seq.block_table, self.dev)
+            for pos in range(self.written.get(seq.seq_id, seq.num_tokens)):
+                assert kv.get(table[pos // BS], {}).get(pos % BS) == seq.tokens[pos], "a sequence's K/V"
+
     def teardown(self):
         for pin_id in list(self.ex.pins):
             self.client.unpin(pin_id)
@@ -290,3 +331,59 @@ TestLfuBooks = LfuMachine.TestCase
 TestPriorityBooks = PriorityMachine.TestCase
 for _case in (TestLruBooks, TestLfuBooks, TestPriorityBooks):
     _case.settings = _PROPERTY
+
+
+SWAP_CHEAP = {"bytes_per_block": 1, "copy_bandwidth": 1e9, "flops_per_token": 1e9, "flops_per_s": 1e9}
+RECOMPUTE_CHEAP = {"bytes_per_block": 10**9, "copy_bandwidth": 1.0, "flops_per_token": 1, "flops_per_s": 1e9}
+
+
+def test_evicted_prefix_moves_to_cpu_and_a_hit_swaps_it_back():
+    bm, client, events = make(num_blocks=4, num_cpu_blocks=4, cost=SWAP_CHEAP)
+    prompt = list(range(300, 309))  # 2 full blocks
+    run(client, "a", prompt)
+    device_blocks = {bm.executors["ex"].cache[h] for h in bm.executors["ex"].cache}
+    r = client.step("ex", admit=[["filler", [5] * 16, 16, None, 0]])  # takes the whole pool
+    moved = [ev for ev in events if ev[0] == "BlockMoved"]
+    assert moved and moved[-1][3:] == ["device", "cpu"] and len(moved[-1][2]) == 2
+    assert {d for d, _ in r["swap_out"]} == device_blocks, "the evicted prefix blocks are copied out"
+    got = client.cache_lookup(prompt)["ex"]
+    assert got["cpu_tokens"] == 8 and got["device_tokens"] == 0
+    assert [p["tier"] for p in client.cache_prefixes()["prefixes"]] == ["cpu"]
+    assert client.block_map()["ex"]["cpu"].count("c") == 2
+    cpu_blocks = {c for _, c in r["swap_out"]}
+    client.step("ex", free=["filler"])
+    n_events = len(events)
+    r = client.step("ex", admit=[["b", prompt, len(prompt), None, 0]])
+    assert r["admitted"]["b"] == 8, "the CPU tier counts as cached"
+    assert {c for c, _ in r["swap_in"]} == cpu_blocks
+    assert [d for _, d in r["swap_in"]] == r["updates"]["b"][1][:2], "swapped into b's first blocks"
+    back = [ev for ev in events[n_events:] if ev[0] == "BlockMoved" and ev[3:] == ["cpu", "device"]]
+    assert len(back) == 1 and sorted(back[0][2]) == sorted(moved[-1][2])
+    got = client.cache_lookup(prompt)["ex"]
+    assert got["device_tokens"] == 8 and got["cpu_tokens"] == 0
+    assert client.stats()["ex"]["cpu_tier"]["in_blocks"] == 2  # (the filler's blocks moved out too)
+    assert client.stats()["ex"]["cpu"]["used"] == 0, "CPU-tier blocks stay free for preemption"
+
+
+def test_no_cpu_tier_when_recompute_is_cheaper_or_there_is_no_cpu_pool():
+    for cost, cpu in ((RECOMPUTE_CHEAP, 4), (SWAP_CHEAP, 0)):
+        bm, client, events = make(num_blocks=4, num_cpu_blocks=cpu, cost=cost)
+        run(client, "a", list(range(9)))
+        r = client.step("ex", admit=[["filler", [5] * 16, 16, None, 0]])
+        assert r["swap_out"] == [] and not any(ev[0] == "BlockMoved" for ev in events)
+        assert client.cache_lookup(list(range(9)))["ex"]["cached_tokens"] == 0
+
+
+def test_preemption_claims_cpu_tier_blocks():
+    bm, client, events = make(num_blocks=4, num_cpu_blocks=2, cost=SWAP_CHEAP)
+    run(client, "a", list(range(9)))
+    client.step("ex", admit=[["f", [5] * 16, 16, None, 0]])
+    assert client.stats()["ex"]["cpu"]["cached_free"] == 2
+    client.step("ex", free=["f"])
+    client.step("ex", admit=[["old", [1] * 4, 4, None, 0]])
+    client.step("ex", admit=[["new", [2] * 4, 4, None, 0]])
+    client.step("ex", admit=[["x", [3] * 8, 8, None, 5]])  # fills the device pool
+    r = client.step("ex", grow=[["old", 5, [1]]])
+    assert "swap" in r["preempted"].values()
+    ex = bm.executors["ex"]
+    assert len(ex.cpu_meta) < 2 and any(ev[0] == "BlockRemoved" for ev in events)
