@@ -126,9 +126,11 @@ def list_prefixes(manager, executor_id: str | None = None, offset: int = 0, limi
 
     Returns:
         ``{"total": n, "prefixes": [{"id", "executor_id", "first_token_ids", "num_blocks",
-        "num_tokens", "hits", "last_use", "pinned", "tier"}]}``: ``hits`` counts admissions that
-        reused the whole chain, ``last_use`` is Unix seconds, ``pinned`` is true when every block
-        is pinned, ``tier`` is ``device``, ``cpu`` or ``mixed``.
+        "num_tokens", "hits", "partial_hits", "last_use", "pinned", "pinned_blocks", "tier"}]}``:
+        ``hits`` counts admissions that reused the whole chain, ``partial_hits`` those that reused
+        at least its first block, ``last_use`` is Unix seconds, ``pinned`` is true
+        when every block is pinned (``pinned_blocks`` counts them; a pinned prompt may be the start
+        of a longer chain), ``tier`` is ``device``, ``cpu`` or ``mixed``.
 
     Raises:
         ValueError: ``offset``, ``limit`` or ``max_tokens`` out of range.
@@ -155,8 +157,10 @@ def list_prefixes(manager, executor_id: str | None = None, offset: int = 0, limi
             entries.append({
                 "id": prefix_id(ex_id, leaf), "executor_id": ex_id, "first_token_ids": tokens,
                 "num_blocks": len(chain), "num_tokens": len(chain) * ex.block_size, "hits": use[0],
+                "partial_hits": ex.use.get(chain[0], [0])[0],
                 "last_use": max(ex.use.get(h, [0, 0.0])[1] for h in chain),
                 "pinned": all(h in pinned for h in chain),
+                "pinned_blocks": sum(1 for h in chain if h in pinned),
                 "tier": tiers.pop() if len(tiers) == 1 else "mixed",
             })
     entries.sort(key=lambda e: (-e["hits"], -e["last_use"], e["id"]))

@@ -74,6 +74,7 @@ def create_app(settings: GatewaySettings, *, executors: list | None = None, bloc
 
     for module in (completions, chat, misc, admin, cache, metrics):
         app.include_router(module.router)
+    app.include_router(cache.page_router)
     app.openapi = _openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

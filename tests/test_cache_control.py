@@ -55,6 +55,7 @@ def test_prefix_listing_pages_and_counts_hits():
     assert listing["total"] == 2
     top, other = listing["prefixes"]
     assert top["hits"] == 1 and other["hits"] == 0
+    assert top["partial_hits"] == other["partial_hits"] == 2, "b and c reused the blocks both chains share"
     assert top["num_blocks"] == 3 and top["num_tokens"] == 12 and top["tier"] == "device"
     assert top["first_token_ids"][:12] == shared + [60, 61, 62, 63] and not top["pinned"]
     assert top["last_use"] >= other["last_use"] > 0

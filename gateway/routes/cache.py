@@ -6,6 +6,10 @@
 - ``POST /admin/cache/pin``: pin a prompt's cached prefix (or a prefix id), optionally with a TTL;
   ``DELETE /admin/cache/pin/{pin_id}`` unpins; ``GET /admin/cache/pins`` lists the pins.
 - ``GET /admin/cache/blocks``: each executor's block map (one character per block).
+- ``GET /admin/``: the live cache page (``gateway/static/cache.html``, plain HTML/JS): block maps,
+  hit rate over time, top prefixes with pin buttons, and a lookup box. The page holds no data and
+  is served without auth; its requests to the endpoints above carry the admin key if one is set
+  (it asks for it on a 401).
 
 The block manager does the work (``blockmgr.cache_index``, ``blockmgr.pins``); a block-manager
 client without these operations gives 501.
@@ -15,7 +19,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+from pathlib import Path
+
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse
 from pydantic import Field, model_validator
 
 from blockmgr.client import BlockManagerRequestError
@@ -27,6 +34,8 @@ from gateway.runtime import get_gateway
 from gateway.tokenization import chat_prompt, completion_prompts
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+page_router = APIRouter(tags=["admin"])
+_PAGE = Path(__file__).resolve().parent.parent / "static" / "cache.html"
 _ERRORS = errors(400, 401, 403, 501, 503)
 
 
@@ -83,8 +92,10 @@ class Prefix(_Base):
     num_blocks: int
     num_tokens: int
     hits: int = Field(description="admissions that reused the whole chain")
+    partial_hits: int = Field(description="admissions that reused at least its first block")
     last_use: float = Field(description="Unix seconds")
-    pinned: bool
+    pinned: bool = Field(description="every block of the chain is pinned")
+    pinned_blocks: int = Field(description="how many of its blocks are pinned")
     tier: str = Field(description="device, cpu or mixed")
 
 
@@ -189,3 +200,9 @@ async def cache_unpin(pin_id: str, request: Request):
 @router.get("/cache/blocks", response_model=BlockMaps, responses=_ERRORS, summary="Each executor's block map")
 async def cache_blocks(request: Request):
     return {"executors": await _call(request, "block_map")}
+
+
+@page_router.get("/admin/", response_class=HTMLResponse, summary="The live cache page (HTML)",
+                 responses={200: {"content": {"text/html": {}}, "description": "the page"}})
+async def cache_page():
+    return HTMLResponse(_PAGE.read_text(encoding="utf-8"))
