@@ -10,6 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from blockmgr.client import BlockManagerRequestError, InProcessBlockManager
 from blockmgr.manager import BlockManager
+from tests.test_blockmgr_redis import redis_url  # noqa: F401 (a fixture)
 
 BS = 4
 
@@ -388,3 +389,38 @@ def test_preemption_claims_cpu_tier_blocks():
     assert "swap" in r["preempted"].values()
     ex = bm.executors["ex"]
     assert len(ex.cpu_meta) < 2 and any(ev[0] == "BlockRemoved" for ev in events)
+
+
+def test_pins_survive_a_block_manager_restart_from_redis(redis_url, free_port):
+    """The service with --eviction lfu --pin-share 0.25 and Redis: pin, kill it, start it again."""
+    import signal
+    import subprocess
+    import sys
+
+    from blockmgr.client import BlockManagerClient
+
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "blockmgr", "--bind", addr, "--redis-url", redis_url, "--eviction", "lfu",
+            "--pin-share", "0.25", "--log-level", "WARNING"]
+    proc = subprocess.Popen(argv)
+    client = BlockManagerClient(addr, timeout_s=20)
+    try:
+        client.register("ex", 16, BS, 0)
+        run(client, "a", list(range(9)))  # 2 full blocks
+        run(client, "b", list(range(50, 63)))  # 3 full blocks
+        (pin,) = client.pin(list(range(9)), ttl_s=3600)
+        with pytest.raises(BlockManagerRequestError) as err:
+            client.pin(list(range(50, 63)))  # 2 + 3 > 16 * 0.25
+        assert err.value.code == "pin_does_not_fit"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc = subprocess.Popen(argv)
+        assert [p["pin_id"] for p in client.pins()] == [pin["pin_id"]]
+        assert client.cache_lookup(list(range(9)))["ex"]["pinned_tokens"] == 8
+        assert client.stats()["ex"]["device"]["used"] == 2
+        client.unpin(pin["pin_id"])
+        assert client.stats()["ex"]["device"]["used"] == 0
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
