@@ -549,7 +549,7 @@ class BlockManager:
 
     # -- prefix cache -------------------------------------------------------------------------
     def match_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> dict[str, int]:
-        """Tokens of ``token_ids`` each executor holds in its prefix cache (for routing)."""
+        """Tokens of ``token_ids`` each executor holds in its prefix cache, either tier (for routing)."""
         out = {}
         extra = (cache_salt,) if cache_salt is not None else ()
         for ex_id, ex in self.executors.items():
@@ -557,7 +557,9 @@ class BlockManager:
                 out[ex_id] = 0
                 continue
             hashes = hash_chain(token_ids, ex.block_size, extra, (len(token_ids) - 1) // ex.block_size)
-            out[ex_id] = len(self._lookup(ex, hashes, token_ids)) * ex.block_size
+            hits = len(self._lookup(ex, hashes, token_ids))
+            hits += len(cpu_tier.continue_chain(ex, hashes, token_ids, hits))  # cheaper than recompute too
+            out[ex_id] = hits * ex.block_size
         return out
 
     def reset_prefix_cache(self, executor_id: str | None = None) -> dict:
@@ -590,7 +592,7 @@ class BlockManager:
         self._flush_events()
         if in_use:
             message = (f"dropped {dropped} free cached blocks; {in_use} cached blocks are in use by "
-                       f"running sequences and were kept")
+                       f"running sequences or pins and were kept")
         else:
             message = f"dropped {dropped} cached blocks; the prefix cache is empty"
         return {"reset": in_use == 0, "dropped_blocks": dropped, "blocks_in_use": in_use, "message": message}

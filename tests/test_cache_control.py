@@ -350,6 +350,7 @@ def test_evicted_prefix_moves_to_cpu_and_a_hit_swaps_it_back():
     assert {d for d, _ in r["swap_out"]} == device_blocks, "the evicted prefix blocks are copied out"
     got = client.cache_lookup(prompt)["ex"]
     assert got["cpu_tokens"] == 8 and got["device_tokens"] == 0
+    assert client.match_prefix(prompt)["ex"] == 8, "routing counts the CPU tier as cached"
     assert [p["tier"] for p in client.cache_prefixes()["prefixes"]] == ["cpu"]
     assert client.block_map()["ex"]["cpu"].count("c") == 2
     cpu_blocks = {c for _, c in r["swap_out"]}
