@@ -81,7 +81,8 @@ def pin(manager, token_ids: list[int] | None = None, cache_salt: str | None = No
         ttl_s: seconds until the pin expires (None: until unpinned).
 
     Returns:
-        ``{"pins": [{"pin_id", "executor_id", "num_blocks", "num_tokens", "expires_at"}]}``.
+        ``{"pins": [{"pin_id", "executor_id", "num_blocks", "num_tokens", "created_at", "expires_at"}]}``
+        (times in Unix seconds).
 
     Raises:
         PinError: nothing cached (``not_cached``), over the cap (``pin_does_not_fit``: nothing is
@@ -116,7 +117,7 @@ def pin(manager, token_ids: list[int] | None = None, cache_salt: str | None = No
         ex.pins[pin_id] = record
         manager._emit(["BlockPinned", ex_id, record["hashes"], pin_id, record["expires_at"]])
         out.append({"pin_id": pin_id, "executor_id": ex_id, "num_blocks": len(chain),
-                    "num_tokens": len(chain) * ex.block_size, "expires_at": record["expires_at"]})
+                    "num_tokens": len(chain) * ex.block_size, "created_at": now, "expires_at": record["expires_at"]})
     manager._flush_events()
     return {"pins": out}
 
