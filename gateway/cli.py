@@ -51,6 +51,9 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--redis-url", default=None, help="keep the block manager's state in Redis")
     parser.add_argument("--kv-events-bind", default=None, help="ZeroMQ PUB address for KV events (default: off)")
+    parser.add_argument("--eviction", default="lru", choices=["lru", "lfu", "priority"],
+                        help="which cached KV block is reused first (default %(default)s)")
+    parser.add_argument("--pin-share", default="0.5", help="most of each KV pool that pins may hold (default %(default)s)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads per executor (default: the cores but one, shared among executors)")
     parser.add_argument("--log-level", default="INFO")
@@ -99,7 +102,8 @@ def serve(argv: list[str]) -> int:
     bm_argv = ["-m", "blockmgr", "--bind", bm_addr, *level, *key_argv]
     if args.no_prefix_caching:
         bm_argv.append("--no-prefix-caching")
-    for flag, value in (("--redis-url", args.redis_url), ("--kv-events-bind", args.kv_events_bind)):
+    for flag, value in (("--redis-url", args.redis_url), ("--kv-events-bind", args.kv_events_bind),
+                        ("--eviction", args.eviction), ("--pin-share", args.pin_share)):
         if value:
             bm_argv += [flag, value]
     children = [Child("blockmgr", bm_argv)]

@@ -1,7 +1,7 @@
 """Fuzzing the HTTP API from its own OpenAPI schema (schemathesis): no 500, no crash, and every
 answer matches the schema (status codes, content types, bodies).
 
-Runs against the app over real HTTP with fake executors, in positive (schema-valid) and negative
+Runs against the app over real HTTP with fake executors and the real block manager, in positive (schema-valid) and negative
 (schema-breaking) modes; ``tests/test_e2e_stack.py`` runs a smaller round against the real stack.
 """
 
@@ -15,7 +15,8 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from gateway.testing import FakeBlockManager, cached_tokenizer, fake_app, serve_in_thread
+from gateway.testing import FakeBlockManager, cached_tokenizer, serve_in_thread
+from tests.real_blocks import real_app
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 NEGATIVE_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance]
@@ -34,8 +35,9 @@ SCHEMA.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.N
 @pytest.fixture(scope="module")
 def live(smollm_dir):
     tok = cached_tokenizer(str(smollm_dir))
-    # The small KV pool bounds how much work a random (valid) request can ask for.
-    app, executors, _ = fake_app(tok, num_executors=2, executor_kwargs={"num_blocks": 64})
+    # The small KV pool bounds how much work a random (valid) request can ask for. The block manager
+    # is the real one, so the cache endpoints (lookup, pins, ...) are fuzzed against it.
+    app, executors, _ = real_app(tok, num_executors=2, num_blocks=64)
     with serve_in_thread(app) as base:
         yield {"base": base, "executors": executors}
     # The server survived every case: it shut down cleanly above; the fakes ended every request.
