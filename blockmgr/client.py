@@ -68,8 +68,9 @@ class _Api:
         reply.pop("ok")
         return reply
 
-    def stats(self) -> dict:
-        return self._checked({"op": "stats"})["executors"]
+    def stats(self, summary: bool = False) -> dict:
+        """Per-executor stats; ``summary`` leaves out the fields whose cost grows with the blocks."""
+        return self._checked({"op": "stats", "summary": True} if summary else {"op": "stats"})["executors"]
 
     def sequence(self, executor_id: str, seq_id: str) -> dict:
         return self._checked({"op": "sequence", "executor_id": executor_id, "seq_id": seq_id})["sequence"]

@@ -49,7 +49,7 @@ def handle(manager: BlockManager, message: dict) -> dict:
                        for s, prompt, n, salt, prio in message.get("admit", [])],
             ))
         if op == "stats":
-            return protocol.ok(executors=manager.stats())
+            return protocol.ok(executors=manager.stats(summary=message.get("summary") is True))
         if op == "sequence":
             return protocol.ok(sequence=manager.sequence(str(message["executor_id"]), str(message["seq_id"])))
         if op == "match_prefix":

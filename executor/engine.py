@@ -163,6 +163,8 @@ class Engine:
         if any(not (0 <= t < vocab) for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         params.validate()
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 to generate, got {params.max_tokens}")
         total = len(prompt_token_ids) + params.max_tokens

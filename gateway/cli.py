@@ -51,7 +51,8 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads per executor (default: the cores but one, shared among executors)")
     parser.add_argument("--log-level", default="INFO")
-    from gateway.settings import add_gateway_flags
+    from gateway.limits import DEFAULT_LIMITS
+    from gateway.settings import add_gateway_flags, api_keys_from
 
     add_gateway_flags(parser)
     args = parser.parse_args(argv)
@@ -103,10 +104,13 @@ def serve(argv: list[str]) -> int:
         gw_argv += ["--executor", addr]
     if args.max_model_len is not None:
         gw_argv += ["--max-model-len", str(args.max_model_len)]
-    gw_argv += ["--max-body-bytes", str(args.max_body_bytes),
-                "--max-waiting-requests", str(args.max_waiting_requests)]
+    gw_argv += ["--max-body-bytes", str(args.max_body_bytes)]
+    for name in DEFAULT_LIMITS:
+        gw_argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    gw_argv += [flag for flag, on in (("--metrics-need-admin", args.metrics_need_admin),
+                                      ("--shared-prefix-cache", args.shared_prefix_cache)) if on]
     # Keys travel in the environment, not argv, so `ps` does not show them.
-    for var, value in (("PAGEDSERVE_API_KEY", args.api_key), ("PAGEDSERVE_ADMIN_KEY", args.admin_key)):
+    for var, value in (("PAGEDSERVE_API_KEY", ",".join(api_keys_from(args))), ("PAGEDSERVE_ADMIN_KEY", args.admin_key)):
         if value:
             os.environ[var] = value
         else:

@@ -25,7 +25,7 @@ from executor.client import ExecutorUnavailable, expected_outputs
 SAMPLING_FIELDS = frozenset({
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "min_tokens", "seed", "stop_token_ids", "ignore_eos", "logprobs", "prompt_logprobs",
-    "n", "use_beam_search", "beam_width",
+    "n", "use_beam_search", "beam_width", "logit_bias",
 })
 
 DEFAULT_REPLY = "Hello there! This is a fake reply, with 你好 and 🙂 in it."
@@ -99,7 +99,7 @@ class FakeBlockManager:
     def ping(self) -> None:
         self._enter("ping")
 
-    def stats(self) -> dict:
+    def stats(self, summary: bool = False) -> dict:
         self._enter("stats")
         with self._lock:
             out = {}
