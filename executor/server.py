@@ -90,8 +90,16 @@ class ExecutorServer:
             self.owner[rid] = [identity, params.n]
         elif op == "abort":
             rid = str(msg.get("request_id"))
-            self.owner.pop(rid, None)
-            self.engine.abort(rid)
+            index = msg.get("index")
+            if isinstance(index, int) and not isinstance(index, bool):
+                # One completion of an n > 1 request: its siblings go on (and still report).
+                if self.engine.abort(rid, index) and rid in self.owner:
+                    self.owner[rid][1] -= 1
+                    if self.owner[rid][1] <= 0:
+                        del self.owner[rid]
+            else:
+                self.owner.pop(rid, None)
+                self.engine.abort(rid)
         elif op in ("info", "ping", "sequences"):
             reply = {"op": "reply", "nonce": msg.get("nonce")}
             sched = self.engine.scheduler

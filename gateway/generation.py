@@ -173,6 +173,9 @@ class Run:
         finish = None
         if c.stream.stopped:
             finish = "stop"
+            if not msg.get("finished") and any(not o.done for o in self.choices if o is not c):
+                # Answered on a stop string while its siblings go on: stop its decoding now.
+                self.handle.client.abort(self.request_id, idx)
         elif msg.get("finished"):
             text += c.stream.finish()
             finish = "length" if self.job.drop_output else _finish_reason(msg.get("finish_reason"))

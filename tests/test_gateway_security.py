@@ -244,3 +244,35 @@ def test_metrics_stats_do_not_walk_the_blocks(server):
     server["bm"].calls.clear()
     assert httpx.get(server["base"] + "/metrics").status_code == 200
     assert server["bm"].calls == ["stats"]
+
+
+# --------------------------------------------------------------------------------- n > 1 siblings
+def test_a_choice_answered_on_a_stop_string_stops_decoding_and_its_siblings_go_on(tok):
+    texts = [" one two STOP three four five six seven", " alpha beta gamma delta epsilon zeta eta theta",
+             " red green blue STOP cyan magenta yellow"]
+    replies = [tok.encode(t, add_special_tokens=False) for t in texts]
+    app, executors, bm = fake_app(tok, executor_kwargs={"reply": lambda _p, _params, i: replies[i],
+                                                        "token_delay_s": 0.01})
+    with serve_in_thread(app) as base:
+        r = post(base, {"prompt": "hi", "n": 3, "max_tokens": 60, "stop": ["STOP"], "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+        assert [c["text"] for c in choices] == [" one two ", texts[1], " red green blue "]
+        rid = r.json()["id"]
+        ex = executors[0]
+        # Choices 0 and 2 were aborted on their own as soon as their stop string showed.
+        assert {(rid, 0), (rid, 2)} <= set(ex.aborted_choices) and (rid, 1) not in ex.aborted_choices
+        assert not bm._blocks(bm.executors["executor-0"])  # every block is back
+
+
+def test_once_answered_no_sibling_keeps_decoding(tok):
+    reply = tok.encode(" x STOP" + " filler" * 200, add_special_tokens=False)
+    app, executors, bm = fake_app(tok, executor_kwargs={"reply": lambda _p, _params, i: reply,
+                                                        "token_delay_s": 0.01})
+    with serve_in_thread(app) as base:
+        t0 = time.monotonic()
+        r = post(base, {"prompt": "hi", "n": 4, "max_tokens": 200, "stop": ["STOP"], "ignore_eos": True})
+        assert r.status_code == 200 and all(c["text"] == " x " for c in r.json()["choices"])
+        assert time.monotonic() - t0 < 1.5  # 200 tokens at 10 ms would take 2 s
+        assert r.json()["usage"]["completion_tokens"] <= 4 * 4
+        assert not executors[0]._running and not bm._blocks(bm.executors["executor-0"])
