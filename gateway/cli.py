@@ -105,8 +105,8 @@ def serve(argv: list[str]) -> int:
     if args.max_model_len is not None:
         gw_argv += ["--max-model-len", str(args.max_model_len)]
     gw_argv += ["--max-body-bytes", str(args.max_body_bytes)]
-    for name in DEFAULT_LIMITS:
-        gw_argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    for limit in DEFAULT_LIMITS:
+        gw_argv += ["--" + limit.replace("_", "-"), str(getattr(args, limit))]
     gw_argv += [flag for flag, on in (("--metrics-need-admin", args.metrics_need_admin),
                                       ("--shared-prefix-cache", args.shared_prefix_cache)) if on]
     # Keys travel in the environment, not argv, so `ps` does not show them.

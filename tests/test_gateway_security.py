@@ -276,3 +276,22 @@ def test_once_answered_no_sibling_keeps_decoding(tok):
         assert time.monotonic() - t0 < 1.5  # 200 tokens at 10 ms would take 2 s
         assert r.json()["usage"]["completion_tokens"] <= 4 * 4
         assert not executors[0]._running and not bm._blocks(bm.executors["executor-0"])
+
+
+def test_flags_set_every_limit_and_several_keys(monkeypatch):
+    import argparse
+
+    from gateway.settings import add_gateway_flags, api_keys_from, limits_from
+
+    parser = argparse.ArgumentParser()
+    add_gateway_flags(parser)
+    monkeypatch.setenv("PAGEDSERVE_API_KEY", "k1, k2")
+    args = parser.parse_args([])
+    assert limits_from(args) == DEFAULT_LIMITS and api_keys_from(args) == ["k1", "k2"]
+    args = parser.parse_args(["--api-key", "a", "--api-key", "b", "--max-stop-strings", "8",
+                              "--min-temperature", "0.001", "--max-waiting-requests", "7"])
+    assert api_keys_from(args) == ["a", "b"]
+    assert limits_from(args) == {**DEFAULT_LIMITS, "max_stop_strings": 8, "min_temperature": 0.001,
+                                 "max_waiting_sequences": 7}
+    with pytest.raises(ValueError, match="max-abs-priority"):
+        limits_from(parser.parse_args(["--max-abs-priority", "-1"]))
