@@ -12,13 +12,16 @@ Stop strings are matched incrementally: each stop string has a Knuth-Morris-Prat
 the length of the longest prefix of the stop string that ends the text so far. Each new character
 advances every automaton in amortized O(1), so a token costs O(its text x number of stop strings),
 whatever the length of the output or of the stop strings; the state is also the length of text to
-hold back. Only held-back text is kept unreleased.
+hold back. Held-back text is kept as the tokens' own pieces, so releasing text never copies
+what stays held.
 
 Non-streaming replies join the same deltas, so the streamed text always equals the non-streamed
 text.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 
 def _failure(pattern: str) -> list[int]:
@@ -58,7 +61,8 @@ class TextStream:
         self.token_ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
-        self._pending = ""  # decoded, final characters not released yet (held back)
+        self._pending: deque[str] = deque()  # decoded, final text not released yet (held back), in pieces
+        self._pending_len = 0
         self._released: list[str] = []
         self.stopped = False
         self.chars_scanned = 0
@@ -92,9 +96,11 @@ class TextStream:
 
     def _advance(self, text: str, final: bool) -> str:
         """Feed ``text`` to the automata; release what can no longer be part of a stop string."""
-        start = len(self._pending)
-        self._pending += text
-        end = len(self._pending)
+        start = self._pending_len
+        if text:
+            self._pending.append(text)
+            self._pending_len += len(text)
+        end = self._pending_len
         if self.stop:
             hit = self._scan(text, start)
             if hit is not None:
@@ -102,11 +108,25 @@ class TextStream:
                 self.stopped = True
             elif not final:
                 end -= max(self._state)
-        delta = self._pending[:end]
-        self._pending = self._pending[end:]
+        delta = self._take(end)
         if delta:
             self._released.append(delta)
         return delta
+
+    def _take(self, n: int) -> str:
+        """Remove and return the first ``n`` pending characters."""
+        pieces = []
+        self._pending_len -= n
+        while n:
+            piece = self._pending[0]
+            if len(piece) <= n:
+                pieces.append(self._pending.popleft())
+                n -= len(piece)
+            else:
+                pieces.append(piece[:n])
+                self._pending[0] = piece[n:]
+                n = 0
+        return "".join(pieces)
 
     def _scan(self, text: str, offset: int) -> int | None:
         """Advance every automaton over ``text`` (which starts at ``offset`` in the pending text);

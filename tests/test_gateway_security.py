@@ -158,7 +158,7 @@ def test_stop_string_matching_cost_does_not_grow_with_the_output():
             released += len(ts.push([ord("a")]))
         per_block.append(ts.chars_scanned - before)
         # Only what could still become a stop string is held back.
-        assert len(ts._pending) <= max(map(len, stops))
+        assert ts._pending_len <= max(map(len, stops))
     # Each token's work is bounded by its text times the stop strings (amortized), not the output.
     assert max(per_block) <= 2 * 1000 * len(stops)
     assert per_block[-1] <= per_block[1] * 1.05
