@@ -108,17 +108,22 @@ def logit_bias_pairs(settings, logit_bias: dict[str, float] | None, vocab_size: 
     return [[t, pairs[t]] for t in sorted(pairs)]
 
 
-def check_context(settings, num_prompt_tokens: int, max_tokens: int | None, param: str = "prompt") -> None:
-    """Refuse, before routing, a prompt (plus ``max_tokens`` when given) over the context length.
+def check_context(settings, num_prompt_tokens: int, max_tokens: int | None, param: str = "prompt",
+                  limit: int | None = None) -> None:
+    """Refuse a prompt (plus ``max_tokens`` when given) over the context length: ``limit``, by
+    default ``settings.max_model_len`` (checked before routing; ``gateway.sampling.check_fits``
+    checks again with the chosen executor's own limit).
 
     Raises:
-        APIError(400, code ``context_length_exceeded``).
+        APIError(400, code ``context_length_exceeded``), naming ``param`` when the prompt alone is
+        too long, else ``max_tokens``.
     """
-    limit = settings.max_model_len
+    limit = settings.max_model_len if limit is None else limit
     total = num_prompt_tokens + (max_tokens or 0)
-    if num_prompt_tokens > limit or total > limit:
+    if total > limit:
         raise bad_request(f"This model's maximum context length is {limit} tokens. However, you requested "
-                          f"{total} tokens ({num_prompt_tokens} in the prompt, {max_tokens or 0} in the completion).",
+                          f"{total} tokens ({num_prompt_tokens} in the prompt, {max_tokens or 0} in the completion). "
+                          f"Please reduce the prompt or max_tokens.",
                           param if num_prompt_tokens > limit else "max_tokens", "context_length_exceeded")
 
 

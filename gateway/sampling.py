@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.errors import bad_request
-from gateway.limits import check_stops, effective_temperature
+from gateway.limits import check_context, check_stops, effective_temperature
 from gateway.openai_protocol import SamplingFields
 
 # Sent only when not at these defaults.
@@ -125,12 +125,7 @@ def check_fits(info: dict, num_prompt: int, max_tokens: int, max_model_len: int,
         APIError(400, code ``kv_cache_too_small``): more KV blocks than the executor's pool has.
     """
     limit = min(max_model_len, int(info.get("max_model_len") or max_model_len))
-    total = num_prompt + max_tokens
-    if total > limit:
-        raise bad_request(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{total} tokens ({num_prompt} in the prompt, {max_tokens} in the completion). "
-            f"Please reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
+    check_context(None, num_prompt, max_tokens, "max_tokens", limit)
     block_size, num_blocks = info.get("block_size"), info.get("num_blocks")
     if block_size and num_blocks:
         need = blocks_needed(num_prompt, max_tokens, int(block_size), width)
