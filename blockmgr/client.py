@@ -72,8 +72,9 @@ class _Api:
         reply.pop("ok")
         return reply
 
-    def stats(self) -> dict:
-        return self._checked({"op": "stats"})["executors"]
+    def stats(self, summary: bool = False) -> dict:
+        """Per-executor stats; ``summary`` leaves out the fields whose cost grows with the blocks."""
+        return self._checked({"op": "stats", "summary": True} if summary else {"op": "stats"})["executors"]
 
     def cache_lookup(self, token_ids: list[int], cache_salt: str | None = None) -> dict[str, dict]:
         """Per executor: cached tokens of ``token_ids`` by tier (:func:`blockmgr.cache_index.lookup`)."""

@@ -607,30 +607,26 @@ class BlockManager:
         self._events = []
 
     # -- inspection ----------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Per executor: block counts per tier, usage, utilization, prefix-cache and preemption counters."""
+    def stats(self, summary: bool = False) -> dict:
+        """Per executor: block counts per tier, usage, utilization, prefix-cache and preemption counters.
+
+        ``summary``: leave out ``num_running``, ``num_swapped``, ``token_utilization`` and
+        ``device.cached_free``, whose cost grows with the sequences or blocks; the rest costs O(1) per
+        executor (what ``/metrics`` asks for).
+        """
         out = {}
         for ex_id, ex in self.executors.items():
-            fill: dict[int, int] = {}
-            for seq in ex.seqs.values():
-                for i, b in enumerate(seq.block_table):
-                    filled = min(ex.block_size, seq.num_tokens - i * ex.block_size)
-                    fill[b] = max(fill.get(b, 0), filled)
             dev = ex.device
             c = ex.counters
             out[ex_id] = {
                 "block_size": ex.block_size,
                 "num_seqs": len(ex.seqs),
-                "num_running": sum(1 for s in ex.seqs.values() if not s.swapped),
-                "num_swapped": sum(1 for s in ex.seqs.values() if s.swapped),
                 "device": {
                     "total": dev.num_blocks, "free": dev.num_free, "used": dev.num_used,
-                    "cached_free": sum(1 for b in ex.cached_meta if dev.is_free(b)),
                     "usage_perc": 100.0 * dev.num_used / dev.num_blocks if dev.num_blocks else 0.0,
                 },
                 "cpu": {"total": ex.cpu.num_blocks, "free": ex.cpu.num_free, "used": ex.cpu.num_used,
                         "cached_free": len(ex.cpu_meta)},
-                "token_utilization": sum(fill.values()) / (len(fill) * ex.block_size) if fill else 1.0,
                 "prefix_cache": {
                     "queries_blocks": c["prefix_queries_blocks"], "hits_blocks": c["prefix_hits_blocks"],
                     "queries_tokens": c["prefix_queries_tokens"], "hits_tokens": c["prefix_hits_tokens"],
@@ -643,6 +639,16 @@ class BlockManager:
                 "cpu_tier": {"out_blocks": c["cpu_tier_out_blocks"], "in_blocks": c["cpu_tier_in_blocks"]},
                 "preemptions": {"swap": c["preemptions_swap"], "recompute": c["preemptions_recompute"]},
             }
+            if not summary:
+                out[ex_id]["num_running"] = sum(1 for s in ex.seqs.values() if not s.swapped)
+                out[ex_id]["num_swapped"] = sum(1 for s in ex.seqs.values() if s.swapped)
+                fill: dict[int, int] = {}
+                for seq in ex.seqs.values():
+                    for i, b in enumerate(seq.block_table):
+                        filled = min(ex.block_size, seq.num_tokens - i * ex.block_size)
+                        fill[b] = max(fill.get(b, 0), filled)
+                out[ex_id]["device"]["cached_free"] = sum(1 for b in ex.cached_meta if dev.is_free(b))
+                out[ex_id]["token_utilization"] = sum(fill.values()) / (len(fill) * ex.block_size) if fill else 1.0
         return out
 
     def sequence(self, executor_id: str, seq_id: str) -> dict:

@@ -48,7 +48,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 OPS = ("ping", "register", "step", "stats", "sequence", "match_prefix", "reset_prefix_cache", "cache_lookup",
        "cache_prefixes", "pin", "unpin", "pins", "block_map")
@@ -118,6 +118,7 @@ class Step(_Message):
 
 class Stats(_Message):
     op: Literal["stats"]
+    summary: StrictBool = False
 
 
 class SequenceQuery(_Message):

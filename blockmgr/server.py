@@ -62,7 +62,7 @@ def handle(manager: BlockManager, message: dict, principal: str | None = None) -
             return protocol.ok(**manager.step(r.executor_id, step_id=r.step_id, fork=r.fork, free=r.free,
                                               grow=r.grow, swap_in=r.swap_in, admit=r.admit))
         if r.op == "stats":
-            return protocol.ok(executors=manager.stats())
+            return protocol.ok(executors=manager.stats(summary=r.summary))
         if r.op == "sequence":
             return protocol.ok(sequence=manager.sequence(r.executor_id, r.seq_id))
         if r.op == "match_prefix":

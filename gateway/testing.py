@@ -25,7 +25,7 @@ from executor.client import ExecutorUnavailable, expected_outputs
 SAMPLING_FIELDS = frozenset({
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "min_tokens", "seed", "stop_token_ids", "ignore_eos", "logprobs", "prompt_logprobs",
-    "n", "use_beam_search", "beam_width",
+    "n", "use_beam_search", "beam_width", "logit_bias",
 })
 
 DEFAULT_REPLY = "Hello there! This is a fake reply, with 你好 and 🙂 in it."
@@ -99,7 +99,7 @@ class FakeBlockManager:
     def ping(self) -> None:
         self._enter("ping")
 
-    def stats(self) -> dict:
+    def stats(self, summary: bool = False) -> dict:
         self._enter("stats")
         with self._lock:
             out = {}
@@ -168,6 +168,7 @@ class FakeExecutor:
     Attributes:
         received: every generate message (dicts), for assertions.
         aborted: request ids aborted (by the client or by stopping early).
+        aborted_choices: ``(request id, index)`` of single completions aborted.
         down: when True it answers nothing (requests time out, generate never outputs).
     """
 
@@ -189,6 +190,7 @@ class FakeExecutor:
         self.vocab_size = vocab_size or (len(tokenizer) if tokenizer is not None else 49152)
         self.received: list[dict] = []
         self.aborted: list[str] = []
+        self.aborted_choices: list[tuple[str, int]] = []  # (request id, index) of single completions
         self.down = False
         self.num_active = 0
         self.last_seen: float | None = None
@@ -222,8 +224,11 @@ class FakeExecutor:
                 for rid, r in self._running.items() for seq_id in r["seqs"]]
         return reply
 
-    def abort(self, request_id: str) -> None:
-        self._abort_flags.add(request_id)
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        if index is None:
+            self._abort_flags.add(request_id)
+        else:
+            self.aborted_choices.append((request_id, index))
 
     def fail_all(self, reason: str) -> int:
         return 0
@@ -291,6 +296,11 @@ class FakeExecutor:
                         continue
                     if request_id in self._abort_flags:
                         return
+                    if (request_id, i) in self.aborted_choices:
+                        finished[i] = True
+                        if self.blockmgr:
+                            self.blockmgr.free(self.executor_id, seqs[i])
+                        continue
                     cont = conts[i]
                     token = cont[step] if step < len(cont) else self.eos_token_id
                     reason = None

@@ -14,9 +14,10 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 
-from gateway.auth import require_api_key
+from gateway.auth import cache_salt_for, require_api_key
 from gateway.errors import bad_request
 from gateway.generation import Job, close_runs, merged_deltas, start_runs, usage
+from gateway.limits import check_context, check_priority, check_sequences, logit_bias_pairs
 from gateway.logprobs import completion_logprobs, merge_completion_logprobs, prompt_entries
 from gateway.openai_protocol import Completion, CompletionRequest
 from gateway.routes.common import errors, now_s, stream_doc
@@ -41,13 +42,22 @@ async def create_completion(body: CompletionRequest, request: Request):
     gw.check_model(body.model)
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
-    prompts = completion_prompts(gw.tokenizer, body.prompt)
-    stops = stop_strings(body)
+    settings = gw.settings
     n = body.n
+    width = beam_width(body, n, body.best_of)
+    # Bounded before any tokenization: the number of prompts is known from the body's shape.
+    batch = isinstance(body.prompt, list) and bool(body.prompt) and not isinstance(body.prompt[0], int)
+    check_sequences(settings, len(body.prompt) if batch else 1, n, growth_width(body, n, width))
+    stops = stop_strings(body, settings)
+    check_priority(settings, body.priority)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo)", "max_tokens")
-    width = beam_width(body, n, body.best_of)
+    bias = logit_bias_pairs(settings, body.logit_bias, len(gw.tokenizer))
+    salt = cache_salt_for(request, body.cache_salt)
+    prompts = completion_prompts(gw.tokenizer, body.prompt)
+    for p in prompts:
+        check_context(settings, len(p.token_ids), max_tokens)
     echo_only = max_tokens == 0
     k = body.logprobs
     tt = gw.token_text
@@ -57,13 +67,13 @@ async def create_completion(body: CompletionRequest, request: Request):
 
     if echo_only:
         # One executor token per prompt (for prompt logprobs), or none at all without logprobs.
-        jobs = [Job(p.token_ids, executor_params(body, 1, 1, None, k, None), 1, [], body.priority, body.cache_salt,
-                    drop_output=True, choice_offset=i, min_tokens=body.min_tokens)
+        jobs = [Job(p.token_ids, executor_params(body, 1, 1, None, k, None, settings, bias), 1, [], body.priority,
+                    salt, drop_output=True, choice_offset=i, min_tokens=body.min_tokens)
                 for i, p in enumerate(prompts)] if k is not None else []
     else:
         jobs = [Job(p.token_ids, executor_params(body, max_tokens, n, k, k if (body.echo and k is not None) else None,
-                                                 width),
-                    n, stops, body.priority, body.cache_salt, choice_offset=i * n, width=growth_width(body, n, width),
+                                                 width, settings, bias),
+                    n, stops, body.priority, salt, choice_offset=i * n, width=growth_width(body, n, width),
                     min_tokens=body.min_tokens)
                 for i, p in enumerate(prompts)]
 
