@@ -402,7 +402,7 @@ def test_pins_survive_a_block_manager_restart_from_redis(redis_url, free_port):
 
     addr = f"tcp://127.0.0.1:{free_port()}"
     argv = [sys.executable, "-m", "blockmgr", "--bind", addr, "--redis-url", redis_url, "--eviction", "lfu",
-            "--pin-share", "0.25", "--log-level", "WARNING"]
+            "--pin-share", "0.25", "--log-level", "WARNING", "--insecure-local"]
     proc = subprocess.Popen(argv)
     client = BlockManagerClient(addr, timeout_s=20)
     try:
