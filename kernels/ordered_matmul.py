@@ -53,18 +53,18 @@ def kernel_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pagedserve" / "kernels"
 
 
-def _compile(cache_dir: Path) -> Path:
-    """Compile the C source into ``cache_dir`` (once per source and compiler) and return the .so.
+def _compile(cache_dir: Path, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the C source into ``cache_dir`` (once per source, compiler and flags); the .so path.
 
     Raises:
-        OSError / subprocess.CalledProcessError: no compiler, or it failed.
+        OSError: no C compiler on ``PATH``; subprocess.SubprocessError: it failed.
     """
     cc = os.environ.get("CC") or "cc"
     cc_path = shutil.which(cc)
     if cc_path is None:
         raise OSError(f"no C compiler {cc!r} on PATH")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc_path, *_CFLAGS, sys.platform]).encode()).hexdigest()[:16]
+    flags = [*_CFLAGS, *extra_flags]
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc_path, *flags, sys.platform]).encode()).hexdigest()[:16]
     lib = cache_dir / f"ordered_matmul-{key}.so"
     if lib.exists():
         return lib
@@ -72,12 +72,19 @@ def _compile(cache_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".ordered_matmul-", suffix=".so", dir=cache_dir)
     os.close(fd)
     try:
-        subprocess.run([cc_path, *_CFLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run([cc_path, *flags, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(tmp, lib)  # atomic: a concurrent process sees no half-written library
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return lib
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """Load a compiled kernel (from :func:`_compile`) and declare its signature."""
+    lib = ctypes.CDLL(str(path))
+    lib.ordered_matmul.restype = None
+    lib.ordered_matmul.argtypes = [ctypes.c_void_p] * 9
     return lib
 
 
@@ -95,8 +102,7 @@ def _library() -> ctypes.CDLL | None:
             raise RuntimeError("PAGEDSERVE_ORDERED_MATMUL=compiled needs a CPU with AVX2 and FMA")
         return None
     try:
-        path = _compile(kernel_cache_dir())
-        lib = ctypes.CDLL(str(path))
+        lib = load_library(_compile(kernel_cache_dir()))
     except (OSError, subprocess.SubprocessError) as exc:
         if choice == "compiled":
             raise
@@ -104,9 +110,6 @@ def _library() -> ctypes.CDLL | None:
         logger.warning("ordered_matmul: C kernel unavailable (%s %s); using the slower torch backend",
                        exc, detail.decode(errors="replace")[-500:])
         return None
-    fn = lib.ordered_matmul
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 9
     return lib
 
 
@@ -124,6 +127,10 @@ class OrderedMatmul:
         out: ``[B0, B1, B2, M, N]``, stride 1 in ``N``; written by :meth:`__call__`.
         rowsum: optional ``[B0, B1, B2, M]``, receives ``sum_k a[..., m, k]`` (in order).
 
+        library: a compiled kernel (:func:`load_library`) to use instead of the process's
+            :func:`backend` (the tests compare builds for different instruction sets with it).
+        use_torch: run the torch implementation whatever the backend.
+
     All four share one dtype and device. fp32 CPU tensors use :func:`backend`; anything else (the
     CUDA reference, other dtypes) the torch implementation.
 
@@ -135,7 +142,8 @@ class OrderedMatmul:
             in ``N``.
     """
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, rowsum: torch.Tensor | None = None):
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, rowsum: torch.Tensor | None = None,
+                 library: ctypes.CDLL | None = None, use_torch: bool = False):
         if a.dim() != 6 or b.dim() != 6 or out.dim() != 5:
             raise ValueError(f"expected a 6-d a and b and a 5-d out, got {a.dim()}, {b.dim()}, {out.dim()}")
         b0, b1, b2, m, k1, k2 = a.shape
@@ -151,7 +159,8 @@ class OrderedMatmul:
             raise ValueError("b and out need stride 1 in their last dimension")
         self.a, self.b, self.out, self.rowsum = a, b, out, rowsum
         self._args = None
-        if a.dtype == torch.float32 and a.device.type == "cpu" and _library() is not None:
+        self._library = None if use_torch else library or _library()
+        if a.dtype == torch.float32 and a.device.type == "cpu" and self._library is not None:
             i64 = ctypes.c_int64
             arrays = (
                 (i64 * 7)(b0, b1, b2, m, k1, k2, n),
@@ -165,7 +174,7 @@ class OrderedMatmul:
 
     def __call__(self) -> None:
         if self._args is not None:
-            _library().ordered_matmul(*self._args)
+            self._library.ordered_matmul(*self._args)
             return
         a, b, out, rowsum = self.a, self.b, self.out, self.rowsum
         b0, b1, b2, m, k1, k2 = a.shape
