@@ -12,7 +12,8 @@ Two implementations, chosen once per process (:func:`backend`):
   (``$CC`` or ``cc``) into ``$PAGEDSERVE_KERNEL_CACHE_DIR`` (default
   ``~/.cache/pagedserve/kernels``) and loaded with :mod:`ctypes`. Each output is one chain of
   ``fmaf`` over ascending ``k`` from 0; ``fmaf`` rounds once (IEEE 754 fusedMultiplyAdd), so every
-  SIMD width, and the scalar tail, gives the same bits. Single-threaded.
+  SIMD width, and the scalar tail, gives the same bits. Large products are split between up to
+  ``torch.get_num_threads()`` threads by whole outputs, which changes no bits either.
 - ``"torch"``: used where no C compiler works, on an x86 CPU without FMA (where ``fmaf`` is a slow
   library call), or when ``PAGEDSERVE_ORDERED_MATMUL=torch``. Each product is an elementwise
   multiply and a sum over the last dimension, of ``K2`` (fixed: 64 keys or head_dim) values, whose
@@ -42,7 +43,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("ordered_matmul.c")
-_CFLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
+_CFLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 #: Above this many elements, the torch backend splits a product's rows to bound its temporary.
 _TORCH_MAX_ELEMENTS = 1 << 22
 
@@ -84,7 +85,7 @@ def load_library(path: Path) -> ctypes.CDLL:
     """Load a compiled kernel (from :func:`_compile`) and declare its signature."""
     lib = ctypes.CDLL(str(path))
     lib.ordered_matmul.restype = None
-    lib.ordered_matmul.argtypes = [ctypes.c_void_p] * 9
+    lib.ordered_matmul.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64]
     return lib
 
 
@@ -174,7 +175,7 @@ class OrderedMatmul:
 
     def __call__(self) -> None:
         if self._args is not None:
-            self._library.ordered_matmul(*self._args)
+            self._library.ordered_matmul(*self._args, torch.get_num_threads())
             return
         a, b, out, rowsum = self.a, self.b, self.out, self.rowsum
         b0, b1, b2, m, k1, k2 = a.shape

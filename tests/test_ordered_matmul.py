@@ -88,3 +88,16 @@ def test_every_instruction_set_level_gives_the_same_bits(tmp_path):
         lib = load_library(ordered_matmul._compile(tmp_path, ("-DORDERED_MATMUL_NO_CLONES", f"-march={level}")))
         got = _run(a, b, library=lib)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), level
+
+
+def test_threads_change_no_bits():
+    a, b = _operands(m=300, n=96)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(a, b)
+        torch.set_num_threads(3)  # more threads than cores is fine: only the split changes
+        three = _run(a, b)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
