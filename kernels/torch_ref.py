@@ -76,6 +76,7 @@ class _Gather:
         tail: ``[n]`` int64 flat positions at or after each sequence's length (V is zeroed there).
         num_seqs, num_chunks: ``S`` and ``nC``.
         kt: ``[S, nC, KVH, D, chunk]`` keys, transposed per chunk (allocated by the first layer).
+        k: ``[S * nb, block_size, KVH, D]`` the keys as gathered, before the transposition.
         v: ``[S, nC, chunk, KVH, D]`` values.
     """
 
@@ -84,6 +85,7 @@ class _Gather:
     num_seqs: int
     num_chunks: int
     kt: torch.Tensor | None = None
+    k: torch.Tensor | None = None
     v: torch.Tensor | None = None
 
 
@@ -347,15 +349,19 @@ def paged_extend_attention_torch(
             gather.block_ids = gather.block_ids.to(key_cache.device)
             gather.tail = gather.tail.to(device)
             gather.kt = torch.empty((s, nc, num_kv_heads, head_dim, chunk), dtype=compute, device=device)
+            gather.k = torch.empty((s * nc * chunk // block_size, block_size, num_kv_heads, head_dim),
+                                   dtype=key_cache.dtype, device=key_cache.device)
             gather.v = torch.empty((s, nc, chunk, num_kv_heads, head_dim), dtype=compute, device=device)
         flat_v = gather.v.view(-1, block_size, num_kv_heads, head_dim)
         if value_cache.dtype == compute and value_cache.device == device:
             torch.index_select(value_cache, 0, gather.block_ids, out=flat_v)
         else:
             flat_v.copy_(value_cache.index_select(0, gather.block_ids))
+        # Keys into a reused buffer (a new one per layer would be page-faulted in every time).
+        torch.index_select(key_cache, 0, gather.block_ids, out=gather.k)
         per_chunk = chunk // block_size
-        keys = key_cache.index_select(0, gather.block_ids).view(s, nc, per_chunk, block_size, num_kv_heads, head_dim)
-        gather.kt.view(s, nc, num_kv_heads, head_dim, per_chunk, block_size).copy_(keys.permute(0, 1, 4, 5, 2, 3))
+        keys = gather.k.view(s, nc, per_chunk, block_size, num_kv_heads, head_dim).permute(0, 1, 4, 5, 2, 3)
+        gather.kt.view(s, nc, num_kv_heads, head_dim, per_chunk, block_size).copy_(keys)
         if gather.tail.numel():
             gather.v.view(-1, num_kv_heads * head_dim).index_fill_(0, gather.tail, 0)
     for w in plan.work:
