@@ -81,6 +81,14 @@ def _compile(cache_dir: Path, extra_flags: tuple[str, ...] = ()) -> Path:
     return lib
 
 
+def build() -> Path:
+    """Compile the kernel into :func:`kernel_cache_dir` now (an image build does this once).
+
+    Returns the library's path. Raises as :func:`_compile`.
+    """
+    return _compile(kernel_cache_dir())
+
+
 def load_library(path: Path) -> ctypes.CDLL:
     """Load a compiled kernel (from :func:`_compile`) and declare its signature."""
     lib = ctypes.CDLL(str(path))
