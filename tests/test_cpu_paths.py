@@ -62,14 +62,18 @@ import pytest
 sys.exit(pytest.main(["-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider", *args]))
 """ % {"unsupported": _UNSUPPORTED}
 
+#: oneDNN computes only the linear layers, the ordered products only the attention.
+LINEAR = [*UNIT, "-k", "linear"]
+ATTENTION = [*UNIT, "-k", "attention or plan"]
+
 PATHS = [
     ("MKL_CBWR", "AVX2", UNIT),
     ("MKL_CBWR", "AVX", UNIT),
     ("MKL_CBWR", "AVX512", UNIT),
     ("MKL_CBWR", "COMPATIBLE", UNIT),
-    ("ONEDNN_MAX_CPU_ISA", "AVX2", UNIT),
-    ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE", UNIT),
-    ("PAGEDSERVE_ORDERED_MATMUL", "torch", UNIT),
+    ("ONEDNN_MAX_CPU_ISA", "AVX2", LINEAR),
+    ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE", LINEAR),
+    ("PAGEDSERVE_ORDERED_MATMUL", "torch", ATTENTION),
     ("MKL_CBWR", "AVX2", END_TO_END),
 ]
 
