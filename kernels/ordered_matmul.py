@@ -31,6 +31,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -99,14 +100,14 @@ def load_library(path: Path) -> ctypes.CDLL:
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None for the torch backend (see the module docstring for when)."""
     choice = os.environ.get("PAGEDSERVE_ORDERED_MATMUL", "").lower()
     if choice not in ("", "compiled", "torch"):
         raise ValueError(f"PAGEDSERVE_ORDERED_MATMUL must be 'compiled' or 'torch', got {choice!r}")
     if choice == "torch":
         return None
-    machine = os.uname().machine if hasattr(os, "uname") else ""
     # x86 CPUs without FMA would run fmaf as a library call per element: far slower than torch.
-    if machine in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         if choice == "compiled":
             raise RuntimeError("PAGEDSERVE_ORDERED_MATMUL=compiled needs a CPU with AVX2 and FMA")
         return None
@@ -135,7 +136,6 @@ class OrderedMatmul:
         b: ``[B0, B1, B2, K1, K2, N]`` view, stride 1 in ``N``.
         out: ``[B0, B1, B2, M, N]``, stride 1 in ``N``; written by :meth:`__call__`.
         rowsum: optional ``[B0, B1, B2, M]``, receives ``sum_k a[..., m, k]`` (in order).
-
         library: a compiled kernel (:func:`load_library`) to use instead of the process's
             :func:`backend` (the tests compare builds for different instruction sets with it).
         use_torch: run the torch implementation whatever the backend.

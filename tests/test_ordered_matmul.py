@@ -1,6 +1,10 @@
 """kernels.ordered_matmul: products whose outputs do not depend on the batch or the instruction set."""
 
+import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +105,30 @@ def test_threads_change_no_bits():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+
+
+@pytest.mark.skipif(platform.machine() == "x86_64" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="on an x86 CPU without AVX2/FMA the compiler is never tried")
+def test_without_a_compiler_the_torch_backend_runs(tmp_path):
+    """No C compiler: a warning and the torch backend, or an error if the compiled one was asked for."""
+    child = (
+        "import logging, os\n"
+        "logging.basicConfig()\n"
+        "from kernels import ordered_matmul as m\n"
+        "print(m.backend())\n"
+        "os.environ['PAGEDSERVE_ORDERED_MATMUL'] = 'compiled'\n"
+        "m._library.cache_clear()\n"
+        "try:\n"
+        "    m.backend()\n"
+        "except OSError as exc:\n"
+        "    print('error:', exc)\n"
+    )
+    env = {**os.environ, "CC": "no-such-cc-xyz", "PAGEDSERVE_KERNEL_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("PAGEDSERVE_ORDERED_MATMUL", None)
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "torch" and "slower torch backend" in proc.stderr
+    assert lines[1] == "error: no C compiler 'no-such-cc-xyz' on PATH"
+    assert not list(tmp_path.iterdir())
