@@ -311,9 +311,10 @@ def paged_extend_attention_torch(
 
     - Copies: the blocks holding each sequence's context are copied once per call (one
       ``index_select`` for K, one for V), rounded up to whole chunks of
-      ``key_chunk_size(block_size)`` keys; grouped-query heads are folded into the query side, so
-      K/V are never repeated per query head. Only the tail of V past the context is written (zeroed,
-      so stale or NaN cache entries cannot reach the output).
+      ``key_chunk_size(block_size)`` keys, and K once more, transposed per chunk (``[D, C]``, so the
+      scores' product runs along keys); grouped-query heads are folded into the query side, so K/V
+      are never repeated per query head. Only the tail of V past the context is written (zeroed,
+      so stale or NaN cache entries cannot reach the output; stale keys are masked).
     - The two products, scores ``Q [rows, D] @ K_chunk^T [D, C]`` and outputs
       ``P [rows, keys] @ V [keys, D]``, run in :class:`kernels.ordered_matmul.OrderedMatmul`, which
       sums each output in one fixed order (ascending ``d``; ascending key, chunk by chunk) that
