@@ -1,5 +1,8 @@
 """Plain-torch PagedAttention operations: the CPU path and the reference for the Triton kernels.
 
+(The attention's two matrix products run in :mod:`kernels.ordered_matmul`: in fp32 on the CPU a
+small C kernel with a fixed order of summation, elsewhere torch.)
+
 Shapes and names follow vLLM's PagedAttention (Kwon et al., "Efficient Memory Management for
 Large Language Model Serving with PagedAttention", SOSP 2023):
 
