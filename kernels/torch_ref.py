@@ -1,5 +1,8 @@
 """Plain-torch PagedAttention operations: the CPU path and the reference for the Triton kernels.
 
+(The attention's two matrix products run in :mod:`kernels.ordered_matmul`: in fp32 on the CPU a
+small C kernel with a fixed order of summation, elsewhere torch.)
+
 Shapes and names follow vLLM's PagedAttention (Kwon et al., "Efficient Memory Management for
 Large Language Model Serving with PagedAttention", SOSP 2023):
 
@@ -17,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+from kernels.ordered_matmul import OrderedMatmul
 
 
 def write_kv_cache_torch(
@@ -45,8 +50,6 @@ def write_kv_cache_torch(
 MIN_KEY_CHUNK = 64
 #: Rows (query heads x tokens per KV head) in one query tile of a prefill (bounds the score matrix).
 QUERY_TILE_ROWS = 512
-#: Rows of the all-ones matrix whose product with the probabilities gives softmax denominators.
-_DENOM_ROWS = 16
 #: Shifted scores are clamped here before ``exp``: CPU ``exp`` is 10x slower on -inf and 100x
 #: slower where its result is subnormal (below e^-87.3). A probability under e^-87 (1.6e-38) thus
 #: becomes 1.6e-38, which no fp32 sum that includes the row's maximum (probability 1) can see.
@@ -75,13 +78,16 @@ class _Gather:
             blocks past a sequence's own repeat its first block: in range, masked or zeroed).
         tail: ``[n]`` int64 flat positions at or after each sequence's length (V is zeroed there).
         num_seqs, num_chunks: ``S`` and ``nC``.
-        k, v: ``[S, nC, chunk, KVH, D]`` buffers (allocated by the first layer).
+        kt: ``[S, nC, KVH, D, chunk]`` keys, transposed per chunk (allocated by the first layer).
+        k: ``[S * nb, block_size, KVH, D]`` the keys as gathered, before the transposition.
+        v: ``[S, nC, chunk, KVH, D]`` values.
     """
 
     block_ids: torch.Tensor
     tail: torch.Tensor
     num_seqs: int
     num_chunks: int
+    kt: torch.Tensor | None = None
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
 
@@ -96,7 +102,7 @@ class _Work:
         num_seqs, num_tokens: ``S`` and ``T`` (tokens per sequence).
         gather: index into the plan's ``gathers``.
         num_chunks: chunks the tokens can see (a prefix of the gathered ones).
-        hidden: ``[1, S, nC, C, T, 1]`` bool, True where a key is after the token (masked).
+        hidden: ``[1, S, nC, T, 1, C]`` bool, True where a key is after the token (masked).
         bufs: per-step buffers and their per-head views (built by the first layer).
     """
 
@@ -167,8 +173,8 @@ class ExtendAttentionPlan:
 
         def hidden_mask(q_pos: torch.Tensor, nc: int) -> torch.Tensor:
             s, t = q_pos.shape
-            key_pos = torch.arange(nc * chunk, device=device).view(1, nc, chunk, 1)
-            return (key_pos > q_pos.view(s, 1, 1, t)).view(1, s, nc, chunk, t, 1)
+            key_pos = torch.arange(nc * chunk, device=device).view(1, nc, 1, chunk)
+            return (key_pos > q_pos.view(s, 1, t, 1)).view(1, s, nc, t, 1, chunk)
 
         decodes: dict[int, list[int]] = {}
         for i, length in enumerate(lens):
@@ -200,26 +206,28 @@ class ExtendAttentionPlan:
 
 def _work_buffers(w: _Work, gather: _Gather, kvh: int, group: int, head_dim: int, chunk: int,
                   dtype: torch.dtype, device: torch.device) -> dict:
-    """Buffers of one work item and their per-KV-head views, reused by every layer of a step."""
+    """Buffers of one work item and its two products, reused by every layer of a step."""
     s, nc, d = w.num_seqs, w.num_chunks, head_dim
-    rows, batch = w.num_tokens * group, s * nc
-    k = gather.k[:, :nc].view(batch, chunk, kvh, d)  # a view (S == 1 or nc == all chunks): no copy
-    v = gather.v[:, :nc].view(batch, chunk, kvh, d)
-    qt = torch.empty((kvh, batch, d, rows), dtype=dtype, device=device)
-    scores = torch.empty((kvh, batch, chunk, rows), dtype=dtype, device=device)
-    num = torch.empty((kvh, batch, d, rows), dtype=dtype, device=device)
-    den = torch.empty((kvh * batch, _DENOM_ROWS, rows), dtype=dtype, device=device)
-    ones = torch.ones((1, _DENOM_ROWS, chunk), dtype=dtype, device=device).expand(kvh * batch, -1, -1)
+    rows = w.num_tokens * group
+    q = torch.empty((kvh, s, rows, d), dtype=dtype, device=device)
+    scores = torch.empty((kvh, s, nc, rows, chunk), dtype=dtype, device=device)
+    num = torch.empty((kvh, s, 1, rows, d), dtype=dtype, device=device)
+    den = torch.empty((kvh, s, 1, rows), dtype=dtype, device=device)
+    # Scores [rows, C] = Q [rows, D] @ K_chunk^T [D, C] per (KV head, sequence, chunk).
+    kt = gather.kt[:, :nc].permute(2, 0, 1, 3, 4).unsqueeze(3)  # [KVH, S, nC, 1, D, C]
+    q_as_a = q.view(kvh, s, 1, rows, 1, d).expand(-1, -1, nc, -1, -1, -1)
+    # Outputs [rows, D] = P [rows, nC * C] @ V [nC * C, D] per (KV head, sequence), summed over
+    # chunk 0, 1, ... and within a chunk over its keys in order; row sums are the denominators.
+    p = scores.permute(0, 1, 3, 2, 4).unsqueeze(2)  # [KVH, S, 1, rows, nC, C]
+    v = gather.v[:, :nc].permute(3, 0, 1, 2, 4).unsqueeze(2)  # [KVH, S, 1, nC, C, D]
     return {
-        "qt": qt.view(kvh, s, nc, d, rows),
-        "heads": [(k[:, :, h], qt[h], scores[h], v[:, :, h].transpose(1, 2), num[h]) for h in range(kvh)],
+        "q": q.view(kvh, s, w.num_tokens, group, d),
+        "by_seq": scores.view(kvh, s, nc, w.num_tokens, group, chunk),
         "scores": scores,
-        "by_seq": scores.view(kvh, s, nc, chunk, w.num_tokens, group),
-        "probs": scores.view(kvh * batch, chunk, rows),
-        "num": num.view(kvh, s, nc, d, rows),
-        "den": den,
-        "den_by_seq": den.view(kvh, s, nc, _DENOM_ROWS, rows)[:, :, :, :1],
-        "ones": ones,
+        "qk": OrderedMatmul(q_as_a, kt, scores),
+        "pv": OrderedMatmul(p, v, num, den),
+        "out": num.view(kvh, s, w.num_tokens, group, d),
+        "den": den.view(kvh, s, w.num_tokens, group, 1),
     }
 
 
@@ -231,29 +239,17 @@ def _attend(w: _Work, q: torch.Tensor) -> torch.Tensor:
         q: ``[KVH, S, T, G, D]``, already multiplied by the softmax scale.
 
     Returns:
-        ``[KVH, S, D, T, G]`` (a view of a buffer: copy it out before the next layer).
+        ``[KVH, S, T, G, D]`` (a view of a buffer: copy it out before the next layer).
     """
-    kvh, s, t, g, d = q.shape
     b = w.bufs
-    # Q^T of each (KV head, sequence), once per chunk.
-    b["qt"].copy_(q.reshape(kvh, s, 1, t * g, d).transpose(-1, -2).expand(-1, -1, w.num_chunks, -1, -1))
-    # Key-major scores: one [C, D] x [D, rows] product per (KV head, sequence, chunk).
-    for k_h, qt_h, scores_h, _, _ in b["heads"]:
-        torch.bmm(k_h, qt_h, out=scores_h)
+    b["q"].copy_(q)
+    b["qk"]()
     by_seq = b["by_seq"].masked_fill_(w.hidden, float("-inf"))
-    by_seq.sub_(by_seq.amax(dim=(2, 3), keepdim=True))
+    by_seq.sub_(by_seq.amax(dim=(2, 5), keepdim=True))
     b["scores"].clamp_(min=_EXP_FLOOR).exp_()
     by_seq.masked_fill_(w.hidden, 0.0)  # hidden keys: exactly 0
-    # Per-chunk numerators [D, C] x [C, rows] and denominators [16, C] x [C, rows] (row 0 used),
-    # then summed over chunks in order 0, 1, ... (cumsum is a sequential scan).
-    for _, _, probs_h, vt_h, num_h in b["heads"]:
-        torch.bmm(vt_h, probs_h, out=num_h)
-    torch.bmm(b["ones"], b["probs"], out=b["den"])
-    num, den = b["num"], b["den_by_seq"]
-    if w.num_chunks > 1:
-        num = num.cumsum(2)
-        den = den.cumsum(2)
-    return num[:, :, -1].div_(den[:, :, -1]).view(kvh, s, d, t, g)
+    b["pv"]()
+    return b["out"].div_(b["den"])
 
 
 def paged_decode_attention_torch(
@@ -318,19 +314,20 @@ def paged_extend_attention_torch(
 
     - Copies: the blocks holding each sequence's context are copied once per call (one
       ``index_select`` for K, one for V), rounded up to whole chunks of
-      ``key_chunk_size(block_size)`` keys; grouped-query heads are folded into the query side, so
-      K/V are never repeated per query head. Only the tail of V past the context is written (zeroed,
-      so stale or NaN cache entries cannot reach the output).
-    - Every matrix product has a fixed shape in two of its three dimensions: scores are
-      ``K_chunk [C, D] @ Q^T [D, rows]`` and outputs ``V_chunk^T [D, C] @ P_chunk [C, rows]``; only
-      ``rows`` (query heads x tokens) varies. On CPU (MKL, fp32) each output column then has the same
-      bits whatever ``rows`` is and wherever the query sits (checked for 1 to 2000 rows with 1 and 2
-      threads; tests/test_batch_invariance.py checks it end to end). A plain ``Q @ K^T`` would not
-      have: MKL picks different kernels (with different summation orders) for 1, 2-15 and 16+ rows.
+      ``key_chunk_size(block_size)`` keys, and K once more, transposed per chunk (``[D, C]``, so the
+      scores' product runs along keys); grouped-query heads are folded into the query side, so K/V
+      are never repeated per query head. Only the tail of V past the context is written (zeroed,
+      so stale or NaN cache entries cannot reach the output; stale keys are masked).
+    - The two products, scores ``Q [rows, D] @ K_chunk^T [D, C]`` and outputs
+      ``P [rows, keys] @ V [keys, D]``, run in :class:`kernels.ordered_matmul.OrderedMatmul`, which
+      sums each output in one fixed order (ascending ``d``; ascending key, chunk by chunk) that
+      depends on nothing but the output's own inputs: not on ``rows``, on the token's place among
+      them, or on the CPU's instruction set. BLAS gives no such promise (MKL's sgemm rounds a
+      one-row product differently from a 300-row one on its AVX2 path, the one AMD CPUs get).
     - Softmax: the maximum is exact in any order; ``exp`` runs over multiples of 64 floats (no scalar
-      tail; its input is clamped at ``_EXP_FLOOR`` to stay off slow paths); denominators come from
-      the same kind of fixed-shape product; chunk partials are added in chunk order, and chunks past
-      a token's position contribute exact zeros.
+      tail; its input is clamped at ``_EXP_FLOOR`` to stay off slow paths); denominators are summed
+      by the same kernel in the same key order; keys past a token's position (within its chunks, or
+      in chunks that only later tokens of a tile see) have probability exactly 0, and add nothing.
 
     So a token's output is the same whether it is computed alone (decode), inside a long prefill,
     in any chunk of a chunked prefill or again after preemption. Decodes (``q_len == 1``) with the
@@ -351,18 +348,24 @@ def paged_extend_attention_torch(
     # [KVH, T, G, D], scaled: the only copy of the queries.
     q_all = (query.to(compute) * scale).reshape(num_tokens, num_kv_heads, group, head_dim).transpose(0, 1)
     for gather in plan.gathers:
-        if gather.k is None:
-            shape = (gather.num_seqs, gather.num_chunks, chunk, num_kv_heads, head_dim)
+        s, nc = gather.num_seqs, gather.num_chunks
+        if gather.kt is None:
             gather.block_ids = gather.block_ids.to(key_cache.device)
             gather.tail = gather.tail.to(device)
-            gather.k = torch.empty(shape, dtype=compute, device=device)
-            gather.v = torch.empty(shape, dtype=compute, device=device)
-        for cache, buf in ((key_cache, gather.k), (value_cache, gather.v)):
-            flat = buf.view(-1, block_size, num_kv_heads, head_dim)
-            if cache.dtype == compute and cache.device == device:
-                torch.index_select(cache, 0, gather.block_ids, out=flat)
-            else:
-                flat.copy_(cache.index_select(0, gather.block_ids))
+            gather.kt = torch.empty((s, nc, num_kv_heads, head_dim, chunk), dtype=compute, device=device)
+            gather.k = torch.empty((s * nc * chunk // block_size, block_size, num_kv_heads, head_dim),
+                                   dtype=key_cache.dtype, device=key_cache.device)
+            gather.v = torch.empty((s, nc, chunk, num_kv_heads, head_dim), dtype=compute, device=device)
+        flat_v = gather.v.view(-1, block_size, num_kv_heads, head_dim)
+        if value_cache.dtype == compute and value_cache.device == device:
+            torch.index_select(value_cache, 0, gather.block_ids, out=flat_v)
+        else:
+            flat_v.copy_(value_cache.index_select(0, gather.block_ids))
+        # Keys into a reused buffer (a new one per layer would be page-faulted in every time).
+        torch.index_select(key_cache, 0, gather.block_ids, out=gather.k)
+        per_chunk = chunk // block_size
+        keys = gather.k.view(s, nc, per_chunk, block_size, num_kv_heads, head_dim).permute(0, 1, 4, 5, 2, 3)
+        gather.kt.view(s, nc, num_kv_heads, head_dim, per_chunk, block_size).copy_(keys)
         if gather.tail.numel():
             gather.v.view(-1, num_kv_heads * head_dim).index_fill_(0, gather.tail, 0)
     for w in plan.work:
@@ -375,8 +378,8 @@ def paged_extend_attention_torch(
             q = q_all[:, w.first_row : w.first_row + n]
         else:
             q = q_all.index_select(1, w.token_rows)
-        o = _attend(w, q.view(num_kv_heads, w.num_seqs, w.num_tokens, group, head_dim))  # [KVH, S, D, T, G]
-        o = o.permute(1, 3, 0, 4, 2).reshape(n, num_heads, head_dim)
+        o = _attend(w, q.view(num_kv_heads, w.num_seqs, w.num_tokens, group, head_dim))  # [KVH, S, T, G, D]
+        o = o.permute(1, 2, 0, 3, 4).reshape(n, num_heads, head_dim)
         if w.first_row >= 0:
             out[w.first_row : w.first_row + n] = o
         else:

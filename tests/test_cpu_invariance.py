@@ -1,7 +1,8 @@
 """The CPU path's building blocks give each row / token the same bits whatever the batch.
 
 These are the properties tests/test_batch_invariance.py relies on end to end, checked here on
-random tensors in a fraction of a second each (fp32, the test session's one thread).
+random tensors in a fraction of a second each (fp32, the test session's one thread);
+tests/test_cpu_paths.py runs this file again on each MKL / oneDNN code path the CPU has.
 """
 
 import pytest
@@ -12,6 +13,15 @@ from executor.model import Linear, RMSNorm
 from kernels.torch_ref import ExtendAttentionPlan, key_chunk_size, paged_extend_attention_torch
 
 SMOLLM_LINEARS = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The checks assume one intra-op thread (see docs/batch-invariance.md), whatever ran before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("in_f, out_f", SMOLLM_LINEARS + [(896, 1152)])
@@ -50,6 +60,14 @@ def test_rmsnorm_fast_path_is_the_hf_formula():
     expected = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
     assert torch.equal(norm(x), expected)
     assert torch.equal(norm(x[4:5]), expected[4:5])
+
+
+def test_rmsnorm_rows_do_not_depend_on_the_batch():
+    norm = RMSNorm(576, 1e-5)
+    x = torch.randn(300, 576, generator=torch.Generator().manual_seed(3))
+    full = norm(x)
+    for rows in (slice(0, 1), slice(7, 8), slice(0, 2), slice(5, 20), slice(299, 300)):
+        assert torch.equal(norm(x[rows]), full[rows]), rows
 
 
 def _paged(num_blocks=300, block_size=16, kvh=3, d=64, seed=0):

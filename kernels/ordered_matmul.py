@@ -1,0 +1,206 @@
+"""Batched fp32 products with a fixed order of summation: the CPU attention's matrix products.
+
+``out[i, m, n] = sum_k a[i, m, k] * b[i, k, n]`` where each output is summed in a way that
+depends only on the numbers that enter it, never on how many rows share the call, where a row
+sits, or which instruction set the CPU offers. BLAS libraries give no such promise: MKL's sgemm
+picks its kernel, and so its summation order, by the matrix shapes and by the CPU (its AVX2 path,
+which AMD processors get, rounds a one-row product differently from a 300-row one).
+
+Two implementations, chosen once per process (:func:`backend`):
+
+- ``"compiled"``: ``kernels/ordered_matmul.c``, compiled on first use with the system C compiler
+  (``$CC`` or ``cc``) into ``$PAGEDSERVE_KERNEL_CACHE_DIR`` (default
+  ``~/.cache/pagedserve/kernels``) and loaded with :mod:`ctypes`. Each output is one chain of
+  ``fmaf`` over ascending ``k`` from 0; ``fmaf`` rounds once (IEEE 754 fusedMultiplyAdd), so every
+  SIMD width, and the scalar tail, gives the same bits. Large products are split between up to
+  ``torch.get_num_threads()`` threads by whole outputs, which changes no bits either.
+- ``"torch"``: used where no C compiler works, on an x86 CPU without FMA (where ``fmaf`` is a slow
+  library call), or when ``PAGEDSERVE_ORDERED_MATMUL=torch``. Each product is an elementwise
+  multiply and a sum over the last dimension, of ``K2`` (fixed: 64 keys or head_dim) values, whose
+  order ATen fixes by that length and its CPU capability; the ``K1`` partial sums are added in
+  order by ``cumsum`` (a sequential scan). Bits differ from the compiled backend's, but are as
+  independent of the batch. Slower for prefill (it materializes every product).
+
+The reduction runs over ``k = k1 * K2 + k2`` (two levels, so a product can sum over several
+separately stored key chunks in order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("ordered_matmul.c")
+_CFLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
+#: Above this many elements, the torch backend splits a product's rows to bound its temporary.
+_TORCH_MAX_ELEMENTS = 1 << 22
+
+
+def kernel_cache_dir() -> Path:
+    """``$PAGEDSERVE_KERNEL_CACHE_DIR`` if set, else ``~/.cache/pagedserve/kernels``."""
+    env = os.environ.get("PAGEDSERVE_KERNEL_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pagedserve" / "kernels"
+
+
+def _compile(cache_dir: Path, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the C source into ``cache_dir`` (once per source, compiler and flags); the .so path.
+
+    Raises:
+        OSError: no C compiler on ``PATH``; subprocess.SubprocessError: it failed.
+    """
+    cc = os.environ.get("CC") or "cc"
+    cc_path = shutil.which(cc)
+    if cc_path is None:
+        raise OSError(f"no C compiler {cc!r} on PATH")
+    flags = [*_CFLAGS, *extra_flags]
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc_path, *flags, sys.platform]).encode()).hexdigest()[:16]
+    lib = cache_dir / f"ordered_matmul-{key}.so"
+    if lib.exists():
+        return lib
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ordered_matmul-", suffix=".so", dir=cache_dir)
+    os.close(fd)
+    try:
+        subprocess.run([cc_path, *flags, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, lib)  # atomic: a concurrent process sees no half-written library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def build() -> Path:
+    """Compile the kernel into :func:`kernel_cache_dir` now (an image build does this once).
+
+    Returns the library's path. Raises as :func:`_compile`.
+    """
+    return _compile(kernel_cache_dir())
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """Load a compiled kernel (from :func:`_compile`) and declare its signature."""
+    lib = ctypes.CDLL(str(path))
+    lib.ordered_matmul.restype = None
+    lib.ordered_matmul.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64]
+    return lib
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None for the torch backend (see the module docstring for when)."""
+    choice = os.environ.get("PAGEDSERVE_ORDERED_MATMUL", "").lower()
+    if choice not in ("", "compiled", "torch"):
+        raise ValueError(f"PAGEDSERVE_ORDERED_MATMUL must be 'compiled' or 'torch', got {choice!r}")
+    if choice == "torch":
+        return None
+    # x86 CPUs without FMA would run fmaf as a library call per element: far slower than torch.
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        if choice == "compiled":
+            raise RuntimeError("PAGEDSERVE_ORDERED_MATMUL=compiled needs a CPU with AVX2 and FMA")
+        return None
+    try:
+        lib = load_library(_compile(kernel_cache_dir()))
+    except (OSError, subprocess.SubprocessError) as exc:
+        if choice == "compiled":
+            raise
+        detail = getattr(exc, "stderr", b"") or b""
+        logger.warning("ordered_matmul: C kernel unavailable (%s %s); using the slower torch backend",
+                       exc, detail.decode(errors="replace")[-500:])
+        return None
+    return lib
+
+
+def backend() -> str:
+    """``"compiled"`` or ``"torch"``: the implementation this process uses (decided on first call)."""
+    return "compiled" if _library() is not None else "torch"
+
+
+class OrderedMatmul:
+    """One product, bound to its tensors once and run any number of times (e.g. once per layer).
+
+    Args:
+        a: ``[B0, B1, B2, M, K1, K2]`` view (any strides, 0 included).
+        b: ``[B0, B1, B2, K1, K2, N]`` view, stride 1 in ``N``.
+        out: ``[B0, B1, B2, M, N]``, stride 1 in ``N``; written by :meth:`__call__`.
+        rowsum: optional ``[B0, B1, B2, M]``, receives ``sum_k a[..., m, k]`` (in order).
+        library: a compiled kernel (:func:`load_library`) to use instead of the process's
+            :func:`backend` (the tests compare builds for different instruction sets with it).
+        use_torch: run the torch implementation whatever the backend.
+
+    All four share one dtype and device. fp32 CPU tensors use :func:`backend`; anything else (the
+    CUDA reference, other dtypes) the torch implementation.
+
+    The tensors must stay alive and in place while the object is used: only their addresses and
+    strides are kept (the inputs' contents are read at each call).
+
+    Raises:
+        ValueError: shapes that do not match, mixed dtypes or devices, or a stride other than 1
+            in ``N``.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, rowsum: torch.Tensor | None = None,
+                 library: ctypes.CDLL | None = None, use_torch: bool = False):
+        if a.dim() != 6 or b.dim() != 6 or out.dim() != 5:
+            raise ValueError(f"expected a 6-d a and b and a 5-d out, got {a.dim()}, {b.dim()}, {out.dim()}")
+        b0, b1, b2, m, k1, k2 = a.shape
+        n = b.shape[-1]
+        if tuple(b.shape) != (b0, b1, b2, k1, k2, n) or tuple(out.shape) != (b0, b1, b2, m, n):
+            raise ValueError(f"shapes do not match: a {tuple(a.shape)}, b {tuple(b.shape)}, out {tuple(out.shape)}")
+        if rowsum is not None and tuple(rowsum.shape) != (b0, b1, b2, m):
+            raise ValueError(f"rowsum must be {(b0, b1, b2, m)}, got {tuple(rowsum.shape)}")
+        tensors = [t for t in (a, b, out, rowsum) if t is not None]
+        if len({(t.dtype, t.device) for t in tensors}) != 1:
+            raise ValueError("a, b, out and rowsum need one dtype and device")
+        if n > 1 and (b.stride(-1) != 1 or out.stride(-1) != 1):
+            raise ValueError("b and out need stride 1 in their last dimension")
+        self.a, self.b, self.out, self.rowsum = a, b, out, rowsum
+        self._args = None
+        self._library = None if use_torch else library or _library()
+        if a.dtype == torch.float32 and a.device.type == "cpu" and self._library is not None:
+            i64 = ctypes.c_int64
+            arrays = (
+                (i64 * 7)(b0, b1, b2, m, k1, k2, n),
+                (i64 * 6)(*a.stride()),
+                (i64 * 5)(*b.stride()[:5]),
+                (i64 * 4)(*out.stride()[:4]),
+                (i64 * 4)(*(rowsum.stride() if rowsum is not None else (0, 0, 0, 0))),
+            )
+            ptrs = [t.data_ptr() if t is not None else None for t in (a, b, out, rowsum)]
+            self._args = (*arrays, *ptrs)
+
+    def __call__(self) -> None:
+        if self._args is not None:
+            self._library.ordered_matmul(*self._args, torch.get_num_threads())
+            return
+        a, b, out, rowsum = self.a, self.b, self.out, self.rowsum
+        b0, b1, b2, m, k1, k2 = a.shape
+        n = b.shape[-1]
+        bt = b.permute(0, 1, 2, 5, 3, 4).unsqueeze(3)  # [B0, B1, B2, 1, N, K1, K2]
+        step = max(1, _TORCH_MAX_ELEMENTS // max(1, b0 * b1 * b2 * n * k1 * k2))
+        for m0 in range(0, m, step):
+            rows = slice(m0, min(m, m0 + step))
+            # A contiguous product, so the sum below is over K2 contiguous values whatever the
+            # shapes (torch would otherwise pick the temporary's layout from the inputs' strides).
+            prod = torch.empty((b0, b1, b2, rows.stop - m0, n, k1, k2), dtype=a.dtype, device=a.device)
+            torch.mul(a[:, :, :, rows].unsqueeze(4), bt, out=prod)
+            out[:, :, :, rows] = _in_order(prod.sum(-1))
+        if rowsum is not None:
+            rowsum.copy_(_in_order(a.contiguous().sum(-1)))
+
+
+def _in_order(partials: torch.Tensor) -> torch.Tensor:
+    """``partials[..., 0] + partials[..., 1] + ...`` left to right (CPU ``cumsum`` is a scan)."""
+    return partials.cumsum(-1)[..., -1] if partials.shape[-1] > 1 else partials[..., 0]
