@@ -21,7 +21,6 @@ step *k+1*, so that is when its newly full blocks are hashed and published to th
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,22 @@ COUNTERS = (
 
 class BlockManagerError(Exception):
     """A request the block manager cannot act on (unknown executor or sequence, bad arguments)."""
+
+
+class StaleIncarnationError(BlockManagerError):
+    """A message from an executor process that a newer process with the same executor id replaced.
+
+    Its KV cache is no longer the one the block manager books; obeying it would hand out blocks
+    the new process never wrote. The old process must stop.
+    """
+
+
+class UnknownExecutorError(BlockManagerError):
+    """The executor id is not registered (never was, or the block manager restarted without Redis)."""
+
+
+# Fenced incarnations remembered per executor id: enough for a crash loop to be refused.
+RETIRED_INCARNATIONS_KEPT = 16
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -101,6 +116,10 @@ class ExecutorState:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     last_step_id: int | None = None
     last_reply: dict | None = None
+    incarnation: str | None = None  # the registered process; None: a client that sends none
+    retired: list[str] = field(default_factory=list)  # replaced incarnations, refused from now on
+    # Per executor (not global), so replaying one executor's log rebuilds exactly its arrivals.
+    next_arrival: int = 0
 
     def running(self):
         return [s for s in self.seqs.values() if not s.swapped and s.block_table]
@@ -146,21 +165,33 @@ class BlockManager:
         self.executors: dict[str, ExecutorState] = {}
         self.on_events = on_events
         self._events: list[list] = []
-        self._arrivals = itertools.count()
+        # Set by blockmgr.persistence: its health, shown in every executor's stats.
+        self.persistence: dict | None = None
 
     # -- registration -------------------------------------------------------------------------
     def register(self, executor_id: str, num_device_blocks: int, block_size: int, num_cpu_blocks: int = 0,
-                 cost: dict | None = None) -> dict:
-        """Register (or re-register) an executor's pools.
+                 cost: dict | None = None, incarnation: str | None = None) -> dict:
+        """Register an executor process's pools.
 
-        A re-registration with the same geometry keeps its state, so an executor that reconnects
-        does not lose its sequences; a different geometry starts over (the executor restarted).
+        Each executor process registers with a fresh ``incarnation`` id. The same incarnation
+        registering again (a reconnect after a network blip or a block-manager restart) with the
+        same geometry keeps its state. A new incarnation of a known executor id means the old
+        process is gone and its KV cache with it: every sequence, block and prefix-cache entry of
+        the old one is dropped (``AllBlocksCleared`` is published), and the old incarnation is
+        fenced: its messages are refused from now on. Without an incarnation (older clients), the
+        same geometry resumes and a different one starts over.
 
         Args:
             cost: the executor's measured :class:`~blockmgr.preemption.CostModel` fields.
+            incarnation: an id unique to this executor process (e.g. a UUID).
+
+        Returns:
+            ``{"resumed": bool, "num_seqs": int, "dropped_seqs": int}``: whether the state was
+            kept, how many sequences it holds, and how many of an old incarnation were dropped.
 
         Raises:
             BlockManagerError: non-positive block size or negative pool sizes.
+            StaleIncarnationError: ``incarnation`` was already replaced by a newer one.
         """
         if block_size <= 0 or num_device_blocks < 0 or num_cpu_blocks < 0:
             raise BlockManagerError(
@@ -168,33 +199,60 @@ class BlockManager:
             )
         cost_model = CostModel(**(cost or {}))
         old = self.executors.get(executor_id)
+        if old is not None and incarnation is not None and incarnation in old.retired:
+            raise StaleIncarnationError(self._stale_message(old, incarnation))
         if (
             old is not None
+            and old.incarnation == incarnation
             and old.block_size == block_size
             and old.device.num_blocks == num_device_blocks
             and old.cpu.num_blocks == num_cpu_blocks
         ):
             old.cost = cost_model
-            log.info("executor %s re-registered; keeping %d sequences", executor_id, len(old.seqs))
-            return {"resumed": True, "num_seqs": len(old.seqs)}
-        if old is not None and old.cache:
+            log.info("executor %s (incarnation %s) re-registered; keeping %d sequences",
+                     executor_id, incarnation, len(old.seqs))
+            return {"resumed": True, "num_seqs": len(old.seqs), "dropped_seqs": 0}
+        retired, dropped = [], 0
+        if old is not None:
+            dropped = len(old.seqs)
+            retired = list(old.retired)
+            if old.incarnation is not None and old.incarnation != incarnation:
+                retired = (retired + [old.incarnation])[-RETIRED_INCARNATIONS_KEPT:]
             self._emit(["AllBlocksCleared", executor_id])
+            log.warning(
+                "executor %s: incarnation %s replaces %s; dropped its %d sequences, %d used blocks and "
+                "%d prefix-cache entries", executor_id, incarnation, old.incarnation, dropped,
+                old.device.num_used, len(old.cache),
+            )
         self.executors[executor_id] = ExecutorState(
             executor_id, block_size, BlockPool(num_device_blocks), BlockPool(num_cpu_blocks),
             watermark_blocks=int(self.watermark * num_device_blocks), cost=cost_model,
+            incarnation=incarnation, retired=retired,
         )
         log.info(
-            "executor %s registered: %d device blocks, %d cpu blocks, block_size %d",
-            executor_id, num_device_blocks, num_cpu_blocks, block_size,
+            "executor %s registered (incarnation %s): %d device blocks, %d cpu blocks, block_size %d",
+            executor_id, incarnation, num_device_blocks, num_cpu_blocks, block_size,
         )
         self._flush_events()
-        return {"resumed": False, "num_seqs": 0}
+        return {"resumed": False, "num_seqs": 0, "dropped_seqs": dropped}
+
+    @staticmethod
+    def _stale_message(ex: ExecutorState, incarnation: str) -> str:
+        return (f"executor {ex.executor_id!r}: incarnation {incarnation!r} was replaced by incarnation "
+                f"{ex.incarnation!r}; its blocks are gone and its messages are refused (stop this process)")
+
+    def _fenced(self, executor_id: str, incarnation: str | None) -> ExecutorState:
+        """The executor's state, if ``incarnation`` is the registered one (or None)."""
+        ex = self._executor(executor_id)
+        if incarnation is not None and ex.incarnation is not None and incarnation != ex.incarnation:
+            raise StaleIncarnationError(self._stale_message(ex, incarnation))
+        return ex
 
     def _executor(self, executor_id: str) -> ExecutorState:
         try:
             return self.executors[executor_id]
         except KeyError:
-            raise BlockManagerError(f"unknown executor {executor_id!r}; register it first") from None
+            raise UnknownExecutorError(f"unknown executor {executor_id!r}; register it first") from None
 
     def _seq(self, ex: ExecutorState, seq_id: str) -> Sequence:
         try:
@@ -213,6 +271,7 @@ class BlockManager:
         grow: list[tuple[str, int, list[int]]] = (),
         swap_in: list[str] = (),
         admit: list[tuple[str, list[int], int, str | None, int]] = (),
+        incarnation: str | None = None,
     ) -> dict:
         """Apply one scheduler step's batched request (see the module docstring for the order).
 
@@ -227,6 +286,8 @@ class BlockManager:
             admit: ``(seq_id, prompt_token_ids, num_new_tokens, cache_salt, priority)``: a new
                 sequence; after the prefix-cache lookup it gets room for ``num_new_tokens`` more
                 tokens of its prompt.
+            incarnation: the sending process's incarnation (see :meth:`register`); None skips
+                the check.
 
         Returns:
             ``updates`` ``{seq: [start, block ids]}`` (set ``block_table[start:]``), ``denied``
@@ -237,8 +298,10 @@ class BlockManager:
 
         Raises:
             BlockManagerError: unknown executor or sequence, malformed entries.
+            UnknownExecutorError: the executor is not registered.
+            StaleIncarnationError: ``incarnation`` is not the registered one.
         """
-        ex = self._executor(executor_id)
+        ex = self._fenced(executor_id, incarnation)
         if step_id is not None and step_id == ex.last_step_id and ex.last_reply is not None:
             log.info("executor %s retried step %s; answering it again", executor_id, step_id)
             return ex.last_reply
@@ -440,7 +503,8 @@ class BlockManager:
         if blocks_for(len(prompt), bs) > ex.device.num_blocks:
             r.denied[seq_id] = DENIED_NEVER_FITS
             return
-        seq = Sequence(seq_id, cache_salt=salt, priority=priority, arrival=next(self._arrivals))
+        seq = Sequence(seq_id, cache_salt=salt, priority=priority, arrival=ex.next_arrival)
+        ex.next_arrival += 1
         hits, hashes = [], []
         if self.enable_prefix_caching:
             # Never the whole prompt: its last token must be computed to get logits.
@@ -621,6 +685,7 @@ class BlockManager:
             "seqs": [s.to_wire() for s in ex.seqs.values()],
             "cached": [[b, h, p, t] for b, (h, p, t) in ex.cached_meta.items()],
             "counters": ex.counters, "last_step_id": ex.last_step_id, "last_reply": ex.last_reply,
+            "incarnation": ex.incarnation, "retired": ex.retired, "next_arrival": ex.next_arrival,
             "saved_at": time.time(),
         }
 
@@ -629,6 +694,7 @@ class BlockManager:
         ex = ExecutorState(
             snap["executor_id"], snap["block_size"], BlockPool.restore(snap["device"]),
             BlockPool.restore(snap["cpu"]), snap["watermark_blocks"], CostModel(**snap["cost"]),
+            incarnation=snap.get("incarnation"), retired=list(snap.get("retired") or []),
         )
         for w in snap["seqs"]:
             seq = Sequence.from_wire(w)
@@ -638,7 +704,5 @@ class BlockManager:
             ex.cached_meta[b] = (h, p, list(t))
         ex.counters.update(snap["counters"])
         ex.last_step_id, ex.last_reply = snap["last_step_id"], snap["last_reply"]
+        ex.next_arrival = snap.get("next_arrival", max((s.arrival + 1 for s in ex.seqs.values()), default=0))
         self.executors[ex.executor_id] = ex
-        arrivals = [s.arrival for s in ex.seqs.values()]
-        if arrivals:
-            self._arrivals = itertools.count(max(max(arrivals) + 1, next(self._arrivals)))

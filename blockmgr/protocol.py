@@ -1,12 +1,16 @@
 """Wire protocol of the block-manager service: msgpack maps over a ZeroMQ ROUTER socket.
 
 Every request is a map with an ``"op"`` key; every reply is ``{"ok": true, ...result}`` or
-``{"ok": false, "error": message}``.
+``{"ok": false, "error": message}``, with ``"code"`` added where a client must act on the kind of
+refusal: ``"stale_incarnation"`` (a newer process of this executor id registered: stop) and
+``"unknown_executor"`` (not registered: register again).
 
 - ``ping`` -> ``{}``
 - ``register``: executor_id, num_device_blocks, block_size, num_cpu_blocks (default 0), cost
-  (optional map: bytes_per_block, copy_bandwidth, flops_per_token, flops_per_s) -> resumed, num_seqs
-- ``step``: executor_id, step_id, and the lists (each optional)
+  (optional map: bytes_per_block, copy_bandwidth, flops_per_token, flops_per_s), incarnation
+  (optional: an id unique to the executor process) -> resumed, num_seqs, dropped_seqs
+  (see :meth:`blockmgr.manager.BlockManager.register`)
+- ``step``: executor_id, step_id, incarnation (optional), and the lists (each optional)
   ``fork [[parent, child]]``, ``free [seq]``, ``grow [[seq, num_tokens, [new token ids]]]``,
   ``swap_in [seq]``, ``admit [[seq, [prompt ids], num_new_tokens, cache_salt|nil, priority]]``
   -> ``updates {seq: [start, [block ids]]}``, ``denied {seq: reason}``, ``admitted {seq:
@@ -61,5 +65,5 @@ def ok(**result: Any) -> dict[str, Any]:
     return {"ok": True, **result}
 
 
-def error(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": message}
+def error(message: str, code: str | None = None) -> dict[str, Any]:
+    return {"ok": False, "error": message, **({"code": code} if code else {})}

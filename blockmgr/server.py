@@ -14,7 +14,7 @@ import time
 import zmq
 
 from blockmgr import protocol
-from blockmgr.manager import BlockManager, BlockManagerError
+from blockmgr.manager import BlockManager, BlockManagerError, StaleIncarnationError, UnknownExecutorError
 
 log = logging.getLogger("pagedserve.blockmgr")
 
@@ -34,6 +34,7 @@ def handle(manager: BlockManager, message: dict) -> dict:
                     int(message.get("num_cpu_blocks", 0)),
                     {k: v for k, v in (message.get("cost") or {}).items()
                      if k in ("bytes_per_block", "copy_bandwidth", "flops_per_token", "flops_per_s")},
+                    _opt_str(message.get("incarnation")),
                 )
             )
         if op == "step":
@@ -47,6 +48,7 @@ def handle(manager: BlockManager, message: dict) -> dict:
                 swap_in=[str(s) for s in message.get("swap_in", [])],
                 admit=[(str(s), [int(t) for t in prompt], int(n), None if salt is None else str(salt), int(prio))
                        for s, prompt, n, salt, prio in message.get("admit", [])],
+                incarnation=_opt_str(message.get("incarnation")),
             ))
         if op == "stats":
             return protocol.ok(executors=manager.stats())
@@ -64,8 +66,16 @@ def handle(manager: BlockManager, message: dict) -> dict:
         return protocol.error(f"op {op!r} is missing field {exc.args[0]!r}")
     except (TypeError, ValueError) as exc:
         return protocol.error(f"op {op!r} has a malformed field: {exc}")
+    except StaleIncarnationError as exc:
+        return protocol.error(str(exc), "stale_incarnation")
+    except UnknownExecutorError as exc:
+        return protocol.error(str(exc), "unknown_executor")
     except BlockManagerError as exc:
         return protocol.error(str(exc))
+
+
+def _opt_str(value) -> str | None:
+    return None if value is None else str(value)
 
 
 MUTATING_OPS = ("register", "step", "reset_prefix_cache")

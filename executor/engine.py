@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
 
 import kernels
-from blockmgr.client import BlockManagerUnavailable
+from blockmgr.client import BlockManagerUnavailable, UnknownExecutor
 from executor.attention import AttentionMetadata
 from executor.beam_search import BeamSearchGroup
 from executor.cost_probe import measure_cost_model
@@ -95,6 +96,12 @@ class Engine:
         eos_token_ids: tokens that end a request unless it sets ``ignore_eos``.
         executor_id: this executor's name at the block manager.
         device, dtype: where and in what precision the KV cache lives.
+        incarnation: this process's id at the block manager (default: a fresh UUID). A new
+            incarnation makes the block manager drop what an earlier process of the same
+            ``executor_id`` held (its KV cache died with it) and refuse that process from then on.
+
+    Raises (from :meth:`step`):
+        blockmgr.client.StaleIncarnation: a newer process registered under ``executor_id``.
     """
 
     def __init__(
@@ -106,8 +113,10 @@ class Engine:
         executor_id: str = "executor-0",
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        incarnation: str | None = None,
     ):
         self.model = model
+        self.incarnation = incarnation or uuid.uuid4().hex
         self.bm = block_manager
         self.config = config
         self.eos_token_ids = set(eos_token_ids)
@@ -139,7 +148,12 @@ class Engine:
         self.block_manager_patience_s = 120.0
         bytes_per_block = 2 * model.num_layers * shape[1] * shape[2] * shape[3] * self.kv_caches[0][0].element_size()
         self.cost = measure_cost_model(model, self.device, bytes_per_block) if config.num_cpu_blocks else {}
-        self.bm.register(executor_id, config.num_blocks, config.block_size, config.num_cpu_blocks, self.cost)
+        self._register()
+
+    def _register(self) -> dict:
+        c = self.config
+        return self.bm.register(self.executor_id, c.num_blocks, c.block_size, c.num_cpu_blocks, self.cost,
+                                incarnation=self.incarnation)
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -220,6 +234,9 @@ class Engine:
             return []
         self._step_id += 1
         reply = self._bm_step(fork=fork, free=free, grow=grow, swap_in=[r.request_id for r in swap_ins], admit=admit)
+        if reply is None:
+            self._start_over(swap_ins)
+            return []
         outputs: list[RequestOutput] = []
         batch = self._apply_reply(reply, batch, swap_ins, outputs)
         self._apply_block_ops(reply)
@@ -236,17 +253,34 @@ class Engine:
         """Send this step to the block manager, retrying while it is unreachable.
 
         The step id makes a retry safe: a block manager that applied the step but lost the reply
-        (it restarted from Redis) answers the same step id with the same reply.
+        (it restarted from Redis) answers the same step id with the same reply. A block manager
+        that lost this executor (it restarted without Redis) gets it registered again; then
+        nothing of this step was applied and None is returned.
         """
         deadline = time.monotonic() + self.block_manager_patience_s
         while True:
             try:
-                return self.bm.step(self.executor_id, step_id=self._step_id, **lists)
+                return self.bm.step(self.executor_id, step_id=self._step_id, incarnation=self.incarnation, **lists)
             except BlockManagerUnavailable as exc:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("%s; retrying step %d", exc, self._step_id)
                 time.sleep(0.2)
+            except UnknownExecutor as exc:
+                log.warning("%s; registering again: every sequence restarts by recompute", exc)
+                self._register()
+                return None
+
+    def _start_over(self, swap_ins: list[Request]) -> None:
+        """Preempt every sequence by recompute: the block manager lost all of this executor's blocks."""
+        sched = self.scheduler
+        for req in swap_ins + list(sched.swapped):
+            if req in sched.swapped:
+                sched.swapped.remove(req)
+            sched.running.append(req)
+        for req in list(sched.running):
+            sched.preempt(req)
+            self.num_preemptions += 1
 
     @staticmethod
     def _salt(req: Request) -> str | None:

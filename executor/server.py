@@ -11,11 +11,12 @@ import logging
 import os
 import signal
 import time
+import uuid
 
 import torch
 import zmq
 
-from blockmgr.client import BlockManagerClient, BlockManagerUnavailable
+from blockmgr.client import BlockManagerClient, BlockManagerUnavailable, StaleIncarnation
 from executor import protocol
 from executor.engine import Engine, EngineConfig, RequestOutput
 from executor.request import SamplingParams
@@ -127,7 +128,13 @@ class ExecutorServer:
                     log.warning("dropping malformed message: %s", exc)
                 timeout = 0
             if self.engine.has_work():
-                for out in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except StaleIncarnation as exc:
+                    # A newer process owns this executor id: serving on would corrupt its blocks.
+                    log.critical("%s", exc)
+                    raise SystemExit(f"executor {self.engine.executor_id}: {exc}") from None
+                for out in outputs:
                     self._send_output(out)
 
 
@@ -193,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     per_block = kv_bytes_per_block(model, args.block_size, dtype)
     num_blocks = args.num_blocks or max(1, int(args.kv_cache_gib * 2**30 // per_block))
     log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num_blocks, args.block_size, num_blocks * per_block / 2**20)
+    # One per process: the block manager drops whatever an earlier process of this id held.
+    incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
     bm = connect_block_manager(args.blockmgr, args.executor_id, num_blocks, args.block_size)
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
@@ -200,10 +209,11 @@ def main(argv: list[str] | None = None) -> None:
         model, bm,
         EngineConfig(args.block_size, num_blocks, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len,
                      num_cpu_blocks=int(args.swap_space * 2**30 // per_block)),
-        eos_ids, executor_id=args.executor_id, device=args.device, dtype=dtype,
+        eos_ids, executor_id=args.executor_id, device=args.device, dtype=dtype, incarnation=incarnation,
     )
     info = {
         "executor_id": args.executor_id,
+        "incarnation": incarnation,
         "device": str(args.device),
         "model": str(model_dir),
         "num_blocks": num_blocks,
