@@ -135,7 +135,18 @@ class _StepReply:
     swap_out: list[list[int]] = field(default_factory=list)
     swap_in: list[list[int]] = field(default_factory=list)
     copies: list[list[int]] = field(default_factory=list)
+    # Every copy in the order it was decided, consecutive ones of a kind grouped:
+    # [[kind, [[src, dst], ...]], ...]. Only this order is right: a block copied on write may be
+    # swapped out later in the same step, and a block swapped out may then be a copy's target.
+    ops: list[list] = field(default_factory=list)
     grown_from: dict[str, int] = field(default_factory=dict)  # seq -> num_tokens before this step
+
+    def add_ops(self, kind: str, pairs: list[list[int]]) -> None:
+        getattr(self, "copies" if kind == "copy" else kind).extend(pairs)
+        if self.ops and self.ops[-1][0] == kind:
+            self.ops[-1][1].extend(pairs)
+        else:
+            self.ops.append([kind, list(pairs)])
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "grown_from"}
@@ -292,9 +303,12 @@ class BlockManager:
         Returns:
             ``updates`` ``{seq: [start, block ids]}`` (set ``block_table[start:]``), ``denied``
             ``{seq: "no_space" | "never_fits"}``, ``admitted`` ``{seq: num_cached_tokens}``,
-            ``preempted`` ``{seq: "swap" | "recompute"}``, ``swapped_in`` [seq], and the copies
-            to carry out before the forward pass, in this order: ``swap_out`` [[device, cpu]],
-            ``swap_in`` [[cpu, device]], ``copies`` [[src, dst]] (copy-on-write).
+            ``preempted`` ``{seq: "swap" | "recompute"}``, ``swapped_in`` [seq], and the block
+            copies to carry out before the forward pass: ``ops`` ``[[kind, [[src, dst], ...]],
+            ...]`` in the order they must run (kind ``"swap_out"``: device -> CPU block,
+            ``"swap_in"``: CPU -> device, ``"copy"``: device -> device, copy-on-write; the pairs of
+            one group are independent of each other), and the same pairs by kind, for
+            inspection: ``swap_out``, ``swap_in``, ``copies``.
 
         Raises:
             BlockManagerError: unknown executor or sequence, malformed entries.
@@ -337,6 +351,10 @@ class BlockManager:
             known[child] = False
         for seq_id in free:
             known.pop(seq_id, None)
+        for key, ids in (("grow", [g[0] for g in grow]), ("swap_in", swap_in)):
+            if len(set(ids)) != len(ids):
+                twice = sorted({s for s in ids if ids.count(s) > 1})
+                raise BlockManagerError(f"{key}: sequence(s) {twice} listed more than once in one step")
         for seq_id, num_tokens, token_ids in grow:
             if seq_id not in known:
                 raise BlockManagerError(f"grow: unknown sequence {seq_id!r} on executor {ex.executor_id!r}")
@@ -438,7 +456,7 @@ class BlockManager:
             src = seq.block_table[write_block]
             ex.device.decref(src)
             seq.block_table[write_block] = dst
-            r.copies.append([src, dst])
+            r.add_ops("copy", [[src, dst]])
             ex.counters["copy_on_write"] += 1
             start = write_block
         if need - (1 if cow else 0) > 0:
@@ -462,7 +480,7 @@ class BlockManager:
         n = len(seq.block_table)
         if n <= ex.cpu.num_free and ex.cost.prefer_swap(n, seq.num_tokens):
             cpu_blocks = ex.cpu.allocate(n)
-            r.swap_out.extend([g, c] for g, c in zip(seq.block_table, cpu_blocks))
+            r.add_ops("swap_out", [[g, c] for g, c in zip(seq.block_table, cpu_blocks)])
             for b in seq.block_table:
                 ex.device.decref(b)
             seq.cpu_table, seq.block_table, seq.swapped = cpu_blocks, [], True
@@ -485,7 +503,7 @@ class BlockManager:
             r.denied[seq.seq_id] = DENIED_NO_SPACE
             return
         blocks = self._allocate(ex, n)
-        r.swap_in.extend([c, g] for c, g in zip(seq.cpu_table, blocks))
+        r.add_ops("swap_in", [[c, g] for c, g in zip(seq.cpu_table, blocks)])
         for c in seq.cpu_table:
             ex.cpu.decref(c)
         seq.block_table, seq.cpu_table, seq.swapped = blocks, [], False

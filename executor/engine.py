@@ -335,20 +335,22 @@ class Engine:
         outputs.append(self._output(req, []))
 
     def _apply_block_ops(self, reply: dict) -> None:
-        """Swap-out, swap-in, then copy-on-write copies: all before this step's forward pass."""
+        """Carry out the step's swaps and copy-on-write copies before its forward pass, group by
+        group in the block manager's order (``reply["ops"]``: a block copied on write may be
+        swapped out later in the same step, a block swapped out may then be a copy's target)."""
         cuda = self.device.type == "cuda"
         swap = kernels.swap_blocks if cuda else kernels.swap_blocks_torch
-        for key, src_of, dst_of in (("swap_out", 0, 1), ("swap_in", 1, 0)):
-            if reply[key]:
-                mapping = torch.tensor(reply[key], dtype=torch.int64)
-                for dev_kv, cpu_kv in zip(self.kv_caches, self.cpu_caches):
-                    pair = (dev_kv, cpu_kv)
-                    for i in range(2):
-                        swap(pair[src_of][i], pair[dst_of][i], mapping)
-        if reply["copies"]:
-            mapping = torch.tensor(reply["copies"], dtype=torch.int64, device=self.device)
-            copy = kernels.copy_blocks if cuda else kernels.copy_blocks_torch
-            copy([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
+        copy = kernels.copy_blocks if cuda else kernels.copy_blocks_torch
+        for kind, pairs in reply["ops"]:
+            if kind == "copy":
+                mapping = torch.tensor(pairs, dtype=torch.int64, device=self.device)
+                copy([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
+                continue
+            mapping = torch.tensor(pairs, dtype=torch.int64)
+            for dev_kv, cpu_kv in zip(self.kv_caches, self.cpu_caches):
+                src, dst = (dev_kv, cpu_kv) if kind == "swap_out" else (cpu_kv, dev_kv)
+                for i in range(2):
+                    swap(src[i], dst[i], mapping)
 
     def _run(self, batch: list[tuple[Request, int]]) -> list[RequestOutput]:
         bs = self.config.block_size

@@ -3,10 +3,11 @@
 import threading
 
 import pytest
+import torch
 
 from blockmgr import protocol
 from blockmgr.client import BlockManagerClient, InProcessBlockManager, StaleIncarnation, UnknownExecutor
-from blockmgr.manager import BlockManager, StaleIncarnationError
+from blockmgr.manager import BlockManager, BlockManagerError, StaleIncarnationError
 from executor.engine import Engine, EngineConfig
 from executor.request import SamplingParams
 
@@ -143,3 +144,49 @@ def test_block_manager_restarted_without_its_state_gets_the_executor_registered_
             outs[o.request_id] += o.new_token_ids
     assert [outs["a"], outs["b"]] == reference, "every sequence resumed by recompute"
     assert bm.stats()["executor-0"]["device"]["used"] == 0
+
+
+SWAP_CHEAP = {"bytes_per_block": 1, "copy_bandwidth": 1e9, "flops_per_token": 1e9, "flops_per_s": 1e9}
+
+
+def test_copy_on_write_runs_before_the_swap_out_of_its_copy():
+    """A sequence copies its shared last block on write, then is swapped out in the same step to
+    make room: the copy must land before the swap-out reads the block (issue 12)."""
+    bm = BlockManager(watermark=0)
+    bm.register("ex", 4, BS, num_cpu_blocks=8, cost=SWAP_CHEAP)
+    bm.step("ex", admit=[("p", [1] * 6, 6, None, 5)])  # blocks 0, 1; the least important
+    bm.step("ex", admit=[("q", [2] * 4, 4, None, 0)])  # block 2
+    r = bm.step("ex", fork=[("p", "c")], grow=[("p", 7, [3]), ("q", 5, [2])])
+    # p copies its shared block 1 to 3, then q needs a block: p is swapped out, block 3 with it.
+    assert r["preempted"] == {"p": "swap"} and r["copies"] == [[1, 3]]
+    (cpu0, cpu1) = [c for _, c in r["swap_out"]]
+    assert r["ops"] == [["copy", [[1, 3]]], ["swap_out", [[0, cpu0], [3, cpu1]]]]
+
+    # The executor runs them in that order on real tensors.
+    engine = Engine.__new__(Engine)  # only the KV tensors are needed, not a model
+    engine.device = torch.device("cpu")
+    engine.kv_caches = [tuple(torch.arange(4.0).repeat_interleave(8).view(4, 2, 2, 2) + 10 * k for k in (1, 2))]
+    engine.cpu_caches = [tuple(torch.zeros(8, 2, 2, 2) for _ in range(2))]
+    engine._apply_block_ops(r)
+    for dev, cpu in zip(engine.kv_caches[0], engine.cpu_caches[0]):
+        assert torch.equal(cpu[cpu1], dev[1]), "the swapped-out copy holds block 1's K/V, not stale data"
+        assert torch.equal(cpu[cpu0], dev[0])
+
+
+def test_duplicate_swap_in_or_grow_is_refused_whole():
+    bm = BlockManager(watermark=0)
+    bm.register("ex", 4, BS, num_cpu_blocks=8, cost=SWAP_CHEAP)
+    bm.step("ex", admit=[("a", [1] * 8, 8, None, 0)])
+    bm.step("ex", admit=[("b", [2] * 8, 8, None, 0)])
+    assert bm.step("ex", grow=[("a", 9, [1])])["preempted"] == {"b": "swap"}
+    bm.step("ex", free=["a"])
+    before = bm.snapshot("ex")
+    with pytest.raises(BlockManagerError, match=r"swap_in: sequence\(s\) \['b'\] listed more than once"):
+        bm.step("ex", swap_in=["b", "b"], admit=[("c", [3] * 4, 4, None, 0)])
+    with pytest.raises(BlockManagerError, match="grow: .*listed more than once"):
+        bm.step("ex", grow=[("x", 1, [1]), ("x", 1, [1])])
+    after = bm.snapshot("ex")
+    assert {k: v for k, v in after.items() if k != "saved_at"} == {k: v for k, v in before.items() if k != "saved_at"}, \
+        "nothing of a refused step is applied"
+    r = bm.step("ex", swap_in=["b"])
+    assert r["swapped_in"] == ["b"] and r["ops"] == [["swap_in", r["swap_in"]]]
