@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from blockmgr.block_hash import ROOT_HASH, hash_block, hash_chain
 from blockmgr.block_pool import BlockPool
@@ -176,8 +176,8 @@ class BlockManager:
         self.executors: dict[str, ExecutorState] = {}
         self.on_events = on_events
         self._events: list[list] = []
-        # Set by blockmgr.persistence: its health, shown in every executor's stats.
-        self.persistence: dict | None = None
+        # Set by blockmgr.persistence: reports its health, shown in every executor's stats.
+        self.persistence: Callable[[], dict] | None = None
 
     # -- registration -------------------------------------------------------------------------
     def register(self, executor_id: str, num_device_blocks: int, block_size: int, num_cpu_blocks: int = 0,
@@ -639,7 +639,8 @@ class BlockManager:
 
     # -- inspection ----------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Per executor: block counts per tier, usage, utilization, prefix-cache and preemption counters."""
+        """Per executor: block counts per tier, usage, utilization, prefix-cache and preemption counters,
+        and, with a durable store, its health (``persistence``: see :meth:`blockmgr.persistence.RedisStore.status`)."""
         out = {}
         for ex_id, ex in self.executors.items():
             fill: dict[int, int] = {}
@@ -672,6 +673,8 @@ class BlockManager:
                 "copy_on_write": c["copy_on_write"],
                 "preemptions": {"swap": c["preemptions_swap"], "recompute": c["preemptions_recompute"]},
             }
+            if self.persistence is not None:
+                out[ex_id]["persistence"] = self.persistence()
         return out
 
     def sequence(self, executor_id: str, seq_id: str) -> dict:

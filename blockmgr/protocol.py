@@ -17,7 +17,10 @@ refusal: ``"stale_incarnation"`` (a newer process of this executor id registered
   num_cached_tokens}``, ``preempted {seq: "swap"|"recompute"}``, ``swapped_in [seq]``,
   ``swap_out [[device, cpu]]``, ``swap_in [[cpu, device]]``, ``copies [[src, dst]]``
   (see :meth:`blockmgr.manager.BlockManager.step`)
-- ``stats`` -> ``executors {id: counters}``
+- with ``--redis-url``, the replies of ``register``, ``step`` and ``reset_prefix_cache`` carry
+  ``durable``: true once the change is in Redis, false while Redis is down (the block manager
+  serves from memory; see :mod:`blockmgr.persistence`)
+- ``stats`` -> ``executors {id: counters}`` (with ``persistence {ok, error, ...}`` under Redis)
 - ``sequence``: executor_id, seq_id -> ``sequence`` (block table with refcounts, tiers, hashes)
 - ``match_prefix``: token_ids, cache_salt -> ``matches {executor_id: num_cached_tokens}``
 - ``reset_prefix_cache``: executor_id (optional) -> reset, dropped_blocks, blocks_in_use, message

@@ -99,8 +99,8 @@ def serve(bind: str, manager: BlockManager | None = None, store=None) -> None:
 
     Args:
         manager: the state machine (a fresh one by default).
-        store: a :class:`~blockmgr.persistence.RedisStore`; every change is saved to it before
-            the reply is sent.
+        store: a :class:`~blockmgr.persistence.RedisStore`; every change is recorded in it before
+            the reply is sent (see :mod:`blockmgr.persistence` for what happens while it is down).
     """
     manager = manager or BlockManager()
     ctx = zmq.Context.instance()
@@ -122,6 +122,8 @@ def serve(bind: str, manager: BlockManager | None = None, store=None) -> None:
     try:
         while not stopping:
             if not poller.poll(200):
+                if store is not None:
+                    store.heal(manager)  # Redis back: full snapshots now, not at the next request
                 continue
             frames = sock.recv_multipart()
             identity, payload = frames[0], frames[-1]
@@ -130,13 +132,15 @@ def serve(bind: str, manager: BlockManager | None = None, store=None) -> None:
                 message = protocol.decode(payload)
                 reply = handle(manager, message)
                 if store is not None and reply["ok"] and message.get("op") in MUTATING_OPS:
-                    ex_id = message.get("executor_id")
-                    store.save(manager, [str(ex_id)] if ex_id is not None else list(manager.executors))
+                    # Durable before the reply goes out; with Redis down, served from memory.
+                    reply["durable"] = store.record(manager, message, payload)
             except protocol.ProtocolError as exc:
                 reply = protocol.error(str(exc))
             except Exception as exc:  # a bug must not take the service down with every executor
                 log.exception("internal error handling %r", (message or {}).get("op"))
                 reply = protocol.error(f"internal error: {exc!r}")
+                if store is not None:
+                    store.invalidate(manager)  # the failed request may have changed some state
             if not reply["ok"]:
                 log.warning("request refused: %s", reply["error"])
             sock.send_multipart([identity, protocol.encode(reply)])
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ address to bind (default %(default)s)")
     parser.add_argument("--kv-events-bind", default=None, help="ZeroMQ PUB address for KV events (default: off)")
     parser.add_argument("--redis-url", default=None, help="keep durable state in Redis, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis-compact-every", type=int, default=1000,
+                        help="log records per executor after which a full snapshot replaces them (default %(default)s)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--watermark", type=float, default=0.01,
                         help="fraction of device blocks kept free at admission (default %(default)s)")
@@ -163,10 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.redis_url:
         from blockmgr.persistence import RedisStore
 
-        store = RedisStore(args.redis_url)
+        if args.redis_compact_every < 1:
+            parser.error("--redis-compact-every must be >= 1")
+        store = RedisStore(args.redis_url, compact_every=args.redis_compact_every)
         try:
             store.ping()
+            store.load(manager)
         except Exception as exc:
-            parser.error(f"--redis-url: cannot reach Redis at {args.redis_url}: {exc}")
-        store.load(manager)
+            parser.error(f"--redis-url: cannot load state from Redis at {args.redis_url}: {exc}")
     serve(args.bind, manager, store)
