@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ address to bind (default %(default)s)")
     parser.add_argument("--kv-events-bind", default=None, help="ZeroMQ PUB address for KV events (default: off)")
     parser.add_argument("--redis-url", default=None, help="keep durable state in Redis, e.g. redis://127.0.0.1:6379/0")
-    parser.add_argument("--redis-compact-every", type=int, default=1000,
-                        help="log records per executor after which a full snapshot replaces them (default %(default)s)")
+    parser.add_argument("--redis-compact-every", type=int, default=10_000,
+                        help="most step-log records per executor before a full snapshot replaces them; a log as "
+                             "large as its snapshot is compacted sooner (default %(default)s)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--watermark", type=float, default=0.01,
                         help="fraction of device blocks kept free at admission (default %(default)s)")

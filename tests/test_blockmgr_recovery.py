@@ -5,7 +5,6 @@ import threading
 import pytest
 import torch
 
-from blockmgr import protocol
 from blockmgr.client import BlockManagerClient, InProcessBlockManager, StaleIncarnation, UnknownExecutor
 from blockmgr.manager import BlockManager, BlockManagerError, StaleIncarnationError
 from executor.engine import Engine, EngineConfig

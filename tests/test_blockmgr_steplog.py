@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import time
 
-import msgpack
 import pytest
 import redis
 
@@ -95,6 +94,14 @@ def workload(manager, store, steps=30):
             apply(manager, store, {"op": "reset_prefix_cache", "executor_id": None})
 
 
+class _Huge(dict):
+    def get(self, key, default=None):
+        return 1 << 60
+
+    def __setitem__(self, key, value):
+        pass
+
+
 def state(manager):
     snap = manager.snapshot("ex")
     snap.pop("saved_at")
@@ -107,9 +114,9 @@ def test_each_step_appends_one_small_record_and_snapshot_plus_replay_rebuilds_th
     workload(manager, store)
     r = redis.Redis.from_url(redis_server.url)
     records = r.lrange(LOG_PREFIX + "ex", 0, -1)
-    assert len(records) == 31, "one record per step and per reset; the register wrote the snapshot"
-    snapshot_size = len(msgpack.packb(manager.snapshot("ex")))
-    assert max(len(rec) for rec in records) < snapshot_size / 4
+    assert 0 < len(records) == store.log_len["ex"] < 31
+    assert sum(map(len, records)) == store.log_bytes["ex"] < store.snapshot_bytes["ex"] == \
+        len(r.get(KEY_PREFIX + "ex")), "a log as large as the snapshot was compacted"
     stats = manager.stats()["ex"]
     assert stats["preemptions"]["swap"] > 0 and stats["copy_on_write"] > 0, "the workload swapped and forked"
     restored = BlockManager(watermark=0)
@@ -118,12 +125,29 @@ def test_each_step_appends_one_small_record_and_snapshot_plus_replay_rebuilds_th
     assert restored.stats() == manager.stats()
 
 
+def test_a_step_record_does_not_grow_with_the_pool(redis_server):
+    store = RedisStore(redis_server.url)
+    sizes = []
+    for num_blocks in (64, 64 * 1024):
+        manager = BlockManager(watermark=0)
+        apply(manager, store, {"op": "register", "executor_id": "ex", "num_device_blocks": num_blocks,
+                               "block_size": BS})
+        apply(manager, store, {"op": "step", "executor_id": "ex", "step_id": 1,
+                               "admit": [[f"s{i}", [i] * 30, 30, None, 0] for i in range(8)]})
+        apply(manager, store, {"op": "step", "executor_id": "ex", "step_id": 2,
+                               "grow": [[f"s{i}", 31, [7]] for i in range(8)]})
+        sizes.append((store.log_bytes["ex"], store.snapshot_bytes["ex"]))
+    (small_log, small_snap), (big_log, big_snap) = sizes
+    assert big_snap > 100 * small_snap and big_log == small_log, "O(what the step changed), not O(pool)"
+
+
 def test_compaction_replaces_the_log_with_a_snapshot(redis_server):
     manager = BlockManager(watermark=0)
-    store = RedisStore(redis_server.url, compact_every=8)
+    store = RedisStore(redis_server.url, compact_every=4)
+    store.snapshot_bytes = _Huge()  # only the record cap compacts
     workload(manager, store)
     r = redis.Redis.from_url(redis_server.url)
-    assert r.llen(LOG_PREFIX + "ex") < 8 and r.exists(KEY_PREFIX + "ex")
+    assert r.llen(LOG_PREFIX + "ex") == (31 % 4) and r.exists(KEY_PREFIX + "ex")
     restored = BlockManager(watermark=0)
     RedisStore(redis_server.url).load(restored)
     assert state(restored) == state(manager)
