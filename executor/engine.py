@@ -157,17 +157,24 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    cache_salt: str | None = None, priority: int = 0) -> None:
+                    cache_salt: str | None = None, priority: int = 0,
+                    output_token_ids: list[int] | None = None) -> None:
         """Queue a request; it joins the batch at the next step.
 
         Args:
             cache_salt: requests share prefix-cache blocks only with requests of the same salt.
             priority: lower is served first (ties: first come, first served); preemption picks
                 the highest value first.
+            output_token_ids: tokens the request already generated on an executor that died: it
+                resumes by recompute (its prompt and these are prefilled) and continues exactly
+                as it would have there: penalties, ``min_tokens`` and ``max_tokens`` count them,
+                and a seeded generator is advanced past their draws. Only for ``n == 1`` without
+                beam search.
 
         Raises:
-            ValueError: duplicate id, empty prompt, token ids outside the vocabulary, or
-                prompt + max_tokens beyond ``max_model_len``.
+            ValueError: duplicate id, empty prompt, token ids outside the vocabulary,
+                prompt + max_tokens beyond ``max_model_len``, or a resumed request that is done
+                already or has ``n > 1`` / beam search.
         """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -186,6 +193,15 @@ class Engine:
                 f"exceeds the model's context length {self.max_model_len}"
             )
         req = Request(request_id, list(prompt_token_ids), params, cache_salt=cache_salt, priority=priority)
+        if output_token_ids:
+            if params.n != 1 or params.use_beam_search:
+                raise ValueError("only n=1 requests without beam search can resume from output_token_ids")
+            if any(not (0 <= t < vocab) for t in output_token_ids):
+                raise ValueError(f"output token ids must be in [0, {vocab})")
+            if len(output_token_ids) >= params.max_tokens:
+                raise ValueError(f"the request already has {len(output_token_ids)} of its {params.max_tokens} tokens")
+            req.output_token_ids = list(output_token_ids)
+            req.owed_draws = len(output_token_ids) if params.temperature != 0 else 0
         self.requests[request_id] = req
         if params.use_beam_search:
             self.beam_of[request_id] = BeamSearchGroup(

@@ -6,7 +6,9 @@ Gateway -> executor:
   "priority": int, "cache_salt": str|None}``: ``params`` holds any fields of
   :class:`executor.request.SamplingParams` (unknown ones are refused); ``priority`` (default 0):
   lower values are scheduled first, ties first come first served; ``cache_salt``: prefix-cache
-  blocks are shared only between requests with the same salt.
+  blocks are shared only between requests with the same salt; ``output_token_ids`` (optional,
+  ``n == 1`` only): tokens the request already generated on an executor that died, so it resumes
+  here by recompute and continues exactly (see :meth:`executor.engine.Engine.add_request`).
 - ``{"op": "abort", "request_id"}``
 - ``{"op": "info", "nonce"}``, ``{"op": "ping", "nonce"}`` and ``{"op": "sequences", "nonce"}``:
   answered with the same nonce.

@@ -30,6 +30,11 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
     return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
 
 
+SEND_HWM = 100_000  # output messages queued per gateway before a send fails (and is reported)
+HEARTBEAT_IVL_MS = 500
+HEARTBEAT_TIMEOUT_MS = 1500
+
+
 class ExecutorServer:
     """Bridges the gateway's ROUTER socket and an :class:`Engine`."""
 
@@ -38,12 +43,27 @@ class ExecutorServer:
         self.info = info
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # A gateway that is gone, or one that no longer reads (its queue at the high-water mark),
+        # makes a send fail instead of being dropped silently (ROUTER's default); _send reports it.
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        # ZMTP heartbeats, answered by libzmq's I/O thread even in a long step: the gateway
+        # sees a dead executor within seconds, and this side drops a dead gateway's connection.
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.sock.bind(bind)
         self.owner: dict[str, list] = {}  # request_id -> [gateway identity, unfinished completions]
         self.stopping = False
 
-    def _send(self, identity: bytes, message: dict) -> None:
-        self.sock.send_multipart([identity, protocol.encode(message)])
+    def _send(self, identity: bytes, message: dict) -> bool:
+        """Send to one gateway; returns False (logged) when it cannot be delivered."""
+        try:
+            self.sock.send_multipart([identity, protocol.encode(message)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: gateway gone; EAGAIN: at the high-water mark
+            log.warning("cannot deliver %s for request %s to its gateway (%s)", message.get("op"),
+                        message.get("request_id"), exc.strerror)
+            return False
 
     def _send_output(self, out: RequestOutput) -> None:
         entry = self.owner.get(out.request_id)
@@ -54,7 +74,7 @@ class ExecutorServer:
             entry[1] -= 1
             if entry[1] <= 0:
                 del self.owner[out.request_id]
-        self._send(
+        delivered = self._send(
             identity,
             {
                 "op": "output",
@@ -70,6 +90,10 @@ class ExecutorServer:
                 "prompt_logprobs": out.prompt_logprobs,
             },
         )
+        if not delivered and not out.finished:
+            # Nobody will read the rest: stop computing it and free its blocks.
+            self.owner.pop(out.request_id, None)
+            self.engine.abort(out.request_id)
 
     def _handle(self, identity: bytes, msg: dict) -> None:
         op = msg.get("op")
@@ -80,7 +104,8 @@ class ExecutorServer:
                 salt = msg.get("cache_salt")
                 self.engine.add_request(rid, list(msg.get("prompt_token_ids") or []), params,
                                         cache_salt=None if salt is None else str(salt),
-                                        priority=int(msg.get("priority") or 0))
+                                        priority=int(msg.get("priority") or 0),
+                                        output_token_ids=[int(t) for t in msg.get("output_token_ids") or []])
             except (TypeError, ValueError) as exc:
                 self._send(identity, {
                     "op": "output", "request_id": rid, "token_ids": [], "finished": True,

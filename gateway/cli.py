@@ -104,7 +104,8 @@ def serve(argv: list[str]) -> int:
     if args.max_model_len is not None:
         gw_argv += ["--max-model-len", str(args.max_model_len)]
     gw_argv += ["--max-body-bytes", str(args.max_body_bytes),
-                "--max-waiting-requests", str(args.max_waiting_requests)]
+                "--max-waiting-requests", str(args.max_waiting_requests),
+                "--request-timeout", str(args.request_timeout)]
     # Keys travel in the environment, not argv, so `ps` does not show them.
     for var, value in (("PAGEDSERVE_API_KEY", args.api_key), ("PAGEDSERVE_ADMIN_KEY", args.admin_key)):
         if value:

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--max-body-bytes must be >= 1024")
     if args.max_waiting_requests < 0:
         parser.error("--max-waiting-requests must be >= 0")
+    if not args.request_timeout > 0:
+        parser.error("--request-timeout must be > 0")
     config = json.loads(config_path.read_text())
     max_len = args.max_model_len or int(config.get("max_position_embeddings", 2048))
     settings = GatewaySettings(
@@ -45,5 +47,6 @@ def main(argv: list[str] | None = None) -> None:
         admin_key=args.admin_key or None,
         max_body_bytes=args.max_body_bytes,
         max_waiting_requests=args.max_waiting_requests,
+        request_timeout_s=args.request_timeout,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())

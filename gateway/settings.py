@@ -25,8 +25,13 @@ class GatewaySettings:
         max_waiting_requests: requests accepted but not yet producing tokens, across executors,
             beyond which new requests get 503 with ``Retry-After`` (0: no limit).
         health_interval_s: how often the gateway polls each executor's ``info``.
-        executor_timeout_s: an executor silent this long while it has requests in flight is
-            declared dead and those requests fail with 503 / an error event.
+        executor_timeout_s: an executor connected but silent this long while it has requests in
+            flight (a hung process) is declared dead and those requests fail with 503 / an error
+            event. A process that dies is noticed within about 1.5 s (its connection drops).
+        request_timeout_s: the deadline of every request, from its arrival: past it the request
+            ends with a ``deadline_exceeded`` error (504, or an error event mid-stream) and its
+            blocks are freed. It also bounds how long a request waits for an executor to
+            resume on after its own died.
         version: reported by ``/version``.
     """
 
@@ -41,6 +46,7 @@ class GatewaySettings:
     max_waiting_requests: int = 0
     health_interval_s: float = 1.0
     executor_timeout_s: float = 60.0
+    request_timeout_s: float = 600.0
     version: str = "0.1.0"
 
 
@@ -53,5 +59,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
                         help="bearer token for /admin/* (default: $PAGEDSERVE_ADMIN_KEY; unset: loopback clients only)")
     parser.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
                         help="refuse request bodies over this size with 413 (default 8 MiB)")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="deadline of each request in seconds from its arrival, after which it ends with an "
+                             "error and frees its blocks (default %(default)s)")
     parser.add_argument("--max-waiting-requests", type=int, default=0,
                         help="answer 503 + Retry-After when this many requests wait for their first token (0: no limit)")
