@@ -6,7 +6,8 @@ change (no half UTF-8 character, nothing that could still become a stop string) 
 the logprob entries of the tokens it came from. Non-streamed replies join the same deltas the
 streamed ones send, so both always agree.
 
-Failures: each run has a deadline (``request_timeout_s`` after its arrival); past it the run is
+Failures: each run has a deadline (the request's ``request_timeout``, at most the server's
+``request_timeout_s``, after its arrival); past it the run is
 aborted on its executor (freeing its blocks) and ends with a 504 ``deadline_exceeded`` error. When
 its executor dies (or the request cannot be delivered), an ``n == 1`` run resumes on another
 healthy executor, or on the same one once it is back, waiting up to its deadline: it is sent
@@ -59,6 +60,7 @@ class Job:
     choice_offset: int = 0
     width: int = 1  # sequences that grow at once (n, or the beam width)
     min_tokens: int = 0
+    timeout_s: float | None = None  # the request's own deadline (capped by the server's)
 
 
 @dataclass
@@ -107,7 +109,8 @@ class Run:
         self.prompt_logprobs: list | None = None
         self.first_token_at: float | None = None
         self.choices = [_Choice(TextStream(gw.tokenizer, job.stop, job.skip_special_tokens)) for _ in range(job.n)]
-        self.deadline = arrival + gw.settings.request_timeout_s
+        self.timeout_s = min(job.timeout_s or gw.settings.request_timeout_s, gw.settings.request_timeout_s)
+        self.deadline = arrival + self.timeout_s
         self.num_resumes = 0
         self._gen = handle.client.generate(request_id, job.prompt_token_ids, job.params, job.priority, job.cache_salt)
         self._first: dict | None = None
@@ -141,8 +144,8 @@ class Run:
                 return None
             except asyncio.TimeoutError:
                 await self._gen.aclose()  # aborts it on the executor, which frees its blocks
-                raise APIError(504, f"the request did not finish within its deadline of "
-                                    f"{self.gw.settings.request_timeout_s:g}s", "timeout_error", None,
+                raise APIError(504, f"the request did not finish within its deadline of {self.timeout_s:g}s",
+                               "timeout_error", None,
                                "deadline_exceeded") from None
             except ExecutorUnavailable as exc:  # the generate message could not be delivered
                 msg = {"finish_reason": "error", "unavailable": True, "error": str(exc)}

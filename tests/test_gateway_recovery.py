@@ -149,3 +149,18 @@ def test_client_notices_a_dead_executor_within_two_seconds(free_port):
         await client.close()
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_request_field_shortens_the_deadline_but_never_extends_it(tok):
+    app, executors, bm = fake_app(tok, num_executors=1, executor_kwargs={"token_delay_s": 0.1},
+                                  request_timeout_s=2.5)
+    with serve_in_thread(app) as base:
+        for asked, limit in ((1, 1), (30, 2.5)):
+            t0 = time.monotonic()
+            r = httpx.post(base + "/v1/completions", json={"model": MODEL, **BODY, "max_tokens": 60,
+                                                           "request_timeout": asked}, timeout=30)
+            took = time.monotonic() - t0
+            assert r.status_code == 504 and f"deadline of {limit:g}s" in r.json()["error"]["message"]
+            assert limit <= took < limit + 1.5
+        r = httpx.post(base + "/v1/completions", json={"model": MODEL, **BODY, "request_timeout": 0.5}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "request_timeout"
