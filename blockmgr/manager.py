@@ -312,13 +312,26 @@ class BlockManager:
 
         Raises:
             BlockManagerError: unknown executor or sequence, malformed entries.
-            UnknownExecutorError: the executor is not registered.
+            UnknownExecutorError: the executor is not registered, or its state misses steps
+                (``step_id`` beyond the last one + 1: restored from stale storage), in which
+                case the state is dropped so that it registers afresh.
             StaleIncarnationError: ``incarnation`` is not the registered one.
         """
         ex = self._fenced(executor_id, incarnation)
         if step_id is not None and step_id == ex.last_step_id and ex.last_reply is not None:
             log.info("executor %s retried step %s; answering it again", executor_id, step_id)
             return ex.last_reply
+        if step_id is not None and ex.last_step_id is not None and step_id > ex.last_step_id + 1:
+            # Steps were applied that this state never saw: it was restored from a store that
+            # missed them (Redis was down). Obeying it would hand out blocks in use; start over.
+            del self.executors[executor_id]
+            self._emit(["AllBlocksCleared", executor_id])
+            self._flush_events()
+            log.error("executor %s sent step %d but this state ends at step %d (restored from stale storage); "
+                      "dropped it, the executor must register again", executor_id, step_id, ex.last_step_id)
+            raise UnknownExecutorError(
+                f"executor {executor_id!r}: step {step_id} follows step {ex.last_step_id} here; this state missed "
+                f"steps (restored from stale storage) and was dropped; register again")
         self._validate_step(ex, fork, free, grow, swap_in, admit)
         r = _StepReply()
         for parent, child in fork:

@@ -121,9 +121,9 @@ def serve(bind: str, manager: BlockManager | None = None, store=None) -> None:
     poller.register(sock, zmq.POLLIN)
     try:
         while not stopping:
+            if store is not None:
+                store.heal(manager)  # Redis back: full snapshots now, not at the next change
             if not poller.poll(200):
-                if store is not None:
-                    store.heal(manager)  # Redis back: full snapshots now, not at the next request
                 continue
             frames = sock.recv_multipart()
             identity, payload = frames[0], frames[-1]

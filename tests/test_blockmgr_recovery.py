@@ -5,8 +5,9 @@ import threading
 import pytest
 import torch
 
+from blockmgr import protocol
 from blockmgr.client import BlockManagerClient, InProcessBlockManager, StaleIncarnation, UnknownExecutor
-from blockmgr.manager import BlockManager, BlockManagerError, StaleIncarnationError
+from blockmgr.manager import BlockManager, BlockManagerError, StaleIncarnationError, UnknownExecutorError
 from executor.engine import Engine, EngineConfig
 from executor.request import SamplingParams
 
@@ -189,3 +190,23 @@ def test_duplicate_swap_in_or_grow_is_refused_whole():
         "nothing of a refused step is applied"
     r = bm.step("ex", swap_in=["b"])
     assert r["swapped_in"] == ["b"] and r["ops"] == [["swap_in", r["swap_in"]]]
+
+
+def test_state_restored_from_stale_storage_is_dropped_not_obeyed():
+    """Redis missed steps (it was down) and the block manager restarted from it: the executor's next
+    step id shows the gap; the stale state must not hand out blocks that are in use."""
+    bm = BlockManager(watermark=0)
+    bm.register("ex", 8, BS, incarnation="i")
+    bm.step("ex", step_id=1, incarnation="i", admit=[("a", [1] * 5, 5, None, 0)])
+    stale = protocol.decode(protocol.encode(bm.snapshot("ex")))  # as saved: a copy, not the live lists
+    bm.step("ex", step_id=2, incarnation="i", grow=[("a", 6, [1])])
+    bm.step("ex", step_id=3, incarnation="i", admit=[("b", [2] * 5, 5, None, 0)])
+    events = []
+    restarted = BlockManager(watermark=0, on_events=events.extend)
+    restarted.restore(stale)
+    assert restarted.step("ex", step_id=2, incarnation="i", grow=[("a", 6, [1])])["updates"] == {}, \
+        "the next step (a retry of a lost reply) is fine"
+    with pytest.raises(UnknownExecutorError, match="missed steps"):
+        restarted.step("ex", step_id=4, incarnation="i", grow=[("a", 7, [1])])
+    assert "ex" not in restarted.executors and events[-1] == ["AllBlocksCleared", "ex"]
+    assert restarted.register("ex", 8, BS, incarnation="i")["resumed"] is False

@@ -158,7 +158,7 @@ def test_redis_down_serves_from_memory_says_so_and_writes_a_snapshot_when_back(r
     store = RedisStore(redis_server.url, retry_every_s=0.0, timeout_s=0.5)
     workload(manager, store, steps=10)
     redis_server.kill()
-    reply = apply(manager, store, {"op": "step", "executor_id": "ex", "step_id": 100, "incarnation": "i1",
+    reply = apply(manager, store, {"op": "step", "executor_id": "ex", "step_id": 11, "incarnation": "i1",
                                    "admit": [["late", [9] * 5, 5, None, 0]]})
     assert reply["durable"] is False and reply["admitted"] == {"late": 0}, "applied and answered anyway"
     status = manager.stats()["ex"]["persistence"]
