@@ -26,6 +26,17 @@ class BlockManagerRequestError(Exception):
         self.code = code
 
 
+class StaleIncarnation(BlockManagerRequestError):
+    """A newer process registered under this executor id; this one must stop (its blocks are gone)."""
+
+
+class UnknownExecutor(BlockManagerRequestError):
+    """The block manager does not know this executor (it restarted without its state): register again."""
+
+
+_REFUSALS = {"stale_incarnation": StaleIncarnation, "unknown_executor": UnknownExecutor}
+
+
 class _Api:
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -33,14 +44,20 @@ class _Api:
     def _checked(self, message: dict[str, Any]) -> dict[str, Any]:
         reply = self._call(message)
         if not reply.get("ok"):
-            raise BlockManagerRequestError(reply.get("error", "unknown error"), reply.get("code"))
+            raise _REFUSALS.get(reply.get("code"), BlockManagerRequestError)(reply.get("error", "unknown error"),
+                                                                             reply.get("code"))
         return reply
 
     def ping(self) -> None:
         self._checked({"op": "ping"})
 
     def register(self, executor_id: str, num_device_blocks: int, block_size: int, num_cpu_blocks: int = 0,
-                 cost: dict | None = None) -> dict:
+                 cost: dict | None = None, incarnation: str | None = None) -> dict:
+        """Register an executor process's pools (see :meth:`blockmgr.manager.BlockManager.register`).
+
+        Raises:
+            StaleIncarnation: ``incarnation`` was replaced by a newer process.
+        """
         return self._checked(
             {
                 "op": "register",
@@ -49,18 +66,24 @@ class _Api:
                 "block_size": block_size,
                 "num_cpu_blocks": num_cpu_blocks,
                 "cost": cost or {},
+                "incarnation": incarnation,
             }
         )
 
-    def step(self, executor_id: str, step_id: int | None = None, **lists) -> dict:
+    def step(self, executor_id: str, step_id: int | None = None, incarnation: str | None = None, **lists) -> dict:
         """One batched request per scheduler step.
 
         Args:
+            incarnation: the sending process's incarnation; a replaced one is refused.
             lists: any of ``fork``, ``free``, ``grow``, ``swap_in``, ``admit``; see
                 :meth:`blockmgr.manager.BlockManager.step` for their entries and the reply.
+
+        Raises:
+            StaleIncarnation: a newer process registered under ``executor_id``.
+            UnknownExecutor: the block manager lost this executor's registration.
         """
         return self._checked({"op": "step", "executor_id": executor_id, "step_id": step_id,
-                              **{k: list(v) for k, v in lists.items()}})
+                              "incarnation": incarnation, **{k: list(v) for k, v in lists.items()}})
 
     def match_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> dict[str, int]:
         """Cached prefix length (tokens) of ``token_ids`` on each executor."""
@@ -171,5 +194,8 @@ class InProcessBlockManager(_Api):
         self._handle = handle
 
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+        from blockmgr import pins
+
+        pins.expire(self.manager)  # as the service does before each request
         # Round-trip through msgpack so in-process tests see exactly what the wire carries.
         return protocol.decode(protocol.encode(self._handle(self.manager, protocol.decode(protocol.encode(message)))))

@@ -11,9 +11,9 @@ CPU-tier blocks stay *free* in the CPU pool (refcount 0, in its LRU free queue),
 swap-out can always claim them; a claimed or reused CPU block drops its prefix
 (``BlockRemoved``). A block moving between tiers is announced as ``BlockMoved``.
 
-Ordering within one step: the executor applies every ``swap_out`` before every ``swap_in``. So a
-CPU block read by a ``swap_in`` of this step must not be written by a ``swap_out`` of the same
-step: such blocks are held (refcount 1) until the step ends (``hold`` / ``release_held``).
+Ordering within one step: the executor runs the reply's ``ops`` in the order they were decided.
+A CPU block read by a ``swap_in`` of this step is still held (refcount 1) until the step ends
+(``hold`` / ``release_held``), so no later ``swap_out`` of the same step can overwrite it.
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ def claim(manager, ex, cpu_blocks: list[int]) -> None:
         manager._emit(["BlockRemoved", ex.executor_id, gone])
 
 
-def move_out(manager, ex, moves: list[tuple[int, tuple]], swap_out: list) -> list[int]:
+def move_out(manager, ex, moves: list[tuple[int, tuple]], r) -> list[int]:
     """Move evicted device blocks ``[(block, (hash, parent, tokens))]`` to the CPU tier while it is
-    worth it; appends the copies to ``swap_out`` and returns the hashes that were dropped instead."""
+    worth it; adds the copies to the step reply ``r`` as ``swap_out`` ops (decided now, so they run
+    before anything this step later writes into those device blocks) and returns the hashes that
+    were dropped instead."""
     moved, dropped = [], []
     for b, meta in moves:
         if not worth_keeping(ex):
@@ -52,7 +54,7 @@ def move_out(manager, ex, moves: list[tuple[int, tuple]], swap_out: list) -> lis
         ex.cpu.decref(c)  # free again (back of the queue), but now holding the prefix
         ex.cpu_cache[meta[0]] = c
         ex.cpu_meta[c] = meta
-        swap_out.append([b, c])
+        r.add_ops("swap_out", [[b, c]])
         moved.append(meta[0])
     if moved:
         ex.counters["cpu_tier_out_blocks"] += len(moved)

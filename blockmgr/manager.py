@@ -21,11 +21,10 @@ step *k+1*, so that is when its newly full blocks are hashed and published to th
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from blockmgr.block_hash import ROOT_HASH, hash_block, hash_chain
 from blockmgr import cache_index, cpu_tier, pins
@@ -47,6 +46,22 @@ COUNTERS = (
 
 class BlockManagerError(Exception):
     """A request the block manager cannot act on (unknown executor or sequence, bad arguments)."""
+
+
+class StaleIncarnationError(BlockManagerError):
+    """A message from an executor process that a newer process with the same executor id replaced.
+
+    Its KV cache is no longer the one the block manager books; obeying it would hand out blocks
+    the new process never wrote. The old process must stop.
+    """
+
+
+class UnknownExecutorError(BlockManagerError):
+    """The executor id is not registered (never was, or the block manager restarted without Redis)."""
+
+
+# Fenced incarnations remembered per executor id: enough for a crash loop to be refused.
+RETIRED_INCARNATIONS_KEPT = 16
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -107,6 +122,10 @@ class ExecutorState:
     cpu_meta: dict[int, tuple[int, int, list[int]]] = field(default_factory=dict)  # CPU block -> meta
     last_step_id: int | None = None
     last_reply: dict | None = None
+    incarnation: str | None = None  # the registered process; None: a client that sends none
+    retired: list[str] = field(default_factory=list)  # replaced incarnations, refused from now on
+    # Per executor (not global), so replaying one executor's log rebuilds exactly its arrivals.
+    next_arrival: int = 0
 
     def running(self):
         return [s for s in self.seqs.values() if not s.swapped and s.block_table]
@@ -122,8 +141,19 @@ class _StepReply:
     swap_out: list[list[int]] = field(default_factory=list)
     swap_in: list[list[int]] = field(default_factory=list)
     copies: list[list[int]] = field(default_factory=list)
+    # Every copy in the order it was decided, consecutive ones of a kind grouped:
+    # [[kind, [[src, dst], ...]], ...]. Only this order is right: a block copied on write may be
+    # swapped out later in the same step, and a block swapped out may then be a copy's target.
+    ops: list[list] = field(default_factory=list)
     grown_from: dict[str, int] = field(default_factory=dict)  # seq -> num_tokens before this step
     cpu_held: list[int] = field(default_factory=list)  # CPU blocks read by this step (blockmgr.cpu_tier)
+
+    def add_ops(self, kind: str, pairs: list[list[int]]) -> None:
+        getattr(self, "copies" if kind == "copy" else kind).extend(pairs)
+        if self.ops and self.ops[-1][0] == kind:
+            self.ops[-1][1].extend(pairs)
+        else:
+            self.ops.append([kind, list(pairs)])
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("grown_from", "cpu_held")}
@@ -164,21 +194,33 @@ class BlockManager:
         self.executors: dict[str, ExecutorState] = {}
         self.on_events = on_events
         self._events: list[list] = []
-        self._arrivals = itertools.count()
+        # Set by blockmgr.persistence: reports its health, shown in every executor's stats.
+        self.persistence: Callable[[], dict] | None = None
 
     # -- registration -------------------------------------------------------------------------
     def register(self, executor_id: str, num_device_blocks: int, block_size: int, num_cpu_blocks: int = 0,
-                 cost: dict | None = None) -> dict:
-        """Register (or re-register) an executor's pools.
+                 cost: dict | None = None, incarnation: str | None = None) -> dict:
+        """Register an executor process's pools.
 
-        A re-registration with the same geometry keeps its state, so an executor that reconnects
-        does not lose its sequences; a different geometry starts over (the executor restarted).
+        Each executor process registers with a fresh ``incarnation`` id. The same incarnation
+        registering again (a reconnect after a network blip or a block-manager restart) with the
+        same geometry keeps its state. A new incarnation of a known executor id means the old
+        process is gone and its KV cache with it: every sequence, block and prefix-cache entry of
+        the old one is dropped (``AllBlocksCleared`` is published), and the old incarnation is
+        fenced: its messages are refused from now on. Without an incarnation (older clients), the
+        same geometry resumes and a different one starts over.
 
         Args:
             cost: the executor's measured :class:`~blockmgr.preemption.CostModel` fields.
+            incarnation: an id unique to this executor process (e.g. a UUID).
+
+        Returns:
+            ``{"resumed": bool, "num_seqs": int, "dropped_seqs": int}``: whether the state was
+            kept, how many sequences it holds, and how many of an old incarnation were dropped.
 
         Raises:
             BlockManagerError: non-positive block size or negative pool sizes.
+            StaleIncarnationError: ``incarnation`` was already replaced by a newer one.
         """
         if block_size <= 0 or num_device_blocks < 0 or num_cpu_blocks < 0:
             raise BlockManagerError(
@@ -186,29 +228,55 @@ class BlockManager:
             )
         cost_model = CostModel(**(cost or {}))
         old = self.executors.get(executor_id)
+        if old is not None and incarnation is not None and incarnation in old.retired:
+            raise StaleIncarnationError(self._stale_message(old, incarnation))
         if (
             old is not None
+            and old.incarnation == incarnation
             and old.block_size == block_size
             and old.device.num_blocks == num_device_blocks
             and old.cpu.num_blocks == num_cpu_blocks
         ):
             old.cost = cost_model
-            log.info("executor %s re-registered; keeping %d sequences", executor_id, len(old.seqs))
-            return {"resumed": True, "num_seqs": len(old.seqs)}
+            log.info("executor %s (incarnation %s) re-registered; keeping %d sequences",
+                     executor_id, incarnation, len(old.seqs))
+            return {"resumed": True, "num_seqs": len(old.seqs), "dropped_seqs": 0}
+        retired, dropped = [], 0
         if old is not None:
+            dropped = len(old.seqs)
+            retired = list(old.retired)
+            if old.incarnation is not None and old.incarnation != incarnation:
+                retired = (retired + [old.incarnation])[-RETIRED_INCARNATIONS_KEPT:]
             pins.dropped_with(self, old)
-        if old is not None and (old.cache or old.cpu_cache):
             self._emit(["AllBlocksCleared", executor_id])
+            log.warning(
+                "executor %s: incarnation %s replaces %s; dropped its %d sequences, %d used blocks and "
+                "%d prefix-cache entries", executor_id, incarnation, old.incarnation, dropped,
+                old.device.num_used, len(old.cache),
+            )
         self.executors[executor_id] = self._with_policy(ExecutorState(
             executor_id, block_size, BlockPool(num_device_blocks), BlockPool(num_cpu_blocks),
             watermark_blocks=int(self.watermark * num_device_blocks), cost=cost_model,
+            incarnation=incarnation, retired=retired,
         ))
         log.info(
-            "executor %s registered: %d device blocks, %d cpu blocks, block_size %d",
-            executor_id, num_device_blocks, num_cpu_blocks, block_size,
+            "executor %s registered (incarnation %s): %d device blocks, %d cpu blocks, block_size %d",
+            executor_id, incarnation, num_device_blocks, num_cpu_blocks, block_size,
         )
         self._flush_events()
-        return {"resumed": False, "num_seqs": 0}
+        return {"resumed": False, "num_seqs": 0, "dropped_seqs": dropped}
+
+    @staticmethod
+    def _stale_message(ex: ExecutorState, incarnation: str) -> str:
+        return (f"executor {ex.executor_id!r}: incarnation {incarnation!r} was replaced by incarnation "
+                f"{ex.incarnation!r}; its blocks are gone and its messages are refused (stop this process)")
+
+    def _fenced(self, executor_id: str, incarnation: str | None) -> ExecutorState:
+        """The executor's state, if ``incarnation`` is the registered one (or None)."""
+        ex = self._executor(executor_id)
+        if incarnation is not None and ex.incarnation is not None and incarnation != ex.incarnation:
+            raise StaleIncarnationError(self._stale_message(ex, incarnation))
+        return ex
 
     def _with_policy(self, ex: ExecutorState) -> ExecutorState:
         def use_of(block):
@@ -222,7 +290,7 @@ class BlockManager:
         try:
             return self.executors[executor_id]
         except KeyError:
-            raise BlockManagerError(f"unknown executor {executor_id!r}; register it first") from None
+            raise UnknownExecutorError(f"unknown executor {executor_id!r}; register it first") from None
 
     def _seq(self, ex: ExecutorState, seq_id: str) -> Sequence:
         try:
@@ -241,6 +309,7 @@ class BlockManager:
         grow: list[tuple[str, int, list[int]]] = (),
         swap_in: list[str] = (),
         admit: list[tuple[str, list[int], int, str | None, int]] = (),
+        incarnation: str | None = None,
     ) -> dict:
         """Apply one scheduler step's batched request (see the module docstring for the order).
 
@@ -255,23 +324,42 @@ class BlockManager:
             admit: ``(seq_id, prompt_token_ids, num_new_tokens, cache_salt, priority)``: a new
                 sequence; after the prefix-cache lookup it gets room for ``num_new_tokens`` more
                 tokens of its prompt.
+            incarnation: the sending process's incarnation (see :meth:`register`); None skips
+                the check.
 
         Returns:
             ``updates`` ``{seq: [start, block ids]}`` (set ``block_table[start:]``), ``denied``
             ``{seq: "no_space" | "never_fits"}``, ``admitted`` ``{seq: num_cached_tokens}``,
-            ``preempted`` ``{seq: "swap" | "recompute"}``, ``swapped_in`` [seq], and the copies
-            to carry out before the forward pass, in this order: ``swap_out`` [[device, cpu]],
-            ``swap_in`` [[cpu, device]], ``copies`` [[src, dst]] (copy-on-write).
+            ``preempted`` ``{seq: "swap" | "recompute"}``, ``swapped_in`` [seq], and the block
+            copies to carry out before the forward pass: ``ops`` ``[[kind, [[src, dst], ...]],
+            ...]`` in the order they must run (kind ``"swap_out"``: device -> CPU block,
+            ``"swap_in"``: CPU -> device, ``"copy"``: device -> device, copy-on-write; the pairs of
+            one group are independent of each other), and the same pairs by kind, for
+            inspection: ``swap_out``, ``swap_in``, ``copies``.
 
         Raises:
             BlockManagerError: unknown executor or sequence, malformed entries.
+            UnknownExecutorError: the executor is not registered, or its state misses steps
+                (``step_id`` beyond the last one + 1: restored from stale storage), in which
+                case the state is dropped so that it registers afresh.
+            StaleIncarnationError: ``incarnation`` is not the registered one.
         """
-        ex = self._executor(executor_id)
+        ex = self._fenced(executor_id, incarnation)
         if step_id is not None and step_id == ex.last_step_id and ex.last_reply is not None:
             log.info("executor %s retried step %s; answering it again", executor_id, step_id)
             return ex.last_reply
+        if step_id is not None and ex.last_step_id is not None and step_id > ex.last_step_id + 1:
+            # Steps were applied that this state never saw: it was restored from a store that
+            # missed them (Redis was down). Obeying it would hand out blocks in use; start over.
+            del self.executors[executor_id]
+            self._emit(["AllBlocksCleared", executor_id])
+            self._flush_events()
+            log.error("executor %s sent step %d but this state ends at step %d (restored from stale storage); "
+                      "dropped it, the executor must register again", executor_id, step_id, ex.last_step_id)
+            raise UnknownExecutorError(
+                f"executor {executor_id!r}: step {step_id} follows step {ex.last_step_id} here; this state missed "
+                f"steps (restored from stale storage) and was dropped; register again")
         self._validate_step(ex, fork, free, grow, swap_in, admit)
-        pins.expire(self)
         r = _StepReply()
         for parent, child in fork:
             self._fork(ex, parent, child)
@@ -304,6 +392,10 @@ class BlockManager:
             known[child] = False
         for seq_id in free:
             known.pop(seq_id, None)
+        for key, ids in (("grow", [g[0] for g in grow]), ("swap_in", swap_in)):
+            if len(set(ids)) != len(ids):
+                twice = sorted({s for s in ids if ids.count(s) > 1})
+                raise BlockManagerError(f"{key}: sequence(s) {twice} listed more than once in one step")
         for seq_id, num_tokens, token_ids in grow:
             if seq_id not in known:
                 raise BlockManagerError(f"grow: unknown sequence {seq_id!r} on executor {ex.executor_id!r}")
@@ -334,7 +426,7 @@ class BlockManager:
             if meta is not None:
                 del ex.cache[meta[0]]
                 moves.append((b, meta))
-        evicted = cpu_tier.move_out(self, ex, moves, r.swap_out) if moves else []
+        evicted = cpu_tier.move_out(self, ex, moves, r) if moves else []
         for h in evicted:
             ex.use.pop(h, None)
         if evicted:
@@ -412,7 +504,7 @@ class BlockManager:
             src = seq.block_table[write_block]
             ex.device.decref(src)
             seq.block_table[write_block] = dst
-            r.copies.append([src, dst])
+            r.add_ops("copy", [[src, dst]])
             ex.counters["copy_on_write"] += 1
             start = write_block
         if need - (1 if cow else 0) > 0:
@@ -437,7 +529,7 @@ class BlockManager:
         if n <= ex.cpu.num_free and ex.cost.prefer_swap(n, seq.num_tokens):
             cpu_blocks = ex.cpu.allocate(n)
             cpu_tier.claim(self, ex, cpu_blocks)
-            r.swap_out.extend([g, c] for g, c in zip(seq.block_table, cpu_blocks))
+            r.add_ops("swap_out", [[g, c] for g, c in zip(seq.block_table, cpu_blocks)])
             for b in seq.block_table:
                 ex.device.decref(b)
             seq.cpu_table, seq.block_table, seq.swapped = cpu_blocks, [], True
@@ -460,7 +552,7 @@ class BlockManager:
             r.denied[seq.seq_id] = DENIED_NO_SPACE
             return
         blocks = self._allocate(ex, n, r)
-        r.swap_in.extend([c, g] for c, g in zip(seq.cpu_table, blocks))
+        r.add_ops("swap_in", [[c, g] for c, g in zip(seq.cpu_table, blocks)])
         r.cpu_held.extend(seq.cpu_table)  # freed when the step ends (blockmgr.cpu_tier)
         seq.block_table, seq.cpu_table, seq.swapped = blocks, [], False
         ex.counters["swap_in_blocks"] += n
@@ -477,7 +569,8 @@ class BlockManager:
         if blocks_for(len(prompt), bs) > ex.device.num_blocks:
             r.denied[seq_id] = DENIED_NEVER_FITS
             return
-        seq = Sequence(seq_id, cache_salt=salt, priority=priority, arrival=next(self._arrivals))
+        seq = Sequence(seq_id, cache_salt=salt, priority=priority, arrival=ex.next_arrival)
+        ex.next_arrival += 1
         hits, hashes, from_cpu = [], [], []
         if self.enable_prefix_caching:
             # Never the whole prompt: its last token must be computed to get logits.
@@ -608,7 +701,8 @@ class BlockManager:
 
     # -- inspection ----------------------------------------------------------------------------
     def stats(self, summary: bool = False) -> dict:
-        """Per executor: block counts per tier, usage, utilization, prefix-cache and preemption counters.
+        """Per executor: block counts per tier, usage, utilization, prefix-cache and preemption counters,
+        and, with a durable store, its health (``persistence``: see :meth:`blockmgr.persistence.RedisStore.status`).
 
         ``summary``: leave out ``num_running``, ``num_swapped``, ``token_utilization`` and
         ``device.cached_free``, whose cost grows with the sequences or blocks; the rest costs O(1) per
@@ -649,6 +743,8 @@ class BlockManager:
                         fill[b] = max(fill.get(b, 0), filled)
                 out[ex_id]["device"]["cached_free"] = sum(1 for b in ex.cached_meta if dev.is_free(b))
                 out[ex_id]["token_utilization"] = sum(fill.values()) / (len(fill) * ex.block_size) if fill else 1.0
+            if self.persistence is not None:
+                out[ex_id]["persistence"] = self.persistence()
         return out
 
     def sequence(self, executor_id: str, seq_id: str) -> dict:
@@ -682,6 +778,7 @@ class BlockManager:
             "counters": ex.counters, "last_step_id": ex.last_step_id, "last_reply": ex.last_reply,
             "use": [[h, *u] for h, u in ex.use.items()], "pins": list(ex.pins.values()),
             "cpu_cached": [[b, h, p, t] for b, (h, p, t) in ex.cpu_meta.items()],
+            "incarnation": ex.incarnation, "retired": ex.retired, "next_arrival": ex.next_arrival,
             "saved_at": time.time(),
         }
 
@@ -690,6 +787,7 @@ class BlockManager:
         ex = ExecutorState(
             snap["executor_id"], snap["block_size"], BlockPool.restore(snap["device"]),
             BlockPool.restore(snap["cpu"]), snap["watermark_blocks"], CostModel(**snap["cost"]),
+            incarnation=snap.get("incarnation"), retired=list(snap.get("retired") or []),
         )
         for w in snap["seqs"]:
             seq = Sequence.from_wire(w)
@@ -704,7 +802,5 @@ class BlockManager:
         ex.pins = {rec["pin_id"]: rec for rec in snap.get("pins", ())}
         ex.counters.update(snap["counters"])
         ex.last_step_id, ex.last_reply = snap["last_step_id"], snap["last_reply"]
+        ex.next_arrival = snap.get("next_arrival", max((s.arrival + 1 for s in ex.seqs.values()), default=0))
         self.executors[ex.executor_id] = self._with_policy(ex)
-        arrivals = [s.arrival for s in ex.seqs.values()]
-        if arrivals:
-            self._arrivals = itertools.count(max(max(arrivals) + 1, next(self._arrivals)))

@@ -1,19 +1,26 @@
 """Wire protocol of the block-manager service: msgpack maps over a ZeroMQ ROUTER socket.
 
 Every request is a map with an ``"op"`` key; every reply is ``{"ok": true, ...result}`` or
-``{"ok": false, "error": message}``.
+``{"ok": false, "error": message}``, with ``"code"`` added where a client must act on the kind of
+refusal: ``"stale_incarnation"`` (a newer process of this executor id registered: stop) and
+``"unknown_executor"`` (not registered: register again).
 
 - ``ping`` -> ``{}``
 - ``register``: executor_id, num_device_blocks, block_size, num_cpu_blocks (default 0), cost
-  (optional map: bytes_per_block, copy_bandwidth, flops_per_token, flops_per_s) -> resumed, num_seqs
-- ``step``: executor_id, step_id, and the lists (each optional)
+  (optional map: bytes_per_block, copy_bandwidth, flops_per_token, flops_per_s), incarnation
+  (optional: an id unique to the executor process) -> resumed, num_seqs, dropped_seqs
+  (see :meth:`blockmgr.manager.BlockManager.register`)
+- ``step``: executor_id, step_id, incarnation (optional), and the lists (each optional)
   ``fork [[parent, child]]``, ``free [seq]``, ``grow [[seq, num_tokens, [new token ids]]]``,
   ``swap_in [seq]``, ``admit [[seq, [prompt ids], num_new_tokens, cache_salt|nil, priority]]``
   -> ``updates {seq: [start, [block ids]]}``, ``denied {seq: reason}``, ``admitted {seq:
   num_cached_tokens}``, ``preempted {seq: "swap"|"recompute"}``, ``swapped_in [seq]``,
   ``swap_out [[device, cpu]]``, ``swap_in [[cpu, device]]``, ``copies [[src, dst]]``
   (see :meth:`blockmgr.manager.BlockManager.step`)
-- ``stats`` -> ``executors {id: counters}``
+- with ``--redis-url``, the replies of ``register``, ``step`` and ``reset_prefix_cache`` carry
+  ``durable``: true once the change is in Redis, false while Redis is down (the block manager
+  serves from memory; see :mod:`blockmgr.persistence`)
+- ``stats`` -> ``executors {id: counters}`` (with ``persistence {ok, error, ...}`` under Redis)
 - ``sequence``: executor_id, seq_id -> ``sequence`` (block table with refcounts, tiers, hashes)
 - ``match_prefix``: token_ids, cache_salt -> ``matches {executor_id: num_cached_tokens}``
 - ``reset_prefix_cache``: executor_id (optional) -> reset, dropped_blocks, blocks_in_use, message
@@ -103,6 +110,7 @@ class Register(_Message):
     block_size: Annotated[StrictInt, Field(ge=1, le=MAX_BLOCK_SIZE)]
     num_cpu_blocks: Annotated[StrictInt, Field(ge=0, le=MAX_BLOCKS)] = 0
     cost: Cost = Cost()
+    incarnation: Union[Id, None] = None
 
 
 class Step(_Message):
@@ -114,6 +122,7 @@ class Step(_Message):
     grow: _entries(tuple[Id, Count, Tokens]) = []
     swap_in: _entries(Id) = []
     admit: _entries(tuple[Id, Tokens, Count, Salt, Int64]) = []
+    incarnation: Union[Id, None] = None
 
 
 class Stats(_Message):

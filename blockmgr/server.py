@@ -18,7 +18,7 @@ import zmq
 
 from blockmgr import cache_index, pins, protocol, security
 from blockmgr.eviction import POLICIES
-from blockmgr.manager import BlockManager, BlockManagerError
+from blockmgr.manager import BlockManager, BlockManagerError, StaleIncarnationError, UnknownExecutorError
 from blockmgr.security import OPERATORS
 
 log = logging.getLogger("pagedserve.blockmgr")
@@ -57,10 +57,11 @@ def handle(manager: BlockManager, message: dict, principal: str | None = None) -
             return protocol.ok()
         if r.op == "register":
             return protocol.ok(**manager.register(r.executor_id, r.num_device_blocks, r.block_size,
-                                                  r.num_cpu_blocks, r.cost.model_dump()))
+                                                  r.num_cpu_blocks, r.cost.model_dump(), r.incarnation))
         if r.op == "step":
             return protocol.ok(**manager.step(r.executor_id, step_id=r.step_id, fork=r.fork, free=r.free,
-                                              grow=r.grow, swap_in=r.swap_in, admit=r.admit))
+                                              grow=r.grow, swap_in=r.swap_in, admit=r.admit,
+                                              incarnation=r.incarnation))
         if r.op == "stats":
             return protocol.ok(executors=manager.stats(summary=r.summary))
         if r.op == "sequence":
@@ -72,6 +73,10 @@ def handle(manager: BlockManager, message: dict, principal: str | None = None) -
         return _cache_op(manager, r)
     except protocol.ProtocolError as exc:
         return protocol.error(str(exc), "invalid")
+    except StaleIncarnationError as exc:
+        return protocol.error(str(exc), "stale_incarnation")
+    except UnknownExecutorError as exc:
+        return protocol.error(str(exc), "unknown_executor")
     except BlockManagerError as exc:
         return protocol.error(str(exc))
     except PermissionError as exc:
@@ -95,7 +100,10 @@ def _cache_op(manager: BlockManager, r) -> dict:
     return protocol.ok(pins=pins.list_pins(manager))
 
 
-MUTATING_OPS = ("register", "step", "reset_prefix_cache", "pin", "unpin", "pins")
+#: Requests recorded in the step log (replayed in order after a restart).
+MUTATING_OPS = ("register", "step", "reset_prefix_cache")
+#: Admin requests that change pins (``pins`` may expire some): rare, so persisted as full snapshots.
+PIN_OPS = ("pin", "unpin", "pins")
 
 
 class KVEventPublisher:
@@ -122,8 +130,8 @@ def serve(bind: str, manager: BlockManager | None = None, store=None, keys: secu
 
     Args:
         manager: the state machine (a fresh one by default).
-        store: a :class:`~blockmgr.persistence.RedisStore`; every change is saved to it before
-            the reply is sent.
+        store: a :class:`~blockmgr.persistence.RedisStore`; every change is recorded in it before
+            the reply is sent (see :mod:`blockmgr.persistence` for what happens while it is down).
         keys: the block manager's keys; only trusted clients connect, and each is authorized by
             its key's name. None: no authentication, which only a loopback ``bind`` allows.
         max_message_bytes: longer requests are dropped unread.
@@ -153,8 +161,15 @@ def serve(bind: str, manager: BlockManager | None = None, store=None, keys: secu
     poller.register(sock, zmq.POLLIN)
     try:
         while not stopping:
+            if store is not None:
+                store.heal(manager)  # Redis back: full snapshots now, not at the next change
             if not poller.poll(200):
                 continue
+            # TTLs run on the wall clock, so expiry happens here, outside any logged request (a
+            # replayed step must change exactly what it changed the first time), and is persisted
+            # as a snapshot.
+            if pins.expire(manager) and store is not None:
+                store.record_snapshot(manager)
             frames = sock.recv_multipart(copy=False)
             identity, payload = frames[0].bytes, frames[-1]
             principal = security.peer_name(payload)
@@ -163,13 +178,17 @@ def serve(bind: str, manager: BlockManager | None = None, store=None, keys: secu
                 message = protocol.decode(payload.bytes)
                 reply = handle(manager, message, principal)
                 if store is not None and reply["ok"] and message.get("op") in MUTATING_OPS:
-                    ex_id = message.get("executor_id")
-                    store.save(manager, [str(ex_id)] if ex_id is not None else list(manager.executors))
+                    # Durable before the reply goes out; with Redis down, served from memory.
+                    reply["durable"] = store.record(manager, message, payload)
+                elif store is not None and reply["ok"] and message.get("op") in PIN_OPS:
+                    reply["durable"] = store.record_snapshot(manager)
             except protocol.ProtocolError as exc:
                 reply = protocol.error(str(exc), "invalid")
             except Exception as exc:  # a bug must not take the service down with every executor
                 log.exception("internal error handling %r", (message or {}).get("op"))
                 reply = protocol.error(f"internal error: {exc!r}")
+                if store is not None:
+                    store.invalidate(manager)  # the failed request may have changed some state
             if not reply["ok"]:
                 log.warning("request from %s refused: %s", principal or "an unauthenticated peer", reply["error"])
             sock.send_multipart([identity, protocol.encode(reply)])
@@ -182,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ address to bind (default %(default)s)")
     parser.add_argument("--kv-events-bind", default=None, help="ZeroMQ PUB address for KV events (default: off)")
     parser.add_argument("--redis-url", default=None, help="keep durable state in Redis, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis-compact-every", type=int, default=10_000,
+                        help="most step-log records per executor before a full snapshot replaces them; a log as "
+                             "large as its snapshot is compacted sooner (default %(default)s)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--watermark", type=float, default=0.01,
                         help="fraction of device blocks kept free at admission (default %(default)s)")
@@ -209,10 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.redis_url:
         from blockmgr.persistence import RedisStore
 
-        store = RedisStore(args.redis_url)
+        if args.redis_compact_every < 1:
+            parser.error("--redis-compact-every must be >= 1")
+        store = RedisStore(args.redis_url, compact_every=args.redis_compact_every)
         try:
             store.ping()
+            store.load(manager)
         except Exception as exc:
-            parser.error(f"--redis-url: cannot reach Redis at {args.redis_url}: {exc}")
-        store.load(manager)
+            parser.error(f"--redis-url: cannot load state from Redis at {args.redis_url}: {exc}")
     serve(args.bind, manager, store, keys, args.max_message_bytes)

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from blockmgr import security
 from executor import protocol
@@ -43,10 +44,24 @@ def expected_outputs(params: dict[str, Any]) -> int:
     return n if isinstance(n, int) and n > 1 else 1
 
 
+SEND_HWM = 10_000  # messages queued to the executor before a send fails (reported, never dropped)
+RECV_HWM = 100_000  # outputs queued from the executor; beyond it the executor's send fails and it aborts
+HEARTBEAT_IVL_MS = 500  # ZMTP heartbeats: a dead or unreachable executor is noticed within
+HEARTBEAT_TIMEOUT_MS = 1500  # about 1.5 s even when no TCP reset arrives
+
+
 class ExecutorClient:
     """Submits requests to one executor and routes its outputs to per-request queues.
 
     Must be created and used inside one running event loop; call :meth:`start` first.
+
+    A socket monitor watches the connection: when it drops (the executor process died, or
+    missed its heartbeats for ``HEARTBEAT_TIMEOUT_MS``), every request in flight at once gets an
+    output with ``finish_reason == "error"`` and ``unavailable: True`` (which the gateway answers
+    by resuming the request elsewhere), and ``on_disconnect`` is called. While a connection that
+    was up is down, and when the send queue is at its high-water mark, a message is not queued
+    for later: sending it raises :class:`ExecutorUnavailable`. Outputs of a request this client no
+    longer follows (one it gave up on) abort that request, so no executor computes for no one.
 
     Args:
         address: the executor's ZeroMQ address; with keys, prefixed by its executor id (its
@@ -61,6 +76,8 @@ class ExecutorClient:
         server_name: the executor id given in the address (None if none).
         num_active: requests submitted and not yet finished (the gateway's view of its load).
         last_seen: ``time.monotonic()`` of the last message from the executor (None: never).
+        connected: the connection is up (handshake done, not dropped since).
+        on_disconnect: called with no arguments when the connection drops.
     """
 
     def __init__(self, address: str, keys: security.Keys | None = None):
@@ -77,20 +94,47 @@ class ExecutorClient:
         self._reader: asyncio.Task | None = None
         self.num_active = 0
         self.last_seen: float | None = None
+        self.connected = False
+        self._ever_connected = False
+        self.on_disconnect = None
+        self._monitor: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._sock = security.limit(self._ctx.socket(zmq.DEALER))
+        self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self._sock.setsockopt(zmq.RCVHWM, RECV_HWM)
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if self.keys is not None:
             self.keys.connect(self._sock, self.server_name)
+        monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._sock.connect(self.address)
         self._reader = asyncio.create_task(self._read_loop())
+        self._monitor = asyncio.create_task(self._monitor_loop(monitor))
 
     async def close(self) -> None:
-        if self._reader:
-            self._reader.cancel()
+        for task in (self._reader, self._monitor):
+            if task:
+                task.cancel()
         if self._sock is not None:
+            self._sock.disable_monitor()
             self._sock.close()
             self._sock = None
+
+    async def _monitor_loop(self, monitor) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.connected = self._ever_connected = True
+                elif event == zmq.EVENT_DISCONNECTED and self.connected:
+                    self.connected = False
+                    n = self.fail_all(f"lost the connection to the executor at {self.address}")
+                    log.error("executor at %s disconnected; %d requests in flight", self.address, n)
+                    if self.on_disconnect is not None:
+                        self.on_disconnect()
+        finally:
+            monitor.close(linger=0)
 
     async def _read_loop(self) -> None:
         while True:
@@ -105,6 +149,8 @@ class ExecutorClient:
                 queue = self._queues.get(msg.get("request_id"))
                 if queue is not None:
                     queue.put_nowait(msg)
+                elif not msg.get("finished"):
+                    self.abort(str(msg.get("request_id")))
             elif msg.get("op") == "reply":
                 fut = self._replies.pop(msg.get("nonce"), None)
                 if fut is not None and not fut.done():
@@ -119,9 +165,14 @@ class ExecutorClient:
         """Queue a message on the socket without awaiting (safe inside a cancelled task)."""
         if self._sock is None:
             raise ExecutorUnavailable(f"executor client for {self.address} is closed")
-        # zmq.asyncio sends at once when the socket can take the message; the returned future
-        # only matters when the send buffer is full.
-        self._sock.send_multipart([protocol.encode(message)])
+        if self._ever_connected and not self.connected:
+            # Queued, it would reach a restarted executor long after we gave up on it.
+            raise ExecutorUnavailable(f"cannot deliver {message.get('op')!r}: the executor at {self.address} "
+                                      f"is disconnected")
+        sent = self._sock.send_multipart([protocol.encode(message)], flags=zmq.NOBLOCK)
+        if sent.done() and sent.exception() is not None:  # no live connection, or the queue is full
+            raise ExecutorUnavailable(f"cannot deliver {message.get('op')!r} to the executor at {self.address}: "
+                                      f"{sent.exception()}")
 
     async def request(self, op: str, timeout_s: float = 2.0, **fields: Any) -> dict[str, Any]:
         """Send a nonce-answered op (``info``, ``ping``, ``sequences``) and await its reply.
@@ -158,11 +209,19 @@ class ExecutorClient:
         return len(self._queues)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
-                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[dict[str, Any]]:
+                       priority: int = 0, cache_salt: str | None = None,
+                       output_token_ids: list[int] | None = None) -> AsyncIterator[dict[str, Any]]:
         """Yield output messages for one request until every child (index) has finished.
 
         An output with ``finish_reason == "error"`` ends the whole request. If the caller stops
         early (client disconnect, stop string, cancellation) the request is aborted.
+
+        Args:
+            output_token_ids: tokens the request already produced on an executor that died; it
+                resumes after them (``n == 1`` only; see ``executor/protocol.py``).
+
+        Raises:
+            ExecutorUnavailable: the request could not be delivered (no live connection).
         """
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in flight")
@@ -171,8 +230,11 @@ class ExecutorClient:
         self.num_active += 1
         pending = set(range(expected_outputs(params)))
         try:
-            self._send_nowait({"op": "generate", "request_id": request_id, "prompt_token_ids": prompt_token_ids,
-                               "params": params, "priority": priority, "cache_salt": cache_salt})
+            message = {"op": "generate", "request_id": request_id, "prompt_token_ids": prompt_token_ids,
+                       "params": params, "priority": priority, "cache_salt": cache_salt}
+            if output_token_ids:
+                message["output_token_ids"] = list(output_token_ids)
+            self._send_nowait(message)
             while pending:
                 msg = await queue.get()
                 if msg.get("finish_reason") == "error":

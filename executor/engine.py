@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
 
 import kernels
-from blockmgr.client import BlockManagerUnavailable
+from blockmgr.client import BlockManagerUnavailable, UnknownExecutor
 from executor.attention import AttentionMetadata
 from executor.beam_search import BeamSearchGroup
 from executor.cost_probe import measure_cost_model
@@ -95,6 +96,12 @@ class Engine:
         eos_token_ids: tokens that end a request unless it sets ``ignore_eos``.
         executor_id: this executor's name at the block manager.
         device, dtype: where and in what precision the KV cache lives.
+        incarnation: this process's id at the block manager (default: a fresh UUID). A new
+            incarnation makes the block manager drop what an earlier process of the same
+            ``executor_id`` held (its KV cache died with it) and refuse that process from then on.
+
+    Raises (from :meth:`step`):
+        blockmgr.client.StaleIncarnation: a newer process registered under ``executor_id``.
     """
 
     def __init__(
@@ -106,8 +113,10 @@ class Engine:
         executor_id: str = "executor-0",
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        incarnation: str | None = None,
     ):
         self.model = model
+        self.incarnation = incarnation or uuid.uuid4().hex
         self.bm = block_manager
         self.config = config
         self.eos_token_ids = set(eos_token_ids)
@@ -139,21 +148,33 @@ class Engine:
         self.block_manager_patience_s = 120.0
         bytes_per_block = 2 * model.num_layers * shape[1] * shape[2] * shape[3] * self.kv_caches[0][0].element_size()
         self.cost = measure_cost_model(model, self.device, bytes_per_block) if config.num_cpu_blocks else {}
-        self.bm.register(executor_id, config.num_blocks, config.block_size, config.num_cpu_blocks, self.cost)
+        self._register()
+
+    def _register(self) -> dict:
+        c = self.config
+        return self.bm.register(self.executor_id, c.num_blocks, c.block_size, c.num_cpu_blocks, self.cost,
+                                incarnation=self.incarnation)
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    cache_salt: str | None = None, priority: int = 0) -> None:
+                    cache_salt: str | None = None, priority: int = 0,
+                    output_token_ids: list[int] | None = None) -> None:
         """Queue a request; it joins the batch at the next step.
 
         Args:
             cache_salt: requests share prefix-cache blocks only with requests of the same salt.
             priority: lower is served first (ties: first come, first served); preemption picks
                 the highest value first.
+            output_token_ids: tokens the request already generated on an executor that died: it
+                resumes by recompute (its prompt and these are prefilled) and continues exactly
+                as it would have there: penalties, ``min_tokens`` and ``max_tokens`` count them,
+                and a seeded generator is advanced past their draws. Only for ``n == 1`` without
+                beam search.
 
         Raises:
-            ValueError: duplicate id, empty prompt, token ids outside the vocabulary, or
-                prompt + max_tokens beyond ``max_model_len``.
+            ValueError: duplicate id, empty prompt, token ids outside the vocabulary,
+                prompt + max_tokens beyond ``max_model_len``, or a resumed request that is done
+                already or has ``n > 1`` / beam search.
         """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -174,6 +195,15 @@ class Engine:
                 f"exceeds the model's context length {self.max_model_len}"
             )
         req = Request(request_id, list(prompt_token_ids), params, cache_salt=cache_salt, priority=priority)
+        if output_token_ids:
+            if params.n != 1 or params.use_beam_search:
+                raise ValueError("only n=1 requests without beam search can resume from output_token_ids")
+            if any(not (0 <= t < vocab) for t in output_token_ids):
+                raise ValueError(f"output token ids must be in [0, {vocab})")
+            if len(output_token_ids) >= params.max_tokens:
+                raise ValueError(f"the request already has {len(output_token_ids)} of its {params.max_tokens} tokens")
+            req.output_token_ids = list(output_token_ids)
+            req.owed_draws = len(output_token_ids) if params.temperature != 0 else 0
         self.requests[request_id] = req
         if params.use_beam_search:
             self.beam_of[request_id] = BeamSearchGroup(
@@ -231,6 +261,9 @@ class Engine:
             return []
         self._step_id += 1
         reply = self._bm_step(fork=fork, free=free, grow=grow, swap_in=[r.request_id for r in swap_ins], admit=admit)
+        if reply is None:
+            self._start_over(swap_ins)
+            return []
         outputs: list[RequestOutput] = []
         batch = self._apply_reply(reply, batch, swap_ins, outputs)
         self._apply_block_ops(reply)
@@ -247,17 +280,34 @@ class Engine:
         """Send this step to the block manager, retrying while it is unreachable.
 
         The step id makes a retry safe: a block manager that applied the step but lost the reply
-        (it restarted from Redis) answers the same step id with the same reply.
+        (it restarted from Redis) answers the same step id with the same reply. A block manager
+        that lost this executor (it restarted without Redis) gets it registered again; then
+        nothing of this step was applied and None is returned.
         """
         deadline = time.monotonic() + self.block_manager_patience_s
         while True:
             try:
-                return self.bm.step(self.executor_id, step_id=self._step_id, **lists)
+                return self.bm.step(self.executor_id, step_id=self._step_id, incarnation=self.incarnation, **lists)
             except BlockManagerUnavailable as exc:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("%s; retrying step %d", exc, self._step_id)
                 time.sleep(0.2)
+            except UnknownExecutor as exc:
+                log.warning("%s; registering again: every sequence restarts by recompute", exc)
+                self._register()
+                return None
+
+    def _start_over(self, swap_ins: list[Request]) -> None:
+        """Preempt every sequence by recompute: the block manager lost all of this executor's blocks."""
+        sched = self.scheduler
+        for req in swap_ins + list(sched.swapped):
+            if req in sched.swapped:
+                sched.swapped.remove(req)
+            sched.running.append(req)
+        for req in list(sched.running):
+            sched.preempt(req)
+            self.num_preemptions += 1
 
     @staticmethod
     def _salt(req: Request) -> str | None:
@@ -312,20 +362,22 @@ class Engine:
         outputs.append(self._output(req, []))
 
     def _apply_block_ops(self, reply: dict) -> None:
-        """Swap-out, swap-in, then copy-on-write copies: all before this step's forward pass."""
+        """Carry out the step's swaps and copy-on-write copies before its forward pass, group by
+        group in the block manager's order (``reply["ops"]``: a block copied on write may be
+        swapped out later in the same step, a block swapped out may then be a copy's target)."""
         cuda = self.device.type == "cuda"
         swap = kernels.swap_blocks if cuda else kernels.swap_blocks_torch
-        for key, src_of, dst_of in (("swap_out", 0, 1), ("swap_in", 1, 0)):
-            if reply[key]:
-                mapping = torch.tensor(reply[key], dtype=torch.int64)
-                for dev_kv, cpu_kv in zip(self.kv_caches, self.cpu_caches):
-                    pair = (dev_kv, cpu_kv)
-                    for i in range(2):
-                        swap(pair[src_of][i], pair[dst_of][i], mapping)
-        if reply["copies"]:
-            mapping = torch.tensor(reply["copies"], dtype=torch.int64, device=self.device)
-            copy = kernels.copy_blocks if cuda else kernels.copy_blocks_torch
-            copy([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
+        copy = kernels.copy_blocks if cuda else kernels.copy_blocks_torch
+        for kind, pairs in reply["ops"]:
+            if kind == "copy":
+                mapping = torch.tensor(pairs, dtype=torch.int64, device=self.device)
+                copy([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
+                continue
+            mapping = torch.tensor(pairs, dtype=torch.int64)
+            for dev_kv, cpu_kv in zip(self.kv_caches, self.cpu_caches):
+                src, dst = (dev_kv, cpu_kv) if kind == "swap_out" else (cpu_kv, dev_kv)
+                for i in range(2):
+                    swap(src[i], dst[i], mapping)
 
     def _run(self, batch: list[tuple[Request, int]]) -> list[RequestOutput]:
         bs = self.config.block_size

@@ -6,7 +6,9 @@ Gateway -> executor:
   "priority": int, "cache_salt": str|None}``: ``params`` holds any fields of
   :class:`executor.request.SamplingParams` (unknown ones are refused); ``priority`` (default 0):
   lower values are scheduled first, ties first come first served; ``cache_salt``: prefix-cache
-  blocks are shared only between requests with the same salt.
+  blocks are shared only between requests with the same salt; ``output_token_ids`` (optional,
+  ``n == 1`` only): tokens the request already generated on an executor that died, so it resumes
+  here by recompute and continues exactly (see :meth:`executor.engine.Engine.add_request`).
 - ``{"op": "abort", "request_id", "index"?}``: the request with all its completions, or with an
   integer ``index`` only that completion of an n > 1 request (no more outputs come for it).
 - ``{"op": "info", "nonce"}``, ``{"op": "ping", "nonce"}`` and ``{"op": "sequences", "nonce"}``:
@@ -85,6 +87,8 @@ class Generate(_Message):
     params: Params = Field(default_factory=Params)
     priority: Int64 = 0
     cache_salt: Union[Annotated[StrictStr, Field(max_length=MAX_SALT_CHARS)], None] = None
+    output_token_ids: Union[Annotated[list[Annotated[StrictInt, Field(ge=0, lt=2**31)]],
+                                      Field(max_length=MAX_PROMPT_TOKENS)], None] = None
 
     def sampling_params(self) -> SamplingParams:
         """The request's SamplingParams, range-checked.

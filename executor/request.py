@@ -171,6 +171,10 @@ class Request:
     prompt_logprobs: list | None = None
     #: True once an output has carried ``prompt_logprobs``.
     prompt_logprobs_sent: bool = False
+    #: Draws the seeded generator still owes the tokens in ``output_token_ids`` at creation (a
+    #: request resumed from another executor), taken before its next sample so it continues
+    #: exactly as if it had sampled them here.
+    owed_draws: int = 0
     _prompt_mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

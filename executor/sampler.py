@@ -212,6 +212,9 @@ def _sample_random(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
     unseeded = [i for i, r in enumerate(requests) if r.generator is None]
     for i, r in enumerate(requests):
         if r.generator is not None:
+            for _ in range(r.owed_draws):  # a resumed request: the draws of its earlier tokens
+                race[i].exponential_(generator=r.generator)
+            r.owed_draws = 0
             race[i].exponential_(generator=r.generator)
     if unseeded:
         race[unseeded] = torch.empty((len(unseeded), vocab), dtype=probs.dtype).exponential_()

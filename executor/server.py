@@ -11,12 +11,13 @@ import logging
 import os
 import signal
 import time
+import uuid
 
 import torch
 import zmq
 
 from blockmgr import security
-from blockmgr.client import BlockManagerClient, BlockManagerUnavailable
+from blockmgr.client import BlockManagerClient, BlockManagerUnavailable, StaleIncarnation
 from executor import protocol
 from executor.engine import Engine, EngineConfig, RequestOutput
 
@@ -27,6 +28,11 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block across all layers: K and V, ``block_size * kv_heads * head_dim`` each."""
     elem = torch.tensor([], dtype=dtype).element_size()
     return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
+
+
+SEND_HWM = 100_000  # output messages queued per gateway before a send fails (and is reported)
+HEARTBEAT_IVL_MS = 500
+HEARTBEAT_TIMEOUT_MS = 1500
 
 
 class ExecutorServer:
@@ -41,13 +47,28 @@ class ExecutorServer:
         self.sock = security.limit(zmq.Context.instance().socket(zmq.ROUTER), max_message_bytes)
         if keys is not None:
             keys.serve(self.sock)
+        # A gateway that is gone, or one that no longer reads (its queue at the high-water mark),
+        # makes a send fail instead of being dropped silently (ROUTER's default); _send reports it.
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        # ZMTP heartbeats, answered by libzmq's I/O thread even in a long step: the gateway
+        # sees a dead executor within seconds, and this side drops a dead gateway's connection.
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.sock.bind(bind)
         # request_id -> [gateway identity, unfinished completions, sender's principal]
         self.owner: dict[str, list] = {}
         self.stopping = False
 
-    def _send(self, identity: bytes, message: dict) -> None:
-        self.sock.send_multipart([identity, protocol.encode(message)])
+    def _send(self, identity: bytes, message: dict) -> bool:
+        """Send to one gateway; returns False (logged) when it cannot be delivered."""
+        try:
+            self.sock.send_multipart([identity, protocol.encode(message)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: gateway gone; EAGAIN: at the high-water mark
+            log.warning("cannot deliver %s for request %s to its gateway (%s)", message.get("op"),
+                        message.get("request_id"), exc.strerror)
+            return False
 
     def _send_output(self, out: RequestOutput) -> None:
         entry = self.owner.get(out.request_id)
@@ -58,7 +79,7 @@ class ExecutorServer:
             entry[1] -= 1
             if entry[1] <= 0:
                 del self.owner[out.request_id]
-        self._send(
+        delivered = self._send(
             identity,
             {
                 "op": "output",
@@ -74,6 +95,10 @@ class ExecutorServer:
                 "prompt_logprobs": out.prompt_logprobs,
             },
         )
+        if not delivered and not out.finished:
+            # Nobody will read the rest: stop computing it and free its blocks.
+            self.owner.pop(out.request_id, None)
+            self.engine.abort(out.request_id)
 
     def _refuse(self, identity: bytes, reason: str, msg: dict | None = None) -> None:
         log.warning("refused a message: %s", reason)
@@ -111,7 +136,7 @@ class ExecutorServer:
             try:
                 params = m.sampling_params()
                 self.engine.add_request(rid, list(m.prompt_token_ids), params, cache_salt=m.cache_salt,
-                                        priority=m.priority)
+                                        priority=m.priority, output_token_ids=list(m.output_token_ids or []))
             except (TypeError, ValueError) as exc:
                 self._send_error(identity, rid, str(exc))
                 return
@@ -178,7 +203,13 @@ class ExecutorServer:
                     self._refuse(identity, f"internal error: {exc!r}", msg)
                 timeout = 0
             if self.engine.has_work():
-                for out in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except StaleIncarnation as exc:
+                    # A newer process owns this executor id: serving on would corrupt its blocks.
+                    log.critical("%s", exc)
+                    raise SystemExit(f"executor {self.engine.executor_id}: {exc}") from None
+                for out in outputs:
                     self._send_output(out)
 
 
@@ -259,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     per_block = kv_bytes_per_block(model, args.block_size, dtype)
     num_blocks = args.num_blocks or max(1, int(args.kv_cache_gib * 2**30 // per_block))
     log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num_blocks, args.block_size, num_blocks * per_block / 2**20)
+    # One per process: the block manager drops whatever an earlier process of this id held.
+    incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
     bm = connect_block_manager(args.blockmgr, args.executor_id, num_blocks, args.block_size, keys=keys)
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
@@ -266,10 +299,11 @@ def main(argv: list[str] | None = None) -> None:
         model, bm,
         EngineConfig(args.block_size, num_blocks, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len,
                      num_cpu_blocks=int(args.swap_space * 2**30 // per_block)),
-        eos_ids, executor_id=args.executor_id, device=args.device, dtype=dtype,
+        eos_ids, executor_id=args.executor_id, device=args.device, dtype=dtype, incarnation=incarnation,
     )
     info = {
         "executor_id": args.executor_id,
+        "incarnation": incarnation,
         "device": str(args.device),
         "model": str(model_dir),
         "num_blocks": num_blocks,

@@ -129,7 +129,7 @@ def serve(argv: list[str]) -> int:
         gw_argv += ["--executor", addr]
     if args.max_model_len is not None:
         gw_argv += ["--max-model-len", str(args.max_model_len)]
-    gw_argv += ["--max-body-bytes", str(args.max_body_bytes)]
+    gw_argv += ["--max-body-bytes", str(args.max_body_bytes), "--request-timeout", str(args.request_timeout)]
     for limit in DEFAULT_LIMITS:
         gw_argv += ["--" + limit.replace("_", "-"), str(getattr(args, limit))]
     gw_argv += [flag for flag, on in (("--metrics-need-admin", args.metrics_need_admin),

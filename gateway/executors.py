@@ -1,14 +1,18 @@
 """The executors the gateway knows: their health, their ``info``, and their load.
 
 A monitor task asks every executor for ``info`` each ``health_interval_s``; an executor that
-answered its last probe is *healthy* and can be routed to. One that stays silent for
-``executor_timeout_s`` while it has requests in flight is declared dead: those requests end with
-an ``unavailable`` error (HTTP 503, or an error event mid-stream) instead of hanging.
+answered its last probe is *healthy* and can be routed to. An executor whose connection drops
+(its process died: the TCP connection closes at once; or it missed ZeroMQ heartbeats for 1.5 s,
+see :class:`executor.client.ExecutorClient`) is unhealthy at once and its requests in flight get
+an ``unavailable`` output, which :mod:`gateway.generation` answers by resuming them on another
+executor. One that stays connected but silent for ``executor_timeout_s`` while it has requests in
+flight (a hung process) is declared dead too: those requests end with an ``unavailable`` error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -63,6 +67,9 @@ class ExecutorPool:
 
     def __init__(self, clients: list, health_interval_s: float = 1.0, executor_timeout_s: float = 60.0):
         self.handles = [ExecutorHandle(c) for c in clients]
+        for h in self.handles:
+            if hasattr(h.client, "on_disconnect"):
+                h.client.on_disconnect = functools.partial(self._lost, h)
         self.health_interval_s = health_interval_s
         self.executor_timeout_s = executor_timeout_s
         self._monitor: asyncio.Task | None = None
@@ -102,6 +109,10 @@ class ExecutorPool:
     async def probe_all(self, timeout_s: float = 1.0) -> list[ExecutorHandle]:
         await asyncio.gather(*(self.probe(h, timeout_s) for h in self.handles))
         return self.healthy()
+
+    def _lost(self, h: ExecutorHandle) -> None:
+        log.error("executor %s at %s is gone (connection lost); routing around it", h.executor_id, h.address)
+        h.healthy, h.last_probe_error = False, "connection lost"
 
     def healthy(self) -> list[ExecutorHandle]:
         return [h for h in self.handles if h.healthy]

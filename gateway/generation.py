@@ -6,6 +6,15 @@ change (no half UTF-8 character, nothing that could still become a stop string) 
 the logprob entries of the tokens it came from. Non-streamed replies join the same deltas the
 streamed ones send, so both always agree.
 
+Failures: each run has a deadline (the request's ``request_timeout``, at most the server's
+``request_timeout_s``, after its arrival); past it the run is
+aborted on its executor (freeing its blocks) and ends with a 504 ``deadline_exceeded`` error. When
+its executor dies (or the request cannot be delivered), an ``n == 1`` run resumes on another
+healthy executor, or on the same one once it is back, waiting up to its deadline: it is sent
+again with the tokens it already produced (``output_token_ids``), recomputed there, and continues
+exactly (greedy and seeded sampling included: the executor advances the seeded generator past
+those tokens' draws). Runs with ``n > 1`` or beam search end with a 503 ``executor_unavailable``.
+
 :meth:`Run.prime` waits for the first output before the HTTP response starts, so a request the
 executor refuses is answered with a proper status instead of an error event in a 200 stream.
 """
@@ -19,8 +28,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from executor.client import ExecutorUnavailable
 from gateway.detokenizer import TextStream
-from gateway.errors import bad_request, unavailable
+from gateway.errors import APIError, bad_request, unavailable
 from gateway.logprobs import normalize_entry
 from gateway.runtime import Gateway
 from gateway.sampling import check_fits, resolve_max_tokens
@@ -50,6 +60,7 @@ class Job:
     choice_offset: int = 0
     width: int = 1  # sequences that grow at once (n, or the beam width)
     min_tokens: int = 0
+    timeout_s: float | None = None  # the request's own deadline (capped by the server's)
 
 
 @dataclass
@@ -69,6 +80,7 @@ class _Choice:
     stream: TextStream
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
+    produced: list[int] = field(default_factory=list)  # every token so far (to resume elsewhere)
     num_tokens: int = 0
     done: bool = False
     last_output: float | None = None
@@ -97,6 +109,9 @@ class Run:
         self.prompt_logprobs: list | None = None
         self.first_token_at: float | None = None
         self.choices = [_Choice(TextStream(gw.tokenizer, job.stop, job.skip_special_tokens)) for _ in range(job.n)]
+        self.timeout_s = min(job.timeout_s or gw.settings.request_timeout_s, gw.settings.request_timeout_s)
+        self.deadline = arrival + self.timeout_s
+        self.num_resumes = 0
         self._gen = handle.client.generate(request_id, job.prompt_token_ids, job.params, job.priority, job.cache_salt)
         self._first: dict | None = None
         self._waiting = True
@@ -111,10 +126,66 @@ class Run:
             self.handle.waiting -= self.job.width
 
     async def _next(self) -> dict | None:
-        try:
-            return await self._gen.__anext__()
-        except StopAsyncIteration:
-            return None
+        """The next output; resumes elsewhere when the executor is lost; None at the end.
+
+        Raises:
+            APIError: 504 past the deadline; 503 when the executor is lost and the run cannot
+                resume or no executor takes it over before the deadline.
+        """
+        while True:
+            remaining = self.deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                # In this task (not wait_for's, which in 3.11 can swallow a cancellation).
+                async with asyncio.timeout(remaining):
+                    msg = await self._gen.__anext__()
+            except StopAsyncIteration:
+                return None
+            except asyncio.TimeoutError:
+                await self._gen.aclose()  # aborts it on the executor, which frees its blocks
+                raise APIError(504, f"the request did not finish within its deadline of {self.timeout_s:g}s",
+                               "timeout_error", None,
+                               "deadline_exceeded") from None
+            except ExecutorUnavailable as exc:  # the generate message could not be delivered
+                msg = {"finish_reason": "error", "unavailable": True, "error": str(exc)}
+            if msg.get("finish_reason") == "error" and msg.get("unavailable"):
+                await self._resume(str(msg.get("error")))
+                continue
+            return msg
+
+    def _resumable(self) -> bool:
+        return self.job.n == 1 and not self.job.params.get("use_beam_search") and not self.job.drop_output
+
+    async def _resume(self, reason: str) -> None:
+        """Send the run again, with what it produced so far, to an executor that answers."""
+        if not self._resumable():
+            raise unavailable(f"{reason}; a request with n > 1 or beam search cannot resume elsewhere",
+                              "executor_unavailable")
+        lost = self.handle.executor_id
+        produced = list(self.choices[0].produced)
+        log.warning("request %s lost executor %s (%s) after %d tokens; resuming it", self.request_id, lost, reason,
+                    len(produced))
+        while True:
+            if time.monotonic() >= self.deadline:
+                raise unavailable(f"{reason}; no executor took the request over before its deadline",
+                                  "executor_unavailable")
+            try:
+                handle, _ = await self.gw.router.pick(self.job.prompt_token_ids + produced, self.job.cache_salt)
+                break
+            except APIError:  # none healthy yet: wait for one (or for the same one to come back)
+                await asyncio.sleep(min(0.2, max(0.0, self.deadline - time.monotonic())))
+        self._not_waiting()
+        params = dict(self.job.params)
+        if self.prompt_logprobs is not None:
+            params["prompt_logprobs"] = None  # already received
+        self.handle = handle
+        self.gw.inflight[self.request_id] = handle.executor_id
+        self.num_resumes += 1
+        self._gen = handle.client.generate(self.request_id, self.job.prompt_token_ids, params, self.job.priority,
+                                           self.job.cache_salt, **({"output_token_ids": produced} if produced else {}))
+        log.info("request %s resumes on executor %s after %d tokens", self.request_id, handle.executor_id,
+                 len(produced))
 
     async def prime(self) -> None:
         """Wait for the first output; raise APIError if the executor refused the request."""
@@ -167,6 +238,7 @@ class Run:
                 self.gw.metrics.itl.observe((now - c.last_output) / len(ids))
             c.last_output = now
         c.token_ids += ids
+        c.produced += ids
         c.logprobs += [e for e in entries if e is not None]
         c.num_tokens += len(ids)
         text = c.stream.push(ids)

@@ -14,6 +14,8 @@ Read at scrape time from the block manager's stats and the executors' ``info`` (
 - ``pagedserve:prefix_cache_queries_total``, ``pagedserve:prefix_cache_hits_total``: prompt
   tokens looked up in / found in the prefix cache;
 - ``pagedserve:num_preemptions_total{kind}``: ``kind`` is ``swap`` or ``recompute``;
+- ``pagedserve:blockmgr_persistence_ok``: 1 while the block manager's Redis store takes every
+  change, 0 while it serves from memory only (absent without ``--redis-url``);
 - ``pagedserve:num_requests_running``, ``pagedserve:num_requests_waiting``,
   ``pagedserve:num_requests_swapped``.
 """
@@ -59,7 +61,12 @@ class _Snapshot:
         preempt = CounterMetricFamily("pagedserve:num_preemptions",
                                       "Preempted sequences, by kind (swap or recompute).",
                                       labels=["executor", "kind"])
+        durable = GaugeMetricFamily("pagedserve:blockmgr_persistence_ok",
+                                    "1 while the block manager's Redis store takes every change, 0 while it is down.",
+                                    labels=["executor"])
         for ex_id, st in sorted(self.bm_stats.items()):
+            if isinstance(st.get("persistence"), dict):
+                durable.add_metric([ex_id], 1.0 if st["persistence"].get("ok") else 0.0)
             total = _num(st, "device", "total")
             usage.add_metric([ex_id], _num(st, "device", "used") / total if total else 0.0)
             queries.add_metric([ex_id], _num(st, "prefix_cache", "queries_tokens"))
@@ -67,7 +74,7 @@ class _Snapshot:
             kinds = st.get("preemptions") if isinstance(st.get("preemptions"), dict) else {}
             for kind in sorted(set(kinds) | {"swap", "recompute"}):
                 preempt.add_metric([ex_id, kind], _num(kinds, kind))
-        yield from (usage, queries, hits, preempt)
+        yield from (usage, queries, hits, preempt, durable)
         for name, key, doc in (("running", "num_running", "Requests running on the executor."),
                                ("waiting", "num_waiting", "Requests waiting in the executor's queue."),
                                ("swapped", "num_swapped", "Requests swapped out to CPU memory.")):

@@ -102,6 +102,9 @@ class SamplingFields(_Base):
     cache_salt: Optional[str] = Field(None, min_length=1, max_length=1024)
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="lower runs earlier; within "
                           "[-1000, 1000] by default (--max-abs-priority)")
+    request_timeout: Optional[float] = Field(
+        None, ge=1, description="deadline in seconds from arrival (at most the server's --request-timeout), "
+                                "after which the request ends with a deadline_exceeded error")
     use_beam_search: bool = False
     beam_width: Optional[int] = Field(None, ge=1, le=MAX_N, description="beams kept by use_beam_search "
                                       "(default: best_of, else the executor's default)")

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         limits = limits_from(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if not args.request_timeout > 0:
+        parser.error("--request-timeout must be > 0")
     config = json.loads(config_path.read_text())
     max_len = args.max_model_len or int(config.get("max_position_embeddings", 2048))
     settings = GatewaySettings(
@@ -61,5 +63,6 @@ def main(argv: list[str] | None = None) -> None:
         max_body_bytes=args.max_body_bytes,
         keys=keys,
         **limits,
+        request_timeout_s=args.request_timeout,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())

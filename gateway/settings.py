@@ -38,8 +38,13 @@ class GatewaySettings:
         ``max_stop_string_chars``, ``max_abs_priority``, ``min_temperature``,
         ``max_logit_bias_entries``) are described in :mod:`gateway.limits`.
         health_interval_s: how often the gateway polls each executor's ``info``.
-        executor_timeout_s: an executor silent this long while it has requests in flight is
-            declared dead and those requests fail with 503 / an error event.
+        executor_timeout_s: an executor connected but silent this long while it has requests in
+            flight (a hung process) is declared dead and those requests fail with 503 / an error
+            event. A process that dies is noticed within about 1.5 s (its connection drops).
+        request_timeout_s: the deadline of every request, from its arrival: past it the request
+            ends with a ``deadline_exceeded`` error (504, or an error event mid-stream) and its
+            blocks are freed. It also bounds how long a request waits for an executor to
+            resume on after its own died.
         version: reported by ``/version``.
         keys: the gateway's CURVE keys (``blockmgr.security.Keys``) for its ZeroMQ connections;
             None talks plain ZeroMQ to an ``--insecure-local`` stack.
@@ -65,6 +70,7 @@ class GatewaySettings:
     max_logit_bias_entries: int = DEFAULT_LIMITS["max_logit_bias_entries"]
     health_interval_s: float = 1.0
     executor_timeout_s: float = 60.0
+    request_timeout_s: float = 600.0
     version: str = "0.1.0"
     keys: Any = None
 
@@ -78,6 +84,9 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
                         help="bearer token for /admin/* (default: $PAGEDSERVE_ADMIN_KEY; unset: loopback clients only)")
     parser.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
                         help="refuse request bodies over this size with 413 (default 8 MiB)")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="deadline of each request in seconds from its arrival, after which it ends with an "
+                             "error and frees its blocks (default %(default)s)")
     parser.add_argument("--metrics-need-admin", action="store_true",
                         help="guard /metrics like /admin/* (admin key, or loopback without one)")
     parser.add_argument("--shared-prefix-cache", action="store_true",

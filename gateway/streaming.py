@@ -82,7 +82,8 @@ def event_stream(events: AsyncIterator[str], request_id: str,
                  cleanup: Callable[[], Awaitable] | None = None) -> StreamingResponse:
     """An SSE response of ``events`` (already ``data:`` lines), ending with ``data: [DONE]``.
 
-    An APIError raised mid-stream becomes an ``{"error": ...}`` event before ``[DONE]``.
+    An APIError raised mid-stream becomes an ``{"error": ...}`` event before ``[DONE]``; so does
+    any other exception (as an internal error), so every stream ends with ``[DONE]``.
     ``cleanup`` runs when the response ends, even if ``events`` never started (use it to abort
     the request's runs).
     """
@@ -94,6 +95,9 @@ def event_stream(events: AsyncIterator[str], request_id: str,
         except APIError as exc:
             log.warning("request %s failed mid-stream: %s", request_id, exc.message)
             yield sse(exc.body())
+        except Exception as exc:  # a bug: the client still gets an error event and [DONE]
+            log.exception("request %s failed mid-stream", request_id)
+            yield sse(APIError(500, f"internal error: {type(exc).__name__}", "internal_error").body())
         yield DONE
 
     return _EventStreamResponse(body(), cleanup, media_type="text/event-stream",

@@ -170,6 +170,7 @@ class FakeExecutor:
         aborted: request ids aborted (by the client or by stopping early).
         aborted_choices: ``(request id, index)`` of single completions aborted.
         down: when True it answers nothing (requests time out, generate never outputs).
+        on_disconnect: called by :meth:`crash`, as ``ExecutorClient`` calls it on a lost connection.
     """
 
     def __init__(self, executor_id: str = "executor-0", blockmgr: FakeBlockManager | None = None, tokenizer=None,
@@ -197,6 +198,18 @@ class FakeExecutor:
         self._abort_flags: set[str] = set()
         self._running: dict[str, dict] = {}
         self._reply_ids: list[int] | None = None
+        self._crashed = False
+        self.on_disconnect = None
+
+    def crash(self) -> None:
+        """Die as a process does: requests in flight get the client's ``unavailable`` output at once,
+        nothing answers until :meth:`restart`."""
+        self.down = self._crashed = True
+        if self.on_disconnect is not None:
+            self.on_disconnect()
+
+    def restart(self) -> None:
+        self.down = self._crashed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -261,9 +274,10 @@ class FakeExecutor:
         return None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
-                       priority: int = 0, cache_salt: str | None = None):
+                       priority: int = 0, cache_salt: str | None = None, output_token_ids: list[int] | None = None):
         self.received.append({"request_id": request_id, "prompt_token_ids": list(prompt_token_ids),
-                               "params": dict(params), "priority": priority, "cache_salt": cache_salt})
+                               "params": dict(params), "priority": priority, "cache_salt": cache_salt,
+                               "output_token_ids": list(output_token_ids or [])})
         if self.down:
             await asyncio.Event().wait()  # never answers
         err = self._validate(prompt_token_ids, params)
@@ -287,7 +301,11 @@ class FakeExecutor:
         try:
             if self.first_token_delay_s:
                 await asyncio.sleep(self.first_token_delay_s)
-            for step in range(max_tokens):
+            for step in range(len(output_token_ids or []), max_tokens):
+                if self._crashed:
+                    yield {**self._error(request_id, f"lost the connection to the executor at {self.address}"),
+                           "unavailable": True}
+                    return
                 if self.fail_after_tokens is not None and step >= self.fail_after_tokens:
                     yield self._error(request_id, "the executor failed the request (scripted)")
                     return

@@ -26,7 +26,7 @@ router = APIRouter(tags=["chat"])
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None,
-             responses={**stream_doc(ChatCompletion), **errors(400, 401, 413, 503)},
+             responses={**stream_doc(ChatCompletion), **errors(400, 401, 413, 503, 504)},
              summary="Create a chat completion (OpenAI API, with vLLM's extra sampling fields)")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     gw = get_gateway(request)
@@ -47,7 +47,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     check_context(settings, len(prompt.token_ids), max_tokens, "messages")
     job = Job(prompt.token_ids, executor_params(body, max_tokens, n, k, None, width, settings, bias), n, stops,
               body.priority, cache_salt_for(request, body.cache_salt), width=growth_width(body, n, width),
-              min_tokens=body.min_tokens)
+              min_tokens=body.min_tokens, timeout_s=body.request_timeout)
     response_id, runs = await until_disconnect(request, start_runs(gw, [job], "chatcmpl", arrival))
     tt = gw.token_text
     base = {"id": response_id, "created": now_s(), "model": gw.settings.served_model_name}

@@ -15,6 +15,7 @@ _ERROR_TEXT = {
     413: "request body over the size limit",
     501: "not supported by the block manager in use",
     503: "overloaded (waiting queue full) or no executor / block manager answers; see Retry-After",
+    504: "the request did not finish within its deadline (--request-timeout / request_timeout)",
 }
 
 

@@ -34,7 +34,7 @@ def _lp_len(lp: dict | None) -> int:
 
 
 @router.post("/v1/completions", dependencies=[Depends(require_api_key)], response_model=None,
-             responses={**stream_doc(Completion), **errors(400, 401, 413, 503)},
+             responses={**stream_doc(Completion), **errors(400, 401, 413, 503, 504)},
              summary="Create a completion (OpenAI API, with vLLM's extra sampling fields)")
 async def create_completion(body: CompletionRequest, request: Request):
     gw = get_gateway(request)
@@ -68,13 +68,13 @@ async def create_completion(body: CompletionRequest, request: Request):
     if echo_only:
         # One executor token per prompt (for prompt logprobs), or none at all without logprobs.
         jobs = [Job(p.token_ids, executor_params(body, 1, 1, None, k, None, settings, bias), 1, [], body.priority,
-                    salt, drop_output=True, choice_offset=i, min_tokens=body.min_tokens)
+                    salt, drop_output=True, choice_offset=i, min_tokens=body.min_tokens, timeout_s=body.request_timeout)
                 for i, p in enumerate(prompts)] if k is not None else []
     else:
         jobs = [Job(p.token_ids, executor_params(body, max_tokens, n, k, k if (body.echo and k is not None) else None,
                                                  width, settings, bias),
                     n, stops, body.priority, salt, choice_offset=i * n, width=growth_width(body, n, width),
-                    min_tokens=body.min_tokens)
+                    min_tokens=body.min_tokens, timeout_s=body.request_timeout)
                 for i, p in enumerate(prompts)]
 
     if jobs:

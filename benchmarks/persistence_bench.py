@@ -1,0 +1,152 @@
+"""Cost of making one block-manager step durable in Redis: the old full snapshot vs the step log.
+
+For each pool size (device blocks) an executor holds ``--seqs`` running sequences that fill
+``--fill`` of the pool; each measured step grows every sequence by one token (a decode step of the
+whole batch). Per step it measures, against a real ``redis-server``:
+
+- old: what the block manager did before the step log: ``msgpack`` of the executor's whole
+  snapshot and one ``SET`` (bytes written, microseconds);
+- new: :meth:`blockmgr.persistence.RedisStore.record`: one ``RPUSH`` of the step request as
+  received (bytes, microseconds), and the same with the compaction amortized: a full snapshot
+  once the log is as large as the snapshot, or has ``--compact-every`` records, whichever comes
+  first (the block manager's policy);
+- for scale, the time the block manager itself takes to apply the step.
+
+    python benchmarks/persistence_bench.py                       # 2k, 32k, 256k blocks
+    python benchmarks/persistence_bench.py --blocks 2048 --steps 50 --redis-url redis://127.0.0.1:6379/0
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+
+import msgpack
+import redis
+
+from blockmgr import protocol
+from blockmgr.manager import BlockManager
+from blockmgr.persistence import KEY_PREFIX, RedisStore
+from blockmgr.server import handle
+
+EX = "bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(num_blocks: int, seqs: int, fill: float, block_size: int, steps: int) -> tuple[BlockManager, dict[str, int]]:
+    """A manager whose executor holds ``seqs`` sequences using ``fill`` of ``num_blocks`` once
+    each has grown by ``steps`` tokens."""
+    manager = BlockManager(watermark=0)
+    manager.register(EX, num_blocks, block_size, incarnation="bench")
+    per_seq = int(num_blocks * fill / seqs) * block_size - steps - 1
+    if per_seq < 1:
+        raise SystemExit(f"{num_blocks} blocks are too few for {seqs} sequences and {steps} steps")
+    lengths = {}
+    for i in range(seqs):
+        prompt = [(i * 7919 + t) % 49152 for t in range(per_seq)]
+        manager.step(EX, incarnation="bench", admit=[(f"s{i}", prompt, per_seq, None, 0)])
+        lengths[f"s{i}"] = per_seq
+    return manager, lengths
+
+
+def measure(num_blocks: int, args, url: str) -> dict:
+    manager, lengths = setup(num_blocks, args.seqs, args.fill, args.block_size, args.steps)
+    r = redis.Redis.from_url(url)
+    store = RedisStore(url, compact_every=10**9)
+    store.snapshot_bytes[EX] = 10**12  # compaction is measured on its own below
+    store.record(manager, {"op": "register", "executor_id": EX})  # the starting snapshot
+    apply_s, old_s, old_b, new_s, new_b = [], [], [], [], []
+    for k in range(args.steps):
+        message = {"op": "step", "executor_id": EX, "step_id": k + 2, "incarnation": "bench",
+                   "grow": [[sid, n + 1, [k]] for sid, n in lengths.items()]}
+        payload = protocol.encode(message)
+        t0 = time.perf_counter()
+        reply = handle(manager, protocol.decode(payload))
+        apply_s.append(time.perf_counter() - t0)
+        assert reply["ok"] and not reply["preempted"], reply.get("error") or "pool too small for the steps"
+        for sid in lengths:
+            lengths[sid] += 1
+        t0 = time.perf_counter()
+        assert store.record(manager, message, payload)
+        new_s.append(time.perf_counter() - t0)
+        new_b.append(len(payload))
+        if k < args.old_steps:
+            t0 = time.perf_counter()
+            snap = msgpack.packb(manager.snapshot(EX), use_bin_type=True)
+            pipe = r.pipeline(transaction=True)
+            pipe.set(KEY_PREFIX + "old-" + EX, snap)
+            pipe.execute()
+            old_s.append(time.perf_counter() - t0)
+            old_b.append(len(snap))
+    t0 = time.perf_counter()
+    store._snapshot(manager, [EX])  # one compaction: snapshot + emptied log
+    compact_s = time.perf_counter() - t0
+    compact_b = len(msgpack.packb(manager.snapshot(EX), use_bin_type=True))
+    r.flushdb()
+    med = statistics.median
+    period = int(min(args.compact_every, max(1, compact_b // med(new_b))))  # steps between compactions
+    return {
+        "blocks": num_blocks, "tokens": sum(lengths.values()),
+        "apply_us": med(apply_s) * 1e6, "old_us": med(old_s) * 1e6, "old_bytes": med(old_b),
+        "new_us": med(new_s) * 1e6, "new_bytes": med(new_b),
+        "new_amortized_us": med(new_s) * 1e6 + compact_s * 1e6 / period,
+        "new_amortized_bytes": med(new_b) + compact_b / period,
+        "compact_ms": compact_s * 1e3, "period": period,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[2048, 32768, 262144])
+    ap.add_argument("--seqs", type=int, default=64, help="running sequences, each grown by one token a step")
+    ap.add_argument("--fill", type=float, default=0.9, help="fraction of the pool in use after the last step")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=64, help="measured steps (new)")
+    ap.add_argument("--old-steps", type=int, default=8, help="measured steps of the old full SET")
+    ap.add_argument("--compact-every", type=int, default=10_000, help="as --redis-compact-every of the block manager")
+    ap.add_argument("--redis-url", default=None, help="default: start a private redis-server")
+    args = ap.parse_args()
+
+    proc = None
+    url = args.redis_url
+    if url is None:
+        port = _free_port()
+        tmp = tempfile.mkdtemp()
+        proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
+                                 "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(100):
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+    try:
+        print(f"{args.seqs} running sequences, {args.fill:.0%} of the pool in use, block size {args.block_size}; "
+              f"medians; compaction at the log's size of the snapshot, at most {args.compact_every} records\n")
+        print("| device blocks | apply step (µs) | old: full SET (bytes) | old (µs) | new: RPUSH (bytes) | new (µs) "
+              "| steps per compaction | new + compaction (bytes) | new + compaction (µs) | one compaction (ms) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for n in args.blocks:
+            m = measure(n, args, url)
+            print(f"| {m['blocks']:,} | {m['apply_us']:,.0f} | {m['old_bytes']:,.0f} | {m['old_us']:,.0f} "
+                  f"| {m['new_bytes']:,.0f} | {m['new_us']:,.0f} | {m['period']:,} | {m['new_amortized_bytes']:,.0f} "
+                  f"| {m['new_amortized_us']:,.0f} | {m['compact_ms']:,.1f} |", flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()
