@@ -179,7 +179,7 @@ def serve(bind: str, manager: BlockManager | None = None, store=None, keys: secu
                 reply = handle(manager, message, principal)
                 if store is not None and reply["ok"] and message.get("op") in MUTATING_OPS:
                     # Durable before the reply goes out; with Redis down, served from memory.
-                    reply["durable"] = store.record(manager, message, payload)
+                    reply["durable"] = store.record(manager, message, payload.bytes)
                 elif store is not None and reply["ok"] and message.get("op") in PIN_OPS:
                     reply["durable"] = store.record_snapshot(manager)
             except protocol.ProtocolError as exc:

@@ -16,7 +16,8 @@ from executor.engine import Engine, EngineConfig
 from executor.request import SamplingParams
 from executor.server import connect_block_manager
 from tests.conftest import _free_port
-from tests.test_blockmgr_redis import start_blockmgr
+from blockmgr import security
+from tests.test_blockmgr_redis import keys_dir, start_blockmgr  # noqa: F401 (keys_dir: a fixture)
 
 BS = 4
 SWAP_CHEAP = {"bytes_per_block": 1, "copy_bandwidth": 1e9, "flops_per_token": 1e9, "flops_per_s": 1e9}
@@ -105,6 +106,10 @@ class _Huge(dict):
 def state(manager):
     snap = manager.snapshot("ex")
     snap.pop("saved_at")
+    # A cached block's last use is wall-clock time: a replay stamps its own. What eviction reads
+    # from it is the order of uses, which a replay must keep: compare ranks, not seconds.
+    order = sorted(u[2] for u in snap["use"])
+    snap["use"] = [[h, hits, order.index(t), prio] for h, hits, t, prio in snap["use"]]
     return snap
 
 
@@ -174,16 +179,16 @@ def test_redis_down_serves_from_memory_says_so_and_writes_a_snapshot_when_back(r
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
-def test_executor_keeps_generating_while_redis_is_down(smollm, redis_server):
+def test_executor_keeps_generating_while_redis_is_down(smollm, redis_server, keys_dir):
     model, tok = smollm
     prompts = [tok.encode("The capital of France is"), tok.encode("def add(a, b):")]
     config = EngineConfig(block_size=BS, num_blocks=64)
     reference = Engine(model, InProcessBlockManager(BlockManager()), config, {tok.eos_token_id}).generate(
         prompts, GREEDY)
     addr = f"tcp://127.0.0.1:{_free_port()}"
-    proc = start_blockmgr(addr, redis_server.url)
+    proc = start_blockmgr(addr, redis_server.url, keys_dir)
     try:
-        engine = Engine(model, connect_block_manager(addr, "executor-0", 64, BS), config, {tok.eos_token_id})
+        engine = Engine(model, connect_block_manager(addr, "executor-0", 64, BS, keys=security.Keys(keys_dir, "executor-0")), config, {tok.eos_token_id})
         outs = {"a": [], "b": []}
         engine.add_request("a", prompts[0], GREEDY)
         engine.add_request("b", prompts[1], GREEDY)
@@ -194,7 +199,7 @@ def test_executor_keeps_generating_while_redis_is_down(smollm, redis_server):
         for _ in range(4):
             for o in engine.step():
                 outs[o.request_id] += o.new_token_ids
-        stats = BlockManagerClient(addr).stats()["executor-0"]
+        stats = BlockManagerClient(addr, keys=security.Keys(keys_dir, "gateway")).stats()["executor-0"]
         assert stats["persistence"]["ok"] is False and stats["persistence"]["changes_not_durable"] >= 4
         redis_server.start()
         while engine.has_work():
@@ -202,7 +207,7 @@ def test_executor_keeps_generating_while_redis_is_down(smollm, redis_server):
                 outs[o.request_id] += o.new_token_ids
         assert [outs["a"], outs["b"]] == reference
         deadline = time.monotonic() + 10
-        while not BlockManagerClient(addr).stats()["executor-0"]["persistence"]["ok"]:
+        while not BlockManagerClient(addr, keys=security.Keys(keys_dir, "gateway")).stats()["executor-0"]["persistence"]["ok"]:
             assert time.monotonic() < deadline, "the block manager did not notice Redis was back"
             time.sleep(0.1)
         restored = BlockManager()
