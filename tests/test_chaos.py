@@ -21,6 +21,7 @@ import time
 import httpx
 import pytest
 
+from blockmgr import security
 from tests.conftest import _free_port
 
 pytestmark = pytest.mark.slow
@@ -37,6 +38,9 @@ class Stack:
         self.ex_addrs = [f"tcp://127.0.0.1:{_free_port()}" for _ in range(2)]
         self.procs: dict[str, subprocess.Popen] = {}
         self.base = f"http://127.0.0.1:{self.port}"
+        # The stack runs authenticated, as `pagedserve serve` starts it.
+        self.keys = str(tmp / "keys")
+        security.create_keys(self.keys, ["blockmgr", "gateway", "executor-0", "executor-1"])
 
     def start(self, name):
         py = [sys.executable, "-m"]
@@ -44,17 +48,18 @@ class Stack:
             "redis": [shutil.which("redis-server"), "--port", str(self.redis_port), "--bind", "127.0.0.1",
                       "--save", "", "--appendonly", "no", "--dir", str(self.tmp)],
             "blockmgr": py + ["blockmgr", "--bind", self.bm_addr, "--redis-url",
-                              f"redis://127.0.0.1:{self.redis_port}/0", "--log-level", "WARNING"],
+                              f"redis://127.0.0.1:{self.redis_port}/0", "--log-level", "WARNING", "--keys-dir", self.keys],
             "gateway": py + ["gateway", "--model-dir", self.model_dir, "--served-model-name", "m", "--blockmgr",
                              self.bm_addr, "--port", str(self.port), "--max-model-len", "512",
-                             "--request-timeout", str(DEADLINE_S), "--executor", self.ex_addrs[0],
-                             "--executor", self.ex_addrs[1], "--log-level", "WARNING"],
+                             "--request-timeout", str(DEADLINE_S), "--executor", "executor-0@" + self.ex_addrs[0],
+                             "--executor", "executor-1@" + self.ex_addrs[1], "--log-level", "WARNING",
+                             "--keys-dir", self.keys],
         }.get(name)
         if name.startswith("executor-"):
             i = int(name[-1])
             argv = py + ["executor", "--model", self.model_dir, "--bind", self.ex_addrs[i], "--blockmgr", self.bm_addr,
                          "--executor-id", name, "--device", "cpu", "--num-blocks", "256", "--max-model-len", "512",
-                         "--swap-space", "0", "--num-threads", "1", "--log-level", "WARNING"]
+                         "--swap-space", "0", "--num-threads", "1", "--log-level", "WARNING", "--keys-dir", self.keys]
         log = open(self.tmp / f"{name}.log", "a")
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 

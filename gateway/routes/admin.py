@@ -18,7 +18,7 @@ import asyncio
 import time
 from typing import Any, Optional
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -102,8 +102,8 @@ async def cache_stats(request: Request):
 
 @router.post("/cache/reset", response_model=ResetResult,
              responses={**_ERRORS, 409: {"model": ResetResult, "description": "not reset: blocks in use"},
-                        **errors(404, 501)})
-async def reset_cache(request: Request, executor_id: Optional[str] = None):
+                        **errors(400, 404, 501)})
+async def reset_cache(request: Request, executor_id: Optional[str] = Query(None, min_length=1, max_length=256)):
     gw = get_gateway(request)
     fn = getattr(gw.blockmgr, "reset_prefix_cache", None)
     if fn is None:
