@@ -6,13 +6,14 @@ fast; the figures themselves come from real runs documented in the README.
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from gateway.bench import hf_baseline, offline, online
-from gateway.bench.workloads import (
+from benchmarks.serving import hf_baseline, offline, online
+from benchmarks.serving.workloads import (
     SHARED_PREFIX_LEN,
     TextSource,
     lognormal_mu,
@@ -198,3 +199,14 @@ def test_bench_cli_writes_json_and_plots(tiny_dir, tmp_path, capsys):
     assert names == ["sharegpt", "parallel-sampling", "decode (concurrency 2)"]
     assert res["workloads"][0]["hf_best_batch_size"] in (1, 3) and res["workloads"][0]["ours_over_hf"] > 0
     assert len(list(tmp_path.glob("throughput-*.png"))) == 3
+
+
+def test_bench_without_matplotlib_fails_before_running(monkeypatch, tmp_path, capsys):
+    from gateway.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "throughput", "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "pagedserve[bench]" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

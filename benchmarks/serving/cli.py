@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.bench.workloads import WORKLOADS
+from benchmarks.serving.workloads import WORKLOADS
 
 DEFAULT_WORKLOADS = ("sharegpt", "alpaca", "shared-prefix", "parallel-sampling", "beam")
 
@@ -56,6 +56,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--concurrency", type=_csv(int), default=[1, 16],
                    help="decode workload: concurrent requests, comma-separated (default 1,16)")
+
+
+def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if not args.no_plots:
+        from benchmarks.serving.plots import missing
+
+        if hint := missing():
+            p.error(hint)
+    return args
 
 
 def _metadata(argv: list[str], threads: int | None) -> dict:
@@ -106,7 +116,7 @@ def throughput(argv: list[str]) -> int:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--prefix-ttft-samples", type=int, default=3,
                    help="shared-prefix: requests timed cold and (others) warm (default %(default)s)")
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
 
     import torch
 
@@ -115,8 +125,8 @@ def throughput(argv: list[str]) -> int:
     from transformers.utils import logging as hf_logging
 
     from executor.model_loader import default_model_path, load_model, resolve_model_dir
-    from gateway.bench import hf_baseline, offline, plots
-    from gateway.bench.workloads import TextSource, make_workload
+    from benchmarks.serving import hf_baseline, offline, plots
+    from benchmarks.serving.workloads import TextSource, make_workload
 
     hf_logging.set_verbosity_error()
     model_dir = resolve_model_dir(args.model or default_model_path())
@@ -246,14 +256,14 @@ def serve(argv: list[str]) -> int:
                    help="requests/s, comma-separated; inf sends all at once (default inf)")
     p.add_argument("--served-model-name", default=None, help="model name to send (default: the first of /v1/models)")
     p.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout, s")
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
 
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from executor.model_loader import default_model_path, resolve_model_dir
-    from gateway.bench import online, plots
-    from gateway.bench.workloads import TextSource, make_workload
+    from benchmarks.serving import online, plots
+    from benchmarks.serving.workloads import TextSource, make_workload
 
     hf_logging.set_verbosity_error()
     model_dir = resolve_model_dir(args.model or default_model_path())

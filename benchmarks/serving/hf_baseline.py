@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gateway.bench.workloads import Workload
+from benchmarks.serving.workloads import Workload
 
 
 def load_hf(model_dir, dtype: torch.dtype = torch.float32):
@@ -54,7 +54,7 @@ def _pad_id(tok, model) -> int:
 
 
 def run_hf(model, tok, workload: Workload, batch_size: int, *, progress: bool = True) -> dict:
-    """Run ``workload`` in static batches of ``batch_size``; figures as in :func:`gateway.bench.offline.run`."""
+    """Run ``workload`` in static batches of ``batch_size``; figures as in :func:`benchmarks.serving.offline.run`."""
     from transformers import GenerationConfig
 
     for r in workload.requests:

@@ -1,10 +1,26 @@
-"""PNG plots of benchmark results (matplotlib, Agg backend: no display needed)."""
+"""PNG plots of benchmark results (matplotlib, Agg backend: no display needed).
+
+matplotlib is the optional extra ``pagedserve[bench]``; :func:`missing` lets the CLI say so before
+a run of minutes rather than after it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+
+INSTALL_HINT = "plots need matplotlib: pip install 'pagedserve[bench]' (or pass --no-plots)"
+
+
+def missing() -> str | None:
+    """None when matplotlib imports; otherwise :data:`INSTALL_HINT`."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return INSTALL_HINT
+    return None
 
 
 def _plt():

@@ -32,7 +32,7 @@ from blockmgr.client import InProcessBlockManager
 from blockmgr.manager import BlockManager, blocks_for
 from executor.engine import Engine, EngineConfig
 from executor.request import SamplingParams
-from gateway.bench.workloads import BenchRequest, Workload
+from benchmarks.serving.workloads import BenchRequest, Workload
 
 EXECUTOR_ID = "bench-0"
 

@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-from gateway.bench.workloads import BenchRequest, Workload
+from benchmarks.serving.workloads import BenchRequest, Workload
 
 
 def percentiles(values: list[float], ps=(50, 90, 99)) -> dict[str, float | None]:
