@@ -167,7 +167,7 @@ def test_arrivals_are_poisson():
 
 
 def test_serve_benchmark_against_a_gateway(smollm_dir, tok, source):
-    from gateway.testing import fake_app, serve_in_thread
+    from tests.gateway.fakes import fake_app, serve_in_thread
 
     app, _, _ = fake_app(tok)
     wl = make_workload("alpaca", tok, num_requests=4, source=source)

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.routing import choose
-from gateway.testing import cached_tokenizer, fake_app, serve_in_thread
+from tests.gateway.fakes import cached_tokenizer, fake_app, serve_in_thread
 
 LONG = "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole, filled with the ends of worms. " * 3
 
@@ -86,6 +86,10 @@ def test_sequences_and_reset(server):
     assert httpx.get(base + f"/admin/sequences/{s['request_id']}").status_code == 404
     done = httpx.post(base + "/admin/cache/reset")
     assert done.status_code == 200 and done.json()["reset"] is True
+    one = httpx.post(base + "/admin/cache/reset", params={"executor_id": s["executor_id"]})
+    assert one.status_code == 200 and one.json()["reset"] is True
+    unknown = httpx.post(base + "/admin/cache/reset", params={"executor_id": "executor-9"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "executor_not_found"
 
 
 def test_admin_executors(server):

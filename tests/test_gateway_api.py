@@ -4,7 +4,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.testing import DEFAULT_REPLY, cached_tokenizer, fake_app, serve_in_thread
+from tests.gateway.fakes import DEFAULT_REPLY, cached_tokenizer, fake_app, serve_in_thread
 
 MODEL = "fake-model"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]

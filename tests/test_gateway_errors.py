@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.testing import SAMPLING_FIELDS, cached_tokenizer, fake_app, serve_in_thread
+from tests.gateway.fakes import SAMPLING_FIELDS, cached_tokenizer, fake_app, serve_in_thread
 
 MODEL = "fake-model"
 MSG = [{"role": "user", "content": "hi"}]

@@ -15,7 +15,7 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from gateway.testing import FakeBlockManager, cached_tokenizer, fake_app, serve_in_thread
+from tests.gateway.fakes import BlockManagerConnection, cached_tokenizer, fake_app, serve_in_thread
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 NEGATIVE_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance]
@@ -24,7 +24,7 @@ NEGATIVE_CHECKS = [not_a_server_error, status_code_conformance, content_type_con
 def _schema_only_app():
     settings = GatewaySettings(model_dir="unused", served_model_name="fake-model", executors=[], blockmgr="",
                                max_model_len=2048)
-    return create_app(settings, executors=[], blockmgr=FakeBlockManager(), tokenizer=object())
+    return create_app(settings, executors=[], blockmgr=BlockManagerConnection(), tokenizer=object())
 
 
 SCHEMA = schemathesis.openapi.from_dict(_schema_only_app().openapi())

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.detokenizer import TextStream
-from gateway.testing import cached_tokenizer, fake_app, serve_in_thread
+from tests.gateway.fakes import cached_tokenizer, fake_app, serve_in_thread
 
 MODEL = "fake-model"
 TEXTS = ["Hello world! 你好，世界。🙂👍🏽 naïve café — ok", "日本語のテキストと絵文字🎉🎉 mixed with English",

@@ -8,7 +8,7 @@ one, a loopback client (see :mod:`gateway.auth`).
   manager's ``sequence`` op): each block's id, refcount, tier and hash.
 - ``POST /admin/cache/reset``: a prefix-cache reset. 200 with ``reset: true`` only if it happened;
   409 with ``reset: false`` and the block manager's reason when blocks in use kept it from
-  happening; 501 when the block manager has no such operation.
+  happening; 404 for an unknown ``executor_id``; 501 when the block manager has no such operation.
 - ``GET /admin/executors``: each executor's id, address, device, model, pool sizes, load, health.
 """
 
@@ -102,9 +102,12 @@ async def cache_stats(request: Request):
 
 @router.post("/cache/reset", response_model=ResetResult,
              responses={**_ERRORS, 409: {"model": ResetResult, "description": "not reset: blocks in use"},
-                        **errors(501)})
+                        **errors(404, 501)})
 async def reset_cache(request: Request, executor_id: Optional[str] = None):
     gw = get_gateway(request)
+    if executor_id is not None and executor_id not in {h.executor_id for h in gw.pool.handles}:
+        # The block manager would refuse it with an error body, not the documented 409 ResetResult.
+        raise APIError(404, f"no executor {executor_id!r}", "not_found_error", "executor_id", "executor_not_found")
     fn = getattr(gw.blockmgr, "reset_prefix_cache", None)
     if fn is None:
         raise APIError(501, "the block manager client has no prefix-cache reset", "not_implemented", None,

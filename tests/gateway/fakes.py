@@ -1,150 +1,61 @@
-"""Stand-ins for the executor and the block manager, so the gateway runs in process without a model.
+"""A stand-in for the executor, so the gateway runs in process without a model.
 
 ``FakeExecutor`` has the methods of ``executor.client.ExecutorClient`` and speaks the same
 output messages (index, token_ids, finished, finish_reason, error, num_prompt_tokens,
 num_cached_tokens, logprobs, prompt_logprobs). It "generates" a scripted continuation one token
-per step, takes KV blocks from a ``FakeBlockManager`` as it goes and returns them when the request
-ends or is aborted, and publishes its prompts' full blocks as a prefix cache, so routing and
-cache inspection can be tested too.
+per step. Its KV blocks come from the real block manager, in process: it admits each prompt,
+forks the n > 1 children, grows every sequence by one token per step and frees it at the end,
+so block accounting, the prefix cache (and routing on it) and cache inspection are the real ones.
 
-Used by the gateway's fast tests; also handy for benchmarking the gateway alone.
+Used by the gateway's fast tests and the online benchmark's test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import threading
 import time
 from typing import Any, Callable
 
-from blockmgr.client import BlockManagerRequestError, BlockManagerUnavailable
+from blockmgr.client import BlockManagerRequestError, BlockManagerUnavailable, InProcessBlockManager
+from blockmgr.manager import DENIED_NEVER_FITS, BlockManager
 from executor.client import ExecutorUnavailable, expected_outputs
+from executor.request import SamplingParams
 
-SAMPLING_FIELDS = frozenset({
-    "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "min_tokens", "seed", "stop_token_ids", "ignore_eos", "logprobs", "prompt_logprobs",
-    "n", "use_beam_search", "beam_width",
-})
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 DEFAULT_REPLY = "Hello there! This is a fake reply, with 你好 and 🙂 in it."
 
 
-class FakeBlockManager:
-    """The block manager's client API (sync, thread-safe) over an in-memory model of its state.
+class BlockManagerConnection(InProcessBlockManager):
+    """A client's connection to a real :class:`~blockmgr.manager.BlockManager` in this process.
+
+    The gateway and every FakeExecutor get their own connection to one shared manager, as they
+    would to one block-manager service; a shared lock serializes them (the gateway calls from
+    worker threads, the fake executors from the event loop).
 
     Attributes:
-        down: when True every call raises ``BlockManagerUnavailable``.
-        calls: the ops called, in order (for assertions).
+        down: when True every call on *this* connection raises ``BlockManagerUnavailable`` (an
+            outage seen by one client only, e.g. the gateway, while the executors keep running).
     """
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.executors: dict[str, dict] = {}
+    def __init__(self, manager: BlockManager | None = None, lock: threading.Lock | None = None):
+        super().__init__(manager if manager is not None else BlockManager())
+        self._lock = lock or threading.Lock()
         self.down = False
-        self.calls: list[str] = []
 
-    def _enter(self, op: str) -> None:
-        self.calls.append(op)
+    def connect(self) -> "BlockManagerConnection":
+        """Another connection to the same manager."""
+        return BlockManagerConnection(self.manager, self._lock)
+
+    def _call(self, message: dict[str, Any]) -> dict[str, Any]:
         if self.down:
-            raise BlockManagerUnavailable(f"fake block manager is down ({op!r})")
-
-    # -- used by FakeExecutor -------------------------------------------------------------------
-    def register(self, executor_id: str, num_device_blocks: int, block_size: int) -> None:
+            raise BlockManagerUnavailable(f"block manager connection is down ({message.get('op')!r})")
         with self._lock:
-            self.executors[executor_id] = {"total": num_device_blocks, "block_size": block_size, "seqs": {},
-                                           "cache": set(), "queries": 0, "hits": 0}
-
-    def grow(self, executor_id: str, seq_id: str, num_tokens: int) -> None:
-        with self._lock:
-            ex = self.executors[executor_id]
-            ex["seqs"][seq_id] = max(ex["seqs"].get(seq_id, 0), num_tokens)
-
-    def free(self, executor_id: str, seq_id: str) -> None:
-        with self._lock:
-            self.executors[executor_id]["seqs"].pop(seq_id, None)
-
-    def publish(self, executor_id: str, token_ids: list[int], cache_salt: str | None) -> None:
-        with self._lock:
-            ex = self.executors[executor_id]
-            bs = ex["block_size"]
-            for end in range(bs, len(token_ids) + 1, bs):
-                ex["cache"].add((cache_salt, tuple(token_ids[:end])))
-
-    def _cached_tokens(self, ex: dict, token_ids: list[int], cache_salt: str | None) -> int:
-        bs = ex["block_size"]
-        best = 0
-        for end in range(bs, len(token_ids) + 1, bs):
-            if (cache_salt, tuple(token_ids[:end])) in ex["cache"]:
-                best = end
-            else:
-                break
-        # A full hit still computes the last prompt token.
-        return min(best, len(token_ids) - 1) if best else 0
-
-    def lookup(self, executor_id: str, token_ids: list[int], cache_salt: str | None) -> int:
-        with self._lock:
-            ex = self.executors[executor_id]
-            n = self._cached_tokens(ex, token_ids, cache_salt)
-            ex["queries"] += len(token_ids)
-            ex["hits"] += n
-            return n
-
-    def _blocks(self, ex: dict) -> int:
-        bs = ex["block_size"]
-        return sum(-(-t // bs) for t in ex["seqs"].values())
-
-    # -- the client API -------------------------------------------------------------------------
-    def ping(self) -> None:
-        self._enter("ping")
-
-    def stats(self) -> dict:
-        self._enter("stats")
-        with self._lock:
-            out = {}
-            for ex_id, ex in self.executors.items():
-                used = self._blocks(ex)
-                out[ex_id] = {
-                    "block_size": ex["block_size"], "num_seqs": len(ex["seqs"]),
-                    "device": {"total": ex["total"], "free": ex["total"] - used, "used": used, "cached_free": 0,
-                               "usage_perc": 100.0 * used / ex["total"]},
-                    "cpu": {"total": 0, "free": 0, "used": 0},
-                    "prefix_cache": {"queries_tokens": ex["queries"], "hits_tokens": ex["hits"],
-                                     "cached_blocks": len(ex["cache"])},
-                    "preemptions": {"swap": 0, "recompute": 0},
-                }
-            return out
-
-    def sequence(self, executor_id: str, seq_id: str) -> dict:
-        self._enter("sequence")
-        with self._lock:
-            ex = self.executors.get(executor_id)
-            if ex is None or seq_id not in ex["seqs"]:
-                raise BlockManagerRequestError(f"unknown sequence {seq_id!r} on executor {executor_id!r}")
-            n = -(-ex["seqs"][seq_id] // ex["block_size"])
-            return {"seq_id": seq_id, "executor_id": executor_id, "num_tokens": ex["seqs"][seq_id],
-                    "state": "running",
-                    "blocks": [{"block": i, "refcount": 1, "tier": "device", "hash": None} for i in range(n)]}
-
-    def match_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> dict[str, int]:
-        self._enter("match_prefix")
-        with self._lock:
-            return {ex_id: self._cached_tokens(ex, token_ids, cache_salt) for ex_id, ex in self.executors.items()}
-
-    def reset_prefix_cache(self, executor_id: str | None = None) -> dict:
-        self._enter("reset_prefix_cache")
-        with self._lock:
-            targets = [e for i, e in self.executors.items() if executor_id in (None, i)]
-            in_use = sum(self._blocks(e) for e in targets)
-            if in_use:
-                return {"reset": False, "message": f"{in_use} blocks are in use; nothing was reset"}
-            for e in targets:
-                e["cache"].clear()
-            return {"reset": True, "message": "prefix cache reset"}
-
-    def close(self) -> None:
-        pass
+            return super()._call(message)
 
 
 def _fake_logprob(token_id: int, pos: int) -> float:
@@ -156,7 +67,8 @@ class FakeExecutor:
 
     Args:
         executor_id: its id (as in ``info``).
-        blockmgr: the FakeBlockManager it takes blocks from (None: no block accounting).
+        blockmgr: its :class:`BlockManagerConnection` (None: no block accounting). A sequence the
+            block manager preempts fails with an error output: the fake neither swaps nor recomputes.
         tokenizer: used to turn ``reply`` into tokens (and for the vocabulary size).
         reply: the continuation, as text, or a function ``(prompt_ids, params, index) -> token ids``.
         eos_token_id: sent with finish reason ``stop`` when the reply is exhausted.
@@ -171,7 +83,7 @@ class FakeExecutor:
         down: when True it answers nothing (requests time out, generate never outputs).
     """
 
-    def __init__(self, executor_id: str = "executor-0", blockmgr: FakeBlockManager | None = None, tokenizer=None,
+    def __init__(self, executor_id: str = "executor-0", blockmgr: BlockManagerConnection | None = None, tokenizer=None,
                  reply: str | Callable = DEFAULT_REPLY, eos_token_id: int = 2, num_blocks: int = 256,
                  block_size: int = 16, max_model_len: int = 2048, token_delay_s: float = 0.0,
                  first_token_delay_s: float = 0.0, fail_after_tokens: int | None = None, known_params: frozenset = SAMPLING_FIELDS, vocab_size: int | None = None):
@@ -255,6 +167,40 @@ class FakeExecutor:
             return f"prompt + max_tokens = {total} exceeds the model's context length {self.max_model_len}"
         return None
 
+    async def _admit(self, request_id: str, seqs: list[str], prompt: list[int], cache_salt: str | None,
+                     priority: int) -> int | str:
+        """Admit the whole prompt as ``seqs[0]`` and fork the other sequences from it.
+
+        Waits while the pool is full, as the real scheduler keeps a request waiting.
+
+        Returns:
+            the prompt tokens found in the prefix cache, or an error message (never fits, aborted).
+        """
+        while True:
+            reply = self.blockmgr.step(self.executor_id,
+                                       admit=[[seqs[0], prompt, len(prompt), cache_salt, priority]])
+            denied = reply["denied"].get(seqs[0])
+            if denied is None:
+                break
+            if denied == DENIED_NEVER_FITS:
+                return f"the prompt needs more KV blocks than the pool's {self.num_blocks}"
+            if request_id in self._abort_flags:
+                return "aborted while waiting for KV blocks"
+            await asyncio.sleep(0.01)
+        if len(seqs) > 1:
+            self.blockmgr.step(self.executor_id, fork=[[seqs[0], child] for child in seqs[1:]])
+        return reply["admitted"][seqs[0]]
+
+    def _grow(self, seq_id: str, num_tokens: int, token: int) -> str | None:
+        """Room for one more token; an error message when the sequence was preempted."""
+        try:
+            reply = self.blockmgr.step(self.executor_id, grow=[[seq_id, num_tokens, [token]]])
+        except BlockManagerRequestError as e:  # preempted earlier, as another sequence's victim
+            return f"the fake executor does not resume preempted sequences ({e})"
+        if seq_id in reply["preempted"] or seq_id in reply["denied"]:
+            return f"the fake executor does not resume preempted sequences ({seq_id} was preempted)"
+        return None
+
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
                        priority: int = 0, cache_salt: str | None = None):
         self.received.append({"request_id": request_id, "prompt_token_ids": list(prompt_token_ids),
@@ -273,13 +219,18 @@ class FakeExecutor:
         stop_ids = set(params.get("stop_token_ids") or [])
         seqs = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
         conts = [self._continuation(prompt_token_ids, params, i) for i in range(n)]
-        cached = self.blockmgr.lookup(self.executor_id, prompt_token_ids, cache_salt) if self.blockmgr else 0
         run = {"num_prompt": len(prompt_token_ids), "seqs": seqs, "out": {}}
         self._running[request_id] = run
         self.num_active += 1
         finished = [False] * n
         first = True
         try:
+            cached = 0
+            if self.blockmgr is not None:
+                cached = await self._admit(request_id, seqs, prompt_token_ids, cache_salt, priority)
+                if isinstance(cached, str):
+                    yield self._error(request_id, cached)
+                    return
             if self.first_token_delay_s:
                 await asyncio.sleep(self.first_token_delay_s)
             for step in range(max_tokens):
@@ -299,8 +250,11 @@ class FakeExecutor:
                     elif step + 1 >= max_tokens:
                         reason = "length"
                     run["out"][seqs[i]] = step + 1
-                    if self.blockmgr:
-                        self.blockmgr.grow(self.executor_id, seqs[i], len(prompt_token_ids) + step + 1)
+                    if self.blockmgr is not None:
+                        refused = self._grow(seqs[i], len(prompt_token_ids) + step + 1, token)
+                        if refused:
+                            yield self._error(request_id, refused)
+                            return
                     msg = {"op": "output", "request_id": request_id, "index": i, "token_ids": [token],
                            "finished": reason is not None, "finish_reason": reason, "error": None,
                            "num_prompt_tokens": len(prompt_token_ids), "num_cached_tokens": cached,
@@ -316,10 +270,8 @@ class FakeExecutor:
                     first = False
                     if reason is not None:
                         finished[i] = True
-                        if self.blockmgr:
-                            self.blockmgr.free(self.executor_id, seqs[i])
-                            if all(finished):
-                                self.blockmgr.publish(self.executor_id, prompt_token_ids, cache_salt)
+                        if self.blockmgr is not None:
+                            self.blockmgr.step(self.executor_id, free=[seqs[i]])
                     self.last_seen = time.monotonic()
                     yield msg
                 if all(finished):
@@ -331,9 +283,8 @@ class FakeExecutor:
             self._running.pop(request_id, None)
             if not all(finished):
                 self.aborted.append(request_id)
-            if self.blockmgr:
-                for s in seqs:
-                    self.blockmgr.free(self.executor_id, s)
+            if self.blockmgr is not None:
+                self.blockmgr.step(self.executor_id, free=seqs)  # ids already freed are ignored
             self._abort_flags.discard(request_id)
 
 
@@ -376,16 +327,18 @@ def cached_tokenizer(model_dir: str):
 
 
 def fake_app(tokenizer, num_executors: int = 1, executor_kwargs: dict | None = None, **settings: Any):
-    """An app over ``num_executors`` FakeExecutors sharing one FakeBlockManager.
+    """An app over ``num_executors`` FakeExecutors sharing one real, in-process block manager.
 
     Returns:
-        (app, [FakeExecutor], FakeBlockManager). ``settings`` override GatewaySettings fields.
+        (app, [FakeExecutor], the gateway's BlockManagerConnection). ``settings`` override
+        GatewaySettings fields.
     """
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
 
-    bm = FakeBlockManager()
-    executors = [FakeExecutor(f"executor-{i}", bm, tokenizer, **(executor_kwargs or {})) for i in range(num_executors)]
+    bm = BlockManagerConnection()
+    executors = [FakeExecutor(f"executor-{i}", bm.connect(), tokenizer, **(executor_kwargs or {}))
+                 for i in range(num_executors)]
     fields = {"model_dir": "fake-model-dir", "served_model_name": "fake-model", "executors": [], "blockmgr": "",
               "max_model_len": 2048, "health_interval_s": 0.2, **settings}
     app = create_app(GatewaySettings(**fields), executors=executors, blockmgr=bm, tokenizer=tokenizer)
