@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Heavy or optional modules the gateway must never pull in (the bench is imported lazily by
 # `pagedserve bench`; the model lives in the executor process).

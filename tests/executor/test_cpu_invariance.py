@@ -1,6 +1,6 @@
 """The CPU path's building blocks give each row / token the same bits whatever the batch.
 
-These are the properties tests/test_batch_invariance.py relies on end to end, checked here on
+These are the properties tests/executor/test_batch_invariance.py relies on end to end, checked here on
 random tensors in a fraction of a second each (fp32, the test session's one thread).
 """
 

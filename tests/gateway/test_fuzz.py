@@ -2,7 +2,7 @@
 answer matches the schema (status codes, content types, bodies).
 
 Runs against the app over real HTTP with fake executors, in positive (schema-valid) and negative
-(schema-breaking) modes; ``tests/test_e2e_stack.py`` runs a smaller round against the real stack.
+(schema-breaking) modes; ``tests/e2e/test_stack.py`` runs a smaller round against the real stack.
 """
 
 import httpx

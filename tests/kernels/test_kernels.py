@@ -35,7 +35,7 @@ from kernels.block_copy import _swap_blocks_across  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 9, 3, 64
 ATOL = RTOL = 1e-5
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------------------------
