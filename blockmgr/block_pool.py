@@ -65,11 +65,6 @@ class BlockPool:
             yield block
             block = self._next[block]
 
-    def peek_free(self) -> int | None:
-        """The block the next allocation would take, without taking it."""
-        head = self._next[self._sentinel]
-        return None if head == self._sentinel else head
-
     # -- allocation -------------------------------------------------------------------------
     @property
     def num_used(self) -> int:

@@ -23,13 +23,6 @@ from benchmarks.serving.workloads import (
 
 
 @pytest.fixture(scope="module")
-def tok(smollm_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm_dir)
-
-
-@pytest.fixture(scope="module")
 def source(tok):
     return TextSource(tok)
 

@@ -3,9 +3,6 @@
 import pytest
 import torch
 
-from blockmgr.client import InProcessBlockManager
-from blockmgr.manager import BlockManager
-from executor.engine import Engine, EngineConfig
 from executor.request import SamplingParams
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "My favourite season is autumn because"]
@@ -30,16 +27,14 @@ def hf_beams(smollm_dir, smollm):
     return out
 
 
-def test_beam_search_matches_hf_and_shares_blocks(smollm, hf_beams):
-    model, tok = smollm
+def test_beam_search_matches_hf_and_shares_blocks(make_engine, smollm, hf_beams):
+    _, tok = smollm
     params = SamplingParams(max_tokens=MAX_NEW, use_beam_search=True, beam_width=4)
-    greedy_engine = Engine(model, InProcessBlockManager(BlockManager()), EngineConfig(block_size=BS, num_blocks=256),
-                           {tok.eos_token_id})
+    greedy_engine, _ = make_engine(block_size=BS)
     greedy = greedy_engine.generate([ids for ids, _ in hf_beams], SamplingParams(max_tokens=MAX_NEW, temperature=0))
     assert any(g != expected for g, (_, expected) in zip(greedy, hf_beams)), "beam search must differ from greedy somewhere"
     for ids, expected in hf_beams:
-        bm = InProcessBlockManager(BlockManager())
-        engine = Engine(model, bm, EngineConfig(block_size=BS, num_blocks=256), {tok.eos_token_id})
+        engine, bm = make_engine(block_size=BS)
         engine.add_request("beam", ids, params)
         got, peak = [], 0
         while engine.has_work():

@@ -3,9 +3,6 @@
 import pytest
 import torch
 
-from blockmgr.client import InProcessBlockManager
-from blockmgr.manager import BlockManager
-from executor.engine import Engine, EngineConfig
 from executor.request import SamplingParams
 
 PROMPTS = [
@@ -42,12 +39,6 @@ def references(smollm_dir, smollm):
     return refs
 
 
-def make_engine(smollm, num_blocks=512):
-    model, tok = smollm
-    bm = InProcessBlockManager(BlockManager())
-    return Engine(model, bm, EngineConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks), {tok.eos_token_id}), bm
-
-
 def test_prompts_cross_block_boundaries(references):
     lengths = [len(ids) + len(out) for ids, out in references]
     assert len(set(lengths)) >= 6, "prompts of different lengths"
@@ -55,16 +46,16 @@ def test_prompts_cross_block_boundaries(references):
     assert any(len(ids) % BLOCK_SIZE != 0 for ids, _ in references)
 
 
-def test_greedy_equals_hf_alone(smollm, references):
-    engine, bm = make_engine(smollm)
+def test_greedy_equals_hf_alone(make_engine, references):
+    engine, bm = make_engine(block_size=BLOCK_SIZE, num_blocks=512)
     greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0)
     for ids, expected in references:
         assert engine.generate([ids], greedy)[0] == expected
     assert bm.stats()["executor-0"]["device"]["used"] == 0
 
 
-def test_greedy_equals_hf_all_at_once(smollm, references):
-    engine, bm = make_engine(smollm)
+def test_greedy_equals_hf_all_at_once(make_engine, references):
+    engine, bm = make_engine(block_size=BLOCK_SIZE, num_blocks=512)
     engine.record_steps = True
     greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0)
     outs = engine.generate([ids for ids, _ in references], greedy)
@@ -73,9 +64,9 @@ def test_greedy_equals_hf_all_at_once(smollm, references):
     assert bm.stats()["executor-0"]["device"]["used"] == 0
 
 
-def test_continuous_batching_joins_at_next_step(smollm, references):
+def test_continuous_batching_joins_at_next_step(make_engine, references):
     """A request added while others decode runs in the very next step and still matches HF."""
-    engine, _ = make_engine(smollm)
+    engine, _ = make_engine(block_size=BLOCK_SIZE, num_blocks=512)
     engine.record_steps = True
     greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0)
     (ids0, exp0), (ids1, exp1) = references[0], references[4]
@@ -94,9 +85,9 @@ def test_continuous_batching_joins_at_next_step(smollm, references):
     assert got == {"first": exp0, "late": exp1}
 
 
-def test_tiny_pool_preempts_and_still_matches(smollm, references):
+def test_tiny_pool_preempts_and_still_matches(make_engine, references):
     """With too few blocks for everyone, sequences wait or are preempted, and nothing changes."""
-    engine, bm = make_engine(smollm, num_blocks=24)
+    engine, bm = make_engine(block_size=BLOCK_SIZE, num_blocks=24)
     greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0)
     outs = engine.generate([ids for ids, _ in references], greedy)
     assert outs == [expected for _, expected in references]

@@ -5,20 +5,12 @@ import threading
 import pytest
 import zmq
 
-from blockmgr.client import InProcessBlockManager
-from blockmgr.manager import BlockManager
 from executor import protocol
-from executor.engine import Engine, EngineConfig
 from executor.request import SamplingParams
 from executor.server import ExecutorServer
 
+BS = 8
 PROMPT = "The three primary colours are"
-
-
-def make_engine(smollm, **cfg):
-    model, tok = smollm
-    bm = InProcessBlockManager(BlockManager())
-    return Engine(model, bm, EngineConfig(block_size=8, num_blocks=256, **cfg), {tok.eos_token_id})
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +19,12 @@ def prompt_ids(smollm):
 
 
 @pytest.fixture(scope="module")
-def greedy_ids(smollm, prompt_ids):
-    return make_engine(smollm).generate([prompt_ids], SamplingParams(max_tokens=4, temperature=0))[0]
+def greedy_ids(make_engine, prompt_ids):
+    return make_engine(block_size=BS)[0].generate([prompt_ids], SamplingParams(max_tokens=4, temperature=0))[0]
 
 
-def test_stop_token_ids_and_min_tokens(smollm, prompt_ids, greedy_ids):
-    engine = make_engine(smollm)
+def test_stop_token_ids_and_min_tokens(make_engine, prompt_ids, greedy_ids):
+    engine, _ = make_engine(block_size=BS)
     first = greedy_ids[0]
     stopped = engine.generate([prompt_ids], SamplingParams(max_tokens=4, temperature=0, stop_token_ids=[first]))
     assert stopped == [[first]]
@@ -42,8 +34,8 @@ def test_stop_token_ids_and_min_tokens(smollm, prompt_ids, greedy_ids):
     assert len(held) >= 2 and first not in held[:2]
 
 
-def test_priority_decides_admission(smollm, prompt_ids):
-    engine = make_engine(smollm, max_num_seqs=1)
+def test_priority_decides_admission(make_engine, prompt_ids):
+    engine, _ = make_engine(block_size=BS, max_num_seqs=1)
     engine.record_steps = True
     p = SamplingParams(max_tokens=2, temperature=0)
     engine.add_request("background", prompt_ids, p, priority=3)
@@ -59,9 +51,9 @@ def test_priority_decides_admission(smollm, prompt_ids):
     assert order == ["urgent", "normal", "background"]
 
 
-def test_wire_format_carries_logprobs_and_prompt_logprobs(smollm, prompt_ids, greedy_ids, free_port):
+def test_wire_format_carries_logprobs_and_prompt_logprobs(make_engine, prompt_ids, greedy_ids, free_port):
     address = f"tcp://127.0.0.1:{free_port()}"
-    server = ExecutorServer(make_engine(smollm), address, {"executor_id": "executor-0"})
+    server = ExecutorServer(make_engine(block_size=BS)[0], address, {"executor_id": "executor-0"})
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     sock = zmq.Context.instance().socket(zmq.DEALER)

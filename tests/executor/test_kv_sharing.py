@@ -2,20 +2,10 @@
 
 import pytest
 
-from blockmgr.client import InProcessBlockManager
-from blockmgr.manager import BlockManager
-from executor.engine import Engine, EngineConfig
 from executor.request import SamplingParams, seed_for_child
 
 BS = 8
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
-
-
-def make_engine(smollm, num_blocks=256, num_cpu_blocks=0, prefix_caching=True, **cfg):
-    model, tok = smollm
-    bm = InProcessBlockManager(BlockManager(enable_prefix_caching=prefix_caching))
-    config = EngineConfig(block_size=BS, num_blocks=num_blocks, num_cpu_blocks=num_cpu_blocks, **cfg)
-    return Engine(model, bm, config, {tok.eos_token_id}), bm
 
 
 def run_one_by_one(engine, prompts, params=GREEDY):
@@ -41,9 +31,9 @@ def shared_prefix_prompts(smollm):
     return prompts
 
 
-def test_prefix_caching_changes_no_output(smollm, shared_prefix_prompts):
-    cold, cold_bm = make_engine(smollm, prefix_caching=False)
-    warm, warm_bm = make_engine(smollm)
+def test_prefix_caching_changes_no_output(make_engine, shared_prefix_prompts):
+    cold, cold_bm = make_engine(block_size=BS, prefix_caching=False)
+    warm, warm_bm = make_engine(block_size=BS)
     expected = run_one_by_one(cold, shared_prefix_prompts)
     got = run_one_by_one(warm, shared_prefix_prompts)
     assert got == expected
@@ -54,8 +44,8 @@ def test_prefix_caching_changes_no_output(smollm, shared_prefix_prompts):
     assert warm.generate(shared_prefix_prompts, GREEDY) == expected
 
 
-def test_full_hit_still_computes_the_last_token(smollm, shared_prefix_prompts):
-    engine, bm = make_engine(smollm)
+def test_full_hit_still_computes_the_last_token(make_engine, shared_prefix_prompts):
+    engine, bm = make_engine(block_size=BS)
     prompt = shared_prefix_prompts[-1]  # exactly 4 full blocks
     first = engine.generate([prompt], GREEDY)[0]
     engine.record_steps = True
@@ -69,8 +59,8 @@ def test_full_hit_still_computes_the_last_token(smollm, shared_prefix_prompts):
     assert engine.step_records[0].scheduled == {"again": BS}
 
 
-def test_cache_salt_isolates(smollm, shared_prefix_prompts):
-    engine, bm = make_engine(smollm)
+def test_cache_salt_isolates(make_engine, shared_prefix_prompts):
+    engine, bm = make_engine(block_size=BS)
     prompt = shared_prefix_prompts[-3]
     engine.add_request("a", prompt, GREEDY, cache_salt="tenant-a")
     while engine.has_work():
@@ -84,14 +74,14 @@ def test_cache_salt_isolates(smollm, shared_prefix_prompts):
     assert engine.requests["c"].num_cached_tokens > 0
 
 
-def test_preemption_by_swap_and_recompute_changes_no_output(smollm, shared_prefix_prompts):
+def test_preemption_by_swap_and_recompute_changes_no_output(make_engine, shared_prefix_prompts):
     prompts = [p[:40 + 5 * i] for i, p in enumerate(shared_prefix_prompts[:8])]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    big, _ = make_engine(smollm, prefix_caching=False)
+    big, _ = make_engine(block_size=BS, prefix_caching=False)
     expected = big.generate(prompts, params)
     # 8 sequences of up to ~100 tokens need ~90 blocks; 30 force preemption, and a CPU pool of
     # 6 blocks holds at most one swapped sequence, so the others must be recomputed.
-    small, bm = make_engine(smollm, num_blocks=30, num_cpu_blocks=6, prefix_caching=False)
+    small, bm = make_engine(block_size=BS, num_blocks=30, num_cpu_blocks=6, prefix_caching=False)
     assert small.generate(prompts, params) == expected
     s = bm.stats()["executor-0"]
     assert s["preemptions"]["swap"] > 0 and s["preemptions"]["recompute"] > 0, s
@@ -99,11 +89,11 @@ def test_preemption_by_swap_and_recompute_changes_no_output(smollm, shared_prefi
     assert s["device"]["used"] == 0 and s["cpu"]["used"] == 0
 
 
-def test_parallel_sampling_shares_prompt_blocks(smollm, shared_prefix_prompts):
+def test_parallel_sampling_shares_prompt_blocks(make_engine, shared_prefix_prompts):
     # A prompt ending mid-block: its last block is shared, then copied on each child's first write.
     prompt = next(p for p in shared_prefix_prompts if len(p) % BS)
     params = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.95, seed=1234, n=4, ignore_eos=True)
-    engine, bm = make_engine(smollm, prefix_caching=False)
+    engine, bm = make_engine(block_size=BS, prefix_caching=False)
     engine.add_request("par", prompt, params)
     outs = {i: [] for i in range(4)}
     peak_fork = 0
@@ -115,7 +105,7 @@ def test_parallel_sampling_shares_prompt_blocks(smollm, shared_prefix_prompts):
     assert all(len(v) == 10 for v in outs.values())
     # Each completion equals a lone request with that completion's derived seed.
     for i in range(4):
-        lone, lone_bm = make_engine(smollm, prefix_caching=False)
+        lone, lone_bm = make_engine(block_size=BS, prefix_caching=False)
         single = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.95, seed=seed_for_child(1234, i),
                                 ignore_eos=True)
         assert lone.generate([prompt], single)[0] == outs[i], f"completion {i}"
@@ -126,8 +116,8 @@ def test_parallel_sampling_shares_prompt_blocks(smollm, shared_prefix_prompts):
     assert bm.stats()["executor-0"]["device"]["used"] == 0
 
 
-def test_prompt_that_can_never_fit_is_refused_without_holding_the_queue(smollm, shared_prefix_prompts):
-    engine, bm = make_engine(smollm, num_blocks=6)  # 48 token slots
+def test_prompt_that_can_never_fit_is_refused_without_holding_the_queue(make_engine, smollm, shared_prefix_prompts):
+    engine, bm = make_engine(block_size=BS, num_blocks=6)  # 48 token slots
     engine.add_request("huge", shared_prefix_prompts[-3] * 2, GREEDY)
     engine.add_request("small", shared_prefix_prompts[0][:10], GREEDY)
     outs = {"huge": [], "small": []}

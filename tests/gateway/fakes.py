@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import threading
 import time
 from typing import Any, Callable
@@ -316,14 +315,6 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     finally:
         server.should_exit = True
         thread.join(15)
-
-
-@functools.lru_cache(maxsize=4)
-def cached_tokenizer(model_dir: str):
-    """A tokenizer loaded once per process (tests build many apps)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def fake_app(tokenizer, num_executors: int = 1, executor_kwargs: dict | None = None, **settings: Any):

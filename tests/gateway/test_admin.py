@@ -8,14 +8,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.routing import choose
-from tests.gateway.fakes import cached_tokenizer, fake_app, serve_in_thread
+from tests.gateway.fakes import fake_app, serve_in_thread
 
 LONG = "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole, filled with the ends of worms. " * 3
-
-
-@pytest.fixture(scope="module")
-def tok(smollm_dir):
-    return cached_tokenizer(str(smollm_dir))
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,10 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway.fakes import DEFAULT_REPLY, cached_tokenizer, fake_app, serve_in_thread
+from tests.gateway.fakes import DEFAULT_REPLY, fake_app, serve_in_thread
 
 MODEL = "fake-model"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
-
-
-@pytest.fixture(scope="module")
-def tok(smollm_dir):
-    return cached_tokenizer(str(smollm_dir))
 
 
 @pytest.fixture(scope="module")

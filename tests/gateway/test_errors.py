@@ -8,15 +8,10 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway.fakes import SAMPLING_FIELDS, cached_tokenizer, fake_app, serve_in_thread
+from tests.gateway.fakes import SAMPLING_FIELDS, fake_app, serve_in_thread
 
 MODEL = "fake-model"
 MSG = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def tok(smollm_dir):
-    return cached_tokenizer(str(smollm_dir))
 
 
 @pytest.fixture(scope="module")

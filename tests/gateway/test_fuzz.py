@@ -15,7 +15,7 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from tests.gateway.fakes import BlockManagerConnection, cached_tokenizer, fake_app, serve_in_thread
+from tests.gateway.fakes import BlockManagerConnection, fake_app, serve_in_thread
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 NEGATIVE_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance]
@@ -32,8 +32,7 @@ SCHEMA.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.N
 
 
 @pytest.fixture(scope="module")
-def live(smollm_dir):
-    tok = cached_tokenizer(str(smollm_dir))
+def live(tok):
     # The small KV pool bounds how much work a random (valid) request can ask for.
     app, executors, _ = fake_app(tok, num_executors=2, executor_kwargs={"num_blocks": 64})
     with serve_in_thread(app) as base:

@@ -7,16 +7,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.detokenizer import TextStream
-from tests.gateway.fakes import cached_tokenizer, fake_app, serve_in_thread
+from tests.gateway.fakes import fake_app, serve_in_thread
 
 MODEL = "fake-model"
 TEXTS = ["Hello world! 你好，世界。🙂👍🏽 naïve café — ok", "日本語のテキストと絵文字🎉🎉 mixed with English",
          "stop here STOP there", "ab" * 20]
-
-
-@pytest.fixture(scope="module")
-def tok(smollm_dir):
-    return cached_tokenizer(str(smollm_dir))
 
 
 def run_stream(tok, ids, stop, splits):
