@@ -7,7 +7,11 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast bench clean
+.PHONY: setup system-deps serve test test-fast bench clean
+
+# Servers the tests start for real. Installed with apt when missing and we are root (or have
+# password-less sudo); otherwise make stops with one line naming what to install.
+SYSTEM_DEPS := redis-server
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +24,25 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+system-deps:
+	@missing=""; for p in $(SYSTEM_DEPS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo"; else sudo=none; fi; \
+	  if [ "$$sudo" != none ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing with apt-get"; \
+	    $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq$$missing >/dev/null || exit 1; \
+	  else \
+	    echo "make test needs$$missing: install it (Debian/Ubuntu: sudo apt-get install$$missing) and run make test again" >&2; exit 1; \
+	  fi; \
+	fi
+
 serve: setup
 	$(VENV)/bin/pagedserve serve --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup system-deps
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup system-deps
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Benchmarks (see README, Performance): `make bench BENCH_ARGS="--workload all"`.

@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from blockmgr import protocol
+from blockmgr import protocol, security
 
 
 class BlockManagerUnavailable(Exception):
@@ -81,22 +81,26 @@ class BlockManagerClient(_Api):
     Args:
         address: the service's address, e.g. ``tcp://127.0.0.1:5557``.
         timeout_s: how long one request waits for its reply.
+        keys: this process's CURVE keys (the service is expected to hold the ``blockmgr`` key);
+            None talks plain ZeroMQ to an ``--insecure-local`` service.
 
     Raises (from each call):
         BlockManagerUnavailable: no reply within ``timeout_s``.
         BlockManagerRequestError: the service refused the request.
     """
 
-    def __init__(self, address: str, timeout_s: float = 10.0):
+    def __init__(self, address: str, timeout_s: float = 10.0, keys: security.Keys | None = None):
         self.address = address
+        self.keys = keys
         self.timeout_ms = int(timeout_s * 1000)
         self._lock = threading.Lock()
         self._ctx = zmq.Context.instance()
         self._sock = None
 
     def _connect(self):
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = security.limit(self._ctx.socket(zmq.DEALER))
+        if self.keys is not None:
+            self.keys.connect(sock, security.BLOCKMGR)
         sock.connect(self.address)
         return sock
 

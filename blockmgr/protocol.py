@@ -18,6 +18,9 @@ Every request is a map with an ``"op"`` key; every reply is ``{"ok": true, ...re
 - ``match_prefix``: token_ids, cache_salt -> ``matches {executor_id: num_cached_tokens}``
 - ``reset_prefix_cache``: executor_id (optional) -> reset, dropped_blocks, blocks_in_use, message
 
+Every request is checked against the models below (types, ranges, sizes) before it touches any
+state; :func:`parse_request` turns a violation into a :class:`ProtocolError` naming the field.
+
 KV events (``--kv-events-bind``, a PUB socket): each message is one msgpack array
 ``[timestamp_seconds, [event, ...]]`` with events ``["BlockStored", executor_id, [hashes],
 parent_hash, [token ids], block_size]``, ``["BlockRemoved", executor_id, [hashes]]`` and
@@ -27,15 +30,124 @@ executor's prefix cache (hash -> present).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import msgpack
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 OPS = ("ping", "register", "step", "stats", "sequence", "match_prefix", "reset_prefix_cache")
 
 
 class ProtocolError(Exception):
     """A message that does not follow this protocol."""
+
+
+#: Bounds of one request's fields. Sizes past these are not a legitimate executor's.
+MAX_ID_CHARS = 256
+MAX_SALT_CHARS = 1024
+MAX_TOKENS = 2**20  # tokens in one prompt / one grow entry
+MAX_ENTRIES = 2**16  # entries in one list of a step
+MAX_BLOCKS = 2**22  # blocks in one pool
+MAX_BLOCK_SIZE = 4096  # tokens per block
+
+Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)]
+TokenId = Annotated[StrictInt, Field(ge=0, lt=2**31)]
+Tokens = Annotated[list[TokenId], Field(max_length=MAX_TOKENS)]
+Count = Annotated[StrictInt, Field(ge=0, le=2**40)]
+Salt = Union[Annotated[StrictStr, Field(max_length=MAX_SALT_CHARS)], None]
+Int64 = Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)]
+Rate = Annotated[float, Field(ge=0)]
+
+
+def _entries(item):
+    return Annotated[list[item], Field(max_length=MAX_ENTRIES)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class Ping(_Message):
+    op: Literal["ping"]
+
+
+class Cost(_Message):
+    """:class:`blockmgr.preemption.CostModel` fields, finite and >= 0."""
+
+    bytes_per_block: Annotated[StrictInt, Field(ge=0, le=2**40)] = 0
+    copy_bandwidth: Rate = 0.0
+    flops_per_token: Rate = 0.0
+    flops_per_s: Rate = 0.0
+
+
+class Register(_Message):
+    op: Literal["register"]
+    executor_id: Id
+    num_device_blocks: Annotated[StrictInt, Field(ge=0, le=MAX_BLOCKS)]
+    block_size: Annotated[StrictInt, Field(ge=1, le=MAX_BLOCK_SIZE)]
+    num_cpu_blocks: Annotated[StrictInt, Field(ge=0, le=MAX_BLOCKS)] = 0
+    cost: Cost = Cost()
+
+
+class Step(_Message):
+    op: Literal["step"]
+    executor_id: Id
+    step_id: Union[Int64, None] = None
+    fork: _entries(tuple[Id, Id]) = []
+    free: _entries(Id) = []
+    grow: _entries(tuple[Id, Count, Tokens]) = []
+    swap_in: _entries(Id) = []
+    admit: _entries(tuple[Id, Tokens, Count, Salt, Int64]) = []
+
+
+class Stats(_Message):
+    op: Literal["stats"]
+
+
+class SequenceQuery(_Message):
+    op: Literal["sequence"]
+    executor_id: Id
+    seq_id: Id
+
+
+class MatchPrefix(_Message):
+    op: Literal["match_prefix"]
+    token_ids: Tokens
+    cache_salt: Salt = None
+
+
+class ResetPrefixCache(_Message):
+    op: Literal["reset_prefix_cache"]
+    executor_id: Union[Id, None] = None
+
+
+Request = Annotated[Union[Ping, Register, Step, Stats, SequenceQuery, MatchPrefix, ResetPrefixCache],
+                    Field(discriminator="op")]
+_REQUEST = TypeAdapter(Request)
+
+
+def parse_request(message: dict[str, Any]) -> BaseModel:
+    """Validate a decoded request against its op's model.
+
+    Raises:
+        ProtocolError: unknown op, or a field of the wrong type, out of range, too long, or unknown.
+    """
+    op = message.get("op")
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+    try:
+        return _REQUEST.validate_python(message)
+    except ValidationError as exc:
+        raise ProtocolError(f"op {op!r} has a malformed field: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first few errors as ``field.path: message`` (without the offending input, which may be huge)."""
+    errors = exc.errors(include_url=False, include_input=False)
+    parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or '(message)'}: {e['msg']}" for e in errors[:3]]
+    if len(errors) > 3:
+        parts.append(f"and {len(errors) - 3} more")
+    return "; ".join(parts)
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -1,7 +1,10 @@
 """The block-manager service: one ZeroMQ ROUTER socket, one thread, one :class:`BlockManager`.
 
-Run it with ``pagedserve blockmgr --bind tcp://127.0.0.1:5557`` (or ``python -m blockmgr``).
-A bad message gets an error reply and is logged; it never stops the service.
+Run it with ``pagedserve blockmgr --keys-dir DIR --bind tcp://127.0.0.1:5557`` (or ``python -m
+blockmgr``). Clients authenticate with CURVE keys (:mod:`blockmgr.security`); every request is
+validated (:func:`blockmgr.protocol.parse_request`) and authorized by its sender's key
+(:func:`authorize`) before it touches state. A bad message gets an error reply and is logged; it
+never stops the service.
 """
 
 from __future__ import annotations
@@ -13,70 +16,77 @@ import time
 
 import zmq
 
-from blockmgr import protocol
+from blockmgr import protocol, security
 from blockmgr.manager import BlockManager, BlockManagerError
+from blockmgr.security import OPERATORS
 
 log = logging.getLogger("pagedserve.blockmgr")
 
 
-def handle(manager: BlockManager, message: dict) -> dict:
-    """Dispatch one decoded request to the manager; always returns a reply map."""
-    op = message.get("op")
+def authorize(request, principal: str | None) -> None:
+    """Refuse a request its sender may not make (see :mod:`blockmgr.security`).
+
+    An executor (principal = its executor id) acts on its own state only; ``stats`` and
+    ``match_prefix`` (which reveal every executor's cache) and acting on other executors are for
+    the operators (gateway, block manager). ``principal`` None: no authentication (in process,
+    or ``--insecure-local``).
+
+    Raises:
+        PermissionError: the sender may not make this request.
+    """
+    if principal is None or principal in OPERATORS or request.op == "ping":
+        return
+    if request.op in ("register", "step", "sequence", "reset_prefix_cache"):
+        if request.executor_id == principal:
+            return
+        raise PermissionError(f"{principal!r} may not {request.op} executor {request.executor_id!r}")
+    raise PermissionError(f"{principal!r} may not {request.op}")
+
+
+def handle(manager: BlockManager, message: dict, principal: str | None = None) -> dict:
+    """Validate one decoded request, check its sender may make it, and apply it; always returns a reply map.
+
+    Args:
+        principal: the authenticated sender (its CURVE key's name), or None without authentication.
+    """
     try:
-        if op == "ping":
+        r = protocol.parse_request(message)
+        authorize(r, principal)
+        if r.op == "ping":
             return protocol.ok()
-        if op == "register":
-            return protocol.ok(
-                **manager.register(
-                    str(message["executor_id"]),
-                    int(message["num_device_blocks"]),
-                    int(message["block_size"]),
-                    int(message.get("num_cpu_blocks", 0)),
-                    {k: v for k, v in (message.get("cost") or {}).items()
-                     if k in ("bytes_per_block", "copy_bandwidth", "flops_per_token", "flops_per_s")},
-                )
-            )
-        if op == "step":
-            step_id = message.get("step_id")
-            return protocol.ok(**manager.step(
-                str(message["executor_id"]),
-                step_id=int(step_id) if step_id is not None else None,
-                fork=[(str(p), str(c)) for p, c in message.get("fork", [])],
-                free=[str(s) for s in message.get("free", [])],
-                grow=[(str(s), int(n), [int(t) for t in toks]) for s, n, toks in message.get("grow", [])],
-                swap_in=[str(s) for s in message.get("swap_in", [])],
-                admit=[(str(s), [int(t) for t in prompt], int(n), None if salt is None else str(salt), int(prio))
-                       for s, prompt, n, salt, prio in message.get("admit", [])],
-            ))
-        if op == "stats":
+        if r.op == "register":
+            return protocol.ok(**manager.register(r.executor_id, r.num_device_blocks, r.block_size,
+                                                  r.num_cpu_blocks, r.cost.model_dump()))
+        if r.op == "step":
+            return protocol.ok(**manager.step(r.executor_id, step_id=r.step_id, fork=r.fork, free=r.free,
+                                              grow=r.grow, swap_in=r.swap_in, admit=r.admit))
+        if r.op == "stats":
             return protocol.ok(executors=manager.stats())
-        if op == "sequence":
-            return protocol.ok(sequence=manager.sequence(str(message["executor_id"]), str(message["seq_id"])))
-        if op == "match_prefix":
-            salt = message.get("cache_salt")
-            return protocol.ok(matches=manager.match_prefix(
-                [int(t) for t in message["token_ids"]], None if salt is None else str(salt)))
-        if op == "reset_prefix_cache":
-            ex_id = message.get("executor_id")
-            return protocol.ok(**manager.reset_prefix_cache(None if ex_id is None else str(ex_id)))
-        return protocol.error(f"unknown op {op!r}; expected one of {', '.join(protocol.OPS)}")
-    except KeyError as exc:
-        return protocol.error(f"op {op!r} is missing field {exc.args[0]!r}")
-    except (TypeError, ValueError) as exc:
-        return protocol.error(f"op {op!r} has a malformed field: {exc}")
-    except BlockManagerError as exc:
+        if r.op == "sequence":
+            return protocol.ok(sequence=manager.sequence(r.executor_id, r.seq_id))
+        if r.op == "match_prefix":
+            return protocol.ok(matches=manager.match_prefix(r.token_ids, r.cache_salt))
+        return protocol.ok(**manager.reset_prefix_cache(r.executor_id))
+    except (protocol.ProtocolError, BlockManagerError) as exc:
         return protocol.error(str(exc))
+    except PermissionError as exc:
+        return protocol.error(f"forbidden: {exc}")
 
 
 MUTATING_OPS = ("register", "step", "reset_prefix_cache")
 
 
 class KVEventPublisher:
-    """Publishes KV events on a ZeroMQ PUB socket as ``[timestamp, [event, ...]]`` msgpack batches."""
+    """Publishes KV events on a ZeroMQ PUB socket as ``[timestamp, [event, ...]]`` msgpack batches.
 
-    def __init__(self, bind: str):
-        self.sock = zmq.Context.instance().socket(zmq.PUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
+    Args:
+        keys: with keys, only subscribers holding a trusted key receive anything (CURVE).
+    """
+
+    def __init__(self, bind: str, keys: security.Keys | None = None):
+        self.sock = security.limit(zmq.Context.instance().socket(zmq.PUB))
+        if keys is not None:
+            keys.serve(self.sock)
         self.sock.bind(bind)
         log.info("publishing KV events on %s", bind)
 
@@ -84,18 +94,28 @@ class KVEventPublisher:
         self.sock.send(protocol.encode([time.time(), events]))
 
 
-def serve(bind: str, manager: BlockManager | None = None, store=None) -> None:
+def serve(bind: str, manager: BlockManager | None = None, store=None, keys: security.Keys | None = None,
+          max_message_bytes: int = security.MAX_MESSAGE_BYTES) -> None:
     """Answer requests on ``bind`` until SIGINT/SIGTERM.
 
     Args:
         manager: the state machine (a fresh one by default).
         store: a :class:`~blockmgr.persistence.RedisStore`; every change is saved to it before
             the reply is sent.
+        keys: the block manager's keys; only trusted clients connect, and each is authorized by
+            its key's name. None: no authentication, which only a loopback ``bind`` allows.
+        max_message_bytes: longer requests are dropped unread.
+
+    Raises:
+        ValueError: no keys and a non-loopback ``bind``.
     """
+    if keys is None and not security.is_loopback(bind):
+        raise ValueError(f"refusing to serve {bind} without authentication; give keys or bind loopback")
     manager = manager or BlockManager()
     ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock = security.limit(ctx.socket(zmq.ROUTER), max_message_bytes)
+    if keys is not None:
+        keys.serve(sock)
     sock.bind(bind)
     log.info("block manager listening on %s", bind)
     stopping = False
@@ -113,12 +133,13 @@ def serve(bind: str, manager: BlockManager | None = None, store=None) -> None:
         while not stopping:
             if not poller.poll(200):
                 continue
-            frames = sock.recv_multipart()
-            identity, payload = frames[0], frames[-1]
+            frames = sock.recv_multipart(copy=False)
+            identity, payload = frames[0].bytes, frames[-1]
+            principal = security.peer_name(payload)
             message = None
             try:
-                message = protocol.decode(payload)
-                reply = handle(manager, message)
+                message = protocol.decode(payload.bytes)
+                reply = handle(manager, message, principal)
                 if store is not None and reply["ok"] and message.get("op") in MUTATING_OPS:
                     ex_id = message.get("executor_id")
                     store.save(manager, [str(ex_id)] if ex_id is not None else list(manager.executors))
@@ -128,7 +149,7 @@ def serve(bind: str, manager: BlockManager | None = None, store=None) -> None:
                 log.exception("internal error handling %r", (message or {}).get("op"))
                 reply = protocol.error(f"internal error: {exc!r}")
             if not reply["ok"]:
-                log.warning("request refused: %s", reply["error"])
+                log.warning("request from %s refused: %s", principal or "an unauthenticated peer", reply["error"])
             sock.send_multipart([identity, protocol.encode(reply)])
     finally:
         sock.close()
@@ -142,12 +163,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--watermark", type=float, default=0.01,
                         help="fraction of device blocks kept free at admission (default %(default)s)")
+    parser.add_argument("--max-message-bytes", type=int, default=security.MAX_MESSAGE_BYTES,
+                        help="drop requests longer than this (default %(default)s)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    security.add_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 <= args.watermark < 1:
         parser.error("--watermark must be in [0, 1)")
-    publisher = KVEventPublisher(args.kv_events_bind) if args.kv_events_bind else None
+    if args.max_message_bytes < 1024:
+        parser.error("--max-message-bytes must be >= 1024")
+    keys = security.from_args(parser, args, security.BLOCKMGR, [args.bind, args.kv_events_bind])
+    publisher = KVEventPublisher(args.kv_events_bind, keys) if args.kv_events_bind else None
     manager = BlockManager(args.watermark, not args.no_prefix_caching, on_events=publisher)
     store = None
     if args.redis_url:
@@ -159,4 +186,4 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as exc:
             parser.error(f"--redis-url: cannot reach Redis at {args.redis_url}: {exc}")
         store.load(manager)
-    serve(args.bind, manager, store)
+    serve(args.bind, manager, store, keys, args.max_message_bytes)

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
+from blockmgr import security
 from executor import protocol
 
 log = logging.getLogger("pagedserve.gateway")
@@ -26,6 +27,14 @@ log = logging.getLogger("pagedserve.gateway")
 
 class ExecutorUnavailable(Exception):
     """The executor did not answer in time."""
+
+
+def split_address(address: str) -> tuple[str | None, str]:
+    """``"executor-0@tcp://h:5560"`` -> ``("executor-0", "tcp://h:5560")``; no ``@``: ``(None, address)``."""
+    name, sep, rest = address.partition("@")
+    if sep and "://" not in name:
+        return name, rest
+    return None, address
 
 
 def expected_outputs(params: dict[str, Any]) -> int:
@@ -39,14 +48,27 @@ class ExecutorClient:
 
     Must be created and used inside one running event loop; call :meth:`start` first.
 
+    Args:
+        address: the executor's ZeroMQ address; with keys, prefixed by its executor id (its
+            principal, whose public key the client expects), e.g. ``executor-0@tcp://host:5560``.
+        keys: this process's CURVE keys; None talks plain ZeroMQ to an ``--insecure-local`` executor.
+
+    Raises:
+        ValueError: keys but no executor id in ``address``.
+
     Attributes:
         address: the executor's ZeroMQ address.
+        server_name: the executor id given in the address (None if none).
         num_active: requests submitted and not yet finished (the gateway's view of its load).
         last_seen: ``time.monotonic()`` of the last message from the executor (None: never).
     """
 
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, address: str, keys: security.Keys | None = None):
+        self.server_name, self.address = split_address(address)
+        if keys is not None and self.server_name is None:
+            raise ValueError(f"executor address {address!r}: name the executor whose key to expect, "
+                             f"as EXECUTOR_ID@{address}")
+        self.keys = keys
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = None
         self._queues: dict[str, asyncio.Queue] = {}
@@ -57,8 +79,9 @@ class ExecutorClient:
         self.last_seen: float | None = None
 
     async def start(self) -> None:
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock = security.limit(self._ctx.socket(zmq.DEALER))
+        if self.keys is not None:
+            self.keys.connect(self._sock, self.server_name)
         self._sock.connect(self.address)
         self._reader = asyncio.create_task(self._read_loop())
 
@@ -86,6 +109,11 @@ class ExecutorClient:
                 fut = self._replies.pop(msg.get("nonce"), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
+            elif msg.get("op") == "error":
+                log.warning("executor %s refused a message: %s", self.address, msg.get("error"))
+                fut = self._replies.pop(msg.get("nonce"), None) if "nonce" in msg else None
+                if fut is not None and not fut.done():
+                    fut.set_exception(ExecutorUnavailable(f"executor at {self.address} refused: {msg.get('error')}"))
 
     def _send_nowait(self, message: dict[str, Any]) -> None:
         """Queue a message on the socket without awaiting (safe inside a cancelled task)."""

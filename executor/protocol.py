@@ -29,13 +29,106 @@ Executor -> gateway:
   model's raw next-token distribution, before penalties, temperature and top-k/top-p/min-p
   filtering (vLLM's default); see :mod:`executor.sampler`.
 - ``{"op": "reply", "nonce", ...fields}``.
+- ``{"op": "error", "error": str, "nonce"?}``: a message the executor refused (undecodable,
+  unknown op, a malformed field, or one its sender may not send); ``nonce`` when it had one.
+
+Every message is validated against the models below before it reaches the engine: exact types
+(an int field refuses 2.5 and true), finite floats, bounded sizes, and ``params`` against the
+fields of :class:`executor.request.SamplingParams` (then its own range checks).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import typing
+from typing import Annotated, Any, Literal, Union
 
 import msgpack
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError, create_model
+
+from executor.request import SamplingParams
+
+MAX_ID_CHARS = 256
+MAX_SALT_CHARS = 1024
+MAX_PROMPT_TOKENS = 2**20
+#: Children of one request (``n``, ``beam_width``): more is not a request but an attack.
+MAX_CHILDREN = 1024
+
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
+Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)]
+Int64 = Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)]
+
+
+def _params_model() -> type[BaseModel]:
+    """A strict model of SamplingParams' fields, derived from the dataclass so the two never drift."""
+    hints = typing.get_type_hints(SamplingParams)
+    fields = {}
+    for f in dataclasses.fields(SamplingParams):
+        default = f.default if f.default is not dataclasses.MISSING else Field(default_factory=f.default_factory)
+        fields[f.name] = (hints[f.name], default)
+    return create_model("SamplingParamsWire", __config__=_STRICT, **fields)
+
+
+Params = _params_model()
+
+
+class _Message(BaseModel):
+    model_config = _STRICT
+
+
+class Generate(_Message):
+    op: Literal["generate"]
+    request_id: Id
+    prompt_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0, lt=2**31)]],
+                                Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+    params: Params = Field(default_factory=Params)
+    priority: Int64 = 0
+    cache_salt: Union[Annotated[StrictStr, Field(max_length=MAX_SALT_CHARS)], None] = None
+
+    def sampling_params(self) -> SamplingParams:
+        """The request's SamplingParams, range-checked.
+
+        Raises:
+            ValueError: a field out of its range (SamplingParams.validate), or too many children.
+        """
+        params = SamplingParams(**{k: getattr(self.params, k) for k in type(self.params).model_fields})
+        params.validate()
+        for name in ("n", "beam_width"):
+            if getattr(params, name) > MAX_CHILDREN:
+                raise ValueError(f"{name} must be <= {MAX_CHILDREN}, got {getattr(params, name)}")
+        return params
+
+
+class Abort(_Message):
+    op: Literal["abort"]
+    request_id: Id
+
+
+class Query(_Message):
+    op: Literal["info", "ping", "sequences"]
+    nonce: Union[Int64, Id, None] = None
+
+
+Request = Annotated[Union[Generate, Abort, Query], Field(discriminator="op")]
+_REQUEST = TypeAdapter(Request)
+OPS = ("generate", "abort", "info", "ping", "sequences")
+
+
+def parse_request(message: dict[str, Any]) -> BaseModel:
+    """Validate a decoded gateway message.
+
+    Raises:
+        ValueError: unknown op, or a field of the wrong type, out of range, too long, or unknown.
+    """
+    op = message.get("op")
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+    try:
+        return _REQUEST.validate_python(message)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or '(message)'}: {e['msg']}" for e in errors[:3])
+        raise ValueError(f"op {op!r} has a malformed field: {detail}") from None
 
 
 def encode(message: dict[str, Any]) -> bytes:

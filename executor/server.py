@@ -15,10 +15,10 @@ import time
 import torch
 import zmq
 
+from blockmgr import security
 from blockmgr.client import BlockManagerClient, BlockManagerUnavailable
 from executor import protocol
 from executor.engine import Engine, EngineConfig, RequestOutput
-from executor.request import SamplingParams
 
 log = logging.getLogger("pagedserve.executor")
 
@@ -32,13 +32,18 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
 class ExecutorServer:
     """Bridges the gateway's ROUTER socket and an :class:`Engine`."""
 
-    def __init__(self, engine: Engine, bind: str, info: dict):
+    def __init__(self, engine: Engine, bind: str, info: dict, keys: security.Keys | None = None,
+                 max_message_bytes: int = security.MAX_MESSAGE_BYTES):
+        if keys is None and not security.is_loopback(bind):
+            raise ValueError(f"refusing to serve {bind} without authentication; give keys or bind loopback")
         self.engine = engine
         self.info = info
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock = security.limit(zmq.Context.instance().socket(zmq.ROUTER), max_message_bytes)
+        if keys is not None:
+            keys.serve(self.sock)
         self.sock.bind(bind)
-        self.owner: dict[str, list] = {}  # request_id -> [gateway identity, unfinished completions]
+        # request_id -> [gateway identity, unfinished completions, sender's principal]
+        self.owner: dict[str, list] = {}
         self.stopping = False
 
     def _send(self, identity: bytes, message: dict) -> None:
@@ -70,37 +75,63 @@ class ExecutorServer:
             },
         )
 
-    def _handle(self, identity: bytes, msg: dict) -> None:
-        op = msg.get("op")
-        if op == "generate":
-            rid = str(msg.get("request_id"))
-            try:
-                params = SamplingParams.from_dict(dict(msg.get("params") or {}))
-                salt = msg.get("cache_salt")
-                self.engine.add_request(rid, list(msg.get("prompt_token_ids") or []), params,
-                                        cache_salt=None if salt is None else str(salt),
-                                        priority=int(msg.get("priority") or 0))
-            except (TypeError, ValueError) as exc:
-                self._send(identity, {
-                    "op": "output", "request_id": rid, "token_ids": [], "finished": True,
-                    "finish_reason": "error", "error": str(exc), "num_prompt_tokens": 0,
-                    "num_cached_tokens": 0, "index": 0,
-                })
+    def _refuse(self, identity: bytes, reason: str, msg: dict | None = None) -> None:
+        log.warning("refused a message: %s", reason)
+        reply = {"op": "error", "error": reason}
+        nonce = (msg or {}).get("nonce")
+        if isinstance(nonce, (int, str)):
+            reply["nonce"] = nonce
+        self._send(identity, reply)
+
+    def _handle(self, identity: bytes, msg: dict, principal: str | None = None) -> None:
+        """Validate and apply one gateway message.
+
+        Args:
+            principal: the sender's key name (None without authentication). Generating and
+                aborting are for operators (the gateway); an abort only reaches requests its
+                sender submitted.
+        """
+        try:
+            m = protocol.parse_request(msg)
+        except ValueError as exc:
+            rid = msg.get("request_id")
+            if msg.get("op") == "generate" and isinstance(rid, str) and rid and rid not in self.owner:
+                self._send_error(identity, rid, str(exc))
+            else:
+                self._refuse(identity, str(exc), msg)
+            return
+        if principal is not None and principal not in security.OPERATORS and m.op in ("generate", "abort", "sequences"):
+            self._refuse(identity, f"forbidden: {principal!r} may not {m.op}", msg)
+            return
+        if m.op == "generate":
+            rid = m.request_id
+            if rid in self.owner:
+                self._refuse(identity, f"request id {rid!r} is already in flight")
                 return
-            self.owner[rid] = [identity, params.n]
-        elif op == "abort":
-            rid = str(msg.get("request_id"))
-            self.owner.pop(rid, None)
-            self.engine.abort(rid)
-        elif op in ("info", "ping", "sequences"):
-            reply = {"op": "reply", "nonce": msg.get("nonce")}
+            try:
+                params = m.sampling_params()
+                self.engine.add_request(rid, list(m.prompt_token_ids), params, cache_salt=m.cache_salt,
+                                        priority=m.priority)
+            except (TypeError, ValueError) as exc:
+                self._send_error(identity, rid, str(exc))
+                return
+            self.owner[rid] = [identity, params.n, principal]
+        elif m.op == "abort":
+            entry = self.owner.get(m.request_id)
+            if entry is not None and entry[2] != principal:
+                self._refuse(identity, f"forbidden: request {m.request_id!r} belongs to another client")
+                return
+            self.owner.pop(m.request_id, None)
+            self.engine.abort(m.request_id)
+        else:
+            reply = {"op": "reply", "nonce": m.nonce}
             sched = self.engine.scheduler
-            if op == "info":
+            if m.op == "info":
                 reply.update(self.info)
                 reply["num_running"] = len(sched.running)
                 reply["num_waiting"] = len(sched.waiting)
                 reply["num_swapped"] = len(sched.swapped)
-            elif op == "sequences":
+            elif m.op == "sequences":
                 reply["sequences"] = [
                     {"request_id": r.request_id, "state": state, "num_prompt_tokens": len(r.prompt_token_ids),
                      "num_output_tokens": len(r.output_token_ids), "num_computed_tokens": r.num_computed_tokens,
@@ -110,8 +141,14 @@ class ExecutorServer:
                     for r in queue
                 ]
             self._send(identity, reply)
-        else:
-            log.warning("ignoring message with unknown op %r", op)
+
+    def _send_error(self, identity: bytes, rid: str, error: str) -> None:
+        log.warning("refused request %s: %s", rid, error)
+        self._send(identity, {
+            "op": "output", "request_id": rid, "token_ids": [], "finished": True,
+            "finish_reason": "error", "error": error, "num_prompt_tokens": 0,
+            "num_cached_tokens": 0, "index": 0,
+        })
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
@@ -120,11 +157,18 @@ class ExecutorServer:
             # Block only when idle; with work queued, just drain what has already arrived.
             timeout = 0 if self.engine.has_work() else 100
             while poller.poll(timeout):
-                frames = self.sock.recv_multipart()
+                frames = self.sock.recv_multipart(copy=False)
+                identity = frames[0].bytes
                 try:
-                    self._handle(frames[0], protocol.decode(frames[-1]))
+                    msg = protocol.decode(frames[-1].bytes)
                 except ValueError as exc:
-                    log.warning("dropping malformed message: %s", exc)
+                    self._refuse(identity, str(exc))
+                    continue
+                try:
+                    self._handle(identity, msg, security.peer_name(frames[-1]))
+                except Exception as exc:  # a bug must not take down every request of this executor
+                    log.exception("internal error handling %r", msg.get("op"))
+                    self._refuse(identity, f"internal error: {exc!r}", msg)
                 timeout = 0
             if self.engine.has_work():
                 for out in self.engine.step():
@@ -132,9 +176,13 @@ class ExecutorServer:
 
 
 def connect_block_manager(address: str, executor_id: str, num_blocks: int, block_size: int,
-                          wait_s: float = 60.0) -> BlockManagerClient:
-    """Wait for the block-manager service to answer (it may start after us)."""
-    client = BlockManagerClient(address, timeout_s=2.0)
+                          wait_s: float = 60.0, keys: security.Keys | None = None) -> BlockManagerClient:
+    """Wait for the block-manager service to answer (it may start after us).
+
+    Args:
+        keys: this executor's keys (principal = ``executor_id``); None for an ``--insecure-local`` stack.
+    """
+    client = BlockManagerClient(address, timeout_s=2.0, keys=keys)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -142,7 +190,9 @@ def connect_block_manager(address: str, executor_id: str, num_blocks: int, block
             break
         except BlockManagerUnavailable:
             if time.monotonic() > deadline:
-                raise SystemExit(f"executor {executor_id}: block manager at {address} did not answer for {wait_s:.0f}s")
+                hint = "; check that its keys directory holds this executor's public key" if keys is not None else ""
+                raise SystemExit(f"executor {executor_id}: block manager at {address} did not answer for "
+                                 f"{wait_s:.0f}s{hint}")
             log.info("waiting for the block manager at %s", address)
     # Short: a block manager that restarts loses requests in flight; the engine retries them.
     client.timeout_ms = 5_000
@@ -167,9 +217,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--num-threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
                         help="torch CPU threads (default: all cores but one, left for the other services)")
+    parser.add_argument("--max-message-bytes", type=int, default=security.MAX_MESSAGE_BYTES,
+                        help="drop messages longer than this (default %(default)s)")
     parser.add_argument("--log-level", default="INFO")
+    security.add_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.max_message_bytes < 1024:
+        parser.error("--max-message-bytes must be >= 1024")
+    if args.executor_id in security.OPERATORS:
+        parser.error(f"--executor-id: {args.executor_id!r} is reserved for another service")
+    # The executor id is its principal: the block manager lets it act on that executor only.
+    keys = security.from_args(parser, args, args.executor_id, [args.bind])
     for flag in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -193,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     per_block = kv_bytes_per_block(model, args.block_size, dtype)
     num_blocks = args.num_blocks or max(1, int(args.kv_cache_gib * 2**30 // per_block))
     log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num_blocks, args.block_size, num_blocks * per_block / 2**20)
-    bm = connect_block_manager(args.blockmgr, args.executor_id, num_blocks, args.block_size)
+    bm = connect_block_manager(args.blockmgr, args.executor_id, num_blocks, args.block_size, keys=keys)
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     engine = Engine(
@@ -210,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         "block_size": args.block_size,
         "max_model_len": engine.max_model_len,
     }
-    server = ExecutorServer(engine, args.bind, info)
+    server = ExecutorServer(engine, args.bind, info, keys, args.max_message_bytes)
 
     def stop(signum, _frame):
         log.info("executor %s stopping on signal %d", args.executor_id, signum)

@@ -1,6 +1,7 @@
 """The ``pagedserve`` command line.
 
     pagedserve serve [--model PATH] [--port 8000]    # block manager + executor(s) + gateway
+    pagedserve keys --dir DIR [--name NAME ...]      # CURVE key pairs for the services
     pagedserve blockmgr --bind tcp://127.0.0.1:5557  # one service on its own
     pagedserve executor --blockmgr ... --bind ...
     pagedserve gateway --model-dir ... --executor ...
@@ -15,6 +16,8 @@ import os
 import socket
 import sys
 from pathlib import Path
+
+log = logging.getLogger("pagedserve.serve")
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -51,6 +54,11 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads per executor (default: the cores but one, shared among executors)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--keys-dir", default=None,
+                        help="CURVE keys of the stack, created there on first start "
+                             "(default: $PAGEDSERVE_KEYS_DIR, else ~/.cache/pagedserve/keys)")
+    parser.add_argument("--insecure-local", action="store_true",
+                        help="run the services without keys: no authentication or encryption, loopback only")
     from gateway.settings import add_gateway_flags
 
     add_gateway_flags(parser)
@@ -68,14 +76,27 @@ def serve(argv: list[str]) -> int:
         if not _port_free(args.host if flag == "--port" else "127.0.0.1", port):
             parser.error(f"{flag}: port {port} is already in use")
 
+    from blockmgr import security
     from executor.model_loader import default_model_path, resolve_model_dir
     from gateway.launcher import Child, supervise
+
+    ex_ids = [f"executor-{i}" for i in range(args.num_executors)]
+    if args.insecure_local:
+        if args.kv_events_bind and not security.is_loopback(args.kv_events_bind):
+            parser.error(f"--insecure-local binds loopback addresses only, not --kv-events-bind {args.kv_events_bind}")
+        key_argv = ["--insecure-local"]
+    else:
+        keys_dir = args.keys_dir or os.environ.get("PAGEDSERVE_KEYS_DIR") or str(security.default_keys_dir())
+        created = security.create_keys(keys_dir, [security.BLOCKMGR, security.GATEWAY, *ex_ids])
+        if created:
+            log.info("created CURVE keys for %s in %s", ", ".join(created), keys_dir)
+        key_argv = ["--keys-dir", keys_dir]
 
     model_dir = resolve_model_dir(args.model or default_model_path())
     name = args.served_model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
     level = ["--log-level", args.log_level]
     bm_addr = f"tcp://127.0.0.1:{args.blockmgr_port}"
-    bm_argv = ["-m", "blockmgr", "--bind", bm_addr, *level]
+    bm_argv = ["-m", "blockmgr", "--bind", bm_addr, *level, *key_argv]
     if args.no_prefix_caching:
         bm_argv.append("--no-prefix-caching")
     for flag, value in (("--redis-url", args.redis_url), ("--kv-events-bind", args.kv_events_bind)):
@@ -85,9 +106,9 @@ def serve(argv: list[str]) -> int:
     ex_addrs = []
     for i in range(args.num_executors):
         addr = f"tcp://127.0.0.1:{args.executor_base_port + i}"
-        ex_addrs.append(addr)
-        ex_argv = ["-m", "executor", "--model", str(model_dir), "--bind", addr, "--blockmgr", bm_addr,
-                   "--executor-id", f"executor-{i}", "--dtype", args.dtype, "--block-size", str(args.block_size),
+        ex_addrs.append(f"{ex_ids[i]}@{addr}")
+        ex_argv = ["-m", "executor", "--model", str(model_dir), "--bind", addr, "--blockmgr", bm_addr, *key_argv,
+                   "--executor-id", ex_ids[i], "--dtype", args.dtype, "--block-size", str(args.block_size),
                    "--kv-cache-gib", str(args.kv_cache_gib), "--swap-space", str(args.swap_space),
                    "--max-num-seqs", str(args.max_num_seqs),
                    "--max-num-batched-tokens", str(args.max_num_batched_tokens),
@@ -98,7 +119,7 @@ def serve(argv: list[str]) -> int:
                 ex_argv += [flag, str(value)]
         children.append(Child(f"executor-{i}", ex_argv))
     gw_argv = ["-m", "gateway", "--model-dir", str(model_dir), "--served-model-name", name,
-               "--blockmgr", bm_addr, "--host", args.host, "--port", str(args.port), *level]
+               "--blockmgr", bm_addr, "--host", args.host, "--port", str(args.port), *level, *key_argv]
     for addr in ex_addrs:
         gw_argv += ["--executor", addr]
     if args.max_model_len is not None:
@@ -117,7 +138,7 @@ def serve(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"serve", "blockmgr", "executor", "gateway", "bench"}
+    commands = {"serve", "keys", "blockmgr", "executor", "gateway", "bench"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
@@ -128,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "serve":
         raise SystemExit(serve(rest))
+    if command == "keys":
+        from blockmgr.security import main as keys_main
+
+        keys_main(rest)
+        raise SystemExit(0)
     if command == "bench":
         # Imported only here: the server never depends on the benchmarks (nor on matplotlib).
         try:

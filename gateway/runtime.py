@@ -42,11 +42,11 @@ class Gateway:
         if executors is None:
             from executor.client import ExecutorClient
 
-            executors = [ExecutorClient(a) for a in settings.executors]
+            executors = [ExecutorClient(a, keys=settings.keys) for a in settings.executors]
         self.pool = ExecutorPool(executors, settings.health_interval_s, settings.executor_timeout_s)
-        self.blockmgr = blockmgr if blockmgr is not None else BlockManagerClient(settings.blockmgr, timeout_s=2.0)
+        self.blockmgr = blockmgr if blockmgr is not None else BlockManagerClient(settings.blockmgr, timeout_s=2.0, keys=settings.keys)
         if routing_blockmgr is None:
-            routing_blockmgr = (BlockManagerClient(settings.blockmgr, timeout_s=0.5)
+            routing_blockmgr = (BlockManagerClient(settings.blockmgr, timeout_s=0.5, keys=settings.keys)
                                 if isinstance(self.blockmgr, BlockManagerClient) else self.blockmgr)
         self.router = Router(self.pool, routing_blockmgr)
         self.metrics = GatewayMetrics(settings.served_model_name)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import uvicorn
 
+from blockmgr import security
+from executor.client import split_address
 from gateway.app import create_app
 from gateway.settings import GatewaySettings, add_gateway_flags
 
@@ -17,15 +19,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pagedserve gateway", description="Run the HTTP gateway.")
     parser.add_argument("--model-dir", required=True, help="converted model directory (tokenizer + config.json)")
     parser.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory's name)")
-    parser.add_argument("--executor", action="append", required=True, help="an executor's ZeroMQ address (repeatable)")
+    parser.add_argument("--executor", action="append", required=True,
+                        help="an executor's ZeroMQ address, with keys prefixed by its executor id: "
+                             "executor-0@tcp://127.0.0.1:5560 (repeatable)")
     parser.add_argument("--blockmgr", default="tcp://127.0.0.1:5557")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--log-level", default="INFO")
     add_gateway_flags(parser)
+    security.add_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The gateway binds no ZeroMQ socket; --insecure-local only lets it talk to unauthenticated services.
+    keys = security.from_args(parser, args, security.GATEWAY)
+    if keys is not None:
+        for address in args.executor:
+            if split_address(address)[0] is None:
+                parser.error(f"--executor {address}: name the executor whose key to expect, as EXECUTOR_ID@{address}")
     config_path = Path(args.model_dir) / "config.json"
     if not config_path.is_file():
         parser.error(f"--model-dir: {config_path} does not exist")
@@ -45,5 +56,6 @@ def main(argv: list[str] | None = None) -> None:
         admin_key=args.admin_key or None,
         max_body_bytes=args.max_body_bytes,
         max_waiting_requests=args.max_waiting_requests,
+        keys=keys,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -28,6 +29,8 @@ class GatewaySettings:
         executor_timeout_s: an executor silent this long while it has requests in flight is
             declared dead and those requests fail with 503 / an error event.
         version: reported by ``/version``.
+        keys: the gateway's CURVE keys (``blockmgr.security.Keys``) for its ZeroMQ connections;
+            None talks plain ZeroMQ to an ``--insecure-local`` stack.
     """
 
     model_dir: str
@@ -42,6 +45,7 @@ class GatewaySettings:
     health_interval_s: float = 1.0
     executor_timeout_s: float = 60.0
     version: str = "0.1.0"
+    keys: Any = None
 
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:

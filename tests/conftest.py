@@ -10,6 +10,9 @@ torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Triton chooses interpreter or compiler when a kernel module is first imported, which may be in
+# any test file; setting it here makes that choice the same whichever file runs first or alone.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _free_port() -> int:

@@ -192,6 +192,24 @@ def test_retried_step_is_not_applied_twice():
     assert r1 == r2 and bm.stats()["ex"]["device"]["used"] == 2
 
 
+def check_books(ex) -> None:
+    """An executor's pools balance: refcount == references from block tables, none both free and used."""
+    for pool, table in ((ex.device, "block_table"), (ex.cpu, "cpu_table")):
+        held = {}
+        for seq in ex.seqs.values():
+            for b in getattr(seq, table):
+                held[b] = held.get(b, 0) + 1
+        for b in range(pool.num_blocks):
+            assert pool.refcount[b] == held.get(b, 0), "refcount == number of tables holding it"
+            assert pool.is_free(b) == (held.get(b, 0) == 0), "no block is both free and used"
+        assert pool.num_free + pool.num_used == pool.num_blocks
+        assert sum(1 for _ in pool.free_blocks_lru()) == pool.num_free
+    for seq in ex.seqs.values():
+        assert len(seq.block_table if not seq.swapped else seq.cpu_table) == -(-seq.num_tokens // ex.block_size)
+    for h, b in ex.cache.items():
+        assert ex.cached_meta[b][0] == h
+
+
 class BlockManagerMachine(RuleBasedStateMachine):
     """Random allocate / append / fork / free / swap / reset keep every pool's books balanced."""
 
@@ -262,20 +280,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @invariant()
     def books_balance(self):
-        for pool, table in ((self.ex.device, "block_table"), (self.ex.cpu, "cpu_table")):
-            held = {}
-            for seq in self.ex.seqs.values():
-                for b in getattr(seq, table):
-                    held[b] = held.get(b, 0) + 1
-            for b in range(pool.num_blocks):
-                assert pool.refcount[b] == held.get(b, 0), "refcount == number of tables holding it"
-                assert pool.is_free(b) == (held.get(b, 0) == 0), "no block is both free and used"
-            assert pool.num_free + pool.num_used == pool.num_blocks
-            assert sum(1 for _ in pool.free_blocks_lru()) == pool.num_free
-        for seq in self.ex.seqs.values():
-            assert len(seq.block_table if not seq.swapped else seq.cpu_table) == -(-seq.num_tokens // BS)
-        for h, b in self.ex.cache.items():
-            assert self.ex.cached_meta[b][0] == h
+        check_books(self.ex)
 
     def teardown(self):
         self.bm.step("ex", free=list(self.ex.seqs))

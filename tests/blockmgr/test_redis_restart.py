@@ -10,6 +10,7 @@ import msgpack
 import pytest
 import zmq
 
+from blockmgr import security
 from blockmgr.client import BlockManagerClient, InProcessBlockManager
 from blockmgr.manager import BlockManager
 from executor.engine import Engine, EngineConfig
@@ -39,14 +40,22 @@ def redis_url(tmp_path):
     proc.wait(10)
 
 
-def start_blockmgr(addr, redis_url, events=None):
-    argv = [sys.executable, "-m", "blockmgr", "--bind", addr, "--redis-url", redis_url, "--log-level", "WARNING"]
+@pytest.fixture(scope="module")
+def keys_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stack") / "keys"
+    security.create_keys(d, ["blockmgr", "gateway", "executor-0", "ex"])
+    return d
+
+
+def start_blockmgr(addr, redis_url, keys_dir, events=None):
+    argv = [sys.executable, "-m", "blockmgr", "--bind", addr, "--redis-url", redis_url, "--log-level", "WARNING",
+            "--keys-dir", str(keys_dir)]
     if events:
         argv += ["--kv-events-bind", events]
     return subprocess.Popen(argv)
 
 
-def test_restart_from_redis_mid_generation(smollm, redis_url):
+def test_restart_from_redis_mid_generation(smollm, redis_url, keys_dir):
     model, tok = smollm
     prompts = [tok.encode(t) for t in ("The capital of France is", "def add(a, b):",
                                        "A short poem about autumn leaves:", "1, 1, 2, 3, 5, 8,")]
@@ -55,9 +64,9 @@ def test_restart_from_redis_mid_generation(smollm, redis_url):
     reference = Engine(model, InProcessBlockManager(BlockManager()), config, {tok.eos_token_id}).generate(prompts, params)
 
     addr = f"tcp://127.0.0.1:{_free_port()}"
-    proc = start_blockmgr(addr, redis_url)
+    proc = start_blockmgr(addr, redis_url, keys_dir)
     try:
-        bm = connect_block_manager(addr, "executor-0", 64, 4)
+        bm = connect_block_manager(addr, "executor-0", 64, 4, keys=security.Keys(keys_dir, "executor-0"))
         engine = Engine(model, bm, config, {tok.eos_token_id})
         for i, p in enumerate(prompts):
             engine.add_request(f"r{i}", p, params)
@@ -68,26 +77,27 @@ def test_restart_from_redis_mid_generation(smollm, redis_url):
         assert all(0 < len(v) < 16 for v in outs.values()), "killed mid-generation"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        proc = start_blockmgr(addr, redis_url)  # the executor keeps running meanwhile
+        proc = start_blockmgr(addr, redis_url, keys_dir)  # the executor keeps running meanwhile
         while engine.has_work():
             for o in engine.step():
                 outs[o.request_id] += o.new_token_ids
         assert [outs[f"r{i}"] for i in range(len(prompts))] == reference
-        stats = BlockManagerClient(addr).stats()["executor-0"]
+        stats = BlockManagerClient(addr, keys=security.Keys(keys_dir, "gateway")).stats()["executor-0"]
         assert stats["device"]["used"] == 0 and stats["prefix_cache"]["cached_blocks"] > 0
     finally:
         proc.kill()
         proc.wait(10)
 
 
-def test_kv_events_mirror_the_prefix_cache(redis_url):
+def test_kv_events_mirror_the_prefix_cache(redis_url, keys_dir):
     addr, events_addr = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
-    proc = start_blockmgr(addr, redis_url, events_addr)
+    proc = start_blockmgr(addr, redis_url, keys_dir, events_addr)
     sub = zmq.Context.instance().socket(zmq.SUB)
+    security.Keys(keys_dir, "gateway").connect(sub, "blockmgr")
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(events_addr)
     try:
-        client = BlockManagerClient(addr, timeout_s=10)
+        client = BlockManagerClient(addr, timeout_s=10, keys=security.Keys(keys_dir, "ex"))
         client.ping()
         time.sleep(0.3)  # let the subscription reach the publisher
         client.register("ex", 4, 4)

@@ -100,6 +100,11 @@ def test_compose_file_declares_the_stack(compose):
         if name != "redis":
             assert svc["build"] == "." and "pagedserve " in " ".join(svc["command"]), name
     assert (ROOT / "Dockerfile").is_file()
+    # Only the HTTP API is published; the ZeroMQ services authenticate with the keys volume.
+    assert [name for name, svc in services.items() if svc.get("ports")] == ["gateway"]
+    for name in ("blockmgr", "executor", "executor-cpu", "gateway"):
+        assert "--keys-dir" in " ".join(services[name]["command"]), name
+        assert "keys:/keys" in services[name]["volumes"], name
     # Every variable a command reads is set in its service's environment and documented at the top.
     header = (ROOT / "compose.yaml").read_text().split("\nname:")[0]
     for name, svc in services.items():
@@ -125,10 +130,11 @@ def test_cpu_profile_runs_as_local_processes(compose, smollm_dir, tmp_path):
         "executor-cpu": {"PAGEDSERVE_EXECUTOR_BIND": f"tcp://{loop}:{ports['executor']}",
                          "PAGEDSERVE_KV_CACHE_GIB": "0.2", "PAGEDSERVE_SWAP_SPACE_GIB": "0.1",
                          "PAGEDSERVE_NUM_THREADS": "1"},
-        "gateway": {"PAGEDSERVE_EXECUTOR_ADDRS": f"tcp://{loop}:{ports['executor']}", "PAGEDSERVE_HOST": loop,
+        "gateway": {"PAGEDSERVE_EXECUTOR_ADDRS": f"executor-0@tcp://{loop}:{ports['executor']}", "PAGEDSERVE_HOST": loop,
                     "PAGEDSERVE_PORT": str(ports["gateway"])},
     }
-    common = {"PAGEDSERVE_MODEL": str(smollm_dir), "PAGEDSERVE_BLOCKMGR_ADDR": f"tcp://{loop}:{ports['blockmgr']}"}
+    common = {"PAGEDSERVE_MODEL": str(smollm_dir), "PAGEDSERVE_BLOCKMGR_ADDR": f"tcp://{loop}:{ports['blockmgr']}",
+              "PAGEDSERVE_KEYS_DIR": str(tmp_path / "keys")}
     base_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                 "PYTHONPATH": str(ROOT)}
     base_env.pop("PAGEDSERVE_API_KEY", None)
@@ -166,6 +172,11 @@ def test_cpu_profile_runs_as_local_processes(compose, smollm_dir, tmp_path):
         assert client.models.list().data[0].id == model
         reply = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=24)
         assert "Paris" in reply.choices[0].message.content
+        # Every ZeroMQ connection used the keys the block manager created, private to their owner.
+        assert sorted(p.name for p in (tmp_path / "keys").glob("*.key")) == ["blockmgr.key", "executor-0.key",
+                                                                           "gateway.key"]
+        assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in (tmp_path / "keys").glob("*.key_secret"))
         # The block manager keeps its state in this Redis.
         keys = subprocess.run([shutil.which("redis-cli") or "redis-cli", "-p", str(ports["redis"]), "--scan",
                                "--pattern", "pagedserve:*"], capture_output=True, text=True, timeout=30).stdout

@@ -1,7 +1,7 @@
 """The real stack as OS processes: `pagedserve serve` -> block manager, two executors, gateway.
 
 Asked through the official `openai` client, the way a user would. One stack serves the whole
-module (it takes ~25 s to start on 2 cores); the test that kills an executor runs last.
+module (it takes ~25 s to start on 2 cores); a test that kills it leaves the next test a new one.
 """
 
 import os
@@ -29,12 +29,10 @@ def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
 
 
-@pytest.fixture(scope="module")
-def stack(smollm_dir, tmp_path_factory):
+def _start_stack(smollm_dir, log_path: Path) -> dict:
     from tests.conftest import _free_port
 
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("stack") / "serve.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-c", "from gateway.cli import main; main()", "serve", "--port", str(port),
@@ -52,13 +50,33 @@ def stack(smollm_dir, tmp_path_factory):
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
+            log.close()
             raise AssertionError(f"stack did not become healthy:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.5)
-    yield {"proc": proc, "base": base, "log": log_path}
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    log.close()
+    return {"proc": proc, "base": base, "log": log_path, "log_file": log}
+
+
+def _stop_stack(st: dict) -> None:
+    if st["proc"].poll() is None:
+        st["proc"].send_signal(signal.SIGTERM)
+        st["proc"].wait(30)
+    st["log_file"].close()
+
+
+@pytest.fixture(scope="module")
+def _stacks():
+    started: list[dict] = []
+    yield started
+    for st in started:
+        _stop_stack(st)
+
+
+@pytest.fixture
+def stack(smollm_dir, tmp_path_factory, _stacks):
+    """The module's live stack; started again if a test before this one killed it (any order)."""
+    if not _stacks or _stacks[-1]["proc"].poll() is not None:
+        _stacks.append(_start_stack(smollm_dir, tmp_path_factory.mktemp("stack") / "serve.log"))
+    return _stacks[-1]
 
 
 @pytest.fixture
@@ -69,6 +87,25 @@ def client(stack):
 def test_three_service_processes(stack):
     names = sorted(_cmdline(pid).split(" -m ")[1].split()[0] for pid in _children(stack["proc"].pid))
     assert names == ["blockmgr", "executor", "executor", "gateway"]
+
+
+def test_the_stack_is_authenticated_by_default(stack):
+    import zmq
+
+    from blockmgr import protocol
+
+    cmdlines = [_cmdline(pid) for pid in _children(stack["proc"].pid)]
+    assert all("--keys-dir" in c and "--insecure-local" not in c for c in cmdlines)
+    for c in cmdlines:
+        if " -m gateway" in c:
+            continue
+        bind = c.split("--bind ")[1].split()[0]
+        plain = zmq.Context.instance().socket(zmq.DEALER)
+        plain.setsockopt(zmq.LINGER, 0)
+        plain.connect(bind)
+        plain.send_multipart([b"", protocol.encode({"op": "ping", "nonce": 1})])
+        assert not plain.poll(1000), f"{bind} answered a peer without a key"
+        plain.close()
 
 
 def test_chat_answers_paris_streamed_and_not(client, stack):
@@ -313,7 +350,7 @@ def test_small_fuzz_round_against_the_real_stack(stack):
 
 
 def test_a_dead_child_stops_serve_with_its_name(stack):
-    """Runs last: kills the executor and expects serve to exit, naming it."""
+    """Kills an executor and expects serve to exit, naming it."""
     proc = stack["proc"]
     executor = next(p for p in _children(proc.pid) if " -m executor" in _cmdline(p) and "executor-0" in _cmdline(p))
     others = [p for p in _children(proc.pid) if p != executor]
