@@ -9,9 +9,9 @@ PYTEST_ARGS ?=
 
 .PHONY: setup system-deps serve test test-fast bench clean
 
-# Servers the tests start for real. Installed with apt when missing and we are root (or have
-# password-less sudo); otherwise make stops with one line naming what to install.
-SYSTEM_DEPS := redis-server
+# Programs the tests start for real, as command:Debian-package. Installed with apt when missing and
+# we are root (or have password-less sudo); otherwise make stops with one line naming what to install.
+SYSTEM_DEPS := redis-server:redis-server chromium:chromium chromedriver:chromium-driver
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 system-deps:
-	@missing=""; for p in $(SYSTEM_DEPS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for dep in $(SYSTEM_DEPS); do command -v $${dep%%:*} >/dev/null 2>&1 || missing="$$missing $${dep#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo"; else sudo=none; fi; \
 	  if [ "$$sudo" != none ] && command -v apt-get >/dev/null 2>&1; then \

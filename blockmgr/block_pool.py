@@ -37,8 +37,16 @@ class BlockPool:
         self._prev[self._sentinel] = self._next[self._sentinel] = self._sentinel
         self._in_queue = [False] * num_blocks
         self.num_free = 0
+        self.evictor = None
         for block in range(num_blocks):
             self._push_back(block)
+
+    def use_evictor(self, evictor) -> None:
+        """Let ``evictor`` (``blockmgr.eviction``) choose which free block an allocation takes."""
+        self.evictor = evictor
+        if evictor is not None:
+            for block in self.free_blocks_lru():
+                evictor.add(block)
 
     # -- free queue -------------------------------------------------------------------------
     def _push_back(self, block: int) -> None:
@@ -49,6 +57,8 @@ class BlockPool:
         self._prev[self._sentinel] = block
         self._in_queue[block] = True
         self.num_free += 1
+        if self.evictor is not None:
+            self.evictor.add(block)
 
     def _unlink(self, block: int) -> None:
         p, n = self._prev[block], self._next[block]
@@ -57,6 +67,8 @@ class BlockPool:
         self._prev[block] = self._next[block] = _NIL
         self._in_queue[block] = False
         self.num_free -= 1
+        if self.evictor is not None:
+            self.evictor.remove(block)
 
     def free_blocks_lru(self):
         """Free block ids from least to most recently freed (a generator; for inspection)."""
@@ -64,6 +76,13 @@ class BlockPool:
         while block != self._sentinel:
             yield block
             block = self._next[block]
+
+    def peek_free(self) -> int | None:
+        """The block the next allocation would take, without taking it."""
+        if self.evictor is not None:
+            return self.evictor.peek()
+        head = self._next[self._sentinel]
+        return None if head == self._sentinel else head
 
     # -- allocation -------------------------------------------------------------------------
     @property
@@ -83,7 +102,7 @@ class BlockPool:
             raise OutOfBlocks(f"need {n} blocks, {self.num_free} free of {self.num_blocks}")
         blocks = []
         for _ in range(n):
-            block = self._next[self._sentinel]
+            block = self.peek_free()
             self._unlink(block)
             self.refcount[block] = 1
             blocks.append(block)

@@ -19,7 +19,11 @@ class BlockManagerUnavailable(Exception):
 
 
 class BlockManagerRequestError(Exception):
-    """The block manager refused a request; the message says why."""
+    """The block manager refused a request; the message says why, ``code`` (or None) names the case."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class _Api:
@@ -29,7 +33,7 @@ class _Api:
     def _checked(self, message: dict[str, Any]) -> dict[str, Any]:
         reply = self._call(message)
         if not reply.get("ok"):
-            raise BlockManagerRequestError(reply.get("error", "unknown error"))
+            raise BlockManagerRequestError(reply.get("error", "unknown error"), reply.get("code"))
         return reply
 
     def ping(self) -> None:
@@ -68,8 +72,38 @@ class _Api:
         reply.pop("ok")
         return reply
 
-    def stats(self) -> dict:
-        return self._checked({"op": "stats"})["executors"]
+    def stats(self, summary: bool = False) -> dict:
+        """Per-executor stats; ``summary`` leaves out the fields whose cost grows with the blocks."""
+        return self._checked({"op": "stats", "summary": True} if summary else {"op": "stats"})["executors"]
+
+    def cache_lookup(self, token_ids: list[int], cache_salt: str | None = None) -> dict[str, dict]:
+        """Per executor: cached tokens of ``token_ids`` by tier (:func:`blockmgr.cache_index.lookup`)."""
+        return self._checked({"op": "cache_lookup", "token_ids": token_ids, "cache_salt": cache_salt})["executors"]
+
+    def cache_prefixes(self, executor_id: str | None = None, offset: int = 0, limit: int = 50,
+                       max_tokens: int = 32) -> dict:
+        """``{"total", "prefixes"}``: cached prefix chains (:func:`blockmgr.cache_index.list_prefixes`)."""
+        reply = self._checked({"op": "cache_prefixes", "executor_id": executor_id, "offset": offset,
+                               "limit": limit, "max_tokens": max_tokens})
+        return {"total": reply["total"], "prefixes": reply["prefixes"]}
+
+    def pin(self, token_ids: list[int] | None = None, cache_salt: str | None = None, prefix_id: str | None = None,
+            executor_id: str | None = None, ttl_s: float | None = None) -> list[dict]:
+        """Pin a prompt's cached prefix or a prefix chain (:func:`blockmgr.pins.pin`); returns the pins."""
+        return self._checked({"op": "pin", "token_ids": token_ids, "cache_salt": cache_salt, "prefix_id": prefix_id,
+                              "executor_id": executor_id, "ttl_s": ttl_s})["pins"]
+
+    def unpin(self, pin_id: str) -> dict:
+        reply = self._checked({"op": "unpin", "pin_id": pin_id})
+        reply.pop("ok")
+        return reply
+
+    def pins(self) -> list[dict]:
+        return self._checked({"op": "pins"})["pins"]
+
+    def block_map(self) -> dict[str, dict]:
+        """Per executor, each block's state as one character (:func:`blockmgr.cache_index.block_map`)."""
+        return self._checked({"op": "block_map"})["executors"]
 
     def sequence(self, executor_id: str, seq_id: str) -> dict:
         return self._checked({"op": "sequence", "executor_id": executor_id, "seq_id": seq_id})["sequence"]

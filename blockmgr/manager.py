@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockmgr.block_hash import ROOT_HASH, hash_block, hash_chain
+from blockmgr import cache_index, cpu_tier, pins
 from blockmgr.block_pool import BlockPool
+from blockmgr.eviction import POLICIES, make_evictor
 from blockmgr.preemption import CostModel, victim_order
 
 log = logging.getLogger("pagedserve.blockmgr")
@@ -39,7 +41,7 @@ DENIED_NEVER_FITS = "never_fits"  # larger than the whole pool: refuse the reque
 COUNTERS = (
     "prefix_queries_blocks", "prefix_hits_blocks", "prefix_queries_tokens", "prefix_hits_tokens",
     "evictions", "swap_out_blocks", "swap_in_blocks", "preemptions_swap", "preemptions_recompute",
-    "copy_on_write",
+    "copy_on_write", "cpu_tier_out_blocks", "cpu_tier_in_blocks",
 )
 
 
@@ -99,6 +101,10 @@ class ExecutorState:
     # device block -> (hash, parent hash, token ids), for blocks that are in the prefix cache
     cached_meta: dict[int, tuple[int, int, list[int]]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    use: dict[int, list] = field(default_factory=dict)  # block hash -> [hits, last_use, priority]
+    pins: dict[str, dict] = field(default_factory=dict)  # pin id -> record (blockmgr.pins)
+    cpu_cache: dict[int, int] = field(default_factory=dict)  # block hash -> CPU block (the CPU tier)
+    cpu_meta: dict[int, tuple[int, int, list[int]]] = field(default_factory=dict)  # CPU block -> meta
     last_step_id: int | None = None
     last_reply: dict | None = None
 
@@ -117,9 +123,10 @@ class _StepReply:
     swap_in: list[list[int]] = field(default_factory=list)
     copies: list[list[int]] = field(default_factory=list)
     grown_from: dict[str, int] = field(default_factory=dict)  # seq -> num_tokens before this step
+    cpu_held: list[int] = field(default_factory=list)  # CPU blocks read by this step (blockmgr.cpu_tier)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "grown_from"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("grown_from", "cpu_held")}
 
 
 class BlockManager:
@@ -132,15 +139,26 @@ class BlockManager:
         enable_prefix_caching: publish computed full blocks and reuse them across requests.
         on_events: called with a list of KV events after each change to a prefix cache
             (``["BlockStored", executor_id, hashes, parent_hash, token_ids, block_size]``,
-            ``["BlockRemoved", executor_id, hashes]``, ``["AllBlocksCleared", executor_id]``).
+            ``["BlockRemoved", executor_id, hashes]``, ``["AllBlocksCleared", executor_id]``, and
+            the pin and tier events of ``blockmgr.protocol``).
+        eviction: which cached free block is reused first: ``lru``, ``lfu`` or ``priority``
+            (``blockmgr.eviction``).
+        pin_share: most of each device pool that pins may hold (``blockmgr.pins``).
 
     Raises:
-        BlockManagerError: watermark outside [0, 1).
+        BlockManagerError: watermark outside [0, 1), pin_share outside [0, 1], unknown policy.
     """
 
-    def __init__(self, watermark: float = 0.01, enable_prefix_caching: bool = True, on_events=None) -> None:
+    def __init__(self, watermark: float = 0.01, enable_prefix_caching: bool = True, on_events=None,
+                 eviction: str = "lru", pin_share: float = 0.5) -> None:
         if not 0 <= watermark < 1:
             raise BlockManagerError(f"watermark must be in [0, 1), got {watermark}")
+        if not 0 <= pin_share <= 1:
+            raise BlockManagerError(f"pin_share must be in [0, 1], got {pin_share}")
+        if eviction not in POLICIES:
+            raise BlockManagerError(f"unknown eviction policy {eviction!r}; expected one of {', '.join(POLICIES)}")
+        self.eviction = eviction
+        self.pin_share = pin_share
         self.watermark = watermark
         self.enable_prefix_caching = enable_prefix_caching
         self.executors: dict[str, ExecutorState] = {}
@@ -177,18 +195,28 @@ class BlockManager:
             old.cost = cost_model
             log.info("executor %s re-registered; keeping %d sequences", executor_id, len(old.seqs))
             return {"resumed": True, "num_seqs": len(old.seqs)}
-        if old is not None and old.cache:
+        if old is not None:
+            pins.dropped_with(self, old)
+        if old is not None and (old.cache or old.cpu_cache):
             self._emit(["AllBlocksCleared", executor_id])
-        self.executors[executor_id] = ExecutorState(
+        self.executors[executor_id] = self._with_policy(ExecutorState(
             executor_id, block_size, BlockPool(num_device_blocks), BlockPool(num_cpu_blocks),
             watermark_blocks=int(self.watermark * num_device_blocks), cost=cost_model,
-        )
+        ))
         log.info(
             "executor %s registered: %d device blocks, %d cpu blocks, block_size %d",
             executor_id, num_device_blocks, num_cpu_blocks, block_size,
         )
         self._flush_events()
         return {"resumed": False, "num_seqs": 0}
+
+    def _with_policy(self, ex: ExecutorState) -> ExecutorState:
+        def use_of(block):
+            meta = ex.cached_meta.get(block)
+            return None if meta is None else ex.use.get(meta[0], [0, 0.0, 0])
+
+        ex.device.use_evictor(make_evictor(self.eviction, use_of))
+        return ex
 
     def _executor(self, executor_id: str) -> ExecutorState:
         try:
@@ -243,6 +271,7 @@ class BlockManager:
             log.info("executor %s retried step %s; answering it again", executor_id, step_id)
             return ex.last_reply
         self._validate_step(ex, fork, free, grow, swap_in, admit)
+        pins.expire(self)
         r = _StepReply()
         for parent, child in fork:
             self._fork(ex, parent, child)
@@ -258,6 +287,7 @@ class BlockManager:
             self._swap_in(ex, self._seq(ex, seq_id), r)
         for seq_id, prompt, num_new, salt, priority in admit:
             self._admit(ex, seq_id, list(prompt), int(num_new), salt, int(priority), r)
+        cpu_tier.release_held(ex, r.cpu_held)
         reply = r.to_dict()
         ex.last_step_id, ex.last_reply = step_id, reply
         self._flush_events()
@@ -294,15 +324,19 @@ class BlockManager:
                 raise BlockManagerError(f"admit {seq_id!r}: empty prompt or num_new_tokens < 1")
             known[seq_id] = False
 
-    def _allocate(self, ex: ExecutorState, n: int) -> list[int]:
-        """Take ``n`` free device blocks, evicting the prefix-cache entries they still carry."""
+    def _allocate(self, ex: ExecutorState, n: int, r: _StepReply) -> list[int]:
+        """Take ``n`` free device blocks, evicting the prefix-cache entries they still carry (to the
+        CPU tier when it is worth it: ``blockmgr.cpu_tier``)."""
         blocks = ex.device.allocate(n)
-        evicted = []
+        moves = []
         for b in blocks:
             meta = ex.cached_meta.pop(b, None)
             if meta is not None:
                 del ex.cache[meta[0]]
-                evicted.append(meta[0])
+                moves.append((b, meta))
+        evicted = cpu_tier.move_out(self, ex, moves, r.swap_out) if moves else []
+        for h in evicted:
+            ex.use.pop(h, None)
         if evicted:
             ex.counters["evictions"] += len(evicted)
             self._emit(["BlockRemoved", ex.executor_id, evicted])
@@ -321,9 +355,12 @@ class BlockManager:
             h = hash_block(parent, tokens, seq.extra_keys)
             seq.block_hashes.append(h)
             b = seq.block_table[i]
+            if h in ex.cpu_cache and b not in ex.cached_meta:  # recomputed: the device copy wins
+                cpu_tier.claim(self, ex, [ex.cpu_cache[h]])
             if h not in ex.cache and b not in ex.cached_meta:
                 ex.cache[h] = b
                 ex.cached_meta[b] = (h, parent, tokens)
+                cache_index.record_store(ex, h, seq.priority)
                 if not stored:
                     first_parent = parent
                 stored.append(h)
@@ -371,7 +408,7 @@ class BlockManager:
             self._preempt(ex, victim, r)
         start = len(seq.block_table)
         if cow:
-            (dst,) = self._allocate(ex, 1)
+            (dst,) = self._allocate(ex, 1, r)
             src = seq.block_table[write_block]
             ex.device.decref(src)
             seq.block_table[write_block] = dst
@@ -379,7 +416,7 @@ class BlockManager:
             ex.counters["copy_on_write"] += 1
             start = write_block
         if need - (1 if cow else 0) > 0:
-            seq.block_table.extend(self._allocate(ex, need - (1 if cow else 0)))
+            seq.block_table.extend(self._allocate(ex, need - (1 if cow else 0), r))
         r.grown_from[seq.seq_id] = old_len
         seq.tokens.extend(token_ids)
         if start < len(seq.block_table):
@@ -399,6 +436,7 @@ class BlockManager:
         n = len(seq.block_table)
         if n <= ex.cpu.num_free and ex.cost.prefer_swap(n, seq.num_tokens):
             cpu_blocks = ex.cpu.allocate(n)
+            cpu_tier.claim(self, ex, cpu_blocks)
             r.swap_out.extend([g, c] for g, c in zip(seq.block_table, cpu_blocks))
             for b in seq.block_table:
                 ex.device.decref(b)
@@ -421,10 +459,9 @@ class BlockManager:
         if ex.device.num_free - n < ex.watermark_blocks:
             r.denied[seq.seq_id] = DENIED_NO_SPACE
             return
-        blocks = self._allocate(ex, n)
+        blocks = self._allocate(ex, n, r)
         r.swap_in.extend([c, g] for c, g in zip(seq.cpu_table, blocks))
-        for c in seq.cpu_table:
-            ex.cpu.decref(c)
+        r.cpu_held.extend(seq.cpu_table)  # freed when the step ends (blockmgr.cpu_tier)
         seq.block_table, seq.cpu_table, seq.swapped = blocks, [], False
         ex.counters["swap_in_blocks"] += n
         r.swapped_in.append(seq.seq_id)
@@ -441,12 +478,13 @@ class BlockManager:
             r.denied[seq_id] = DENIED_NEVER_FITS
             return
         seq = Sequence(seq_id, cache_salt=salt, priority=priority, arrival=next(self._arrivals))
-        hits, hashes = [], []
+        hits, hashes, from_cpu = [], [], []
         if self.enable_prefix_caching:
             # Never the whole prompt: its last token must be computed to get logits.
             hashes = hash_chain(prompt, bs, seq.extra_keys, (len(prompt) - 1) // bs)
             hits = self._lookup(ex, hashes, prompt)
-        num_cached = len(hits) * bs
+            from_cpu = cpu_tier.continue_chain(ex, hashes, prompt, len(hits))
+        num_cached = (len(hits) + len(from_cpu)) * bs
         target = min(len(prompt), num_cached + num_new)
         need = blocks_for(target, bs) - len(hits)
         reviving = sum(1 for b in hits if ex.device.is_free(b))
@@ -458,13 +496,19 @@ class BlockManager:
                 ex.device.take(b)
             else:
                 ex.device.incref(b)
-        seq.block_table = hits + self._allocate(ex, need)
+            cache_index.record_hit(ex, ex.cached_meta[b][0], priority)
+        cpu_tier.hold(ex, from_cpu, r.cpu_held)
+        revived = self._allocate(ex, len(from_cpu), r)
+        cpu_tier.bring_in(self, ex, from_cpu, revived, r.swap_in)
+        for h in hashes[len(hits) : len(hits) + len(from_cpu)]:
+            cache_index.record_hit(ex, h, priority)
+        seq.block_table = hits + revived + self._allocate(ex, need - len(from_cpu), r)
         seq.tokens = prompt[:target]
-        seq.block_hashes = hashes[: len(hits)]
+        seq.block_hashes = hashes[: len(hits) + len(from_cpu)]
         ex.seqs[seq_id] = seq
         c = ex.counters
         c["prefix_queries_blocks"] += len(hashes)
-        c["prefix_hits_blocks"] += len(hits)
+        c["prefix_hits_blocks"] += len(hits) + len(from_cpu)
         c["prefix_queries_tokens"] += len(prompt)
         c["prefix_hits_tokens"] += num_cached
         r.admitted[seq_id] = num_cached
@@ -505,7 +549,7 @@ class BlockManager:
 
     # -- prefix cache -------------------------------------------------------------------------
     def match_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> dict[str, int]:
-        """Tokens of ``token_ids`` each executor holds in its prefix cache (for routing)."""
+        """Tokens of ``token_ids`` each executor holds in its prefix cache, either tier (for routing)."""
         out = {}
         extra = (cache_salt,) if cache_salt is not None else ()
         for ex_id, ex in self.executors.items():
@@ -513,7 +557,9 @@ class BlockManager:
                 out[ex_id] = 0
                 continue
             hashes = hash_chain(token_ids, ex.block_size, extra, (len(token_ids) - 1) // ex.block_size)
-            out[ex_id] = len(self._lookup(ex, hashes, token_ids)) * ex.block_size
+            hits = len(self._lookup(ex, hashes, token_ids))
+            hits += len(cpu_tier.continue_chain(ex, hashes, token_ids, hits))  # cheaper than recompute too
+            out[ex_id] = hits * ex.block_size
         return out
 
     def reset_prefix_cache(self, executor_id: str | None = None) -> dict:
@@ -527,21 +573,26 @@ class BlockManager:
         dropped = in_use = 0
         for ex in targets:
             gone = [b for b in ex.cached_meta if ex.device.is_free(b)]
-            hashes = []
+            hashes = list(ex.cpu_cache)
+            dropped += len(hashes)
+            for h in hashes:
+                del ex.cpu_meta[ex.cpu_cache.pop(h)]
+                ex.use.pop(h, None)
             for b in gone:
                 h = ex.cached_meta.pop(b)[0]
                 del ex.cache[h]
+                ex.use.pop(h, None)
                 hashes.append(h)
             dropped += len(gone)
             in_use += len(ex.cached_meta)
-            if not ex.cached_meta and gone:
+            if not ex.cached_meta and hashes:
                 self._emit(["AllBlocksCleared", ex.executor_id])
             elif hashes:
                 self._emit(["BlockRemoved", ex.executor_id, hashes])
         self._flush_events()
         if in_use:
             message = (f"dropped {dropped} free cached blocks; {in_use} cached blocks are in use by "
-                       f"running sequences and were kept")
+                       f"running sequences or pins and were kept")
         else:
             message = f"dropped {dropped} cached blocks; the prefix cache is empty"
         return {"reset": in_use == 0, "dropped_blocks": dropped, "blocks_in_use": in_use, "message": message}
@@ -556,29 +607,26 @@ class BlockManager:
         self._events = []
 
     # -- inspection ----------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Per executor: block counts per tier, usage, utilization, prefix-cache and preemption counters."""
+    def stats(self, summary: bool = False) -> dict:
+        """Per executor: block counts per tier, usage, utilization, prefix-cache and preemption counters.
+
+        ``summary``: leave out ``num_running``, ``num_swapped``, ``token_utilization`` and
+        ``device.cached_free``, whose cost grows with the sequences or blocks; the rest costs O(1) per
+        executor (what ``/metrics`` asks for).
+        """
         out = {}
         for ex_id, ex in self.executors.items():
-            fill: dict[int, int] = {}
-            for seq in ex.seqs.values():
-                for i, b in enumerate(seq.block_table):
-                    filled = min(ex.block_size, seq.num_tokens - i * ex.block_size)
-                    fill[b] = max(fill.get(b, 0), filled)
             dev = ex.device
             c = ex.counters
             out[ex_id] = {
                 "block_size": ex.block_size,
                 "num_seqs": len(ex.seqs),
-                "num_running": sum(1 for s in ex.seqs.values() if not s.swapped),
-                "num_swapped": sum(1 for s in ex.seqs.values() if s.swapped),
                 "device": {
                     "total": dev.num_blocks, "free": dev.num_free, "used": dev.num_used,
-                    "cached_free": sum(1 for b in ex.cached_meta if dev.is_free(b)),
                     "usage_perc": 100.0 * dev.num_used / dev.num_blocks if dev.num_blocks else 0.0,
                 },
-                "cpu": {"total": ex.cpu.num_blocks, "free": ex.cpu.num_free, "used": ex.cpu.num_used},
-                "token_utilization": sum(fill.values()) / (len(fill) * ex.block_size) if fill else 1.0,
+                "cpu": {"total": ex.cpu.num_blocks, "free": ex.cpu.num_free, "used": ex.cpu.num_used,
+                        "cached_free": len(ex.cpu_meta)},
                 "prefix_cache": {
                     "queries_blocks": c["prefix_queries_blocks"], "hits_blocks": c["prefix_hits_blocks"],
                     "queries_tokens": c["prefix_queries_tokens"], "hits_tokens": c["prefix_hits_tokens"],
@@ -588,8 +636,19 @@ class BlockManager:
                 "swap_out_blocks": c["swap_out_blocks"],
                 "swap_in_blocks": c["swap_in_blocks"],
                 "copy_on_write": c["copy_on_write"],
+                "cpu_tier": {"out_blocks": c["cpu_tier_out_blocks"], "in_blocks": c["cpu_tier_in_blocks"]},
                 "preemptions": {"swap": c["preemptions_swap"], "recompute": c["preemptions_recompute"]},
             }
+            if not summary:
+                out[ex_id]["num_running"] = sum(1 for s in ex.seqs.values() if not s.swapped)
+                out[ex_id]["num_swapped"] = sum(1 for s in ex.seqs.values() if s.swapped)
+                fill: dict[int, int] = {}
+                for seq in ex.seqs.values():
+                    for i, b in enumerate(seq.block_table):
+                        filled = min(ex.block_size, seq.num_tokens - i * ex.block_size)
+                        fill[b] = max(fill.get(b, 0), filled)
+                out[ex_id]["device"]["cached_free"] = sum(1 for b in ex.cached_meta if dev.is_free(b))
+                out[ex_id]["token_utilization"] = sum(fill.values()) / (len(fill) * ex.block_size) if fill else 1.0
         return out
 
     def sequence(self, executor_id: str, seq_id: str) -> dict:
@@ -621,6 +680,8 @@ class BlockManager:
             "seqs": [s.to_wire() for s in ex.seqs.values()],
             "cached": [[b, h, p, t] for b, (h, p, t) in ex.cached_meta.items()],
             "counters": ex.counters, "last_step_id": ex.last_step_id, "last_reply": ex.last_reply,
+            "use": [[h, *u] for h, u in ex.use.items()], "pins": list(ex.pins.values()),
+            "cpu_cached": [[b, h, p, t] for b, (h, p, t) in ex.cpu_meta.items()],
             "saved_at": time.time(),
         }
 
@@ -636,9 +697,14 @@ class BlockManager:
         for b, h, p, t in snap["cached"]:
             ex.cache[h] = b
             ex.cached_meta[b] = (h, p, list(t))
+        for b, h, p, t in snap.get("cpu_cached", ()):
+            ex.cpu_cache[h] = b
+            ex.cpu_meta[b] = (h, p, list(t))
+        ex.use = {h: list(u) for h, *u in snap.get("use", ())}
+        ex.pins = {rec["pin_id"]: rec for rec in snap.get("pins", ())}
         ex.counters.update(snap["counters"])
         ex.last_step_id, ex.last_reply = snap["last_step_id"], snap["last_reply"]
-        self.executors[ex.executor_id] = ex
+        self.executors[ex.executor_id] = self._with_policy(ex)
         arrivals = [s.arrival for s in ex.seqs.values()]
         if arrivals:
             self._arrivals = itertools.count(max(max(arrivals) + 1, next(self._arrivals)))

@@ -42,6 +42,10 @@ class CostModel:
     def prefer_swap(self, num_blocks: int, num_tokens: int) -> bool:
         return self.swap_seconds(num_blocks) < self.recompute_seconds(num_tokens)
 
+    def prefer_swap_in(self, num_blocks: int, num_tokens: int) -> bool:
+        """Copying blocks already on the CPU back in (one way) beats recomputing their tokens."""
+        return self.swap_seconds(num_blocks) / 2 < self.recompute_seconds(num_tokens)
+
 
 def victim_order(seqs):
     """Sequences in the order they should be preempted (first = preempt first)."""

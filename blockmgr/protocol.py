@@ -17,6 +17,17 @@ Every request is a map with an ``"op"`` key; every reply is ``{"ok": true, ...re
 - ``sequence``: executor_id, seq_id -> ``sequence`` (block table with refcounts, tiers, hashes)
 - ``match_prefix``: token_ids, cache_salt -> ``matches {executor_id: num_cached_tokens}``
 - ``reset_prefix_cache``: executor_id (optional) -> reset, dropped_blocks, blocks_in_use, message
+- ``cache_lookup``: token_ids, cache_salt -> ``executors {id: {cached_tokens, device_tokens,
+  cpu_tokens, pinned_tokens, num_tokens, block_size, prefix_id}}`` (:func:`blockmgr.cache_index.lookup`)
+- ``cache_prefixes``: executor_id, offset, limit, max_tokens (all optional) -> total, prefixes
+  (:func:`blockmgr.cache_index.list_prefixes`)
+- ``pin``: token_ids + cache_salt, or prefix_id; executor_id, ttl_s (optional) -> pins
+  (:func:`blockmgr.pins.pin`); ``unpin``: pin_id -> pin_id, executor_id, num_blocks;
+  ``pins`` -> pins (every pin)
+- ``block_map`` -> ``executors {id: {device, cpu}}``: one character per block
+  (:func:`blockmgr.cache_index.block_map`)
+
+A refusal may carry ``"code"``: ``not_cached``, ``unknown_pin``, ``pin_does_not_fit``, ``invalid``.
 
 Every request is checked against the models below (types, ranges, sizes) before it touches any
 state; :func:`parse_request` turns a violation into a :class:`ProtocolError` naming the field.
@@ -24,8 +35,12 @@ state; :func:`parse_request` turns a violation into a :class:`ProtocolError` nam
 KV events (``--kv-events-bind``, a PUB socket): each message is one msgpack array
 ``[timestamp_seconds, [event, ...]]`` with events ``["BlockStored", executor_id, [hashes],
 parent_hash, [token ids], block_size]``, ``["BlockRemoved", executor_id, [hashes]]`` and
-``["AllBlocksCleared", executor_id]``. A subscriber that applies them in order mirrors every
-executor's prefix cache (hash -> present).
+``["AllBlocksCleared", executor_id]``; pins ``["BlockPinned", executor_id, [hashes], pin_id,
+expires_at|nil]`` and ``["BlockUnpinned", executor_id, [hashes], pin_id, reason]`` (reason
+``unpinned``, ``expired`` or ``executor_restarted``); and tier moves of the CPU tier
+``["BlockMoved", executor_id, [hashes], from_tier, to_tier]`` (tiers ``device``, ``cpu``; a block
+moved to ``cpu`` is still cached, so a router may count it as a slower hit). A subscriber that
+applies them in order mirrors every executor's prefix cache (hash -> tier, pinned).
 """
 
 from __future__ import annotations
@@ -33,9 +48,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
 
-OPS = ("ping", "register", "step", "stats", "sequence", "match_prefix", "reset_prefix_cache")
+OPS = ("ping", "register", "step", "stats", "sequence", "match_prefix", "reset_prefix_cache", "cache_lookup",
+       "cache_prefixes", "pin", "unpin", "pins", "block_map")
 
 
 class ProtocolError(Exception):
@@ -102,6 +118,7 @@ class Step(_Message):
 
 class Stats(_Message):
     op: Literal["stats"]
+    summary: StrictBool = False
 
 
 class SequenceQuery(_Message):
@@ -121,7 +138,44 @@ class ResetPrefixCache(_Message):
     executor_id: Union[Id, None] = None
 
 
-Request = Annotated[Union[Ping, Register, Step, Stats, SequenceQuery, MatchPrefix, ResetPrefixCache],
+class CacheLookup(_Message):
+    op: Literal["cache_lookup"]
+    token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TOKENS)]
+    cache_salt: Salt = None
+
+
+class CachePrefixes(_Message):
+    op: Literal["cache_prefixes"]
+    executor_id: Union[Id, None] = None
+    offset: Annotated[StrictInt, Field(ge=0, le=MAX_BLOCKS)] = 0
+    limit: Annotated[StrictInt, Field(ge=1, le=1000)] = 50
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=1024)] = 32
+
+
+class Pin(_Message):
+    op: Literal["pin"]
+    token_ids: Union[Tokens, None] = None
+    cache_salt: Salt = None
+    prefix_id: Union[Id, None] = None
+    executor_id: Union[Id, None] = None
+    ttl_s: Union[Annotated[float, Field(gt=0, le=10 * 365 * 86400)], None] = None
+
+
+class Unpin(_Message):
+    op: Literal["unpin"]
+    pin_id: Id
+
+
+class Pins(_Message):
+    op: Literal["pins"]
+
+
+class BlockMap(_Message):
+    op: Literal["block_map"]
+
+
+Request = Annotated[Union[Ping, Register, Step, Stats, SequenceQuery, MatchPrefix, ResetPrefixCache, CacheLookup,
+                          CachePrefixes, Pin, Unpin, Pins, BlockMap],
                     Field(discriminator="op")]
 _REQUEST = TypeAdapter(Request)
 
@@ -173,5 +227,5 @@ def ok(**result: Any) -> dict[str, Any]:
     return {"ok": True, **result}
 
 
-def error(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": message}
+def error(message: str, code: str | None = None) -> dict[str, Any]:
+    return {"ok": False, "error": message, **({"code": code} if code else {})}

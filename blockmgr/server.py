@@ -16,7 +16,8 @@ import time
 
 import zmq
 
-from blockmgr import protocol, security
+from blockmgr import cache_index, pins, protocol, security
+from blockmgr.eviction import POLICIES
 from blockmgr.manager import BlockManager, BlockManagerError
 from blockmgr.security import OPERATORS
 
@@ -61,19 +62,40 @@ def handle(manager: BlockManager, message: dict, principal: str | None = None) -
             return protocol.ok(**manager.step(r.executor_id, step_id=r.step_id, fork=r.fork, free=r.free,
                                               grow=r.grow, swap_in=r.swap_in, admit=r.admit))
         if r.op == "stats":
-            return protocol.ok(executors=manager.stats())
+            return protocol.ok(executors=manager.stats(summary=r.summary))
         if r.op == "sequence":
             return protocol.ok(sequence=manager.sequence(r.executor_id, r.seq_id))
         if r.op == "match_prefix":
             return protocol.ok(matches=manager.match_prefix(r.token_ids, r.cache_salt))
-        return protocol.ok(**manager.reset_prefix_cache(r.executor_id))
-    except (protocol.ProtocolError, BlockManagerError) as exc:
+        if r.op == "reset_prefix_cache":
+            return protocol.ok(**manager.reset_prefix_cache(r.executor_id))
+        return _cache_op(manager, r)
+    except protocol.ProtocolError as exc:
+        return protocol.error(str(exc), "invalid")
+    except BlockManagerError as exc:
         return protocol.error(str(exc))
     except PermissionError as exc:
         return protocol.error(f"forbidden: {exc}")
+    except pins.PinError as exc:
+        return protocol.error(str(exc), exc.code)
 
 
-MUTATING_OPS = ("register", "step", "reset_prefix_cache")
+def _cache_op(manager: BlockManager, r) -> dict:
+    """The cache inspection and pinning ops (``blockmgr.cache_index``, ``blockmgr.pins``)."""
+    if r.op == "cache_lookup":
+        return protocol.ok(executors=cache_index.lookup(manager, r.token_ids, r.cache_salt))
+    if r.op == "cache_prefixes":
+        return protocol.ok(**cache_index.list_prefixes(manager, r.executor_id, r.offset, r.limit, r.max_tokens))
+    if r.op == "pin":
+        return protocol.ok(**pins.pin(manager, r.token_ids, r.cache_salt, r.prefix_id, r.executor_id, r.ttl_s))
+    if r.op == "unpin":
+        return protocol.ok(**pins.unpin(manager, r.pin_id))
+    if r.op == "block_map":
+        return protocol.ok(executors=cache_index.block_map(manager))
+    return protocol.ok(pins=pins.list_pins(manager))
+
+
+MUTATING_OPS = ("register", "step", "reset_prefix_cache", "pin", "unpin", "pins")
 
 
 class KVEventPublisher:
@@ -144,7 +166,7 @@ def serve(bind: str, manager: BlockManager | None = None, store=None, keys: secu
                     ex_id = message.get("executor_id")
                     store.save(manager, [str(ex_id)] if ex_id is not None else list(manager.executors))
             except protocol.ProtocolError as exc:
-                reply = protocol.error(str(exc))
+                reply = protocol.error(str(exc), "invalid")
             except Exception as exc:  # a bug must not take the service down with every executor
                 log.exception("internal error handling %r", (message or {}).get("op"))
                 reply = protocol.error(f"internal error: {exc!r}")
@@ -165,6 +187,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="fraction of device blocks kept free at admission (default %(default)s)")
     parser.add_argument("--max-message-bytes", type=int, default=security.MAX_MESSAGE_BYTES,
                         help="drop requests longer than this (default %(default)s)")
+    parser.add_argument("--eviction", choices=POLICIES, default="lru",
+                        help="which cached block is reused first (default %(default)s)")
+    parser.add_argument("--pin-share", type=float, default=0.5,
+                        help="most of each device pool that pins may hold (default %(default)s)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     security.add_flags(parser)
     args = parser.parse_args(argv)
@@ -173,9 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--watermark must be in [0, 1)")
     if args.max_message_bytes < 1024:
         parser.error("--max-message-bytes must be >= 1024")
+    if not 0 <= args.pin_share <= 1:
+        parser.error("--pin-share must be in [0, 1]")
     keys = security.from_args(parser, args, security.BLOCKMGR, [args.bind, args.kv_events_bind])
     publisher = KVEventPublisher(args.kv_events_bind, keys) if args.kv_events_bind else None
-    manager = BlockManager(args.watermark, not args.no_prefix_caching, on_events=publisher)
+    manager = BlockManager(args.watermark, not args.no_prefix_caching, on_events=publisher,
+                           eviction=args.eviction, pin_share=args.pin_share)
     store = None
     if args.redis_url:
         from blockmgr.persistence import RedisStore

@@ -139,10 +139,14 @@ class ExecutorClient:
             self._replies.pop(nonce, None)
             raise ExecutorUnavailable(f"executor at {self.address} did not answer {op!r} within {timeout_s}s") from None
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request and all its children (fire and forget; frees its blocks next step)."""
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Abort a request and all its children, or only its completion ``index`` (fire and forget;
+        frees the blocks at the executor's next step)."""
+        message = {"op": "abort", "request_id": request_id}
+        if index is not None:
+            message["index"] = index
         try:
-            self._send_nowait({"op": "abort", "request_id": request_id})
+            self._send_nowait(message)
         except Exception as exc:  # the socket is closing: the executor frees nothing we can reach
             log.warning("could not send abort of %s to %s: %s", request_id, self.address, exc)
 

@@ -163,6 +163,8 @@ class Engine:
         if any(not (0 <= t < vocab) for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         params.validate()
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 to generate, got {params.max_tokens}")
         total = len(prompt_token_ids) + params.max_tokens
@@ -179,8 +181,17 @@ class Engine:
                 self.eos_token_ids, beams=[req], scores=[0.0])
         self.scheduler.add(req)
 
-    def abort(self, request_id: str) -> bool:
-        """Drop a request; its blocks are freed at the next step. Returns False if unknown."""
+    def abort(self, request_id: str, index: int | None = None) -> bool:
+        """Drop a request with all its n > 1 completions or beams (or, with ``index``, only that
+        completion, e.g. one the gateway ended on a stop string); their blocks are all freed at the
+        next step. Returns False if unknown."""
+        if index is not None:
+            group = self.children.get(request_id) or [self.requests.get(request_id)]
+            req = group[index] if 0 <= index < len(group) else None
+            if req is None or req.status is Status.FINISHED or req.request_id not in self.requests:
+                return False
+            self._finish(req, "abort")
+            return True
         group = [r for r in self.children.pop(request_id, []) if r.request_id in self.requests]
         beams = self._beam_group(request_id)
         if beams is not None:

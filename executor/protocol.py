@@ -7,7 +7,8 @@ Gateway -> executor:
   :class:`executor.request.SamplingParams` (unknown ones are refused); ``priority`` (default 0):
   lower values are scheduled first, ties first come first served; ``cache_salt``: prefix-cache
   blocks are shared only between requests with the same salt.
-- ``{"op": "abort", "request_id"}``
+- ``{"op": "abort", "request_id", "index"?}``: the request with all its completions, or with an
+  integer ``index`` only that completion of an n > 1 request (no more outputs come for it).
 - ``{"op": "info", "nonce"}``, ``{"op": "ping", "nonce"}`` and ``{"op": "sequences", "nonce"}``:
   answered with the same nonce.
 
@@ -102,6 +103,7 @@ class Generate(_Message):
 class Abort(_Message):
     op: Literal["abort"]
     request_id: Id
+    index: Union[Annotated[StrictInt, Field(ge=0, lt=MAX_CHILDREN)], None] = None
 
 
 class Query(_Message):

@@ -9,6 +9,8 @@ import torch
 
 #: Most alternatives ``logprobs`` / ``prompt_logprobs`` may ask for (vLLM's and OpenAI's limit).
 MAX_LOGPROBS = 20
+#: Most ``logit_bias`` entries per request.
+MAX_LOGIT_BIAS = 1024
 
 
 @dataclass
@@ -37,6 +39,9 @@ class SamplingParams:
         logprobs: None, or how many most likely alternatives (0 to :data:`MAX_LOGPROBS`) to
             return with each generated token's log-probability.
         prompt_logprobs: None, or the same for every prompt token (the first has none).
+        logit_bias: ``[[token_id, bias], ...]`` with bias in [-100, 100] (OpenAI's ``logit_bias``):
+            added to those tokens' logits before selection, greedy included; at most
+            :data:`MAX_LOGIT_BIAS` entries.
 
     :mod:`executor.sampler` documents the order in which these apply and which distribution the
     log-probabilities come from (the model's raw one).
@@ -59,6 +64,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: list = field(default_factory=list)
 
     def validate(self) -> None:
         """Raises ValueError naming the first out-of-range field."""
@@ -97,6 +103,13 @@ class SamplingParams:
             raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be integers")
+        if not isinstance(self.logit_bias, list) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must be a list of at most {MAX_LOGIT_BIAS} [token_id, bias] pairs")
+        for pair in self.logit_bias:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], int)
+                    and not isinstance(pair[0], bool) and pair[0] >= 0 and isinstance(pair[1], (int, float))
+                    and not isinstance(pair[1], bool) and -100 <= pair[1] <= 100):
+                raise ValueError(f"logit_bias entries must be [token_id >= 0, bias in [-100, 100]], got {pair!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":

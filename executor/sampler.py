@@ -14,9 +14,12 @@ Per row (the raw fp32 logits of one sequence's next token), in this order:
    - ``frequency_penalty`` and ``presence_penalty`` over the generated tokens only (OpenAI's
      definition): ``l -= frequency_penalty * count + presence_penalty * (count > 0)``.
 
+   Then ``logit_bias`` (OpenAI's): each listed token's bias is added to its logit.
 3. **min_tokens**: while the output is shorter than ``min_tokens``, EOS (unless ``ignore_eos``)
    and ``stop_token_ids`` get ``-inf``.
-4. **Selection**: ``temperature == 0`` takes the argmax (the lowest id among equal maxima).
+4. **Selection**: a temperature below :data:`GREEDY_BELOW` (0 included) takes the argmax (the
+   lowest id among equal maxima): dividing by a tinier one overflows the logits to inf and the
+   softmax to NaN.
    Otherwise the logits are divided by the temperature and filtered in HF's warper order:
    ``top_k`` (keep the k largest), ``top_p`` (keep the smallest set of most likely tokens whose
    probability mass reaches top_p; the most likely token always stays; Holtzman et al., ICLR
@@ -43,6 +46,8 @@ from executor.request import Request
 
 #: Rows of prompt positions whose logits are computed at once for prompt log-probabilities.
 PROMPT_LOGPROB_ROWS = 256
+#: Temperatures below this select greedily (vLLM's ``_SAMPLING_EPS``).
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -103,17 +108,19 @@ def sample_with_logprobs(
         raw_logprobs = torch.log_softmax(raw if len(want) == num_rows else raw[want], dim=-1)
 
     work = raw
-    if any(_penalized(r.params) or len(r.output_token_ids) < r.params.min_tokens for r in requests):
+    if any(_penalized(r.params) or r.params.logit_bias or len(r.output_token_ids) < r.params.min_tokens
+           for r in requests):
         work = raw.clone()
         _apply_penalties(work, requests)
+        _apply_logit_bias(work, requests)
         _apply_min_tokens(work, requests, eos_token_ids)
-    greedy = [i for i, r in enumerate(requests) if r.params.temperature == 0]
+    greedy = [i for i, r in enumerate(requests) if r.params.temperature < GREEDY_BELOW]
     if len(greedy) == num_rows:
         # max's indices are argmax's (the first maximum), and max is the faster kernel.
         token_list = work.max(dim=-1).indices.tolist()
     else:
         tokens = torch.empty(num_rows, dtype=torch.int64)
-        rand = [i for i, r in enumerate(requests) if r.params.temperature != 0]
+        rand = [i for i, r in enumerate(requests) if r.params.temperature >= GREEDY_BELOW]
         if greedy:
             tokens[greedy] = work[greedy].max(dim=-1).indices
         # _sample_random works in place: on a copy unless ``work`` is already one.
@@ -155,6 +162,15 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     pres = torch.tensor([r.params.presence_penalty for r in reqs], dtype=logits.dtype).unsqueeze(1)
     sub = sub - freq * counts - pres * (counts > 0).to(logits.dtype)
     logits[rows] = sub
+
+
+def _apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Add each row's ``logit_bias`` to its logits, in place (row by row: batch invariant)."""
+    for i, r in enumerate(requests):
+        if r.params.logit_bias:
+            ids = torch.tensor([t for t, _ in r.params.logit_bias], dtype=torch.int64)
+            bias = torch.tensor([b for _, b in r.params.logit_bias], dtype=logits.dtype)
+            logits[i].index_add_(0, ids, bias)
 
 
 def _apply_min_tokens(logits: torch.Tensor, requests: list[Request], eos_token_ids: Collection[int]) -> None:

@@ -121,8 +121,15 @@ class ExecutorServer:
             if entry is not None and entry[2] != principal:
                 self._refuse(identity, f"forbidden: request {m.request_id!r} belongs to another client")
                 return
-            self.owner.pop(m.request_id, None)
-            self.engine.abort(m.request_id)
+            if m.index is not None:
+                # One completion of an n > 1 request: its siblings go on (and still report).
+                if self.engine.abort(m.request_id, m.index) and entry is not None:
+                    entry[1] -= 1
+                    if entry[1] <= 0:
+                        del self.owner[m.request_id]
+            else:
+                self.owner.pop(m.request_id, None)
+                self.engine.abort(m.request_id)
         else:
             reply = {"op": "reply", "nonce": m.nonce}
             sched = self.engine.scheduler

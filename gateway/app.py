@@ -17,7 +17,7 @@ from fastapi.responses import Response
 
 from gateway.errors import install_handlers
 from gateway.limits import BodySizeLimit
-from gateway.routes import admin, chat, completions, metrics, misc
+from gateway.routes import admin, cache, chat, completions, metrics, misc
 from gateway.runtime import Gateway
 from gateway.settings import GatewaySettings
 from gateway.streaming import ClientDisconnected
@@ -72,8 +72,9 @@ def create_app(settings: GatewaySettings, *, executors: list | None = None, bloc
     async def _gone(_request: Request, _exc: ClientDisconnected):
         return Response(status_code=499)  # nobody reads it: the client has gone
 
-    for module in (completions, chat, misc, admin, metrics):
+    for module in (completions, chat, misc, admin, cache, metrics):
         app.include_router(module.router)
+    app.include_router(cache.page_router)
     app.openapi = _openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

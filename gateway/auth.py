@@ -1,16 +1,25 @@
 """Authentication: the API key for the OpenAI routes, the admin key (or loopback) for ``/admin``.
 
-- ``--api-key``: ``/v1/*``, ``/tokenize`` and ``/detokenize`` need ``Authorization: Bearer <key>``;
-  a missing or wrong key gets 401. ``/health``, ``/version`` and ``/metrics`` stay open (probes,
-  Prometheus).
+- ``--api-key`` (repeatable): ``/v1/*``, ``/tokenize`` and ``/detokenize`` need
+  ``Authorization: Bearer <key>`` with one of the keys; a missing or wrong key gets 401.
+  ``/health`` and ``/version`` stay open (probes); ``/metrics`` too unless
+  ``--metrics-need-admin``.
 - ``--admin-key``: ``/admin/*`` needs it as a bearer token (401 otherwise). Without it,
   ``/admin/*`` answers only clients on a loopback address (403 for others).
+
+Tenants: each API key is a tenant, named by a hash of the key (the key itself never leaves the
+gateway). Unless ``--shared-prefix-cache``, the prefix-cache salt of a request is derived from its
+tenant and its ``cache_salt`` field (:func:`cache_salt_for`), so two tenants never share KV blocks
+and ``usage.prompt_tokens_details.cached_tokens`` (or time to first token) tells a tenant nothing
+about another's prompts: the attack behind vLLM's CVE-2025-46570. Within a tenant, requests share
+the cache unless they set different ``cache_salt`` values.
 
 Keys are compared in constant time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 
@@ -40,11 +49,49 @@ def is_loopback(request: Request) -> bool:
         return host in ("localhost", "testclient")
 
 
+def api_keys(settings) -> list[str]:
+    """Every accepted API key (``api_key`` and ``api_keys``); empty: the API is open."""
+    return ([settings.api_key] if settings.api_key else []) + [k for k in settings.api_keys if k]
+
+
+def tenant_of(key: str) -> str:
+    """The tenant name of an API key: a hash, so salts and logs never carry the key."""
+    return "tenant-" + hashlib.sha256(b"pagedserve-tenant\0" + key.encode()).hexdigest()[:24]
+
+
 async def require_api_key(request: Request, creds: HTTPAuthorizationCredentials | None = Security(api_bearer)):
-    key = request.app.state.gateway.settings.api_key
-    if key and not _matches(creds, key):
+    """Check the bearer key; sets ``request.state.tenant`` (None when the API is open)."""
+    keys = api_keys(request.app.state.gateway.settings)
+    request.state.tenant = None
+    if not keys:
+        return
+    # Compare against every key (not stopping at a match) so timing does not tell which one matched.
+    matched = [k for k in keys if _matches(creds, k)]
+    if not matched:
         raise _unauthorized("missing or incorrect API key: send `Authorization: Bearer <key>`"
                             if creds is None else "incorrect API key provided")
+    request.state.tenant = tenant_of(matched[0])
+
+
+def cache_salt_for(request: Request, cache_salt: str | None) -> str | None:
+    """The prefix-cache salt sent to the executor for a request with field ``cache_salt``.
+
+    Without API keys (or with ``isolate_tenants`` off) it is ``cache_salt`` itself. Otherwise it is
+    a hash of the tenant and ``cache_salt``: a tenant can share blocks only with itself, and a
+    ``cache_salt`` splits its cache further.
+    """
+    tenant = getattr(request.state, "tenant", None)
+    if tenant is None or not request.app.state.gateway.settings.isolate_tenants:
+        return cache_salt
+    salt = cache_salt or ""
+    return "t:" + hashlib.sha256(f"{tenant}\0{len(salt)}:{salt}".encode()).hexdigest()
+
+
+async def require_metrics_access(request: Request,
+                                 creds: HTTPAuthorizationCredentials | None = Security(admin_bearer)):
+    """``/metrics``: open, or guarded like ``/admin/*`` with ``metrics_need_admin``."""
+    if request.app.state.gateway.settings.metrics_need_admin:
+        await require_admin(request, creds)
 
 
 async def require_admin(request: Request, creds: HTTPAuthorizationCredentials | None = Security(admin_bearer)):

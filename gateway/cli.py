@@ -51,6 +51,9 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--redis-url", default=None, help="keep the block manager's state in Redis")
     parser.add_argument("--kv-events-bind", default=None, help="ZeroMQ PUB address for KV events (default: off)")
+    parser.add_argument("--eviction", default="lru", choices=["lru", "lfu", "priority"],
+                        help="which cached KV block is reused first (default %(default)s)")
+    parser.add_argument("--pin-share", default="0.5", help="most of each KV pool that pins may hold (default %(default)s)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads per executor (default: the cores but one, shared among executors)")
     parser.add_argument("--log-level", default="INFO")
@@ -59,7 +62,8 @@ def serve(argv: list[str]) -> int:
                              "(default: $PAGEDSERVE_KEYS_DIR, else ~/.cache/pagedserve/keys)")
     parser.add_argument("--insecure-local", action="store_true",
                         help="run the services without keys: no authentication or encryption, loopback only")
-    from gateway.settings import add_gateway_flags
+    from gateway.limits import DEFAULT_LIMITS
+    from gateway.settings import add_gateway_flags, api_keys_from
 
     add_gateway_flags(parser)
     args = parser.parse_args(argv)
@@ -99,7 +103,8 @@ def serve(argv: list[str]) -> int:
     bm_argv = ["-m", "blockmgr", "--bind", bm_addr, *level, *key_argv]
     if args.no_prefix_caching:
         bm_argv.append("--no-prefix-caching")
-    for flag, value in (("--redis-url", args.redis_url), ("--kv-events-bind", args.kv_events_bind)):
+    for flag, value in (("--redis-url", args.redis_url), ("--kv-events-bind", args.kv_events_bind),
+                        ("--eviction", args.eviction), ("--pin-share", args.pin_share)):
         if value:
             bm_argv += [flag, value]
     children = [Child("blockmgr", bm_argv)]
@@ -124,10 +129,13 @@ def serve(argv: list[str]) -> int:
         gw_argv += ["--executor", addr]
     if args.max_model_len is not None:
         gw_argv += ["--max-model-len", str(args.max_model_len)]
-    gw_argv += ["--max-body-bytes", str(args.max_body_bytes),
-                "--max-waiting-requests", str(args.max_waiting_requests)]
+    gw_argv += ["--max-body-bytes", str(args.max_body_bytes)]
+    for limit in DEFAULT_LIMITS:
+        gw_argv += ["--" + limit.replace("_", "-"), str(getattr(args, limit))]
+    gw_argv += [flag for flag, on in (("--metrics-need-admin", args.metrics_need_admin),
+                                      ("--shared-prefix-cache", args.shared_prefix_cache)) if on]
     # Keys travel in the environment, not argv, so `ps` does not show them.
-    for var, value in (("PAGEDSERVE_API_KEY", args.api_key), ("PAGEDSERVE_ADMIN_KEY", args.admin_key)):
+    for var, value in (("PAGEDSERVE_API_KEY", ",".join(api_keys_from(args))), ("PAGEDSERVE_ADMIN_KEY", args.admin_key)):
         if value:
             os.environ[var] = value
         else:

@@ -7,11 +7,34 @@ Text is released only when it is final:
   text-generation-inference and vLLM);
 - text that could still grow into a stop string is held back until it cannot.
 
+Stop strings are matched incrementally: each stop string has a Knuth-Morris-Pratt automaton
+(Knuth, Morris and Pratt, "Fast pattern matching in strings", SIAM J. Comput. 1977) whose state is
+the length of the longest prefix of the stop string that ends the text so far. Each new character
+advances every automaton in amortized O(1), so a token costs O(its text x number of stop strings),
+whatever the length of the output or of the stop strings; the state is also the length of text to
+hold back. Held-back text is kept as the tokens' own pieces, so releasing text never copies
+what stays held.
+
 Non-streaming replies join the same deltas, so the streamed text always equals the non-streamed
 text.
 """
 
 from __future__ import annotations
+
+from collections import deque
+
+
+def _failure(pattern: str) -> list[int]:
+    """KMP failure function: ``f[i]`` = length of the longest proper border of ``pattern[: i + 1]``."""
+    f = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = f[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        f[i] = k
+    return f
 
 
 class TextStream:
@@ -19,78 +42,115 @@ class TextStream:
 
     Args:
         tokenizer: a ``transformers`` tokenizer.
-        stop: stop strings; the text ends before the first one found (it is not included).
+        stop: stop strings; the text ends before the first one found (it is not included). When
+            several complete at the same character, the one that starts first wins.
         skip_special_tokens: drop special tokens (EOS, chat markers) from the text.
+
+    Attributes:
+        stopped: a stop string was found; later pushes return ``""``.
+        chars_scanned: automaton steps taken so far (each step examines one character against
+            one stop string); it grows linearly with the output, which the tests check.
     """
 
     def __init__(self, tokenizer, stop: list[str] | None = None, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
+        self._fail = [_failure(s) for s in self.stop]
+        self._state = [0] * len(self.stop)
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
-        self._text = ""  # decoded text so far (final characters only)
-        self._emitted = 0  # characters of _text already released
+        self._pending: deque[str] = deque()  # decoded, final text not released yet (held back), in pieces
+        self._pending_len = 0
+        self._released: list[str] = []
         self.stopped = False
+        self.chars_scanned = 0
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def push(self, token_ids: list[int]) -> str:
-        """Add tokens; return the text that became final (possibly empty).
+    def _new_text(self, final: bool) -> str:
+        """Text of the tokens after the read offset, unless it still ends inside a character."""
+        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.token_ids[self._prefix_offset :])
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.token_ids)
+            return full[len(prefix) :]
+        return ""
 
-        After a stop string is found, :attr:`stopped` is True and later pushes return ``""``.
-        """
+    def push(self, token_ids: list[int]) -> str:
+        """Add tokens; return the text that became final (possibly empty)."""
         if self.stopped:
             return ""
         self.token_ids.extend(token_ids)
-        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self.token_ids[self._prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self._text += full[len(prefix) :]
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self.token_ids)
-        return self._release(final=False)
+        return self._advance(self._new_text(final=False), final=False)
 
     def finish(self) -> str:
         """The request ended: release what was held back (except a stop string)."""
         if self.stopped:
             return ""
-        if self._read_offset < len(self.token_ids):
-            prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
-            full = self._decode(self.token_ids[self._prefix_offset :])
-            self._text += full[len(prefix) :]
-            self._read_offset = len(self.token_ids)
-        return self._release(final=True)
+        text = self._new_text(final=True) if self._read_offset < len(self.token_ids) else ""
+        return self._advance(text, final=True)
 
-    def _release(self, final: bool) -> str:
-        end = len(self._text)
+    def _advance(self, text: str, final: bool) -> str:
+        """Feed ``text`` to the automata; release what can no longer be part of a stop string."""
+        start = self._pending_len
+        if text:
+            self._pending.append(text)
+            self._pending_len += len(text)
+        end = self._pending_len
         if self.stop:
-            # A stop string may straddle the boundary of what was already released.
-            search_from = max(0, self._emitted - max(len(s) for s in self.stop) + 1)
-            hits = [i for i in (self._text.find(s, search_from) for s in self.stop) if i >= 0]
-            if hits:
-                end = min(hits)
+            hit = self._scan(text, start)
+            if hit is not None:
+                end = hit
                 self.stopped = True
             elif not final:
-                end -= self._held_back()
-        end = max(end, self._emitted)
-        delta = self._text[self._emitted : end]
-        self._emitted = end
+                end -= max(self._state)
+        delta = self._take(end)
+        if delta:
+            self._released.append(delta)
         return delta
 
-    def _held_back(self) -> int:
-        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
-        longest = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self._text)), longest, -1):
-                if self._text.endswith(s[:k]):
-                    longest = k
-                    break
-        return longest
+    def _take(self, n: int) -> str:
+        """Remove and return the first ``n`` pending characters."""
+        pieces = []
+        self._pending_len -= n
+        while n:
+            piece = self._pending[0]
+            if len(piece) <= n:
+                pieces.append(self._pending.popleft())
+                n -= len(piece)
+            else:
+                pieces.append(piece[:n])
+                self._pending[0] = piece[n:]
+                n = 0
+        return "".join(pieces)
+
+    def _scan(self, text: str, offset: int) -> int | None:
+        """Advance every automaton over ``text`` (which starts at ``offset`` in the pending text);
+        return where the first completed stop string starts in the pending text, or None."""
+        for j, c in enumerate(text):
+            best = None
+            for k, s in enumerate(self.stop):
+                q, f = self._state[k], self._fail[k]
+                self.chars_scanned += 1
+                while q and s[q] != c:
+                    q = f[q - 1]
+                    self.chars_scanned += 1
+                if s[q] == c:
+                    q += 1
+                if q == len(s):
+                    begin = offset + j - len(s) + 1
+                    best = begin if best is None else min(best, begin)
+                    q = f[q - 1]
+                self._state[k] = q
+            if best is not None:
+                return best
+        return None
 
     @property
     def text(self) -> str:
         """Everything released so far."""
-        return self._text[: self._emitted]
+        return "".join(self._released)

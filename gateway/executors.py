@@ -28,7 +28,8 @@ class ExecutorHandle:
         info: the last ``info`` reply (executor_id, device, model, num_blocks, block_size,
             max_model_len, num_running, num_waiting, num_swapped).
         healthy: it answered the last probe.
-        waiting: requests the gateway sent it that have not produced their first output yet.
+        waiting: sequences (n per request, or its beams) the gateway sent it whose request has not
+            produced its first output yet.
     """
 
     client: Any

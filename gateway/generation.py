@@ -101,14 +101,14 @@ class Run:
         self._first: dict | None = None
         self._waiting = True
         self._closed = False
-        handle.waiting += 1
+        handle.waiting += job.width  # the waiting queue counts sequences
         gw.inflight[request_id] = handle.executor_id
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _not_waiting(self) -> None:
         if self._waiting:
             self._waiting = False
-            self.handle.waiting -= 1
+            self.handle.waiting -= self.job.width
 
     async def _next(self) -> dict | None:
         try:
@@ -173,6 +173,9 @@ class Run:
         finish = None
         if c.stream.stopped:
             finish = "stop"
+            if not msg.get("finished") and any(not o.done for o in self.choices if o is not c):
+                # Answered on a stop string while its siblings go on: stop its decoding now.
+                self.handle.client.abort(self.request_id, idx)
         elif msg.get("finished"):
             text += c.stream.finish()
             finish = "length" if self.job.drop_output else _finish_reason(msg.get("finish_reason"))
@@ -220,10 +223,8 @@ async def start_run(gw: Gateway, job: Job, request_id: str, arrival: float) -> R
     """Route ``job``, check it fits the chosen executor, submit it and wait for its first output.
 
     Raises:
-        APIError(503): queue full or no executor; APIError(400): it can never fit or the executor
-        refused it.
+        APIError(503): no executor; APIError(400): it can never fit or the executor refused it.
     """
-    gw.check_capacity()
     handle, cached = await gw.router.pick(job.prompt_token_ids, job.cache_salt)
     num_prompt = len(job.prompt_token_ids)
     max_tokens = resolve_max_tokens(job.params, handle.info, num_prompt, gw.settings.max_model_len, job.width,
@@ -244,7 +245,12 @@ async def start_runs(gw: Gateway, jobs: list[Job], prefix: str, arrival: float) 
     Returns:
         (the response id, the runs in job order). Executor request ids are ``<id>`` for a single
         job and ``<id>-<i>`` for job i of several.
+
+    Raises:
+        APIError(429): the waiting queue cannot take all the request's sequences (checked for
+            the request as a whole, so a batch cannot slip past it).
     """
+    gw.check_capacity(sum(job.width for job in jobs))
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     ids = [response_id] if len(jobs) == 1 else [f"{response_id}-{i}" for i in range(len(jobs))]
     tasks = [asyncio.ensure_future(start_run(gw, job, rid, arrival)) for job, rid in zip(jobs, ids)]

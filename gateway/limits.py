@@ -1,8 +1,130 @@
-"""ASGI middleware that refuses request bodies over a size limit with 413, before any parsing."""
+"""Bounds on what one request may ask for, and the body-size middleware.
+
+Every limit is a :class:`gateway.settings.GatewaySettings` field and a ``pagedserve`` flag (the
+field's name with dashes); :data:`DEFAULT_LIMITS` holds the defaults. A request over a limit gets
+HTTP 400 with an OpenAI error body naming the field; a full waiting queue gets 429 with
+``Retry-After`` (see :meth:`gateway.runtime.Gateway.check_capacity`).
+
+- ``max_sequences_per_request``: prompts x n (or x the beam width with beam search) in one request;
+  OpenAI allows n up to 128, and a batch of prompts multiplies it.
+- ``max_stop_strings`` (OpenAI's limit is 4) and ``max_stop_string_chars`` per stop string.
+- ``max_abs_priority``: ``priority`` must lie in [-max, max].
+- ``min_temperature``: a temperature in (0, min_temperature) is treated as greedy (0): dividing
+  logits by 1e-300 overflows to inf and the softmax to NaN.
+- ``max_logit_bias_entries``: entries of ``logit_bias``.
+- ``max_waiting_sequences``: the gateway's waiting queue, in sequences.
+
+The prompt and ``max_tokens`` are checked against the context length before anything runs
+(:func:`check_context`), and again against the chosen executor (``gateway.sampling.check_fits``).
+"""
 
 from __future__ import annotations
 
 import json
+
+from gateway.errors import bad_request
+
+DEFAULT_LIMITS: dict = {
+    "max_sequences_per_request": 256,
+    "max_waiting_sequences": 1024,
+    "max_stop_strings": 4,
+    "max_stop_string_chars": 256,
+    "max_abs_priority": 1000,
+    "min_temperature": 1e-5,
+    "max_logit_bias_entries": 300,
+}
+
+LIMIT_HELP: dict = {
+    "max_sequences_per_request": "most sequences (prompts x n, or x beams) in one request",
+    "max_waiting_sequences": "answer 429 + Retry-After when this many sequences wait for their first token "
+                             "(0: no limit)",
+    "max_stop_strings": "most stop strings per request",
+    "max_stop_string_chars": "longest stop string, in characters",
+    "max_abs_priority": "priority must be in [-N, N]",
+    "min_temperature": "temperatures below this (and above 0) are treated as greedy",
+    "max_logit_bias_entries": "most logit_bias entries per request",
+}
+
+
+def check_sequences(settings, num_prompts: int, n: int, width: int | None = None) -> int:
+    """The sequences a request asks for (``num_prompts x max(n, width)``), checked.
+
+    Raises:
+        APIError(400, code ``too_many_sequences``): over ``settings.max_sequences_per_request``.
+    """
+    total = num_prompts * max(n, width or 0)
+    if total > settings.max_sequences_per_request:
+        raise bad_request(f"the request asks for {total} sequences ({num_prompts} prompt(s) x n={n}"
+                          f"{f' x {width} beams' if width else ''}); at most {settings.max_sequences_per_request} "
+                          f"are allowed per request", "n", "too_many_sequences")
+    return total
+
+
+def check_stops(settings, stops: list[str]) -> list[str]:
+    """``stops`` if within ``max_stop_strings`` and ``max_stop_string_chars``; else APIError(400)."""
+    if len(stops) > settings.max_stop_strings:
+        raise bad_request(f"stop: at most {settings.max_stop_strings} stop strings, got {len(stops)}", "stop")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > settings.max_stop_string_chars:
+        raise bad_request(f"stop: a stop string may have at most {settings.max_stop_string_chars} characters, "
+                          f"got {longest}", "stop")
+    return stops
+
+
+def check_priority(settings, priority: int) -> int:
+    """``priority`` if within [-max_abs_priority, max_abs_priority]; else APIError(400)."""
+    if abs(priority) > settings.max_abs_priority:
+        raise bad_request(f"priority must be in [-{settings.max_abs_priority}, {settings.max_abs_priority}], "
+                          f"got {priority}", "priority")
+    return priority
+
+
+def effective_temperature(settings, temperature: float) -> float:
+    """0.0 (greedy) for a temperature below ``min_temperature``, else the temperature."""
+    return 0.0 if temperature < settings.min_temperature else temperature
+
+
+def logit_bias_pairs(settings, logit_bias: dict[str, float] | None, vocab_size: int) -> list[list]:
+    """OpenAI's ``logit_bias`` map (token id as a string -> bias in [-100, 100]) as ``[[id, bias], ...]``
+    sorted by id, for the executor.
+
+    Raises:
+        APIError(400): too many entries, or a key that is not a token id in [0, vocab_size).
+    """
+    if not logit_bias:
+        return []
+    if len(logit_bias) > settings.max_logit_bias_entries:
+        raise bad_request(f"logit_bias: at most {settings.max_logit_bias_entries} entries, got {len(logit_bias)}",
+                          "logit_bias")
+    pairs = {}
+    for key, bias in logit_bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < vocab_size or not key.strip().isdigit():
+            raise bad_request(f"logit_bias: {key[:40]!r} is not a token id in [0, {vocab_size})", "logit_bias")
+        pairs[token] = float(bias)
+    return [[t, pairs[t]] for t in sorted(pairs)]
+
+
+def check_context(settings, num_prompt_tokens: int, max_tokens: int | None, param: str = "prompt",
+                  limit: int | None = None) -> None:
+    """Refuse a prompt (plus ``max_tokens`` when given) over the context length: ``limit``, by
+    default ``settings.max_model_len`` (checked before routing; ``gateway.sampling.check_fits``
+    checks again with the chosen executor's own limit).
+
+    Raises:
+        APIError(400, code ``context_length_exceeded``), naming ``param`` when the prompt alone is
+        too long, else ``max_tokens``.
+    """
+    limit = settings.max_model_len if limit is None else limit
+    total = num_prompt_tokens + (max_tokens or 0)
+    if total > limit:
+        raise bad_request(f"This model's maximum context length is {limit} tokens. However, you requested "
+                          f"{total} tokens ({num_prompt_tokens} in the prompt, {max_tokens or 0} in the completion). "
+                          f"Please reduce the prompt or max_tokens.",
+                          param if num_prompt_tokens > limit else "max_tokens", "context_length_exceeded")
 
 
 class BodySizeLimit:

@@ -80,13 +80,18 @@ class SamplingFields(_Base):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: Union[str, list[str], None] = Field(None, description="up to 16 stop strings; the text ends before the first")
+    stop: Union[str, list[str], None] = Field(None, description="up to 4 stop strings (--max-stop-strings) of at "
+                                              "most 256 characters (--max-stop-string-chars); the text ends "
+                                              "before the first")
     seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]]] = Field(
+        None, description="token id (as a string) -> bias in [-100, 100], added to that token's logit before "
+                          "sampling (greedy too); -100 bans a token, 100 all but forces it")
     # vLLM's extra body fields
     top_k: int = Field(0, ge=-1, le=2**31 - 1, description="0 or -1 keeps every token")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -95,7 +100,8 @@ class SamplingFields(_Base):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=1024)
     cache_salt: Optional[str] = Field(None, min_length=1, max_length=1024)
-    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="lower runs earlier")
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="lower runs earlier; within "
+                          "[-1000, 1000] by default (--max-abs-priority)")
     use_beam_search: bool = False
     beam_width: Optional[int] = Field(None, ge=1, le=MAX_N, description="beams kept by use_beam_search "
                                       "(default: best_of, else the executor's default)")

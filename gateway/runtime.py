@@ -83,12 +83,16 @@ class Gateway:
                            f"`{self.settings.served_model_name}`.", "invalid_request_error", "model",
                            "model_not_found")
 
-    def check_capacity(self) -> None:
-        """Raises APIError(503) when the gateway's waiting queue is full."""
-        limit = self.settings.max_waiting_requests
-        if limit and self.pool.num_waiting >= limit:
-            raise unavailable(f"the server is overloaded: {self.pool.num_waiting} requests are waiting "
-                              f"(limit {limit}); retry shortly", "queue_full")
+    def check_capacity(self, num_sequences: int = 1) -> None:
+        """Admit ``num_sequences`` more waiting sequences, or raise APIError(429, ``Retry-After``)
+        when they would take the waiting queue past ``max_waiting_sequences``. An empty queue takes
+        any request (its size is bounded by ``max_sequences_per_request``), so retrying helps."""
+        limit = self.settings.max_waiting_sequences
+        waiting = self.pool.num_waiting
+        if limit and waiting and waiting + num_sequences > limit:
+            raise APIError(429, f"the server is overloaded: {waiting} sequences are waiting and this request "
+                           f"adds {num_sequences} (limit {limit}); retry shortly", "rate_limit_exceeded", None,
+                           "queue_full", headers={"Retry-After": "1"})
 
 
 def get_gateway(request: Request) -> Gateway:

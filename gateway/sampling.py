@@ -10,24 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.errors import bad_request
+from gateway.limits import check_context, check_stops, effective_temperature
 from gateway.openai_protocol import SamplingFields
-
-MAX_STOP_STRINGS = 16
 
 # Sent only when not at these defaults.
 OPTIONAL_DEFAULTS: dict[str, Any] = {
     "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
     "min_tokens": 0, "logprobs": None, "prompt_logprobs": None, "n": 1, "use_beam_search": False,
-    "beam_width": None,
+    "beam_width": None, "logit_bias": [],
 }
 
 
-def stop_strings(body: SamplingFields) -> list[str]:
-    """Non-empty stop strings. Raises APIError(400) for more than 16."""
-    stops = [s for s in body.stop_list() if s]
-    if len(stops) > MAX_STOP_STRINGS:
-        raise bad_request(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "stop")
-    return stops
+def stop_strings(body: SamplingFields, settings) -> list[str]:
+    """Non-empty stop strings. Raises APIError(400) beyond the settings' stop-string limits."""
+    return check_stops(settings, [s for s in body.stop_list() if s])
 
 
 def beam_width(body: SamplingFields, n: int, best_of: int | None) -> int | None:
@@ -57,21 +53,24 @@ def growth_width(body: SamplingFields, n: int, width: int | None) -> int:
 
 
 def executor_params(body: SamplingFields, max_tokens: int | None, n: int, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None, width: int | None = None) -> dict[str, Any]:
+                    prompt_logprobs: int | None = None, width: int | None = None, settings=None,
+                    logit_bias: list | None = None) -> dict[str, Any]:
     """The ``params`` map of an executor ``generate`` message.
 
     ``max_tokens`` None means "as many as fit": :func:`resolve_max_tokens` sets it once the
-    executor is chosen.
+    executor is chosen. With ``settings``, a temperature below ``min_temperature`` is sent as 0
+    (greedy). ``logit_bias``: ``[[token_id, bias], ...]`` (``gateway.limits.logit_bias_pairs``).
     """
+    temperature = body.temperature if settings is None else effective_temperature(settings, body.temperature)
     params: dict[str, Any] = {
-        "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+        "max_tokens": max_tokens, "temperature": temperature, "top_p": body.top_p, "top_k": body.top_k,
         "seed": body.seed, "stop_token_ids": list(body.stop_token_ids), "ignore_eos": body.ignore_eos,
     }
     optional = {
         "min_p": body.min_p, "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
         "min_tokens": body.min_tokens, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "n": n,
-        "use_beam_search": body.use_beam_search, "beam_width": width,
+        "use_beam_search": body.use_beam_search, "beam_width": width, "logit_bias": logit_bias or [],
     }
     params.update({k: v for k, v in optional.items() if v != OPTIONAL_DEFAULTS[k]})
     return params
@@ -126,12 +125,7 @@ def check_fits(info: dict, num_prompt: int, max_tokens: int, max_model_len: int,
         APIError(400, code ``kv_cache_too_small``): more KV blocks than the executor's pool has.
     """
     limit = min(max_model_len, int(info.get("max_model_len") or max_model_len))
-    total = num_prompt + max_tokens
-    if total > limit:
-        raise bad_request(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{total} tokens ({num_prompt} in the prompt, {max_tokens} in the completion). "
-            f"Please reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
+    check_context(None, num_prompt, max_tokens, "max_tokens", limit)
     block_size, num_blocks = info.get("block_size"), info.get("num_blocks")
     if block_size and num_blocks:
         need = blocks_needed(num_prompt, max_tokens, int(block_size), width)

@@ -12,7 +12,7 @@ import uvicorn
 from blockmgr import security
 from executor.client import split_address
 from gateway.app import create_app
-from gateway.settings import GatewaySettings, add_gateway_flags
+from gateway.settings import GatewaySettings, add_gateway_flags, api_keys_from, limits_from
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--model-dir: {config_path} does not exist")
     if args.max_body_bytes < 1024:
         parser.error("--max-body-bytes must be >= 1024")
-    if args.max_waiting_requests < 0:
-        parser.error("--max-waiting-requests must be >= 0")
+    try:
+        limits = limits_from(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     config = json.loads(config_path.read_text())
     max_len = args.max_model_len or int(config.get("max_position_embeddings", 2048))
     settings = GatewaySettings(
@@ -52,10 +54,12 @@ def main(argv: list[str] | None = None) -> None:
         executors=args.executor,
         blockmgr=args.blockmgr,
         max_model_len=max_len,
-        api_key=args.api_key or None,
+        api_keys=api_keys_from(args),
         admin_key=args.admin_key or None,
+        metrics_need_admin=args.metrics_need_admin,
+        isolate_tenants=not args.shared_prefix_cache,
         max_body_bytes=args.max_body_bytes,
-        max_waiting_requests=args.max_waiting_requests,
         keys=keys,
+        **limits,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())

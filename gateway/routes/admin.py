@@ -115,6 +115,8 @@ async def reset_cache(request: Request, executor_id: Optional[str] = None):
     try:
         reply = await gw.bm_call(fn, executor_id)
     except BlockManagerRequestError as exc:
+        if "unknown executor" in str(exc):  # 409 here means "blocks in use", with a ResetResult body
+            raise APIError(404, str(exc), "not_found_error", "executor_id", "executor_not_found") from None
         raise _refused(exc) from None
     reset = bool(reply.get("reset"))
     detail = {k: v for k, v in reply.items() if k not in ("reset", "message")}

@@ -10,9 +10,10 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 
-from gateway.auth import require_api_key
+from gateway.auth import cache_salt_for, require_api_key
 from gateway.errors import bad_request
 from gateway.generation import Job, close_runs, merged_deltas, start_runs, usage
+from gateway.limits import check_context, check_priority, check_sequences, logit_bias_pairs
 from gateway.logprobs import chat_logprobs
 from gateway.openai_protocol import ChatCompletion, ChatCompletionRequest
 from gateway.routes.common import errors, now_s, stream_doc
@@ -33,14 +34,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     gw.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-    prompt = chat_prompt(gw.tokenizer, body.messages, body.add_generation_prompt)
-    stops = stop_strings(body)
+    settings = gw.settings
     n = body.n
     width = beam_width(body, n, None)
+    check_sequences(settings, 1, n, growth_width(body, n, width))
+    stops = stop_strings(body, settings)
+    check_priority(settings, body.priority)
+    bias = logit_bias_pairs(settings, body.logit_bias, len(gw.tokenizer))
+    prompt = chat_prompt(gw.tokenizer, body.messages, body.add_generation_prompt)
     k = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens  # None: as many as fit
-    job = Job(prompt.token_ids, executor_params(body, max_tokens, n, k, None, width), n, stops, body.priority,
-              body.cache_salt, width=growth_width(body, n, width), min_tokens=body.min_tokens)
+    check_context(settings, len(prompt.token_ids), max_tokens, "messages")
+    job = Job(prompt.token_ids, executor_params(body, max_tokens, n, k, None, width, settings, bias), n, stops,
+              body.priority, cache_salt_for(request, body.cache_salt), width=growth_width(body, n, width),
+              min_tokens=body.min_tokens)
     response_id, runs = await until_disconnect(request, start_runs(gw, [job], "chatcmpl", arrival))
     tt = gw.token_text
     base = {"id": response_id, "created": now_s(), "model": gw.settings.served_model_name}

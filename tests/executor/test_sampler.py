@@ -167,3 +167,46 @@ def test_child_seeds_are_distinct_and_stable():
     assert seeds[0] == 42 and len(set(seeds)) == 8
     assert seeds == [seed_for_child(42, i) for i in range(8)]
     assert seed_for_child(None, 3) is None
+
+
+def test_logit_bias_equals_a_manual_logits_edit():
+    logits = torch.cat([logits_row(21), logits_row(22)])
+    bias = [[3, 5.0], [7, -100.0], [12, 2.5], [int(logits[0].argmax()), -30.0]]
+    edited = logits.clone()
+    for t, b in bias:
+        edited[0, t] += b
+    # Seeded sampling: the biased row draws exactly what the hand-edited logits draw, step after step,
+    # whatever sits in the other row; the other row is untouched.
+    biased, manual = req(temperature=0.8, seed=9, logit_bias=bias), req(temperature=0.8, seed=9)
+    other_a, other_b = req(temperature=0.8, seed=4), req(temperature=0.8, seed=4)
+    for _ in range(20):
+        got = sample(logits, [biased, other_a])
+        want = sample(edited, [manual, other_b])
+        assert got == want
+    # Greedy: the argmax of the edited logits, in a batch beside unbiased greedy rows.
+    out = sample_with_logprobs(torch.cat([logits, logits[:1]]),
+                               [req(temperature=0, logit_bias=bias, logprobs=1), req(temperature=0), req(temperature=0)])
+    assert out.token_ids == [int(edited[0].argmax()), int(logits[1].argmax()), int(logits[0].argmax())]
+    assert out.token_ids[0] != out.token_ids[2]
+    # Log-probabilities stay those of the raw logits.
+    assert math.isclose(out.logprobs[0]["logprob"], float(torch.log_softmax(logits[0], -1)[out.token_ids[0]]),
+                        abs_tol=1e-6)
+    # -100 bans a token even when it was the only likely one.
+    peaked = torch.full((1, V), -10.0)
+    peaked[0, 5] = 20.0
+    assert set(draws(peaked, 500, temperature=1.0, logit_bias=[[5, -100.0]]).tolist()).isdisjoint({5})
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-30, 1e-6])
+def test_tiny_temperature_is_greedy_and_never_nan(temperature):
+    logits = torch.cat([logits_row(31), logits_row(32)]) * 10
+    out = sample_with_logprobs(logits, [req(temperature=temperature, logprobs=2), req(temperature=temperature)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert math.isfinite(out.logprobs[0]["logprob"])
+
+
+@pytest.mark.parametrize("bias", [[[1, 100.5]], [[-1, 1.0]], [[1]], [[True, 1.0]], [["1", 1.0]], "x",
+                                  [[i, 1.0] for i in range(1025)]])
+def test_bad_logit_bias_is_refused(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias).validate()

@@ -39,18 +39,22 @@ class BlockManagerConnection(InProcessBlockManager):
     Attributes:
         down: when True every call on *this* connection raises ``BlockManagerUnavailable`` (an
             outage seen by one client only, e.g. the gateway, while the executors keep running).
+        calls: the ops sent on this connection, in order (e.g. to assert a request never reached
+            the block manager).
     """
 
     def __init__(self, manager: BlockManager | None = None, lock: threading.Lock | None = None):
         super().__init__(manager if manager is not None else BlockManager())
         self._lock = lock or threading.Lock()
         self.down = False
+        self.calls: list[str] = []
 
     def connect(self) -> "BlockManagerConnection":
         """Another connection to the same manager."""
         return BlockManagerConnection(self.manager, self._lock)
 
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(message.get("op"))
         if self.down:
             raise BlockManagerUnavailable(f"block manager connection is down ({message.get('op')!r})")
         with self._lock:
@@ -79,6 +83,7 @@ class FakeExecutor:
     Attributes:
         received: every generate message (dicts), for assertions.
         aborted: request ids aborted (by the client or by stopping early).
+        aborted_choices: ``(request id, index)`` of single completions aborted.
         down: when True it answers nothing (requests time out, generate never outputs).
     """
 
@@ -100,6 +105,7 @@ class FakeExecutor:
         self.vocab_size = vocab_size or (len(tokenizer) if tokenizer is not None else 49152)
         self.received: list[dict] = []
         self.aborted: list[str] = []
+        self.aborted_choices: list[tuple[str, int]] = []  # (request id, index) of single completions
         self.down = False
         self.num_active = 0
         self.last_seen: float | None = None
@@ -133,8 +139,11 @@ class FakeExecutor:
                 for rid, r in self._running.items() for seq_id in r["seqs"]]
         return reply
 
-    def abort(self, request_id: str) -> None:
-        self._abort_flags.add(request_id)
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        if index is None:
+            self._abort_flags.add(request_id)
+        else:
+            self.aborted_choices.append((request_id, index))
 
     def fail_all(self, reason: str) -> int:
         return 0
@@ -241,6 +250,11 @@ class FakeExecutor:
                         continue
                     if request_id in self._abort_flags:
                         return
+                    if (request_id, i) in self.aborted_choices:
+                        finished[i] = True
+                        if self.blockmgr is not None:
+                            self.blockmgr.step(self.executor_id, free=[seqs[i]])
+                        continue
                     cont = conts[i]
                     token = cont[step] if step < len(cont) else self.eos_token_id
                     reason = None
@@ -317,8 +331,13 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
         thread.join(15)
 
 
-def fake_app(tokenizer, num_executors: int = 1, executor_kwargs: dict | None = None, **settings: Any):
+def fake_app(tokenizer, num_executors: int = 1, executor_kwargs: dict | None = None,
+             manager: BlockManager | None = None, **settings: Any):
     """An app over ``num_executors`` FakeExecutors sharing one real, in-process block manager.
+
+    Args:
+        manager: the block manager (default ``BlockManager()``), e.g. with other eviction or pin
+            settings; ``bm.manager`` of the result is it.
 
     Returns:
         (app, [FakeExecutor], the gateway's BlockManagerConnection). ``settings`` override
@@ -327,7 +346,7 @@ def fake_app(tokenizer, num_executors: int = 1, executor_kwargs: dict | None = N
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
 
-    bm = BlockManagerConnection()
+    bm = BlockManagerConnection(manager)
     executors = [FakeExecutor(f"executor-{i}", bm.connect(), tokenizer, **(executor_kwargs or {}))
                  for i in range(num_executors)]
     fields = {"model_dir": "fake-model-dir", "served_model_name": "fake-model", "executors": [], "blockmgr": "",

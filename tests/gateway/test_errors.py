@@ -201,8 +201,8 @@ def test_admin_key_and_loopback(tok):
     assert_openai_error(asyncio.run(ask("192.168.0.7")), 403)
 
 
-def test_queue_full_gets_503_with_retry_after(tok):
-    app, executors, _ = fake_app(tok, max_waiting_requests=1, executor_kwargs={"first_token_delay_s": 1.0})
+def test_queue_full_gets_429_with_retry_after(tok):
+    app, executors, _ = fake_app(tok, max_waiting_sequences=1, executor_kwargs={"first_token_delay_s": 1.0})
     with serve_in_thread(app) as base:
         results = {}
 
@@ -214,7 +214,7 @@ def test_queue_full_gets_503_with_retry_after(tok):
         while not executors[0].received:
             pass
         r = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-        err = assert_openai_error(r, 503)
+        err = assert_openai_error(r, 429)
         assert err["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
         t.join()
         assert results["first"].status_code == 200

@@ -13,6 +13,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
                                  status_code_conformance)
 
+from blockmgr.manager import BlockManager
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.gateway.fakes import BlockManagerConnection, fake_app, serve_in_thread
@@ -33,8 +34,10 @@ SCHEMA.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.N
 
 @pytest.fixture(scope="module")
 def live(tok):
-    # The small KV pool bounds how much work a random (valid) request can ask for.
-    app, executors, _ = fake_app(tok, num_executors=2, executor_kwargs={"num_blocks": 64})
+    # The small KV pool bounds how much work a random (valid) request can ask for. The block manager
+    # is the real one, so the cache endpoints (lookup, pins, ...) are fuzzed against it.
+    app, executors, _ = fake_app(tok, num_executors=2, executor_kwargs={"num_blocks": 64},
+                                 manager=BlockManager(watermark=0, pin_share=0.5))
     with serve_in_thread(app) as base:
         yield {"base": base, "executors": executors}
     # The server survived every case: it shut down cleanly above; the fakes ended every request.
