@@ -5,7 +5,7 @@ messages to per-request queues and its replies to the futures of ``info`` / ``pi
 ``sequences`` calls (matched by nonce). See ``executor/protocol.py`` for the messages.
 
 Anything with the same methods (``start``, ``close``, ``request``, ``generate``, ``abort``,
-``num_active``, ``last_seen``) can stand in for it, e.g. ``gateway.testing.FakeExecutor``.
+``num_active``, ``last_seen``) can stand in for it, e.g. ``FakeExecutor`` in tests/gateway/fakes.py.
 """
 
 from __future__ import annotations

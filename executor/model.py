@@ -119,9 +119,9 @@ class Linear(nn.Linear):
     (``torch.ops.mkldnn._reorder_linear_weight``; repacked when the weight changes), whose
     rows come out identical for any number of rows from 2 up, at any row position, with 1 to 3
     threads, on oneDNN's AVX2 and AVX-512 kernels alike (an observed property of its blocked
-    kernels, not a documented promise: tests/test_cpu_invariance.py checks it on the shapes of
-    SmolLM2-135M and Qwen2-0.5B, tests/test_cpu_paths.py under each ``ONEDNN_MAX_CPU_ISA`` and
-    ``MKL_CBWR`` path the CPU has, tests/test_batch_invariance.py end to end). A single row is passed as two (a stride-0 expand), since
+    kernels, not a documented promise: tests/executor/test_cpu_invariance.py checks it on the shapes of
+    SmolLM2-135M and Qwen2-0.5B, tests/executor/test_cpu_paths.py under each ``ONEDNN_MAX_CPU_ISA`` and
+    ``MKL_CBWR`` path the CPU has, tests/executor/test_batch_invariance.py end to end). A single row is passed as two (a stride-0 expand), since
     oneDNN's one-row path sums in another order. Costs: the packed copy of each weight (as much
     memory again), about 30 us of fixed overhead per call (``F.linear``: about 5 us), and one-row
     products done as two-row ones, which cost about the same (both stream the weight once).

@@ -2,7 +2,7 @@
 
 ``create_app(settings)`` builds everything from the settings. Tests (and other embedders) can
 pass stand-ins instead: ``executors`` (objects with the ``executor.client.ExecutorClient``
-methods, e.g. ``gateway.testing.FakeExecutor``), ``blockmgr`` (the block-manager client API) and
+methods, e.g. ``FakeExecutor`` in tests/gateway/fakes.py), ``blockmgr`` (the block-manager client API) and
 ``tokenizer``.
 """
 

@@ -5,7 +5,7 @@
     pagedserve blockmgr --bind tcp://127.0.0.1:5557  # one service on its own
     pagedserve executor --blockmgr ... --bind ...
     pagedserve gateway --model-dir ... --executor ...
-    pagedserve bench throughput|serve ...            # benchmarks (gateway/bench/)
+    pagedserve bench throughput|serve ...            # benchmarks (benchmarks/serving/)
 """
 
 from __future__ import annotations
@@ -163,7 +163,15 @@ def main(argv: list[str] | None = None) -> None:
         keys_main(rest)
         raise SystemExit(0)
     if command == "bench":
-        from gateway.bench.cli import main as bench_main
+        # Imported only here: the server never depends on the benchmarks (nor on matplotlib).
+        try:
+            from benchmarks.serving.cli import main as bench_main
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith("benchmarks"):
+                raise
+            print("pagedserve bench: the benchmarks package is not installed (it ships with a source "
+                  "checkout: pip install -e '.[bench]')", file=sys.stderr)
+            raise SystemExit(2) from None
 
         raise SystemExit(bench_main(rest))
     # Each service runs as its own module; exec keeps one process per service with no import

@@ -121,9 +121,6 @@ class ExecutorPool:
         """Healthy executors; if none is, probe all once more before giving up (startup)."""
         return self.healthy() or await self.probe_all(timeout_s=1.0)
 
-    def by_id(self, executor_id: str) -> ExecutorHandle | None:
-        return next((h for h in self.handles if h.executor_id == executor_id), None)
-
     @property
     def num_waiting(self) -> int:
         return sum(h.waiting for h in self.handles)

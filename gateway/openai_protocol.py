@@ -246,29 +246,6 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class ChatDelta(BaseModel):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
-
-
-class ChatCompletionChunk(BaseModel):
-    """One ``data:`` event of a streamed chat completion."""
-
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 from gateway.errors import bad_request
 
 
-@dataclass
 class Prompt:
-    """One prompt of a request: its token ids and the text it echoes (completions ``echo``)."""
+    """One prompt of a request: its token ids and the text it echoes (completions ``echo``).
 
-    token_ids: list[int]
-    text: str
+    A prompt given as token ids is decoded only when its text is asked for: only ``echo`` needs it.
+    """
+
+    __slots__ = ("token_ids", "_text", "_tokenizer")
+
+    def __init__(self, token_ids: list[int], text: str | None = None, tokenizer=None):
+        if text is None and tokenizer is None:
+            raise ValueError("a Prompt needs its text or a tokenizer to decode it")
+        self.token_ids = token_ids
+        self._text = text
+        self._tokenizer = tokenizer
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self._tokenizer.decode(self.token_ids)
+        return self._text
 
 
 def vocab_size(tokenizer) -> int:
@@ -54,7 +67,7 @@ def completion_prompts(tokenizer, prompt) -> list[Prompt]:
             out.append(Prompt(ids, item))
         else:
             _check_ids(tokenizer, item, "prompt")
-            out.append(Prompt(list(item), tokenizer.decode(item)))
+            out.append(Prompt(list(item), tokenizer=tokenizer))
     return out
 
 

@@ -35,10 +35,16 @@ def smollm_dir():
 
 
 @pytest.fixture(scope="session")
-def smollm(smollm_dir):
-    """(our model, tokenizer) for SmolLM2-135M-Instruct in fp32 on the CPU."""
+def tok(smollm_dir):
+    """SmolLM2's tokenizer, loaded once per session (the gateway's fakes, workloads and engines share it)."""
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(smollm_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_dir, tok):
+    """(our model, tokenizer) for SmolLM2-135M-Instruct in fp32 on the CPU."""
     from executor.model_loader import load_model
 
-    return load_model(smollm_dir), AutoTokenizer.from_pretrained(smollm_dir)
+    return load_model(smollm_dir), tok

@@ -8,7 +8,7 @@ one, a loopback client (see :mod:`gateway.auth`).
   manager's ``sequence`` op): each block's id, refcount, tier and hash.
 - ``POST /admin/cache/reset``: a prefix-cache reset. 200 with ``reset: true`` only if it happened;
   409 with ``reset: false`` and the block manager's reason when blocks in use kept it from
-  happening; 501 when the block manager has no such operation.
+  happening; 404 for an unknown ``executor_id``; 501 when the block manager has no such operation.
 - ``GET /admin/executors``: each executor's id, address, device, model, pool sizes, load, health.
 """
 

@@ -11,26 +11,161 @@ answers from the tokenizer; with ``logprobs`` it asks the executor for prompt lo
 from __future__ import annotations
 
 import time
+import uuid
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 
 from gateway.auth import cache_salt_for, require_api_key
 from gateway.errors import bad_request
-from gateway.generation import Job, close_runs, merged_deltas, start_runs, usage
+from gateway.generation import Job, Run, close_runs, merged_deltas, start_runs, usage
 from gateway.limits import check_context, check_priority, check_sequences, logit_bias_pairs
 from gateway.logprobs import completion_logprobs, merge_completion_logprobs, prompt_entries
 from gateway.openai_protocol import Completion, CompletionRequest
 from gateway.routes.common import errors, now_s, stream_doc
-from gateway.runtime import get_gateway
+from gateway.runtime import Gateway, get_gateway
+from gateway.settings import GatewaySettings
 from gateway.sampling import beam_width, executor_params, growth_width, stop_strings
 from gateway.streaming import event_stream, sse, until_disconnect
-from gateway.tokenization import completion_prompts
+from gateway.tokenization import Prompt, TokenText, completion_prompts
 
 router = APIRouter(tags=["completions"])
 
 
 def _lp_len(lp: dict | None) -> int:
     return len("".join(lp["tokens"])) if lp else 0
+
+
+def _jobs(body: CompletionRequest, prompts: list[Prompt], max_tokens: int, stops: list[str], width: int | None,
+          settings: GatewaySettings, bias: list, salt: str | None) -> list[Job]:
+    """One executor job per prompt; none for echo-only without logprobs (the tokenizer answers)."""
+    n, k = body.n, body.logprobs
+    if max_tokens == 0:
+        # Echo only: one executor token per prompt, only to get the prompt logprobs.
+        if k is None:
+            return []
+        return [Job(p.token_ids, executor_params(body, 1, 1, None, k, None, settings, bias), 1, [], body.priority,
+                    salt, drop_output=True, choice_offset=i, min_tokens=body.min_tokens,
+                    timeout_s=body.request_timeout)
+                for i, p in enumerate(prompts)]
+    prompt_k = k if (body.echo and k is not None) else None
+    return [Job(p.token_ids, executor_params(body, max_tokens, n, k, prompt_k, width, settings, bias), n, stops,
+                body.priority, salt, choice_offset=i * n, width=growth_width(body, n, width),
+                min_tokens=body.min_tokens, timeout_s=body.request_timeout)
+            for i, p in enumerate(prompts)]
+
+
+@dataclass
+class _Reply:
+    """Turns the runs of one completions request into its JSON body or its SSE events.
+
+    Choice ``index`` shows prompt ``index // n``. Echo-only requests (``max_tokens`` 0) have one
+    source of output per prompt, which all ``n`` choices of that prompt repeat.
+    """
+
+    body: CompletionRequest
+    prompts: list[Prompt]
+    runs: list[Run]
+    echo_only: bool
+    tt: TokenText
+    base: dict
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.body.n
+
+    def source(self, index: int) -> int:
+        """The delta index whose outputs choice ``index`` shows."""
+        return index // self.body.n if self.echo_only else index
+
+    def prompt_of_source(self, src: int) -> int:
+        return src if self.echo_only else src // self.body.n
+
+    def echo_text(self, p: int) -> str:
+        return self.prompts[p].text if self.body.echo else ""
+
+    def echo_logprobs(self, p: int) -> dict | None:
+        if self.body.logprobs is None or not self.body.echo:
+            return None
+        ids = self.prompts[p].token_ids
+        return completion_logprobs(self.tt, ids, prompt_entries(ids, self.runs[p].prompt_logprobs),
+                                   self.body.logprobs, 0)
+
+    def usage(self) -> dict:
+        if self.runs:
+            return usage(self.runs)
+        prompt = sum(len(p.token_ids) for p in self.prompts)
+        return {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt,
+                "prompt_tokens_details": {"cached_tokens": 0}}
+
+    async def collect(self) -> dict:
+        """The non-streamed body."""
+        k = self.body.logprobs
+        sources = range(len(self.prompts) * (1 if self.echo_only else self.body.n))
+        texts: dict[int, list[str]] = {s: [] for s in sources}
+        lps: dict[int, list[dict | None]] = {s: [] for s in sources}
+        offsets = {s: len(self.echo_text(self.prompt_of_source(s))) for s in sources}
+        finish: dict[int, str | None] = {s: ("length" if self.echo_only else None) for s in sources}
+        if self.runs:
+            gen = merged_deltas(self.runs)
+            try:
+                async for d in gen:
+                    texts[d.index].append(d.text)
+                    if k is not None and d.token_ids:
+                        lp = completion_logprobs(self.tt, d.token_ids, d.logprobs, k, offsets[d.index])
+                        offsets[d.index] += _lp_len(lp)
+                        lps[d.index].append(lp)
+                    if d.finish_reason:
+                        finish[d.index] = d.finish_reason
+            finally:
+                await gen.aclose()
+        choices = []
+        for index in range(self.num_choices):
+            src = self.source(index)
+            p = self.prompt_of_source(src)
+            lp = merge_completion_logprobs([self.echo_logprobs(p), *lps[src]]) if k is not None else None
+            choices.append({"index": index, "text": self.echo_text(p) + "".join(texts[src]), "logprobs": lp,
+                            "finish_reason": finish[src] or "stop"})
+        return {**self.base, "choices": choices, "usage": self.usage()}
+
+    async def events(self):
+        """The SSE events: the echoed prompts first, then the generated deltas, then usage."""
+        k = self.body.logprobs
+        extra = {"usage": None} if self.body.include_usage else {}
+        offsets: dict[int, int] = {}
+        if self.body.echo:
+            for index in range(self.num_choices):
+                p = index // self.body.n
+                offsets[index] = len(self.echo_text(p))
+                yield sse({**self.base, "choices": [{"index": index, "text": self.echo_text(p),
+                                                     "logprobs": self.echo_logprobs(p),
+                                                     "finish_reason": "length" if self.echo_only else None}],
+                           **extra})
+        if self.echo_only:
+            for r in self.runs:  # the prompt logprobs came with the first output
+                await r.aclose()
+        elif self.runs:
+            gen = merged_deltas(self.runs)
+            try:
+                async for d in gen:
+                    lp = None
+                    if k is not None:
+                        lp = completion_logprobs(self.tt, d.token_ids, d.logprobs, k, offsets.get(d.index, 0))
+                        offsets[d.index] = offsets.get(d.index, 0) + _lp_len(lp)
+                    yield sse({**self.base, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
+                                                         "finish_reason": d.finish_reason}], **extra})
+            finally:
+                await gen.aclose()
+        if self.body.include_usage:
+            yield sse({**self.base, "choices": [], "usage": self.usage()})
+
+
+def _check_context(gw: Gateway, prompts: list[Prompt]) -> None:
+    """Echo-only requests reach no executor: check the context length here."""
+    for p in prompts:
+        if len(p.token_ids) > gw.settings.max_model_len:
+            raise bad_request(f"the prompt ({len(p.token_ids)} tokens) is longer than the model's context "
+                              f"length {gw.settings.max_model_len}", "prompt", "context_length_exceeded")
 
 
 @router.post("/v1/completions", dependencies=[Depends(require_api_key)], response_model=None,
@@ -58,124 +193,15 @@ async def create_completion(body: CompletionRequest, request: Request):
     prompts = completion_prompts(gw.tokenizer, body.prompt)
     for p in prompts:
         check_context(settings, len(p.token_ids), max_tokens)
-    echo_only = max_tokens == 0
-    k = body.logprobs
-    tt = gw.token_text
-
-    # Per prompt: the echoed text and (with logprobs) its logprobs object, filled once known.
-    echo_text = [p.text if body.echo else "" for p in prompts]
-
-    if echo_only:
-        # One executor token per prompt (for prompt logprobs), or none at all without logprobs.
-        jobs = [Job(p.token_ids, executor_params(body, 1, 1, None, k, None, settings, bias), 1, [], body.priority,
-                    salt, drop_output=True, choice_offset=i, min_tokens=body.min_tokens, timeout_s=body.request_timeout)
-                for i, p in enumerate(prompts)] if k is not None else []
-    else:
-        jobs = [Job(p.token_ids, executor_params(body, max_tokens, n, k, k if (body.echo and k is not None) else None,
-                                                 width, settings, bias),
-                    n, stops, body.priority, salt, choice_offset=i * n, width=growth_width(body, n, width),
-                    min_tokens=body.min_tokens, timeout_s=body.request_timeout)
-                for i, p in enumerate(prompts)]
-
+    jobs = _jobs(body, prompts, max_tokens, stops, width, settings, bias, salt)
     if jobs:
         response_id, runs = await until_disconnect(request, start_runs(gw, jobs, "cmpl", arrival))
     else:
-        from uuid import uuid4
-
-        response_id, runs = f"cmpl-{uuid4().hex}", []
-        for p in prompts:
-            if len(p.token_ids) > gw.settings.max_model_len:
-                raise bad_request(f"the prompt ({len(p.token_ids)} tokens) is longer than the model's context "
-                                  f"length {gw.settings.max_model_len}", "prompt", "context_length_exceeded")
-    per_prompt = 1 if echo_only else n  # echo-only: every choice of a prompt is the prompt itself
-
-    def echo_logprobs(i: int) -> dict | None:
-        if k is None or not body.echo:
-            return None
-        run = runs[i]
-        return completion_logprobs(tt, prompts[i].token_ids, prompt_entries(prompts[i].token_ids, run.prompt_logprobs),
-                                   k, 0)
-
-    def usage_obj() -> dict:
-        if runs:
-            u = usage(runs)
-        else:
-            prompt = sum(len(p.token_ids) for p in prompts)
-            u = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt,
-                 "prompt_tokens_details": {"cached_tokens": 0}}
-        return u
-
-    base = {"id": response_id, "object": "text_completion", "created": now_s(), "model": gw.settings.served_model_name}
-    num_choices = len(prompts) * n
-
-    def prompt_of(index: int) -> int:
-        return index // n
-
+        _check_context(gw, prompts)
+        response_id, runs = f"cmpl-{uuid.uuid4().hex}", []
+    reply = _Reply(body, prompts, runs, max_tokens == 0, gw.token_text,
+                   {"id": response_id, "object": "text_completion", "created": now_s(),
+                    "model": gw.settings.served_model_name})
     if not body.stream:
-        texts = {i: [] for i in range(len(prompts) * per_prompt)}
-        lps = {i: [] for i in texts}
-        offsets = {i: 0 for i in texts}
-        finish: dict[int, str | None] = {i: ("length" if echo_only else None) for i in texts}
-
-        async def collect():
-            gen = merged_deltas(runs) if runs else None
-            if gen is None:
-                return
-            try:
-                async for d in gen:
-                    texts[d.index].append(d.text)
-                    if k is not None and d.token_ids:
-                        p = d.index // per_prompt
-                        lp = completion_logprobs(tt, d.token_ids, d.logprobs, k, len(echo_text[p]) + offsets[d.index])
-                        offsets[d.index] += _lp_len(lp)
-                        lps[d.index].append(lp)
-                    if d.finish_reason:
-                        finish[d.index] = d.finish_reason
-            finally:
-                await gen.aclose()
-
-        await until_disconnect(request, collect())
-        choices = []
-        for index in range(num_choices):
-            src = index if not echo_only else prompt_of(index)
-            p = src // per_prompt
-            lp = merge_completion_logprobs([echo_logprobs(p) if body.echo else None, *lps[src]]) if k is not None else None
-            choices.append({"index": index, "text": echo_text[p] + "".join(texts[src]), "logprobs": lp,
-                            "finish_reason": finish[src] or "stop"})
-        return {**base, "choices": choices, "usage": usage_obj()}
-
-    include_usage = body.include_usage
-
-    async def events():
-        extra = {"usage": None} if include_usage else {}
-        offsets: dict[int, int] = {}
-        if body.echo:
-            for index in range(num_choices):
-                p = prompt_of(index)
-                lp = echo_logprobs(p)
-                offsets[index] = len(echo_text[p])
-                if echo_only:
-                    yield sse({**base, "choices": [{"index": index, "text": echo_text[p], "logprobs": lp,
-                                                    "finish_reason": "length"}], **extra})
-                else:
-                    yield sse({**base, "choices": [{"index": index, "text": echo_text[p], "logprobs": lp,
-                                                    "finish_reason": None}], **extra})
-        if runs and not echo_only:
-            gen = merged_deltas(runs)
-            try:
-                async for d in gen:
-                    lp = None
-                    if k is not None:
-                        lp = completion_logprobs(tt, d.token_ids, d.logprobs, k, offsets.get(d.index, 0))
-                        offsets[d.index] = offsets.get(d.index, 0) + _lp_len(lp)
-                    yield sse({**base, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
-                                                    "finish_reason": d.finish_reason}], **extra})
-            finally:
-                await gen.aclose()
-        else:
-            for r in runs:  # echo-only: the prompt logprobs came with the first output
-                await r.aclose()
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": usage_obj()})
-
-    return event_stream(events(), response_id, cleanup=lambda: close_runs(runs))
+        return await until_disconnect(request, reply.collect())
+    return event_stream(reply.events(), response_id, cleanup=lambda: close_runs(runs))

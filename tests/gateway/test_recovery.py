@@ -1,0 +1,165 @@
+"""Requests that outlive their executor: resume elsewhere, wait for one to come back, deadlines,
+and fast detection of a dead executor (fake executors, and a real ZeroMQ socket for detection)."""
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import zmq
+import zmq.asyncio
+
+from executor.client import ExecutorClient, ExecutorUnavailable
+from tests.gateway.fakes import fake_app, serve_in_thread
+
+MODEL = "fake-model"
+
+
+def stream(base, body, on_tokens=None, after=0):
+    """POST a streamed completion; returns (text, finish_reason, error event or None, ended with [DONE]).
+
+    ``on_tokens`` is called once after ``after`` content chunks arrived (to kill an executor mid-way).
+    """
+    text, finish, error, done, chunks = "", None, None, False, 0
+    with httpx.stream("POST", base + "/v1/completions", json={"model": MODEL, "stream": True, **body},
+                      timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                done = True
+                continue
+            event = json.loads(data)
+            if "error" in event:
+                error = event["error"]
+                continue
+            for c in event["choices"]:
+                text += c.get("text") or ""
+                finish = c.get("finish_reason") or finish
+            chunks += 1
+            if on_tokens is not None and chunks == after:
+                on_tokens()
+    return text, finish, error, done
+
+
+def busy(executors):
+    return next(e for e in executors if e._running)
+
+
+BODY = {"prompt": "Tell me something.", "max_tokens": 20, "ignore_eos": True, "temperature": 0}
+
+
+def test_in_flight_request_resumes_on_another_executor_and_continues_exactly(tok):
+    app, executors, bm = fake_app(tok, num_executors=2, executor_kwargs={"token_delay_s": 0.02})
+    with serve_in_thread(app) as base:
+        reference = stream(base, BODY)
+        assert reference[1] == "length" and reference[3]
+        victim = []
+        text, finish, error, done = stream(base, BODY, lambda: victim.append(busy(executors)) or victim[0].crash(),
+                                           after=5)
+        assert (text, finish, error, done) == reference
+        survivor = next(e for e in executors if e is not victim[0])
+        resumed = survivor.received[-1]
+        assert 5 <= len(resumed["output_token_ids"]) < 20, "sent again with the tokens already streamed"
+        assert resumed["prompt_token_ids"] == executors[0].received[0]["prompt_token_ids"]
+        assert bm.stats()[survivor.executor_id]["device"]["used"] == 0
+
+
+def test_request_waits_for_its_only_executor_to_come_back(tok):
+    app, executors, bm = fake_app(tok, num_executors=1, executor_kwargs={"token_delay_s": 0.02})
+    with serve_in_thread(app) as base:
+        reference = stream(base, BODY)
+
+        def crash_and_restart():
+            executors[0].crash()
+            threading.Timer(0.6, executors[0].restart).start()
+
+        assert stream(base, BODY, crash_and_restart, after=4) == reference
+
+
+def test_no_executor_left_ends_the_stream_with_an_error_and_done(tok):
+    app, executors, bm = fake_app(tok, num_executors=1, executor_kwargs={"token_delay_s": 0.02},
+                                  request_timeout_s=1.5)
+    with serve_in_thread(app) as base:
+        t0 = time.monotonic()
+        text, finish, error, done = stream(base, BODY, executors[0].crash, after=3)
+        assert error["code"] == "executor_unavailable" and "deadline" in error["message"] and done
+        assert finish is None and time.monotonic() - t0 < 5
+
+
+def test_n_greater_than_one_is_not_resumed_but_ends_clearly(tok):
+    app, executors, bm = fake_app(tok, num_executors=2, executor_kwargs={"token_delay_s": 0.02})
+    with serve_in_thread(app) as base:
+        text, finish, error, done = stream(base, {**BODY, "n": 2}, lambda: busy(executors).crash(), after=4)
+        assert error["code"] == "executor_unavailable" and "n > 1" in error["message"] and done
+
+
+def test_deadline_ends_the_request_and_frees_its_blocks(tok):
+    app, executors, bm = fake_app(tok, num_executors=1, executor_kwargs={"token_delay_s": 0.2},
+                                  request_timeout_s=0.8)
+    with serve_in_thread(app) as base:
+        t0 = time.monotonic()
+        r = httpx.post(base + "/v1/completions", json={"model": MODEL, **BODY}, timeout=30)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+        assert time.monotonic() - t0 < 3
+        text, finish, error, done = stream(base, BODY)
+        assert error["code"] == "deadline_exceeded" and done and 0 < len(text)
+        deadline = time.monotonic() + 3
+        while bm.stats()["executor-0"]["device"]["used"]:
+            assert time.monotonic() < deadline, "the aborted request's blocks were not freed"
+            time.sleep(0.05)
+        assert executors[0].aborted, "the executor was told to stop"
+
+
+def test_client_notices_a_dead_executor_within_two_seconds(free_port):
+    """A real ZeroMQ connection: the executor's socket goes away (as when its process is killed)."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+
+    async def main():
+        ctx = zmq.asyncio.Context.instance()
+        server = ctx.socket(zmq.ROUTER)
+        server.setsockopt(zmq.LINGER, 0)
+        server.bind(address)
+        client = ExecutorClient(address)
+        lost = asyncio.Event()
+        client.on_disconnect = lost.set
+        await client.start()
+        gen = client.generate("r1", [1, 2, 3], {"max_tokens": 4})
+        first = asyncio.ensure_future(gen.__anext__())
+        await server.recv_multipart()
+        for _ in range(200):  # the handshake's monitor event may be read after the first message
+            if client.connected:
+                break
+            await asyncio.sleep(0.01)
+        assert client.connected
+        t0 = time.monotonic()
+        server.close()
+        msg = await asyncio.wait_for(first, 2.0)
+        assert msg["finish_reason"] == "error" and msg["unavailable"] and "lost the connection" in msg["error"]
+        await asyncio.wait_for(lost.wait(), 2.0)
+        assert time.monotonic() - t0 < 2.0
+        with pytest.raises(ExecutorUnavailable, match="disconnected"):
+            await client.request("info", timeout_s=0.5)
+        await gen.aclose()
+        await client.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_request_field_shortens_the_deadline_but_never_extends_it(tok):
+    app, executors, bm = fake_app(tok, num_executors=1, executor_kwargs={"token_delay_s": 0.1},
+                                  request_timeout_s=2.5)
+    with serve_in_thread(app) as base:
+        for asked, limit in ((1, 1), (30, 2.5)):
+            t0 = time.monotonic()
+            r = httpx.post(base + "/v1/completions", json={"model": MODEL, **BODY, "max_tokens": 60,
+                                                           "request_timeout": asked}, timeout=30)
+            took = time.monotonic() - t0
+            assert r.status_code == 504 and f"deadline of {limit:g}s" in r.json()["error"]["message"]
+            assert limit <= took < limit + 1.5
+        r = httpx.post(base + "/v1/completions", json={"model": MODEL, **BODY, "request_timeout": 0.5}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "request_timeout"

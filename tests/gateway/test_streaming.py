@@ -1,0 +1,102 @@
+"""Incremental detokenization and streaming: whole UTF-8 characters only, stop strings held back,
+and the joined stream always equal to the non-streamed text."""
+
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.detokenizer import TextStream
+from tests.gateway.fakes import fake_app, serve_in_thread
+
+MODEL = "fake-model"
+TEXTS = ["Hello world! 你好，世界。🙂👍🏽 naïve café — ok", "日本語のテキストと絵文字🎉🎉 mixed with English",
+         "stop here STOP there", "ab" * 20]
+
+
+def run_stream(tok, ids, stop, splits):
+    """Push ``ids`` in pieces (sizes cycling through ``splits``); return (deltas, stream)."""
+    ts = TextStream(tok, stop)
+    deltas, i, k = [], 0, 0
+    while i < len(ids) and not ts.stopped:
+        n = splits[k % len(splits)]
+        deltas.append(ts.push(ids[i:i + n]))
+        i, k = i + n, k + 1
+    deltas.append(ts.finish())
+    return deltas, ts
+
+
+def reference(tok, ids, stop):
+    text = tok.decode(ids, skip_special_tokens=True)
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_deltas_never_split_a_character(tok, text):
+    ids = tok.encode(text)
+    deltas, _ = run_stream(tok, ids, [], [1])
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_stop_string_spanning_tokens_is_held_back_and_cut(tok):
+    text = "The answer is forty-two, says the computer."
+    ids = tok.encode(text)
+    deltas, ts = run_stream(tok, ids, ["forty-two"], [1])
+    assert "".join(deltas) == "The answer is " and ts.stopped
+    # Nothing that could be the start of the stop string was released before the match.
+    released = ""
+    for d in deltas:
+        released += d
+        assert "forty" not in released
+
+
+def test_held_back_prefix_is_released_when_it_does_not_match(tok):
+    ids = tok.encode("for the win")
+    deltas, ts = run_stream(tok, ids, ["forty"], [1])
+    assert "".join(deltas) == "for the win" and not ts.stopped
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.sampled_from(TEXTS), stops=st.lists(st.sampled_from(["STOP", "界", "🎉", "ok", " w", "abab", "é"]),
+                                                  max_size=3),
+       splits=st.lists(st.integers(1, 4), min_size=1, max_size=4))
+def test_any_split_gives_the_reference_text(tok, text, stops, splits):
+    ids = tok.encode(text)
+    deltas, _ = run_stream(tok, ids, stops, splits)
+    assert "".join(deltas) == reference(tok, ids, stops)
+    assert not any("\ufffd" in d for d in deltas)
+
+
+# ----------------------------------------------------------------------------- over HTTP
+@pytest.fixture(scope="module")
+def server(tok):
+    reply = {"text": TEXTS[0]}
+
+    def script(prompt_ids, params, index):
+        return tok.encode(reply["text"], add_special_tokens=False)
+
+    app, executors, _ = fake_app(tok, executor_kwargs={"reply": script, "token_delay_s": 0.001})
+    with serve_in_thread(app) as base:
+        yield {"base": base, "reply": reply,
+               "client": openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=30)}
+
+
+@pytest.mark.parametrize("text", TEXTS[:3])
+@pytest.mark.parametrize("stop", [None, ["世界"], ["English", "🎉🎉"], ["there"]])
+def test_streamed_equals_non_streamed(server, text, stop):
+    server["reply"]["text"] = text
+    c = server["client"]
+    kw = dict(model=MODEL, max_tokens=200, stop=stop)
+    full = c.chat.completions.create(messages=[{"role": "user", "content": "x"}], **kw).choices[0]
+    chunks = list(c.chat.completions.create(messages=[{"role": "user", "content": "x"}], stream=True, **kw))
+    deltas = [ch.choices[0].delta.content or "" for ch in chunks if ch.choices]
+    assert "".join(deltas) == full.message.content
+    assert not any("\ufffd" in d for d in deltas)
+    assert not any(s in full.message.content for s in (stop or []))
+    assert chunks[-1].choices[0].finish_reason == full.finish_reason
+
+    fullc = c.completions.create(prompt="x", **kw).choices[0]
+    chunks = list(c.completions.create(prompt="x", stream=True, **kw))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == fullc.text == full.message.content
