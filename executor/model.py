@@ -178,7 +178,7 @@ class Linear(nn.Linear):
         if self.weight.is_meta:
             destination[prefix + "weight"] = self.plain_weight()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self.restore_plain_weight()  # copying into a meta tensor would silently do nothing
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -254,6 +254,13 @@ def test_loaded_model_keeps_only_the_packed_linear_weights(model_pair):
     with torch.no_grad():
         torch.testing.assert_close(q(x), packed, rtol=0, atol=0)
     assert q.drop_plain_weight() and q.weight.is_meta
+    # load_state_dict brings the originals back, with the values it is given.
+    ours.load_state_dict({**state, "layers.1.mlp.down_proj.weight": 2 * state["layers.1.mlp.down_proj.weight"]})
+    down = ours.layers[1].mlp.down_proj
+    assert not down.weight.is_meta and not q.weight.is_meta
+    torch.testing.assert_close(down.weight, 2 * ref["model.layers.1.mlp.down_proj.weight"], rtol=0, atol=0)
+    ours.load_state_dict(state)
+    ours.pack_weights(keep_plain=False)  # as the loader left it, for the module's other tests
 
 
 def test_llama3_rope_scaling_changes_frequencies():
