@@ -122,11 +122,14 @@ class Linear(nn.Linear):
     kernels, not a documented promise: tests/executor/test_cpu_invariance.py checks it on the shapes of
     SmolLM2-135M and Qwen2-0.5B, tests/executor/test_cpu_paths.py under each ``ONEDNN_MAX_CPU_ISA`` and
     ``MKL_CBWR`` path the CPU has, tests/executor/test_batch_invariance.py end to end). A single row is passed as two (a stride-0 expand), since
-    oneDNN's one-row path sums in another order. Costs: the packed copy of each weight (as much
-    memory again), about 30 us of fixed overhead per call (``F.linear``: about 5 us), and one-row
-    products done as two-row ones, which cost about the same (both stream the weight once).
+    oneDNN's one-row path sums in another order. Costs: about 30 us of fixed overhead per call
+    (``F.linear``: about 5 us), one-row products done as two-row ones, which cost about the same
+    (both stream the weight once), and the packed copy of the weight, as much memory again, unless
+    :meth:`drop_plain_weight` frees the original (what :func:`executor.model_loader.load_model`
+    does for every weight not shared with another module).
 
-    Elsewhere (CUDA, fp16/bf16 on the CPU, gradients, a torch without oneDNN) it is ``F.linear``.
+    Elsewhere (CUDA, fp16/bf16 on the CPU, gradients, a torch without oneDNN) it is ``F.linear``
+    (on a weight unpacked for the call when the original was dropped).
     Shapes: ``[n, in_features]`` -> ``[n, out_features]`` (other ranks take the ``F.linear`` path).
     """
 
@@ -137,18 +140,53 @@ class Linear(nn.Linear):
         if _ONEDNN and x.dtype is torch.float32 and x.is_cpu and x.dim() == 2 and not torch.is_grad_enabled():
             w = self.weight
             pack = self._pack
-            if pack is None or self._pack_key != (w.data_ptr(), w._version):
+            # A dropped weight (meta) cannot change, so its pack stays valid.
+            if not w.is_meta and (pack is None or self._pack_key != (w.data_ptr(), w._version)):
                 pack = self._repack()
             rows = x.shape[0]
             if pack is not None and rows > 0:
                 if rows == 1:
                     return _LINEAR_POINTWISE(x.expand(2, -1), pack, self.bias, "none", [], "")[:1]
                 return _LINEAR_POINTWISE(x, pack, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.plain_weight(), self.bias)
+
+    def plain_weight(self) -> torch.Tensor:
+        """The ``[out_features, in_features]`` weight; unpacked into a new tensor when it was dropped."""
+        return self._pack.to_dense() if self.weight.is_meta else self.weight
+
+    def drop_plain_weight(self) -> bool:
+        """Free the original weight and keep only the oneDNN-packed one; returns whether it did.
+
+        Afterwards ``weight`` is a meta tensor of the same shape (so it holds no memory and any
+        stray use of it fails loudly), the state dict still holds the real weight (unpacked on
+        save), and :meth:`restore_plain_weight` brings it back. Does nothing when the weight is not
+        packed (not fp32 on the CPU, or no oneDNN). The caller makes sure no other module shares
+        the weight (tied embeddings).
+        """
+        if self.weight.is_meta or self._repack() is None:
+            return False
+        self.weight = nn.Parameter(torch.empty_like(self.weight, device="meta"), self.weight.requires_grad)
+        return True
+
+    def restore_plain_weight(self) -> None:
+        """Undo :meth:`drop_plain_weight` (the pack is rebuilt on the next use); else no-op."""
+        if self.weight.is_meta:
+            self.weight = nn.Parameter(self._pack.to_dense(), self.weight.requires_grad)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.is_meta:
+            destination[prefix + "weight"] = self.plain_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.restore_plain_weight()  # copying into a meta tensor would silently do nothing
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _repack(self) -> torch.Tensor | None:
         """Pack the weight for oneDNN (None when it is not an fp32 CPU tensor)."""
         w = self.weight
+        if w.is_meta:
+            return self._pack
         self._pack_key = (w.data_ptr(), w._version)
         self._pack = None
         if w.dtype is torch.float32 and w.is_cpu and (self.bias is None or self.bias.dtype is torch.float32):
@@ -455,16 +493,24 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(self.hidden_size, self.vocab_size, bias=False)
         self.tie_weights()
 
-    def pack_weights(self) -> int:
+    def pack_weights(self, keep_plain: bool = True) -> int:
         """Pack every CPU fp32 linear weight for oneDNN now (see :class:`Linear`); returns how many.
 
         Otherwise each is packed on its first use, in the first forward pass. Packing again after
         the weights change happens by itself.
+
+        Args:
+            keep_plain: keep each original weight beside its packed copy. False frees the
+                originals (:meth:`Linear.drop_plain_weight`), halving the linear layers' memory,
+                except a tied LM head's, which is also the embedding table. Then the weights change
+                only through :meth:`load_weights` or ``load_state_dict``, which bring them back.
         """
         packed = 0
         for module in self.modules():
             if isinstance(module, Linear) and _ONEDNN and module._repack() is not None:
                 packed += 1
+                if not keep_plain and module.weight is not self.embed_tokens.weight:
+                    module.drop_plain_weight()
         return packed
 
     def tie_weights(self) -> None:
@@ -550,6 +596,9 @@ class LlamaForCausalLM(nn.Module):
         ``inv_freq`` buffers of old checkpoints. Raises ``ValueError`` for unknown names, shape
         mismatches and parameters left unset.
         """
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.restore_plain_weight()  # a dropped (meta) weight would ignore the copy
         params = dict(self.named_parameters())
         expected: dict[str, int] = {}  # our param name -> number of shards still to come
         for name in params:

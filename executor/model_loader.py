@@ -366,7 +366,8 @@ def load_model(
     model.tie_weights()
     model.load_weights(_iter_safetensors(files, progress))
     model.eval()
-    model.pack_weights()  # now, rather than in the first request's forward pass
+    # Now rather than in the first request's forward pass; packed weights replace the originals.
+    model.pack_weights(keep_plain=False)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         "loaded %s (%s, %d layers, %.1fM parameters) as %s on %s in %.1f s",

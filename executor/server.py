@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import time
 import uuid
@@ -20,6 +19,7 @@ from blockmgr import security
 from blockmgr.client import BlockManagerClient, BlockManagerUnavailable, StaleIncarnation
 from executor import protocol
 from executor.engine import Engine, EngineConfig, RequestOutput
+from executor.threads import default_num_threads, usable_cores
 
 log = logging.getLogger("pagedserve.executor")
 
@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--num-threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
-                        help="torch CPU threads (default: all cores but one, left for the other services)")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch CPU threads (default: every core in this process's affinity mask)")
     parser.add_argument("--max-message-bytes", type=int, default=security.MAX_MESSAGE_BYTES,
                         help="drop messages longer than this (default %(default)s)")
     parser.add_argument("--log-level", default="INFO")
@@ -276,11 +276,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--kv-cache-gib must be > 0")
     if args.swap_space < 0:
         parser.error("--swap-space must be >= 0")
-    if args.num_threads < 1:
+    if args.num_threads is None:
+        args.num_threads, why = default_num_threads(1)
+    elif args.num_threads < 1:
         parser.error("--num-threads must be >= 1")
-    # OpenMP threads that outnumber the free cores spin against the gateway and block manager
-    # and slow decoding down many times over; keep one core for them.
+    else:
+        why = f"--num-threads; {usable_cores()} usable cores"
     torch.set_num_threads(args.num_threads)
+    log.info("%s: %d torch threads (%s)", args.executor_id, args.num_threads, why)
 
     from executor.model_loader import default_model_path, load_model, resolve_model_dir
 

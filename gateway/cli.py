@@ -55,7 +55,7 @@ def serve(argv: list[str]) -> int:
                         help="which cached KV block is reused first (default %(default)s)")
     parser.add_argument("--pin-share", default="0.5", help="most of each KV pool that pins may hold (default %(default)s)")
     parser.add_argument("--num-threads", type=int, default=None,
-                        help="torch CPU threads per executor (default: the cores but one, shared among executors)")
+                        help="torch CPU threads per executor (default: the usable cores, split evenly among executors)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--keys-dir", default=None,
                         help="CURVE keys of the stack, created there on first start "
@@ -71,7 +71,13 @@ def serve(argv: list[str]) -> int:
     if args.num_executors < 1:
         parser.error("--num-executors must be >= 1")
     if args.num_threads is None:
-        args.num_threads = max(1, ((os.cpu_count() or 1) - 1) // args.num_executors)
+        from executor.threads import default_num_threads
+
+        args.num_threads, why = default_num_threads(args.num_executors)
+    else:
+        why = "--num-threads"
+    if args.num_threads < 1:
+        parser.error("--num-threads must be >= 1")
     if args.model is not None and not Path(args.model).exists():
         parser.error(f"--model: {args.model} does not exist")
     for flag, port in [("--port", args.port), ("--blockmgr-port", args.blockmgr_port)] + [
@@ -123,6 +129,7 @@ def serve(argv: list[str]) -> int:
             if value is not None:
                 ex_argv += [flag, str(value)]
         children.append(Child(f"executor-{i}", ex_argv))
+        log.info("%s: %d torch threads (%s)", ex_ids[i], args.num_threads, why)
     gw_argv = ["-m", "gateway", "--model-dir", str(model_dir), "--served-model-name", name,
                "--blockmgr", bm_addr, "--host", args.host, "--port", str(args.port), *level, *key_argv]
     for addr in ex_addrs:

@@ -87,6 +87,13 @@ def client(stack):
 def test_three_service_processes(stack):
     names = sorted(_cmdline(pid).split(" -m ")[1].split()[0] for pid in _children(stack["proc"].pid))
     assert names == ["blockmgr", "executor", "executor", "gateway"]
+    # No --num-threads: the usable cores are split between the two executors, and serve says so.
+    cores = len(os.sched_getaffinity(0))
+    per = max(1, cores // 2)
+    for i in range(2):
+        assert f"executor-{i}: {per} torch threads ({cores} usable cores, 2 executors)" in stack["log"].read_text()
+        ex = next(pid for pid in _children(stack["proc"].pid) if f"--executor-id executor-{i} " in _cmdline(pid))
+        assert f"--num-threads {per} " in _cmdline(ex)
 
 
 def test_the_stack_is_authenticated_by_default(stack):

@@ -225,6 +225,44 @@ def test_model_attributes(model_pair):
         assert ours.lm_head.weight is not ours.embed_tokens.weight
 
 
+def test_loaded_model_keeps_only_the_packed_linear_weights(model_pair):
+    """load_model frees each linear weight it packed (the tied LM head stays: it is the embedding);
+    the state dict still has the real weights, and the fallback paths unpack them."""
+    ours, hf, _ = model_pair
+    from executor.model import Linear
+
+    linears = {name: m for name, m in ours.named_modules() if isinstance(m, Linear)}
+    for name, m in linears.items():
+        assert m.weight.is_meta == (m.weight is not ours.embed_tokens.weight), name
+    state = ours.state_dict()
+    ref = hf.state_dict()
+    for name in ("layers.0.self_attn.qkv_proj.weight", "layers.1.mlp.down_proj.weight"):
+        assert not state[name].is_meta
+    q = ours.layers[0].self_attn.qkv_proj
+    rows = ours.num_heads * ours.head_dim
+    torch.testing.assert_close(state["layers.0.self_attn.qkv_proj.weight"][:rows],
+                               ref["model.layers.0.self_attn.q_proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(state["layers.1.mlp.down_proj.weight"], ref["model.layers.1.mlp.down_proj.weight"],
+                               rtol=0, atol=0)
+    x = torch.randn(3, q.in_features)
+    with torch.no_grad():
+        packed = q(x)
+    with torch.enable_grad():  # the F.linear path, on the weight unpacked for the call
+        torch.testing.assert_close(q(x), packed, rtol=1e-5, atol=1e-5)
+    q.restore_plain_weight()
+    assert not q.weight.is_meta
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), packed, rtol=0, atol=0)
+    assert q.drop_plain_weight() and q.weight.is_meta
+    # load_state_dict brings the originals back, with the values it is given.
+    ours.load_state_dict({**state, "layers.1.mlp.down_proj.weight": 2 * state["layers.1.mlp.down_proj.weight"]})
+    down = ours.layers[1].mlp.down_proj
+    assert not down.weight.is_meta and not q.weight.is_meta
+    torch.testing.assert_close(down.weight, 2 * ref["model.layers.1.mlp.down_proj.weight"], rtol=0, atol=0)
+    ours.load_state_dict(state)
+    ours.pack_weights(keep_plain=False)  # as the loader left it, for the module's other tests
+
+
 def test_llama3_rope_scaling_changes_frequencies():
     """Guards the llama3 case above against silently testing plain RoPE."""
     cfgs = _configs()
