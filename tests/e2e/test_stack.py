@@ -68,14 +68,24 @@ def _stacks():
     started: list[dict] = []
     yield started
     for st in started:
-        _stop_stack(st)
+        if "proc" in st:
+            _stop_stack(st)
 
 
 @pytest.fixture
 def stack(smollm_dir, tmp_path_factory, _stacks):
-    """The module's live stack; started again if a test before this one killed it (any order)."""
+    """The module's live stack; started again if a test before this one killed it (any order).
+
+    A stack that fails to start fails every later test at once instead of being retried by each.
+    """
+    if _stacks and "failed" in _stacks[-1]:
+        pytest.fail(_stacks[-1]["failed"])
     if not _stacks or _stacks[-1]["proc"].poll() is not None:
-        _stacks.append(_start_stack(smollm_dir, tmp_path_factory.mktemp("stack") / "serve.log"))
+        try:
+            _stacks.append(_start_stack(smollm_dir, tmp_path_factory.mktemp("stack") / "serve.log"))
+        except AssertionError as exc:
+            _stacks.append({"failed": str(exc)})
+            raise
     return _stacks[-1]
 
 
