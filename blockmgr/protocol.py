@@ -195,13 +195,23 @@ def parse_request(message: dict[str, Any]) -> BaseModel:
     Raises:
         ProtocolError: unknown op, or a field of the wrong type, out of range, too long, or unknown.
     """
+    return validate(_REQUEST, OPS, message)
+
+
+def validate(adapter: TypeAdapter, ops: tuple[str, ...], message: dict[str, Any],
+             error: type[Exception] = ProtocolError) -> BaseModel:
+    """Validate ``message`` with ``adapter`` (a discriminated union of the models of ``ops``).
+
+    Raises:
+        error: unknown op, or a field that violates its model, named with its path.
+    """
     op = message.get("op")
-    if op not in OPS:
-        raise ProtocolError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+    if op not in ops:
+        raise error(f"unknown op {op!r}; expected one of {', '.join(ops)}")
     try:
-        return _REQUEST.validate_python(message)
+        return adapter.validate_python(message)
     except ValidationError as exc:
-        raise ProtocolError(f"op {op!r} has a malformed field: {_describe(exc)}") from None
+        raise error(f"op {op!r} has a malformed field: {_describe(exc)}") from None
 
 
 def _describe(exc: ValidationError) -> str:

@@ -47,8 +47,9 @@ import typing
 from typing import Annotated, Any, Literal, Union
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, create_model
 
+from blockmgr.protocol import validate
 from executor.request import SamplingParams
 
 MAX_ID_CHARS = 256
@@ -126,15 +127,7 @@ def parse_request(message: dict[str, Any]) -> BaseModel:
     Raises:
         ValueError: unknown op, or a field of the wrong type, out of range, too long, or unknown.
     """
-    op = message.get("op")
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
-    try:
-        return _REQUEST.validate_python(message)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or '(message)'}: {e['msg']}" for e in errors[:3])
-        raise ValueError(f"op {op!r} has a malformed field: {detail}") from None
+    return validate(_REQUEST, OPS, message, ValueError)
 
 
 def encode(message: dict[str, Any]) -> bytes:

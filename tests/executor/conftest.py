@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,12 @@ def make_engine(smollm):
         return engine, bm
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for the module's tests; the previous count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,13 +21,8 @@ NEW = 10
 TOP = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The checks assume one intra-op thread (see docs/batch-invariance.md), whatever ran before."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The checks assume one intra-op thread (see docs/batch-invariance.md), whatever ran before.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_engine(smollm, **cfg):

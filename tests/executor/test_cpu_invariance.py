@@ -15,13 +15,8 @@ from kernels.torch_ref import ExtendAttentionPlan, key_chunk_size, paged_extend_
 SMOLLM_LINEARS = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The checks assume one intra-op thread (see docs/batch-invariance.md), whatever ran before."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The checks assume one intra-op thread (see docs/batch-invariance.md), whatever ran before.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("in_f, out_f", SMOLLM_LINEARS + [(896, 1152)])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNIT = ["tests/executor/test_cpu_invariance.py"]
 #: The end-to-end checks that failed on MKL's AVX2 path before the attention had its own products.
 END_TO_END = ["tests/executor/test_batch_invariance.py", "-k", "chunked_prefill or preemption"]

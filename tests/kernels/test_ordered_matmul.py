@@ -124,7 +124,7 @@ def test_without_a_compiler_the_torch_backend_runs(tmp_path):
         "    print('error:', exc)\n"
     )
     env = {**os.environ, "CC": "no-such-cc-xyz", "PAGEDSERVE_KERNEL_CACHE_DIR": str(tmp_path),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     env.pop("PAGEDSERVE_ORDERED_MATMUL", None)
     proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
