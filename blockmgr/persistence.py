@@ -173,13 +173,19 @@ class RedisStore:
     # -- health --------------------------------------------------------------------------------
     def heal(self, manager) -> bool:
         """While Redis is down, try it again (at most every ``retry_every_s``); once it answers,
-        write every executor's full snapshot. Returns whether the store is healthy now."""
-        if self.ok:
-            return True
+        write every executor's full snapshot. While it is up, ping it as often, so that an outage
+        shows in the stats even when no change is being written. Returns whether the store is
+        healthy now."""
         now = time.monotonic()
         if now < self._next_retry:
-            return False
+            return self.ok
         self._next_retry = now + self.retry_every_s
+        if self.ok:
+            try:
+                self.redis.ping()
+            except redis.RedisError as exc:
+                self._failed(manager, exc)
+            return self.ok
         try:
             self.redis.ping()
             self._snapshot(manager, list(manager.executors))
