@@ -68,6 +68,12 @@ class Engine:
             incarnation makes the block manager drop what an earlier process of the same
             ``executor_id`` held (its KV cache died with it) and refuse that process from then on.
 
+    Attributes:
+        runner: the :class:`~executor.model_runner.ModelRunner` (model, KV tensors, forward pass).
+        scheduler: the :class:`~executor.scheduler.Scheduler` (who runs in each step).
+        groups: the :class:`~executor.sequence_group.SequenceGroups` (n > 1 completions, beams).
+        link: the :class:`~executor.block_manager_link.BlockManagerLink` (registration, steps).
+
     Raises (from :meth:`step`):
         blockmgr.client.StaleIncarnation: a newer process registered under ``executor_id``.
     """
@@ -294,11 +300,15 @@ class Engine:
             if child.status is not Status.FINISHED:
                 # The block manager forks before it frees, so this holds even if the parent
                 # finished in this very step.
-                self.pending_fork.append((child.parent_id, child.request_id))
-                self.requests[child.request_id] = child
-                child.status = Status.RUNNING
-                self.scheduler.running.append(child)
+                self._run_fork(child.parent_id, child)
         return outputs
+
+    def _run_fork(self, source_id: str, child: Request) -> None:
+        """Run ``child`` from now on, sharing ``source_id``'s blocks through a fork at the next step."""
+        self.pending_fork.append((source_id, child.request_id))
+        self.requests[child.request_id] = child
+        child.status = Status.RUNNING
+        self.scheduler.running.append(child)
 
     def _beam_step(self, group: BeamSearchGroup) -> list[RequestOutput]:
         """Advance a beam search whose beams all reported; fork, free and extend beams."""
@@ -313,9 +323,7 @@ class Engine:
             cached = step.dropped[0].num_cached_tokens if step.dropped else 0
             return [RequestOutput(group.request_id, best, True, reason, None, group.prompt_len, cached, 0)]
         for src, child in step.forks:
-            self.pending_fork.append((src.request_id, child.request_id))
-            self.requests[child.request_id] = child
-            self.scheduler.running.append(child)
+            self._run_fork(src.request_id, child)
         return []
 
     def _append_token(self, req: Request, token: int, logprob_entry: dict | None = None) -> RequestOutput:
