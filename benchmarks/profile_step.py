@@ -83,6 +83,11 @@ def instrument(engine):
     import executor.engine as engine_mod
     import executor.model as model_mod
 
+    try:
+        import executor.layers as layers_mod
+    except ImportError:  # an older checkout (see --repo): the layers lived in executor.model
+        layers_mod = model_mod
+
     saved = []
 
     def wrap(owner, name, label):
@@ -99,7 +104,7 @@ def instrument(engine):
         setattr(owner, name, wrapped)
 
     wrap(getattr(model_mod, "Linear", torch.nn.Linear), "forward", "ps:matmul")
-    wrap(model_mod, "paged_attention", "ps:attention")
+    wrap(layers_mod, "paged_attention", "ps:attention")
     wrap(model_mod.LlamaForCausalLM, "forward", "ps:model")
     wrap(engine_mod, "sample_with_logprobs", "ps:sampling")
     wrap(engine_mod, "sample", "ps:sampling")

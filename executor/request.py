@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -206,3 +207,61 @@ class Request:
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose K/V is not yet in the cache (the prompt's rest, or the last sampled token)."""
         return self.num_tokens - self.num_computed_tokens
+
+    def stop_reason(self, token: int, eos_token_ids: Collection[int], max_model_len: int) -> str | None:
+        """Why the request ends with ``token``, its newest output token: ``"stop"`` (EOS or a stop
+        token), ``"length"`` (``max_tokens`` or the context length reached) or None (it goes on)."""
+        p = self.params
+        # EOS and stop_token_ids end a request only past min_tokens (the sampler suppresses them
+        # until then; this keeps a stop token that slipped through from ending it early).
+        if len(self.output_token_ids) > p.min_tokens:
+            if not p.ignore_eos and token in eos_token_ids:
+                return "stop"
+            if token in p.stop_token_ids:
+                return "stop"
+        if len(self.output_token_ids) >= p.max_tokens or self.num_tokens >= max_model_len:
+            return "length"
+        return None
+
+
+def build_request(request_id: str, prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
+                  max_model_len: int, *, cache_salt: str | None = None, priority: int = 0,
+                  output_token_ids: list[int] | None = None) -> Request:
+    """A new :class:`Request` after checking it can run on a model of ``vocab_size`` tokens and
+    ``max_model_len`` positions (the arguments are those of ``executor.engine.Engine.add_request``).
+
+    A request with ``output_token_ids`` resumes by recompute from another executor: those tokens
+    count towards its limits, and a seeded generator owes their draws (``owed_draws``).
+
+    Raises:
+        ValueError: empty prompt, token ids outside the vocabulary, invalid ``params``, prompt +
+            max_tokens beyond ``max_model_len``, or a resumed request that is done already or has
+            ``n > 1`` / beam search.
+    """
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    vocab = vocab_size
+    if any(not (0 <= t < vocab) for t in prompt_token_ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab})")
+    params.validate()
+    if any(t >= vocab for t, _ in params.logit_bias):
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+    if params.max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 to generate, got {params.max_tokens}")
+    total = len(prompt_token_ids) + params.max_tokens
+    if total > max_model_len:
+        raise ValueError(
+            f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+            f"exceeds the model's context length {max_model_len}"
+        )
+    req = Request(request_id, list(prompt_token_ids), params, cache_salt=cache_salt, priority=priority)
+    if output_token_ids:
+        if params.n != 1 or params.use_beam_search:
+            raise ValueError("only n=1 requests without beam search can resume from output_token_ids")
+        if any(not (0 <= t < vocab) for t in output_token_ids):
+            raise ValueError(f"output token ids must be in [0, {vocab})")
+        if len(output_token_ids) >= params.max_tokens:
+            raise ValueError(f"the request already has {len(output_token_ids)} of its {params.max_tokens} tokens")
+        req.output_token_ids = list(output_token_ids)
+        req.owed_draws = len(output_token_ids) if params.temperature != 0 else 0
+    return req

@@ -1,4 +1,4 @@
-"""The inner step shared by the decode and extend kernels: one key/value tile of online softmax.
+"""The key loop shared by the decode and extend kernels: online softmax over key/value tiles.
 
 Online softmax (Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018), as used
 by FlashAttention (Dao et al., NeurIPS 2022): keep a running row maximum ``m``, a running
@@ -10,6 +10,9 @@ Keys are read through the block table, PagedAttention-style (Kwon et al., SOSP 2
 ``pos`` lives in physical block ``block_table[seq, pos // BLOCK_SIZE]``, row ``pos % BLOCK_SIZE``.
 Gathering the block id per key position (rather than per block) lets any ``block_size`` work with
 any tile width.
+
+Both kernels run :func:`attend_span`: whole key tiles every query row may see, without masks, then
+the tiles that cross the end of the context (and, for prefill, the causal diagonal), masked.
 """
 
 from __future__ import annotations
@@ -90,3 +93,53 @@ def attend_tile(
         pv = tl.dot(p.to(v.dtype), v)
     acc = acc * alpha[:, None] + pv
     return m_new, l_i, acc
+
+
+@triton.jit
+def attend_span(
+    q,
+    m_i,
+    l_i,
+    acc,
+    start,
+    full_end,
+    kv_end,
+    q_pos,
+    k_base,
+    v_base,
+    bt_row,
+    stride_btb,
+    stride_kb,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vd,
+    scale_log2e,
+    offs_d,
+    d_mask,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Fold keys ``start .. kv_end - 1`` into ``(m_i, l_i, acc)``, ``BLOCK_N`` keys per tile.
+
+    Tiles starting before ``full_end`` (a multiple of ``BLOCK_N`` past ``start``, at most
+    ``kv_end``) must be visible in full to every row: they run without masks. The tiles from
+    ``full_end`` on are masked at ``kv_end`` and, with ``CAUSAL``, after each row's ``q_pos``.
+    Arguments as in :func:`attend_tile`.
+    """
+    for t0 in range(start, full_end, BLOCK_N):
+        m_i, l_i, acc = attend_tile(
+            q, m_i, l_i, acc, t0, kv_end, q_pos, k_base, v_base, bt_row, stride_btb,
+            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, scale_log2e, offs_d, d_mask,
+            BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BOUNDED=False, CAUSAL=False, IEEE=IEEE,
+        )  # fmt: skip
+    for t0 in range(full_end, kv_end, BLOCK_N):
+        m_i, l_i, acc = attend_tile(
+            q, m_i, l_i, acc, t0, kv_end, q_pos, k_base, v_base, bt_row, stride_btb,
+            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, scale_log2e, offs_d, d_mask,
+            BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BOUNDED=True, CAUSAL=CAUSAL, IEEE=IEEE,
+        )  # fmt: skip
+    return m_i, l_i, acc

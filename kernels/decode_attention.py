@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._attention_tile import attend_tile
+from kernels._attention_tile import attend_span
 from kernels._common import (
     cdiv,
     check_block_table,
@@ -117,13 +117,13 @@ def _paged_decode_kernel(
     v_base = v_cache_ptr + kv_head * stride_vh
     bt_row = block_table_ptr + seq64 * stride_bts
     q_pos = offs_g  # unused: decode is not causal within the context
-    for t0 in range(start, end, BLOCK_N):
-        m_i, l_i, acc = attend_tile(
-            q, m_i, l_i, acc, t0, end, q_pos, k_base, v_base, bt_row, stride_btb,
-            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-            scale_log2e, offs_d, d_mask,
-            BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BOUNDED=True, CAUSAL=False, IEEE=IEEE,
-        )  # fmt: skip
+    # Whole tiles of the context need no mask; a partition past the end (end < start) has none.
+    full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
+    m_i, l_i, acc = attend_span(
+        q, m_i, l_i, acc, start, full_end, end, q_pos, k_base, v_base, bt_row, stride_btb,
+        stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, scale_log2e, offs_d, d_mask,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, IEEE=IEEE,
+    )  # fmt: skip
 
     row_mask = g_mask[:, None] & d_mask[None, :]
     if SPLIT:

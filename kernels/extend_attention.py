@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._attention_tile import attend_tile
+from kernels._attention_tile import attend_span
 from kernels._common import (
     cdiv,
     check_block_table,
@@ -108,23 +108,14 @@ def _paged_extend_kernel(
 
     first_pos = ctx_len + q_block * BLOCK_M  # smallest query position in this tile
     kv_end = tl.minimum(first_pos + BLOCK_M, seq_len)  # one past the largest
-    # Phase 1: whole tiles of keys at or before first_pos, visible to every row.
+    # Whole tiles of keys at or before first_pos are visible to every row (no mask); the tiles
+    # crossing the diagonal are masked causally and at the context's end.
     full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
-    for t0 in range(0, full_end, BLOCK_N):
-        m_i, l_i, acc = attend_tile(
-            q, m_i, l_i, acc, t0, kv_end, q_pos, k_base, v_base, bt_row, stride_btb,
-            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-            scale_log2e, offs_d, d_mask,
-            BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BOUNDED=False, CAUSAL=False, IEEE=IEEE,
-        )  # fmt: skip
-    # Phase 2: the tiles crossing the diagonal, masked causally and at the context's end.
-    for t0 in range(full_end, kv_end, BLOCK_N):
-        m_i, l_i, acc = attend_tile(
-            q, m_i, l_i, acc, t0, kv_end, q_pos, k_base, v_base, bt_row, stride_btb,
-            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-            scale_log2e, offs_d, d_mask,
-            BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, BOUNDED=True, CAUSAL=True, IEEE=IEEE,
-        )  # fmt: skip
+    m_i, l_i, acc = attend_span(
+        q, m_i, l_i, acc, 0, full_end, kv_end, q_pos, k_base, v_base, bt_row, stride_btb,
+        stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, scale_log2e, offs_d, d_mask,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=True, IEEE=IEEE,
+    )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_ptrs = out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od

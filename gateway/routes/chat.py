@@ -6,19 +6,16 @@ context length minus the prompt, or what the executor's KV pool can hold, whiche
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Depends, Request
 
-from gateway.auth import cache_salt_for, require_api_key
+from gateway.auth import require_api_key
 from gateway.errors import bad_request
 from gateway.generation import Job, close_runs, merged_deltas, start_runs, usage
-from gateway.limits import check_context, check_priority, check_sequences, logit_bias_pairs
+from gateway.limits import check_context
 from gateway.logprobs import chat_logprobs
 from gateway.openai_protocol import ChatCompletion, ChatCompletionRequest
-from gateway.routes.common import errors, now_s, stream_doc
-from gateway.runtime import get_gateway
-from gateway.sampling import beam_width, executor_params, growth_width, stop_strings
+from gateway.routes.common import errors, now_s, start_generation, stream_doc
+from gateway.sampling import executor_params
 from gateway.streaming import event_stream, sse, until_disconnect
 from gateway.tokenization import chat_prompt
 
@@ -29,26 +26,17 @@ router = APIRouter(tags=["chat"])
              responses={**stream_doc(ChatCompletion), **errors(400, 401, 413, 503, 504)},
              summary="Create a chat completion (OpenAI API, with vLLM's extra sampling fields)")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    gw = get_gateway(request)
-    arrival = time.monotonic()
-    gw.check_model(body.model)
+    g = start_generation(request, body, num_prompts=1)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-    settings = gw.settings
-    n = body.n
-    width = beam_width(body, n, None)
-    check_sequences(settings, 1, n, growth_width(body, n, width))
-    stops = stop_strings(body, settings)
-    check_priority(settings, body.priority)
-    bias = logit_bias_pairs(settings, body.logit_bias, len(gw.tokenizer))
+    gw, settings, n = g.gw, g.gw.settings, body.n
     prompt = chat_prompt(gw.tokenizer, body.messages, body.add_generation_prompt)
     k = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens  # None: as many as fit
     check_context(settings, len(prompt.token_ids), max_tokens, "messages")
-    job = Job(prompt.token_ids, executor_params(body, max_tokens, n, k, None, width, settings, bias), n, stops,
-              body.priority, cache_salt_for(request, body.cache_salt), width=growth_width(body, n, width),
-              min_tokens=body.min_tokens, timeout_s=body.request_timeout)
-    response_id, runs = await until_disconnect(request, start_runs(gw, [job], "chatcmpl", arrival))
+    job = Job(prompt.token_ids, executor_params(body, max_tokens, n, k, None, g.width, settings, g.bias), n, g.stops,
+              body.priority, g.salt, width=g.growth, min_tokens=body.min_tokens, timeout_s=body.request_timeout)
+    response_id, runs = await until_disconnect(request, start_runs(gw, [job], "chatcmpl", g.arrival))
     tt = gw.token_text
     base = {"id": response_id, "created": now_s(), "model": gw.settings.served_model_name}
 

@@ -10,22 +10,21 @@ answers from the tokenizer; with ``logprobs`` it asks the executor for prompt lo
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 
-from gateway.auth import cache_salt_for, require_api_key
+from gateway.auth import require_api_key
 from gateway.errors import bad_request
 from gateway.generation import Job, Run, close_runs, merged_deltas, start_runs, usage
-from gateway.limits import check_context, check_priority, check_sequences, logit_bias_pairs
+from gateway.limits import check_context
 from gateway.logprobs import completion_logprobs, merge_completion_logprobs, prompt_entries
 from gateway.openai_protocol import Completion, CompletionRequest
-from gateway.routes.common import errors, now_s, stream_doc
-from gateway.runtime import Gateway, get_gateway
+from gateway.routes.common import Generation, errors, now_s, start_generation, stream_doc
+from gateway.runtime import Gateway
 from gateway.settings import GatewaySettings
-from gateway.sampling import beam_width, executor_params, growth_width, stop_strings
+from gateway.sampling import executor_params
 from gateway.streaming import event_stream, sse, until_disconnect
 from gateway.tokenization import Prompt, TokenText, completion_prompts
 
@@ -36,21 +35,21 @@ def _lp_len(lp: dict | None) -> int:
     return len("".join(lp["tokens"])) if lp else 0
 
 
-def _jobs(body: CompletionRequest, prompts: list[Prompt], max_tokens: int, stops: list[str], width: int | None,
-          settings: GatewaySettings, bias: list, salt: str | None) -> list[Job]:
+def _jobs(body: CompletionRequest, prompts: list[Prompt], max_tokens: int, g: Generation,
+          settings: GatewaySettings) -> list[Job]:
     """One executor job per prompt; none for echo-only without logprobs (the tokenizer answers)."""
     n, k = body.n, body.logprobs
     if max_tokens == 0:
         # Echo only: one executor token per prompt, only to get the prompt logprobs.
         if k is None:
             return []
-        return [Job(p.token_ids, executor_params(body, 1, 1, None, k, None, settings, bias), 1, [], body.priority,
-                    salt, drop_output=True, choice_offset=i, min_tokens=body.min_tokens,
+        return [Job(p.token_ids, executor_params(body, 1, 1, None, k, None, settings, g.bias), 1, [], body.priority,
+                    g.salt, drop_output=True, choice_offset=i, min_tokens=body.min_tokens,
                     timeout_s=body.request_timeout)
                 for i, p in enumerate(prompts)]
     prompt_k = k if (body.echo and k is not None) else None
-    return [Job(p.token_ids, executor_params(body, max_tokens, n, k, prompt_k, width, settings, bias), n, stops,
-                body.priority, salt, choice_offset=i * n, width=growth_width(body, n, width),
+    return [Job(p.token_ids, executor_params(body, max_tokens, n, k, prompt_k, g.width, settings, g.bias), n, g.stops,
+                body.priority, g.salt, choice_offset=i * n, width=g.growth,
                 min_tokens=body.min_tokens, timeout_s=body.request_timeout)
             for i, p in enumerate(prompts)]
 
@@ -172,30 +171,22 @@ def _check_context(gw: Gateway, prompts: list[Prompt]) -> None:
              responses={**stream_doc(Completion), **errors(400, 401, 413, 503, 504)},
              summary="Create a completion (OpenAI API, with vLLM's extra sampling fields)")
 async def create_completion(body: CompletionRequest, request: Request):
-    gw = get_gateway(request)
-    arrival = time.monotonic()
-    gw.check_model(body.model)
+    # The sequences are bounded before any tokenization: the number of prompts is known from the
+    # body's shape.
+    batch = isinstance(body.prompt, list) and bool(body.prompt) and not isinstance(body.prompt[0], int)
+    g = start_generation(request, body, len(body.prompt) if batch else 1, body.best_of)
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
-    settings = gw.settings
-    n = body.n
-    width = beam_width(body, n, body.best_of)
-    # Bounded before any tokenization: the number of prompts is known from the body's shape.
-    batch = isinstance(body.prompt, list) and bool(body.prompt) and not isinstance(body.prompt[0], int)
-    check_sequences(settings, len(body.prompt) if batch else 1, n, growth_width(body, n, width))
-    stops = stop_strings(body, settings)
-    check_priority(settings, body.priority)
+    gw, settings = g.gw, g.gw.settings
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo)", "max_tokens")
-    bias = logit_bias_pairs(settings, body.logit_bias, len(gw.tokenizer))
-    salt = cache_salt_for(request, body.cache_salt)
     prompts = completion_prompts(gw.tokenizer, body.prompt)
     for p in prompts:
         check_context(settings, len(p.token_ids), max_tokens)
-    jobs = _jobs(body, prompts, max_tokens, stops, width, settings, bias, salt)
+    jobs = _jobs(body, prompts, max_tokens, g, settings)
     if jobs:
-        response_id, runs = await until_disconnect(request, start_runs(gw, jobs, "cmpl", arrival))
+        response_id, runs = await until_disconnect(request, start_runs(gw, jobs, "cmpl", g.arrival))
     else:
         _check_context(gw, prompts)
         response_id, runs = f"cmpl-{uuid.uuid4().hex}", []

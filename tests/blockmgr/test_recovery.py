@@ -9,6 +9,7 @@ from blockmgr import protocol
 from blockmgr.client import BlockManagerClient, InProcessBlockManager, StaleIncarnation, UnknownExecutor
 from blockmgr.manager import BlockManager, BlockManagerError, StaleIncarnationError, UnknownExecutorError
 from executor.engine import Engine, EngineConfig
+from executor.model_runner import KVCache
 from executor.request import SamplingParams
 
 BS = 4
@@ -163,12 +164,11 @@ def test_copy_on_write_runs_before_the_swap_out_of_its_copy():
     assert r["ops"] == [["copy", [[1, 3]]], ["swap_out", [[0, cpu0], [3, cpu1]]]]
 
     # The executor runs them in that order on real tensors.
-    engine = Engine.__new__(Engine)  # only the KV tensors are needed, not a model
-    engine.device = torch.device("cpu")
-    engine.kv_caches = [tuple(torch.arange(4.0).repeat_interleave(8).view(4, 2, 2, 2) + 10 * k for k in (1, 2))]
-    engine.cpu_caches = [tuple(torch.zeros(8, 2, 2, 2) for _ in range(2))]
-    engine._apply_block_ops(r)
-    for dev, cpu in zip(engine.kv_caches[0], engine.cpu_caches[0]):
+    kv = KVCache(torch.device("cpu"),  # only the KV tensors are needed, not a model
+                 [tuple(torch.arange(4.0).repeat_interleave(8).view(4, 2, 2, 2) + 10 * k for k in (1, 2))],
+                 [tuple(torch.zeros(8, 2, 2, 2) for _ in range(2))])
+    kv.apply_block_ops(r["ops"])
+    for dev, cpu in zip(kv.layers[0], kv.cpu_layers[0]):
         assert torch.equal(cpu[cpu1], dev[1]), "the swapped-out copy holds block 1's K/V, not stale data"
         assert torch.equal(cpu[cpu0], dev[0])
 

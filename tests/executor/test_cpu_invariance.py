@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from executor.attention import AttentionMetadata, paged_attention
-from executor.model import Linear, RMSNorm
+from executor.layers import RMSNorm
+from executor.linear import Linear
 from kernels.torch_ref import ExtendAttentionPlan, key_chunk_size, paged_extend_attention_torch
 
 SMOLLM_LINEARS = [(576, 960), (576, 576), (576, 3072), (1536, 576)]

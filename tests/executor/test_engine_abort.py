@@ -59,4 +59,4 @@ def test_aborting_one_completion_frees_only_its_blocks(engine):
         for o in engine.step():
             counts[o.index] += len(o.new_token_ids)
     assert counts[1] == 0 and counts[0] == counts[2] == PARAMS.max_tokens - 2
-    assert used(bm) == 0 and not engine.children
+    assert used(bm) == 0 and not engine.groups.children

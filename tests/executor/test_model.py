@@ -26,7 +26,9 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config
 from transformers import AutoModelForCausalLM
 
 from executor.attention import AttentionMetadata
-from executor.model import LlamaForCausalLM, UnsupportedModelError, rope_inv_freq
+from executor.model import LlamaForCausalLM
+from executor.model_config import UnsupportedModelError
+from executor.rotary import rope_inv_freq
 from executor.model_loader import load_model
 
 TOL = 1e-4
@@ -229,7 +231,7 @@ def test_loaded_model_keeps_only_the_packed_linear_weights(model_pair):
     """load_model frees each linear weight it packed (the tied LM head stays: it is the embedding);
     the state dict still has the real weights, and the fallback paths unpack them."""
     ours, hf, _ = model_pair
-    from executor.model import Linear
+    from executor.linear import Linear
 
     linears = {name: m for name, m in ours.named_modules() if isinstance(m, Linear)}
     for name, m in linears.items():

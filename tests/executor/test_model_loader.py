@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from executor import model_loader
 from executor.attention import AttentionMetadata
-from executor.model import UnsupportedModelError
+from executor.model_config import UnsupportedModelError
 from executor.model_loader import (
     CACHE_DIR_ENV,
     SOURCE_FILE,

@@ -1,0 +1,146 @@
+"""The building blocks of a Llama-family decoder layer, on a paged KV cache.
+
+One decoder layer (pre-norm residual blocks)::
+
+    h = x + o_proj(PagedAttention(RoPE(q_proj(n1)), RoPE(k_proj(n1)), v_proj(n1)))   n1 = RMSNorm(x)
+    y = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))                            n2 = RMSNorm(h)
+
+Token layout is vLLM's flattened batch: ``[num_tokens, ...]``, the new tokens of all scheduled
+sequences back to back (see :class:`~executor.attention.AttentionMetadata`).
+
+References:
+    - RMSNorm: Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
+    - SwiGLU: Shazeer, "GLU Variants Improve Transformer", 2020 (arXiv:2002.05202).
+    - Grouped-query attention: Ainslie et al., "GQA: Training Generalized Multi-Query Transformer
+      Models from Multi-Head Checkpoints", EMNLP 2023.
+    - PagedAttention: Kwon et al., SOSP 2023.
+    - RoPE: :mod:`executor.rotary`.
+
+Weights use vLLM's fused layout: ``qkv_proj`` is ``cat(q_proj, k_proj, v_proj)`` along the output
+dimension and ``gate_up_proj`` is ``cat(gate_proj, up_proj)``: one matmul each instead of three and
+two (:meth:`executor.model.LlamaForCausalLM.load_weights` maps checkpoint names onto them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from executor.attention import AttentionMetadata, paged_attention
+from executor.linear import Linear
+from executor.model_config import UnsupportedModelError, config_value
+from executor.rotary import RotaryEmbedding
+
+#: One layer's ``(key_cache, value_cache)``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+KVPair = tuple[torch.Tensor, torch.Tensor]
+#: ``(cos, signed_sin)``, each ``[num_tokens, 1, head_dim]``, from :meth:`RotaryEmbedding.cos_sin`
+#: and :meth:`RotaryEmbedding.signed_sin`; computed once per step and shared by every layer.
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019): ``w * x / sqrt(mean(x^2) + eps)``.
+
+    The statistic is computed in fp32 and the normalised activations are cast back to the input
+    dtype before the (learned, per-channel) scale, exactly as transformers' ``LlamaRMSNorm``.
+
+    Shapes: ``[..., hidden_size]`` in, same shape and dtype out.
+    """
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype is torch.float32:
+            # torch's rms_norm: the same operations in one call (bit-identical, checked in tests).
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention (Ainslie et al. 2023) over the paged KV cache.
+
+    ``num_heads`` query heads share ``num_kv_heads`` key/value heads (query head ``h`` reads KV head
+    ``h // (num_heads // num_kv_heads)``). Softmax scale ``head_dim ** -0.5``.
+    """
+
+    def __init__(self, config: Any, head_dim: int, qkv_bias: bool, o_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config_value(config, "num_key_value_heads", self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
+        self.head_dim = head_dim
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
+        hidden = config.hidden_size
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, hidden, bias=o_bias)
+
+    def forward(self, rope: Rope, hidden_states: torch.Tensor, kv_cache: KVPair, meta: AttentionMetadata) -> Tensor:
+        """``hidden_states [T, hidden]`` -> ``[T, hidden]``; writes this step's K/V into ``kv_cache``.
+
+        ``rope`` is ``(cos, signed_sin)``, each ``[T, 1, head_dim]``, from
+        :meth:`RotaryEmbedding.cos_sin` and :meth:`RotaryEmbedding.signed_sin`.
+        """
+        num_tokens = hidden_states.shape[0]
+        qkv = self.qkv_proj.forward(hidden_states)
+        qk_size = self.q_size + self.kv_size
+        # Query and key heads rotated together (one set of elementwise passes instead of two).
+        qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = RotaryEmbedding.rotate(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv_cache
+        out = paged_attention(q, k, v, key_cache, value_cache, meta, self.scale)
+        return self.o_proj.forward(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate(x)) * up(x))``; gate and up fused."""
+
+    def __init__(self, config: Any, bias: bool) -> None:
+        super().__init__()
+        act = config_value(config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"hidden_act={act!r} is not supported (only silu / SwiGLU)")
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
+        self.down_proj = Linear(self.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj.forward(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: ``h = x + attn(norm1(x)); y = h + mlp(norm2(h))``."""
+
+    def __init__(self, config: Any, head_dim: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> None:
+        super().__init__()
+        eps = float(config_value(config, "rms_norm_eps", 1e-6))
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.self_attn = Attention(config, head_dim, qkv_bias, o_bias)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.mlp = MLP(config, mlp_bias)
+
+    def forward(self, rope: Rope, hidden_states: torch.Tensor, kv_cache: KVPair, meta: AttentionMetadata) -> Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn.forward(rope, self.input_layernorm.forward(hidden_states), kv_cache, meta)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp.forward(self.post_attention_layernorm.forward(hidden_states))
+        return residual + hidden_states

@@ -1,0 +1,213 @@
+"""The model runner: owns the model and its paged KV cache, and runs one step's forward pass.
+
+In a step the engine calls it twice, after the block manager has answered:
+
+1. :meth:`KVCache.apply_block_ops` carries out the copy-on-write copies and swaps the block manager
+   ordered, so every block holds what the step's block tables say it holds;
+2. :meth:`ModelRunner.execute` flattens the batch's new tokens, builds the attention metadata
+   (positions, slot mapping, block table, sequence lengths), runs the forward pass, and returns the
+   next-token logits of the sequences whose prompt is complete; on the way it extends the prompt
+   log-probabilities of the requests that asked for them.
+
+The runner never chooses a block: every block id it reads or writes comes from a block table the
+block manager granted (the seat of vLLM v1's GPU model runner and of nano-vllm's ``ModelRunner``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+from executor.attention import AttentionMetadata
+from executor.cost_probe import measure_cost_model
+from executor.request import Request
+from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries
+
+#: One scheduled sequence and how many of its tokens this step computes.
+ScheduledSeq = tuple[Request, int]
+
+
+@dataclass
+class ModelInputs:
+    """One step's flattened batch (vLLM's layout: no padding, no batch dimension).
+
+    Attributes:
+        input_ids, positions: ``[num_tokens]`` int64, the new tokens of all sequences back to back
+            and each one's position in its own sequence.
+        meta: the attention metadata (slot mapping, block table, sequence lengths, query starts).
+        query_starts: ``meta.query_start_loc`` as a host list (``[num_seqs + 1]``), so reading
+            it costs no device sync.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    query_starts: list[int]
+
+
+@dataclass
+class KVCache:
+    """The executor's KV tensors: the device pool and the CPU swap pool.
+
+    Attributes:
+        device: where ``layers`` live.
+        layers: one ``(key_cache, value_cache)`` per model layer, each
+            ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+        cpu_layers: the CPU swap pool in the same layout (``[num_cpu_blocks, ...]``, pinned when
+            ``device`` is CUDA); empty when swapping is off.
+    """
+
+    device: torch.device
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    cpu_layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def allocate(cls, model, num_blocks: int, block_size: int, num_cpu_blocks: int,
+                 device: torch.device, dtype: torch.dtype) -> KVCache:
+        """Zeroed pools for ``model`` (its ``num_layers``, ``num_kv_heads`` and ``head_dim``)."""
+        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        cpu_shape = (num_cpu_blocks, *shape[1:])
+        pin = device.type == "cuda"
+
+        def pair(shape, **where):
+            return torch.zeros(shape, dtype=dtype, **where), torch.zeros(shape, dtype=dtype, **where)
+
+        layers = [pair(shape, device=device) for _ in range(model.num_layers)]
+        cpu_layers = [pair(cpu_shape, pin_memory=pin) for _ in range(model.num_layers)] if num_cpu_blocks else []
+        return cls(device, layers, cpu_layers)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block holds over all layers, keys and values (what a swap of it moves)."""
+        key = self.layers[0][0]
+        return 2 * len(self.layers) * key[0].numel() * key.element_size()
+
+    def apply_block_ops(self, ops: list) -> None:
+        """Carry out a step's swaps and copy-on-write copies, group by group in the given order.
+
+        Args:
+            ops: the block manager's ``reply["ops"]``: ``[kind, [[src, dst], ...]]`` groups with
+                ``kind`` one of ``"copy"`` (device block to device block), ``"swap_out"`` (device
+                to CPU) and ``"swap_in"`` (CPU to device). The order matters: a block copied on
+                write may be swapped out later in the same step, and a block swapped out may then
+                be a copy's target.
+        """
+        cuda = self.device.type == "cuda"
+        swap = kernels.swap_blocks if cuda else kernels.swap_blocks_torch
+        copy = kernels.copy_blocks if cuda else kernels.copy_blocks_torch
+        for kind, pairs in ops:
+            if kind == "copy":
+                mapping = torch.tensor(pairs, dtype=torch.int64, device=self.device)
+                copy([k for k, _ in self.layers], [v for _, v in self.layers], mapping)
+                continue
+            mapping = torch.tensor(pairs, dtype=torch.int64)
+            for dev_kv, cpu_kv in zip(self.layers, self.cpu_layers):
+                src, dst = (dev_kv, cpu_kv) if kind == "swap_out" else (cpu_kv, dev_kv)
+                for i in range(2):
+                    swap(src[i], dst[i], mapping)
+
+
+class ModelRunner:
+    """Owns the model and the KV cache of one executor; runs the forward pass of each step.
+
+    Args:
+        model: an ``executor.model.LlamaForCausalLM`` (or anything with the same interface).
+        num_blocks, block_size: the device pool (the block manager's numbering of it).
+        num_cpu_blocks: the CPU swap pool; 0 disables swapping (and the cost probe).
+        device, dtype: where and in what precision the KV cache lives.
+
+    Attributes:
+        kv: the :class:`KVCache`.
+        cost: what the block manager's swap-or-recompute decision needs
+            (:func:`executor.cost_probe.measure_cost_model`), measured at start-up when swapping
+            is on; else empty.
+    """
+
+    def __init__(self, model, num_blocks: int, block_size: int, num_cpu_blocks: int = 0,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.kv = KVCache.allocate(model, num_blocks, block_size, num_cpu_blocks, self.device, dtype)
+        self.cost = measure_cost_model(model, self.device, self.kv.bytes_per_block) if num_cpu_blocks else {}
+
+    def prepare_inputs(self, batch: list[ScheduledSeq]) -> ModelInputs:
+        """The model's inputs for ``batch`` (see :class:`ModelInputs`).
+
+        Sequence ``i`` contributes its ``n`` tokens from ``num_computed_tokens`` on; each token's
+        slot is ``block_table[p // block_size] * block_size + p % block_size`` at its position
+        ``p``. Block-table rows are padded with 0 to the longest.
+        """
+        bs = self.block_size
+        input_ids, positions, slots, q_starts, seq_lens = [], [], [], [0], []
+        for req, n in batch:
+            start = req.num_computed_tokens
+            input_ids.extend(req.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            table = req.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            q_starts.append(q_starts[-1] + n)
+            seq_lens.append(start + n)
+        max_blocks = max(len(req.block_table) for req, _ in batch)
+        block_table = torch.zeros((len(batch), max_blocks), dtype=torch.int32)
+        for i, (req, _) in enumerate(batch):
+            block_table[i, : len(req.block_table)] = torch.tensor(req.block_table, dtype=torch.int32)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_table=block_table.to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(q_starts, dtype=torch.int32, device=dev),
+            max_query_len=max(n for _, n in batch),
+        )
+        return ModelInputs(torch.tensor(input_ids, dtype=torch.int64, device=dev),
+                           torch.tensor(positions, dtype=torch.int64, device=dev), meta, q_starts)
+
+    def execute(self, batch: list[ScheduledSeq]) -> tuple[list[int], torch.Tensor | None]:
+        """Run the forward pass over ``batch``; the sequences' ``num_computed_tokens`` are left to the caller.
+
+        Returns:
+            ``(finishing, logits)``: the indices into ``batch`` of the sequences whose whole prompt
+            is in the cache after this step (only they get a next token), and their next-token
+            logits ``[len(finishing), vocab_size]`` fp32 on the CPU (None when there are none).
+        """
+        inputs = self.prepare_inputs(batch)
+        q_starts = inputs.query_starts
+        finishing = [i for i, (req, n) in enumerate(batch) if req.num_computed_tokens + n == req.num_tokens]
+        logits = None
+        with torch.inference_mode():
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv.layers, inputs.meta)
+            if finishing:
+                last_rows = torch.tensor([q_starts[i + 1] - 1 for i in finishing], device=self.device)
+                logits = self.model.compute_logits(hidden[last_rows]).float().cpu()
+            self._collect_prompt_logprobs(batch, hidden, q_starts)
+        return finishing, logits
+
+    def _collect_prompt_logprobs(self, batch: list[ScheduledSeq], hidden: torch.Tensor,
+                                 q_starts: list[int]) -> None:
+        """Extend ``req.prompt_logprobs`` for the prompt positions this step computed.
+
+        Position ``p`` (a row of ``hidden``) predicts prompt token ``p + 1``; logits come from the
+        model's raw log-softmax, :data:`~executor.sampler.PROMPT_LOGPROB_ROWS` rows at a time. A
+        chunked prefill adds its entries chunk by chunk; positions computed again (after a
+        preemption by recompute) are skipped; positions this engine never computed (a
+        prefix-cache hit, which ``needs_prompt_logprobs`` is meant to prevent) get None entries.
+        """
+        for i, (req, n) in enumerate(batch):
+            if not req.needs_prompt_logprobs or req.prompt_logprobs_sent or req.parent_id is not None:
+                continue  # n > 1 children and beams share the parent's prompt
+            prompt = req.prompt_token_ids
+            start = req.num_computed_tokens
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None]
+            entries = req.prompt_logprobs
+            while len(entries) < min(start + 1, len(prompt)):
+                entries.append(None)  # skipped positions (never expected; keeps the alignment)
+            lo, hi = len(entries) - 1, min(start + n, len(prompt) - 1)
+            for a in range(lo, hi, PROMPT_LOGPROB_ROWS):
+                b = min(hi, a + PROMPT_LOGPROB_ROWS)
+                rows = hidden[q_starts[i] + a - start : q_starts[i] + b - start]
+                logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1).cpu()
+                entries.extend(prompt_logprob_entries(logprobs, prompt[a + 1 : b + 1], req.params.prompt_logprobs))
