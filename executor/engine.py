@@ -24,33 +24,13 @@ import kernels
 from blockmgr.client import BlockManagerUnavailable, UnknownExecutor
 from executor.attention import AttentionMetadata
 from executor.beam_search import BeamSearchGroup
+from executor.config import ExecutorSettings as EngineConfig  # the engine reads the pool geometry from it
 from executor.cost_probe import measure_cost_model
 from executor.request import Request, SamplingParams, Status, seed_for_child
 from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries, sample_with_logprobs
 from executor.scheduler import Scheduler
 
 log = logging.getLogger("pagedserve.executor")
-
-
-@dataclass
-class EngineConfig:
-    """Knobs of one executor.
-
-    Attributes:
-        block_size: tokens per KV block.
-        num_blocks: device KV blocks in the pool.
-        max_num_seqs: most sequences per step.
-        max_num_batched_tokens: token budget per step (decodes + prefill chunks).
-        max_model_len: longest sequence (prompt + output) accepted; defaults to the model's.
-        num_cpu_blocks: blocks in the CPU swap pool (``--swap-space``); 0 disables swapping.
-    """
-
-    block_size: int = 16
-    num_blocks: int = 1024
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    num_cpu_blocks: int = 0
 
 
 @dataclass

@@ -176,7 +176,7 @@ def cached(base, key, prompt, **extra):
 
 
 def test_cached_tokens_reveal_nothing_across_tenants(tok):
-    app, executors, _ = fake_app(tok, api_key="key-a", api_keys=["key-b"])
+    app, executors, _ = fake_app(tok, api_keys=["key-a", "key-b"])
     with serve_in_thread(app) as base:
         assert cached(base, "key-a", LONG_PROMPT) == 0
         assert cached(base, "key-b", LONG_PROMPT) == 0  # B learns nothing of A's prompt
