@@ -24,7 +24,7 @@ import sys
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -32,21 +32,36 @@ ENV_PREFIX = "PAGEDSERVE_"
 
 
 class Separated:
-    """Annotated marker of a list setting whose environment variable holds the items joined by ``sep``."""
+    """Annotated marker of a list setting whose items are joined by ``sep`` in its environment variable.
+
+    On the command line the flag takes one or more values and may be repeated; each value may
+    itself hold several items joined by ``sep`` (``--workload a,b`` = ``--workload a b``).
+    """
 
     def __init__(self, sep: str):
         self.sep = sep
 
     def split(self, value: Any) -> Any:
         if isinstance(value, str):
-            return [item.strip() for item in value.split(self.sep.strip() or None) if item.strip()]
-        return value
+            value = [value]
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            parts = item.split(self.sep.strip() or None) if isinstance(item, str) else [item]
+            out += [p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip()]
+        return out
 
 
-def separated_list(sep: str) -> Any:
-    """``list[str]`` read from one environment variable as items joined by ``sep`` (e.g. ``" "``, ``","``)."""
+def separated_list(sep: str, item: type = str, check: Any = None) -> Any:
+    """A ``list[item]`` setting whose environment variable joins the items by ``sep`` (``" "``, ``","``).
+
+    Args:
+        check: a function validating (and possibly rewriting) the parsed list; raises ValueError.
+    """
     marker = Separated(sep)
-    return Annotated[list[str], NoDecode, marker, BeforeValidator(marker.split)]
+    validators = [BeforeValidator(marker.split)] + ([AfterValidator(check)] if check else [])
+    return Annotated[list[item], NoDecode, marker, *validators]
 
 
 SpaceList = separated_list(" ")
@@ -73,11 +88,15 @@ def setting(default: Any = ..., help: str = "", *, flag: str | None = None, env:
     return Field(default, **kwargs)
 
 
-class KeysDirSettings(BaseSettings):
-    """The CURVE keys directory (see :mod:`blockmgr.security`); the base of every settings class."""
+# Every settings class's pydantic-settings configuration, but for its variables' prefix: init
+# values by field name, unknown ones refused, defaults validated too.
+SETTINGS_CONFIG = dict(validate_by_name=True, validate_by_alias=True, extra="forbid", validate_default=True)
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, validate_by_name=True, validate_by_alias=True,
-                                      extra="forbid", validate_default=True)
+
+class KeysDirSettings(BaseSettings):
+    """The CURVE keys directory (see :mod:`blockmgr.security`); the base of every service's settings."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, **SETTINGS_CONFIG)
 
     keys_dir: str | None = setting(None, "CURVE keys directory; create one with `pagedserve keys` (`serve` and "
                                          "`keys` default to ~/.cache/pagedserve/keys)")
@@ -107,10 +126,23 @@ def _extra(info: FieldInfo) -> dict:
     return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
 
 
-def env_name(cls: type[BaseSettings], name: str) -> str:
+def reuse(cls: type[BaseModel], name: str, **changes: Any) -> Any:
+    """Field ``name`` of settings class ``cls``, to declare in another class (e.g. a benchmark's).
+
+    It keeps its type constraints, help text and variable name (a class with another
+    ``env_prefix`` reads it under that prefix). ``changes``: e.g. ``default=`` where the other
+    class's use needs another default.
+    """
+    info = cls.model_fields[name]
+    return FieldInfo.merge_field_infos(info, **changes)
+
+
+def env_name(cls: type[BaseModel], name: str) -> str:
     """The environment variable of field ``name``."""
     alias = cls.model_fields[name].validation_alias
-    return alias if isinstance(alias, str) else ENV_PREFIX + name.upper()
+    if isinstance(alias, str):
+        return alias
+    return (cls.model_config.get("env_prefix") or ENV_PREFIX) + name.upper()
 
 
 def flag_name(cls: type[BaseSettings], name: str) -> str:
@@ -202,8 +234,9 @@ class SettingsParser:
                 kwargs.update(action="store_const", const=not default)
                 env += "=" + ("true" if not default else "false")
             elif _separator(info) is not None:
-                kwargs.update(action="append", metavar=name.upper().removesuffix("S"))
-                help_text += " (repeatable)"
+                kwargs.update(action="extend", nargs="+", metavar=name.upper().removesuffix("S"))
+                if default:
+                    help_text += f" (default {' '.join(map(str, default))})".replace("%", "%%")
             else:
                 choices = _choices(annotation)
                 kwargs.update(metavar="{" + ",".join(choices) + "}" if choices else _metavar(name, annotation))
