@@ -10,8 +10,8 @@ uses). This module derives the rest from those fields:
   another; a bool field whose default is True gets a flag that turns it off) and builds the
   settings object: flags win over the environment, which wins over the defaults. A bad value
   exits with status 2 and a message naming the flag (or the variable) it came from.
-- :func:`to_env` turns a settings object back into environment variables, which is how
-  ``pagedserve serve`` hands each child process its settings.
+- :func:`to_env` / :func:`environment_for` turn a settings object back into environment
+  variables, which is how ``pagedserve serve`` hands each child process its settings.
 
 It lives in blockmgr/ because that package is the bottom of the import graph (every service
 already imports :mod:`blockmgr.security`); it imports nothing from the services.
@@ -197,6 +197,17 @@ def to_env(settings: BaseSettings) -> dict[str, str]:
             text = str(value)
         out[env_name(cls, name)] = text
     return out
+
+
+def environment_for(settings: BaseSettings, base: dict[str, str]) -> dict[str, str]:
+    """The environment of a process that should rebuild ``settings``: ``base`` with every variable of
+    ``settings``' class replaced by :func:`to_env`'s (one left None is removed, not inherited).
+
+    Other variables of ``base`` pass through, e.g. ``PAGEDSERVE_CACHE_DIR``, which is not a setting.
+    """
+    cls = type(settings)
+    own = {env_name(cls, name) for name in settings_fields(cls)}
+    return {**{k: v for k, v in base.items() if k not in own}, **to_env(settings)}
 
 
 class SettingsParser:

@@ -59,7 +59,7 @@ def serve(argv: list[str]) -> int:
             parser.error(f"{flag}: port {port} is already in use")
 
     from blockmgr import security
-    from blockmgr.settings import ENV_PREFIX, to_env
+    from blockmgr.settings import environment_for
     from executor.model_loader import default_model_path, resolve_model_dir
     from gateway.launcher import Child, supervise
 
@@ -76,11 +76,9 @@ def serve(argv: list[str]) -> int:
         settings = settings.model_copy(update={"keys_dir": keys_dir})
 
     model_dir = str(resolve_model_dir(model or default_model_path()))
-    # The children read their settings from the environment alone, not from variables serve was given.
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     children = []
     for name, module, child in settings.processes(model_dir, num_threads):
-        children.append(Child(name, ["-m", module], env={**base_env, **to_env(child)}))
+        children.append(Child(name, ["-m", module], env=environment_for(child, dict(os.environ))))
         if module == "executor":
             log.info("%s: %d torch threads (%s)", name, num_threads, why)
     return supervise(children)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from blockmgr.config import BlockManagerSettings, KeysSettings
-from blockmgr.settings import ENV_PREFIX, SettingsParser, env_name, flag_name, load, settings_fields, to_env
+from blockmgr.settings import (ENV_PREFIX, SettingsParser, env_name, environment_for, flag_name, load, settings_fields,
+                               to_env)
 from executor.config import ExecutorSettings
 from gateway.settings import GatewaySettings, ServeSettings
 
@@ -127,6 +128,15 @@ def test_to_env_rebuilds_the_same_settings(monkeypatch):
         for var, value in env.items():
             monkeypatch.setenv(var, value)
         assert cls() == settings
+
+
+def test_a_child_environment_replaces_every_variable_of_its_settings():
+    settings = ExecutorSettings(block_size=8)
+    base = {"PAGEDSERVE_NUM_BLOCKS": "7", "PAGEDSERVE_DEVICE": "cuda", "PAGEDSERVE_CACHE_DIR": "/c", "PATH": "/bin"}
+    env = environment_for(settings, base)
+    assert env["PAGEDSERVE_BLOCK_SIZE"] == "8" and env["PAGEDSERVE_NUM_BLOCKS"] == "0"
+    assert "PAGEDSERVE_DEVICE" not in env  # None in the object: not inherited from serve's shell
+    assert env["PAGEDSERVE_CACHE_DIR"] == "/c" and env["PATH"] == "/bin"  # not settings: passed through
 
 
 def test_every_service_help_lists_every_setting_once():
