@@ -48,8 +48,10 @@ class Separated:
             return value
         out = []
         for item in value:
-            parts = item.split(self.sep.strip() or None) if isinstance(item, str) else [item]
-            out += [p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip()]
+            if isinstance(item, str):
+                out += [part.strip() for part in item.split(self.sep.strip() or None) if part.strip()]
+            else:
+                out.append(item)
         return out
 
 
