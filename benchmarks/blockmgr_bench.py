@@ -12,15 +12,17 @@ hashed into the prefix cache). Prints:
 
 from __future__ import annotations
 
-import argparse
 import socket
 import statistics
 import subprocess
 import sys
 import time
 
+from benchmarks.settings import BenchmarkSettings
 from blockmgr.client import BlockManagerClient, InProcessBlockManager
 from blockmgr.manager import BlockManager
+from blockmgr.settings import load, reuse, setting
+from executor.config import ExecutorSettings
 
 
 def _free_port() -> int:
@@ -56,13 +58,15 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqs", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--prompt-len", type=int, default=200)
-    ap.add_argument("--block-size", type=int, default=16)
-    args = ap.parse_args()
+class BlockManagerBenchSettings(BenchmarkSettings):
+    seqs: int = setting(256, "running sequences", ge=1)
+    steps: int = setting(200, "steps measured", ge=1)
+    prompt_len: int = setting(200, "prompt tokens of each sequence", ge=1)
+    block_size: int = reuse(ExecutorSettings, "block_size")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, _ = load(BlockManagerBenchSettings, argv, "blockmgr_bench.py", __doc__.split("\n\n")[0])
 
     t = drive(InProcessBlockManager(BlockManager()), args.seqs, args.steps, args.prompt_len, args.block_size)
     in_proc_ops = args.seqs * len(t) / sum(t)
@@ -70,7 +74,8 @@ def main() -> None:
           f"({statistics.mean(t) * 1e3:.2f} ms per step of {args.seqs} sequences, msgpack round trip included)")
 
     addr = f"tcp://127.0.0.1:{_free_port()}"
-    proc = subprocess.Popen([sys.executable, "-m", "blockmgr", "--bind", addr, "--log-level", "WARNING"])
+    proc = subprocess.Popen([sys.executable, "-m", "blockmgr", "--bind", addr, "--log-level", "WARNING",
+                             "--insecure-local"])
     try:
         client = BlockManagerClient(addr, timeout_s=30)
         for _ in range(100):

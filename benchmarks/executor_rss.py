@@ -14,11 +14,23 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the settings classes come from this checkout
+
+from benchmarks.settings import BenchmarkSettings, import_from  # noqa: E402
+from blockmgr.settings import load, reuse, setting  # noqa: E402
+from executor.config import ExecutorSettings  # noqa: E402
+
+
+class ExecutorRssSettings(BenchmarkSettings):
+    kv_cache_gib: float = reuse(ExecutorSettings, "kv_cache_gib")
+    swap_space: float = reuse(ExecutorSettings, "swap_space")
+    prompt_len: int = setting(128, "prompt tokens of the one request", ge=1)
+    block_size: int = reuse(ExecutorSettings, "block_size")
+    repo: str = setting(str(REPO), "the pagedserve checkout to import")
 
 
 def rss_mib() -> float:
@@ -29,14 +41,8 @@ def rss_mib() -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kv-cache-gib", type=float, default=1.0)
-    p.add_argument("--swap-space", type=float, default=0.5)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--repo", default=str(REPO), help="the pagedserve checkout to import (default: this one)")
-    args = p.parse_args(argv)
-    sys.path.insert(0, str(Path(args.repo).resolve()))
+    args, _ = load(ExecutorRssSettings, argv, "executor_rss.py", __doc__.split("\n\n")[0])
+    import_from(args.repo)
     import torch
 
     torch.set_num_threads(1)
@@ -52,7 +58,8 @@ def main(argv=None) -> int:
     weights = {id(t): t.numel() * t.element_size() for t in model.parameters()}  # tied: counted once
     print(f"model loaded: {rss_mib():.0f} MiB (parameters {sum(weights.values()) / 2**20:.0f} MiB)")
     per_block = kv_bytes_per_block(model, args.block_size, torch.float32)
-    cfg = EngineConfig(args.block_size, int(args.kv_cache_gib * 2**30 // per_block), 64, 2048, None,
+    # Keywords only: an older checkout's EngineConfig takes them too.
+    cfg = EngineConfig(block_size=args.block_size, num_blocks=int(args.kv_cache_gib * 2**30 // per_block),
                        num_cpu_blocks=int(args.swap_space * 2**30 // per_block))
     engine = Engine(model, InProcessBlockManager(BlockManager()), cfg, eos_token_ids=set())
     print(f"KV pools ({args.kv_cache_gib} GiB + {args.swap_space} GiB swap): {rss_mib():.0f} MiB")

@@ -21,7 +21,6 @@ Exit status: 0 all checks passed; 1 a check failed; 2 no CUDA device (without ``
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -29,28 +28,34 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Literal
+
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.settings import BenchmarkSettings  # noqa: E402  (imports no kernels: TRITON_INTERPRET comes first)
+from blockmgr.settings import load, separated_list, setting  # noqa: E402
 
 # SmolLM2-135M attention shape.
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cuda (default) or cpu: a tiny dry run under TRITON_INTERPRET=1")
-    p.add_argument("--dry-run", action="store_true", help="same as --device cpu")
-    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="cache dtype for the figures")
-    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,4,16,64,256)")
-    p.add_argument("--contexts", default=None, help="comma-separated context lengths (default 128,...,32768)")
-    p.add_argument("--time-budget", type=float, default=200.0,
-                   help="seconds after which remaining benchmark rows are skipped (default 200)")
-    p.add_argument("--skip-checks", action="store_true")
-    p.add_argument("--skip-bench", action="store_true")
-    args = p.parse_args(argv)
-    if args.dry_run:
-        args.device = "cpu"
-    return args
+class KernelsGpuSettings(BenchmarkSettings):
+    device: Literal["cuda", "cpu"] = setting("cuda", "cpu: a tiny dry run under TRITON_INTERPRET=1")
+    dry_run: bool = setting(False, "same as --device cpu")
+    dtype: Literal["bf16", "fp16"] = setting("bf16", "cache dtype for the figures")
+    batches: separated_list(",", int) = setting(help="batch sizes (default 1 4 16 64 256)", default_factory=list)
+    contexts: separated_list(",", int) = setting(help="context lengths (default 128 512 ... 32768)",
+                                                 default_factory=list)
+    time_budget: float = setting(200.0, "seconds after which remaining benchmark rows are skipped", gt=0)
+    skip_checks: bool = setting(False, "skip the kernel checks")
+    skip_bench: bool = setting(False, "skip the figures")
+
+
+def parse_args(argv: list[str] | None) -> KernelsGpuSettings:
+    args = load(KernelsGpuSettings, argv, "kernels_gpu.py", __doc__.split("\n\n")[0])[0]
+    return args.model_copy(update={"device": "cpu"}) if args.dry_run else args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     import triton
 
     import kernels
@@ -98,16 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checks: {'all passed' if not failures else f'{len(failures)} FAILED: ' + ', '.join(failures)}"
               f" ({time.monotonic() - t_start:.1f} s)")
     if not args.skip_bench:
-        batches = _ints(args.batches) or ([1, 2] if small else [1, 4, 16, 64, 256])
-        contexts = _ints(args.contexts) or ([16, 48] if small else [128, 512, 2048, 8192, 32768])
+        batches = args.batches or ([1, 2] if small else [1, 4, 16, 64, 256])
+        contexts = args.contexts or ([16, 48] if small else [128, 512, 2048, 8192, 32768])
         run_decode_bench(torch, kernels, device, low, batches, contexts, t_start, args.time_budget)
         run_extend_bench(torch, kernels, device, low, small)
     print(f"total {time.monotonic() - t_start:.1f} s")
     return 1 if failures else 0
-
-
-def _ints(text: str | None) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()] if text else []
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ Not part of CI (minutes per server). Usage::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -56,9 +55,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.settings import BenchmarkSettings  # noqa: E402
+from blockmgr.settings import load, reuse, separated_list, setting  # noqa: E402
+from executor.config import ExecutorSettings, ModelSettings  # noqa: E402
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PEERS = Path.home() / ".cache" / "pagedserve-peers"
@@ -114,7 +118,7 @@ def servers(args, model_dir: Path, concurrency: int) -> list[Server]:
     import torch
 
     out = []
-    t = args.threads
+    t = args.num_threads
     if "ours" in args.servers:
         port = free_port()
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -332,27 +336,31 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--servers", nargs="+", default=["ours", "vllm", "llama"], choices=["ours", "vllm", "llama"])
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--num-prompts", type=int, nargs="+", default=[4, 32, 64],
-                   help="requests per concurrency (one value per --concurrency)")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None, help="threads per server (default: the usable cores)")
-    p.add_argument("--model", default=None, help="the converted HF directory (default: SmolLM2's, as serve uses)")
-    p.add_argument("--peers-dir", default=str(DEFAULT_PEERS))
-    p.add_argument("--client", choices=["auto", "vllm", "builtin"], default="auto",
-                   help="auto: vllm bench serve when the vLLM venv is installed, else the built-in client")
-    p.add_argument("--out", default=str(REPO / "docs" / "bench"))
-    args = p.parse_args(argv)
+class PeersSettings(BenchmarkSettings):
+    servers: separated_list(",", Literal["ours", "vllm", "llama"]) = setting(["ours", "vllm", "llama"],
+                                                                             "servers to run: ours, vllm, llama")
+    concurrency: separated_list(",", int) = setting([1, 16, 64], "requests in flight")
+    num_prompts: separated_list(",", int) = setting([4, 32, 64], "requests per concurrency (one value per "
+                                                                 "--concurrency)")
+    input_len: int = setting(128, "prompt tokens of each request", ge=1)
+    output_len: int = setting(128, "output tokens of each request", ge=1)
+    num_threads: int | None = reuse(ExecutorSettings, "num_threads", description="torch CPU threads of each server "
+                                                                                  "(default: the usable cores)")
+    model: str | None = reuse(ModelSettings, "model")
+    peers_dir: str = setting(str(DEFAULT_PEERS), "where the peers are installed ($PEERS)")
+    client: Literal["auto", "vllm", "builtin"] = setting("auto", "auto: vllm bench serve when the vLLM venv is "
+                                                                 "installed, else the built-in client")
+    out: str = setting(str(REPO / "docs" / "bench"), "where peers.{md,json,png} go")
+
+
+def parse_args(argv=None) -> PeersSettings:
+    args, parser = load(PeersSettings, argv, "peers.py", __doc__.split("\n\n")[0])
     if len(args.num_prompts) != len(args.concurrency):
-        p.error("--num-prompts needs one value per --concurrency")
-    if args.threads is None:
+        parser.error("--num-prompts needs one value per --concurrency")
+    if args.num_threads is None:
         from executor.threads import default_num_threads
 
-        args.threads = default_num_threads(1)[0]
+        args = args.model_copy(update={"num_threads": default_num_threads(1)[0]})
     return args
 
 
@@ -368,7 +376,7 @@ def main(argv=None) -> int:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "model": MODEL_NAME,
+    meta = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.num_threads, "model": MODEL_NAME,
             "input_len": args.input_len, "output_len": args.output_len,
             "client": "vllm bench serve" if client == "vllm" else "built-in (benchmarks/peers.py)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -8,7 +8,7 @@ whole batch). Per step it measures, against a real ``redis-server``:
   snapshot and one ``SET`` (bytes written, microseconds);
 - new: :meth:`blockmgr.persistence.RedisStore.record`: one ``RPUSH`` of the step request as
   received (bytes, microseconds), and the same with the compaction amortized: a full snapshot
-  once the log is as large as the snapshot, or has ``--compact-every`` records, whichever comes
+  once the log is as large as the snapshot, or has ``--redis-compact-every`` records, whichever comes
   first (the block manager's policy);
 - for scale, the time the block manager itself takes to apply the step.
 
@@ -18,7 +18,6 @@ whole batch). Per step it measures, against a real ``redis-server``:
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import socket
 import statistics
@@ -29,10 +28,14 @@ import time
 import msgpack
 import redis
 
+from benchmarks.settings import BenchmarkSettings
 from blockmgr import protocol
+from blockmgr.config import BlockManagerSettings
 from blockmgr.manager import BlockManager
 from blockmgr.persistence import KEY_PREFIX, RedisStore
 from blockmgr.server import handle
+from blockmgr.settings import load, reuse, separated_list, setting
+from executor.config import ExecutorSettings
 
 EX = "bench"
 
@@ -94,7 +97,7 @@ def measure(num_blocks: int, args, url: str) -> dict:
     compact_b = len(msgpack.packb(manager.snapshot(EX), use_bin_type=True))
     r.flushdb()
     med = statistics.median
-    period = int(min(args.compact_every, max(1, compact_b // med(new_b))))  # steps between compactions
+    period = int(min(args.redis_compact_every, max(1, compact_b // med(new_b))))  # steps between compactions
     return {
         "blocks": num_blocks, "tokens": sum(lengths.values()),
         "apply_us": med(apply_s) * 1e6, "old_us": med(old_s) * 1e6, "old_bytes": med(old_b),
@@ -105,17 +108,20 @@ def measure(num_blocks: int, args, url: str) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--blocks", type=int, nargs="+", default=[2048, 32768, 262144])
-    ap.add_argument("--seqs", type=int, default=64, help="running sequences, each grown by one token a step")
-    ap.add_argument("--fill", type=float, default=0.9, help="fraction of the pool in use after the last step")
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=64, help="measured steps (new)")
-    ap.add_argument("--old-steps", type=int, default=8, help="measured steps of the old full SET")
-    ap.add_argument("--compact-every", type=int, default=10_000, help="as --redis-compact-every of the block manager")
-    ap.add_argument("--redis-url", default=None, help="default: start a private redis-server")
-    args = ap.parse_args()
+class PersistenceBenchSettings(BenchmarkSettings):
+    blocks: separated_list(",", int) = setting([2048, 32768, 262144], "device pool sizes, blocks")
+    seqs: int = setting(64, "running sequences, each grown by one token a step", ge=1)
+    fill: float = setting(0.9, "fraction of the pool in use after the last step", gt=0, le=1)
+    block_size: int = reuse(ExecutorSettings, "block_size")
+    steps: int = setting(64, "measured steps (new)", ge=1)
+    old_steps: int = setting(8, "measured steps of the old full SET", ge=0)
+    redis_compact_every: int = reuse(BlockManagerSettings, "redis_compact_every")
+    redis_url: str | None = reuse(BlockManagerSettings, "redis_url",
+                                  description="the Redis to measure (unset: start a private redis-server)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, _ = load(PersistenceBenchSettings, argv, "persistence_bench.py", __doc__.split("\n\n")[0])
 
     proc = None
     url = args.redis_url
@@ -133,7 +139,7 @@ def main() -> None:
                 time.sleep(0.05)
     try:
         print(f"{args.seqs} running sequences, {args.fill:.0%} of the pool in use, block size {args.block_size}; "
-              f"medians; compaction at the log's size of the snapshot, at most {args.compact_every} records\n")
+              f"medians; compaction at the log's size of the snapshot, at most {args.redis_compact_every} records\n")
         print("| device blocks | apply step (µs) | old: full SET (bytes) | old (µs) | new: RPUSH (bytes) | new (µs) "
               "| steps per compaction | new + compaction (bytes) | new + compaction (µs) | one compaction (ms) |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -33,7 +33,7 @@ compare with the hollow model's step time for an undistorted figure of the overh
 Usage::
 
     python benchmarks/profile_step.py                       # batch 1 and 16, 1 thread
-    python benchmarks/profile_step.py --batch-sizes 1 4 16 64 --prompt-len 512 --threads 2
+    python benchmarks/profile_step.py --batch-sizes 1 4 16 64 --prompt-len 512 --num-threads 2
     python benchmarks/profile_step.py --trace /tmp/trace    # also writes Chrome traces
     # step times of another checkout (say the commit before these changes), same settings:
     git archive 13482c8 | (mkdir -p /tmp/old && tar -x -C /tmp/old)
@@ -43,7 +43,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -52,27 +51,35 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the settings classes come from this checkout
+
+from benchmarks.settings import BenchmarkSettings, import_from  # noqa: E402
+from blockmgr.settings import load, reuse, separated_list, setting  # noqa: E402
+from executor.config import ExecutorSettings, ModelSettings  # noqa: E402
 
 CATEGORIES = ("matmul", "attention", "model (other)", "sampling", "block manager", "engine")
 _RANGE_OF = {"ps:matmul": "matmul", "ps:attention": "attention", "ps:model": "model (other)",
              "ps:sampling": "sampling", "ps:block_manager": "block manager", "ps:step": "engine"}
 
 
+class ProfileStepSettings(BenchmarkSettings):
+    batch_sizes: separated_list(",", int) = setting([1, 16], "decode batch sizes")
+    prompt_len: int = setting(128, "prompt tokens of each sequence", ge=1)
+    steps: int = setting(20, "decode steps timed, and as many profiled", ge=1)
+    warmup: int = setting(5, "decode steps before the timed ones", ge=0)
+    num_threads: int = reuse(ExecutorSettings, "num_threads", default=1,
+                             description="torch CPU threads (1: what CI's 2 cores run)")
+    block_size: int = reuse(ExecutorSettings, "block_size")
+    model: str | None = reuse(ModelSettings, "model")
+    trace: str | None = setting(None, "directory for Chrome traces (one per batch size)")
+    hollow: bool = setting(True, "skip the hollow-model overhead measurement", flag="--no-hollow")
+    time_only: bool = setting(False, "only time the decode steps, and the hollow model unless --no-hollow (no "
+                                     "profile)")
+    repo: str = setting(str(REPO), "the pagedserve checkout to import")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=20, help="decode steps timed, and as many profiled")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CI has 2 cores: 1)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--trace", default=None, help="directory for Chrome traces (one per batch size)")
-    p.add_argument("--no-hollow", action="store_true", help="skip the hollow-model overhead measurement")
-    p.add_argument("--time-only", action="store_true",
-                   help="only time the decode steps, and the hollow model unless --no-hollow (no profile)")
-    p.add_argument("--repo", default=str(REPO), help="the pagedserve checkout to import (default: this one)")
-    return p.parse_args(argv)
+    return load(ProfileStepSettings, argv, "profile_step.py", __doc__.split("\n\n")[0])[0]
 
 
 def instrument(engine):
@@ -148,11 +155,11 @@ def split_profile(prof, num_steps: int) -> tuple[dict, dict, dict, float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(args.repo).resolve()))
+    import_from(args.repo)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.num_threads)
     from blockmgr.client import InProcessBlockManager
     from blockmgr.manager import BlockManager
     from executor.engine import Engine, EngineConfig
@@ -160,7 +167,7 @@ def main(argv=None) -> int:
     from executor.request import SamplingParams
 
     model = load_model(resolve_model_dir(args.model or default_model_path()))
-    print(f"# SmolLM2 decode step on the CPU: torch {torch.__version__}, {args.threads} thread(s), "
+    print(f"# SmolLM2 decode step on the CPU: torch {torch.__version__}, {args.num_threads} thread(s), "
           f"prompt {args.prompt_len} tokens, block size {args.block_size}, {os.cpu_count()} cores seen, "
           f"code from {args.repo}")
     gen = torch.Generator().manual_seed(0)
@@ -208,7 +215,7 @@ def main(argv=None) -> int:
             prof.export_chrome_trace(str(Path(args.trace) / f"decode_b{batch}.json"))
         results.append((batch, statistics.median(times), *split_profile(prof, args.steps)))
 
-    hollow = {} if args.no_hollow else hollow_step_times(model.config, args)
+    hollow = hollow_step_times(model.config, args) if args.hollow else {}
     if args.time_only:
         for batch, ms in hollow.items():
             print(f"batch {batch}: hollow model {ms:.1f} ms per step")

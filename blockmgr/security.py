@@ -7,7 +7,7 @@ Each process of the stack is a *principal* with one CURVE key pair, kept in a ke
 - ``NAME.key_secret``: the public and the secret key (mode 0600).
 
 The principals are ``blockmgr`` (the block manager and its KV-event publisher), ``gateway`` and
-one per executor, named by its executor id. ``pagedserve keys --dir DIR`` (and ``pagedserve
+one per executor, named by its executor id. ``pagedserve keys --keys-dir DIR`` (and ``pagedserve
 serve`` on its first start) creates them. Every service accepts exactly the public keys found in
 the directory and knows each peer by the file's name: its ZAP handler (pyzmq's
 :class:`zmq.auth.thread.ThreadAuthenticator`) sets that name as the connection's ``User-Id``,
@@ -21,7 +21,6 @@ runs without authentication or encryption and binds loopback addresses only.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import ipaddress
 import logging
@@ -110,14 +109,14 @@ class Keys:
         self.name = check_name(name)
         secret_path = self.dir / f"{name}.key_secret"
         if not self.dir.is_dir():
-            raise KeysError(f"keys directory {self.dir} does not exist; create it with `pagedserve keys --dir {self.dir}`")
+            raise KeysError(f"keys directory {self.dir} does not exist; create it with `pagedserve keys --keys-dir {self.dir}`")
         for path in (self.dir, secret_path):
             if path.exists() and stat.S_IMODE(path.stat().st_mode) & 0o077:
                 raise KeysError(f"{path} is accessible by group or others (mode {stat.S_IMODE(path.stat().st_mode):o}); "
                                 f"chmod {'700' if path == self.dir else '600'} it")
         if not secret_path.is_file():
             raise KeysError(f"no key pair for {name!r} in {self.dir}; create it with "
-                            f"`pagedserve keys --dir {self.dir} --name {name}`")
+                            f"`pagedserve keys --keys-dir {self.dir} --name {name}`")
         self.public, self.secret = zmq.auth.load_certificate(secret_path)
         if not self.secret:
             raise KeysError(f"{secret_path} holds no secret key")
@@ -220,45 +219,42 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """``--keys-dir`` and ``--insecure-local``, shared by every service."""
-    parser.add_argument("--keys-dir", default=os.environ.get("PAGEDSERVE_KEYS_DIR") or None,
-                        help="CURVE keys directory (default: $PAGEDSERVE_KEYS_DIR); create one with `pagedserve keys`")
-    parser.add_argument("--insecure-local", action="store_true",
-                        help="run without keys: no authentication or encryption, loopback addresses only")
+def keys_for(settings, name: str, binds: list[str | None] = ()) -> Keys | None:
+    """The process's :class:`Keys` from ``settings.keys_dir``; None with ``settings.insecure_local``.
 
+    Args:
+        settings: a :class:`blockmgr.settings.ServiceSettings`.
+        name: the process's principal.
+        binds: the addresses it binds, which ``--insecure-local`` allows on loopback only.
 
-def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str,
-              binds: list[str] = ()) -> Keys | None:
-    """The process's :class:`Keys` from ``--keys-dir``; None with ``--insecure-local``.
-
-    Exits through ``parser.error`` when there are no usable keys and no ``--insecure-local``, or
-    when ``--insecure-local`` is asked to bind a non-loopback address.
+    Raises:
+        ValueError: no usable keys and no ``--insecure-local``, or ``--insecure-local`` asked to
+            bind a non-loopback address; the message names the flag.
     """
-    if args.keys_dir:
+    if settings.keys_dir:
         try:
-            return Keys(args.keys_dir, name)
+            return Keys(settings.keys_dir, name)
         except (KeysError, ValueError, OSError) as exc:
-            parser.error(f"--keys-dir: {exc}")
-    if not args.insecure_local:
-        parser.error("no CURVE keys: pass --keys-dir DIR (create it with `pagedserve keys --dir DIR`), "
-                     "or --insecure-local to run unauthenticated on loopback addresses only")
+            raise ValueError(f"--keys-dir: {exc}") from None
+    if not settings.insecure_local:
+        raise ValueError("no CURVE keys: pass --keys-dir DIR (create it with `pagedserve keys --keys-dir DIR`), "
+                         "or --insecure-local to run unauthenticated on loopback addresses only")
     for address in binds:
         if address and not is_loopback(address):
-            parser.error(f"--insecure-local binds loopback addresses only, not {address}")
+            raise ValueError(f"--insecure-local binds loopback addresses only, not {address}")
     log.warning("%s runs WITHOUT authentication or encryption (--insecure-local)", name)
     return None
 
 
 def main(argv: list[str] | None = None) -> None:
     """``pagedserve keys``: create the key pairs of a stack."""
-    parser = argparse.ArgumentParser(prog="pagedserve keys", description="Create CURVE key pairs for the services.")
-    parser.add_argument("--dir", default=str(default_keys_dir()), help="keys directory (default %(default)s)")
-    parser.add_argument("--name", action="append", default=None,
-                        help="a principal to create (repeatable; default: blockmgr, gateway, executor-0)")
-    args = parser.parse_args(argv)
+    from blockmgr.config import KeysSettings
+    from blockmgr.settings import load
+
+    settings, parser = load(KeysSettings, argv, "pagedserve keys", "Create CURVE key pairs for the services.")
+    keys_dir = settings.keys_dir or str(default_keys_dir())
     try:
-        created = create_keys(args.dir, args.name or [BLOCKMGR, GATEWAY, "executor-0"])
-    except ValueError as exc:
-        parser.error(str(exc))
-    print(f"{args.dir}: created {', '.join(created) if created else 'nothing (all present)'}")
+        created = create_keys(keys_dir, settings.key_names)
+    except (ValueError, OSError) as exc:
+        parser.error(f"--keys-dir {keys_dir}: {exc}")
+    print(f"{keys_dir}: created {', '.join(created) if created else 'nothing (all present)'}")

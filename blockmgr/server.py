@@ -9,7 +9,6 @@ never stops the service.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import time
@@ -17,9 +16,10 @@ import time
 import zmq
 
 from blockmgr import cache_index, pins, protocol, security
-from blockmgr.eviction import POLICIES
+from blockmgr.config import BlockManagerSettings
 from blockmgr.manager import BlockManager, BlockManagerError, StaleIncarnationError, UnknownExecutorError
 from blockmgr.security import OPERATORS
+from blockmgr.settings import load
 
 log = logging.getLogger("pagedserve.blockmgr")
 
@@ -197,46 +197,24 @@ def serve(bind: str, manager: BlockManager | None = None, store=None, keys: secu
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pagedserve blockmgr", description="Run the block-manager service.")
-    parser.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ address to bind (default %(default)s)")
-    parser.add_argument("--kv-events-bind", default=None, help="ZeroMQ PUB address for KV events (default: off)")
-    parser.add_argument("--redis-url", default=None, help="keep durable state in Redis, e.g. redis://127.0.0.1:6379/0")
-    parser.add_argument("--redis-compact-every", type=int, default=10_000,
-                        help="most step-log records per executor before a full snapshot replaces them; a log as "
-                             "large as its snapshot is compacted sooner (default %(default)s)")
-    parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
-    parser.add_argument("--watermark", type=float, default=0.01,
-                        help="fraction of device blocks kept free at admission (default %(default)s)")
-    parser.add_argument("--max-message-bytes", type=int, default=security.MAX_MESSAGE_BYTES,
-                        help="drop requests longer than this (default %(default)s)")
-    parser.add_argument("--eviction", choices=POLICIES, default="lru",
-                        help="which cached block is reused first (default %(default)s)")
-    parser.add_argument("--pin-share", type=float, default=0.5,
-                        help="most of each device pool that pins may hold (default %(default)s)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
-    security.add_flags(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not 0 <= args.watermark < 1:
-        parser.error("--watermark must be in [0, 1)")
-    if args.max_message_bytes < 1024:
-        parser.error("--max-message-bytes must be >= 1024")
-    if not 0 <= args.pin_share <= 1:
-        parser.error("--pin-share must be in [0, 1]")
-    keys = security.from_args(parser, args, security.BLOCKMGR, [args.bind, args.kv_events_bind])
-    publisher = KVEventPublisher(args.kv_events_bind, keys) if args.kv_events_bind else None
-    manager = BlockManager(args.watermark, not args.no_prefix_caching, on_events=publisher,
-                           eviction=args.eviction, pin_share=args.pin_share)
+    """``pagedserve blockmgr``: settings from flags and ``PAGEDSERVE_*`` variables (:class:`BlockManagerSettings`)."""
+    settings, parser = load(BlockManagerSettings, argv, "pagedserve blockmgr", "Run the block-manager service.")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        keys = security.keys_for(settings, security.BLOCKMGR, [settings.bind, settings.kv_events_bind])
+    except ValueError as exc:
+        parser.error(str(exc))
+    publisher = KVEventPublisher(settings.kv_events_bind, keys) if settings.kv_events_bind else None
+    manager = BlockManager(settings.watermark, settings.prefix_caching, on_events=publisher,
+                           eviction=settings.eviction, pin_share=settings.pin_share)
     store = None
-    if args.redis_url:
+    if settings.redis_url:
         from blockmgr.persistence import RedisStore
 
-        if args.redis_compact_every < 1:
-            parser.error("--redis-compact-every must be >= 1")
-        store = RedisStore(args.redis_url, compact_every=args.redis_compact_every)
+        store = RedisStore(settings.redis_url, compact_every=settings.redis_compact_every)
         try:
             store.ping()
             store.load(manager)
         except Exception as exc:
-            parser.error(f"--redis-url: cannot load state from Redis at {args.redis_url}: {exc}")
-    serve(args.bind, manager, store, keys, args.max_message_bytes)
+            parser.error(f"--redis-url: cannot load state from Redis at {settings.redis_url}: {exc}")
+    serve(settings.bind, manager, store, keys, settings.max_message_bytes)

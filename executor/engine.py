@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 
 import torch
 
 from executor.beam_search import BeamSearchGroup
 from executor.block_manager_link import BlockManagerLink
+from executor.config import ExecutorSettings as EngineConfig  # the engine reads the pool geometry from it
 from executor.model_runner import ModelRunner
 from executor.outputs import RequestOutput, StepRecord, output_of
 from executor.request import Request, SamplingParams, Status, build_request
@@ -31,27 +31,6 @@ from executor.scheduler import Scheduler
 from executor.sequence_group import SequenceGroups
 
 log = logging.getLogger("pagedserve.executor")
-
-
-@dataclass
-class EngineConfig:
-    """Knobs of one executor.
-
-    Attributes:
-        block_size: tokens per KV block.
-        num_blocks: device KV blocks in the pool.
-        max_num_seqs: most sequences per step.
-        max_num_batched_tokens: token budget per step (decodes + prefill chunks).
-        max_model_len: longest sequence (prompt + output) accepted; defaults to the model's.
-        num_cpu_blocks: blocks in the CPU swap pool (``--swap-space``); 0 disables swapping.
-    """
-
-    block_size: int = 16
-    num_blocks: int = 1024
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    num_cpu_blocks: int = 0
 
 
 class Engine:

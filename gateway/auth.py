@@ -50,8 +50,8 @@ def is_loopback(request: Request) -> bool:
 
 
 def api_keys(settings) -> list[str]:
-    """Every accepted API key (``api_key`` and ``api_keys``); empty: the API is open."""
-    return ([settings.api_key] if settings.api_key else []) + [k for k in settings.api_keys if k]
+    """Every accepted API key (``settings.api_keys``); empty: the API is open."""
+    return [k for k in settings.api_keys if k]
 
 
 def tenant_of(key: str) -> str:

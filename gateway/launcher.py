@@ -18,14 +18,17 @@ log = logging.getLogger("pagedserve.serve")
 
 @dataclass
 class Child:
+    """A service process: ``python <argv>`` with environment ``env`` (None: serve's own)."""
+
     name: str
     argv: list[str]
     proc: subprocess.Popen | None = None
+    env: dict[str, str] | None = None
 
 
 def start(child: Child) -> None:
     log.info("starting %s: %s", child.name, " ".join(child.argv))
-    child.proc = subprocess.Popen([sys.executable, *child.argv])
+    child.proc = subprocess.Popen([sys.executable, *child.argv], env=child.env)
 
 
 def stop_all(children: list[Child], grace_s: float = 10.0) -> None:

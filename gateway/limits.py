@@ -1,7 +1,7 @@
 """Bounds on what one request may ask for, and the body-size middleware.
 
-Every limit is a :class:`gateway.settings.GatewaySettings` field and a ``pagedserve`` flag (the
-field's name with dashes); :data:`DEFAULT_LIMITS` holds the defaults. A request over a limit gets
+Every limit is a :class:`gateway.settings.GatewaySettings` field, so a ``pagedserve`` flag (the
+field's name with dashes) and a ``PAGEDSERVE_`` variable; :data:`DEFAULT_LIMITS` holds the defaults. A request over a limit gets
 HTTP 400 with an OpenAI error body naming the field; a full waiting queue gets 429 with
 ``Retry-After`` (see :meth:`gateway.runtime.Gateway.check_capacity`).
 
@@ -23,27 +23,11 @@ from __future__ import annotations
 import json
 
 from gateway.errors import bad_request
+from gateway.settings import GatewaySettings
 
-DEFAULT_LIMITS: dict = {
-    "max_sequences_per_request": 256,
-    "max_waiting_sequences": 1024,
-    "max_stop_strings": 4,
-    "max_stop_string_chars": 256,
-    "max_abs_priority": 1000,
-    "min_temperature": 1e-5,
-    "max_logit_bias_entries": 300,
-}
-
-LIMIT_HELP: dict = {
-    "max_sequences_per_request": "most sequences (prompts x n, or x beams) in one request",
-    "max_waiting_sequences": "answer 429 + Retry-After when this many sequences wait for their first token "
-                             "(0: no limit)",
-    "max_stop_strings": "most stop strings per request",
-    "max_stop_string_chars": "longest stop string, in characters",
-    "max_abs_priority": "priority must be in [-N, N]",
-    "min_temperature": "temperatures below this (and above 0) are treated as greedy",
-    "max_logit_bias_entries": "most logit_bias entries per request",
-}
+LIMITS = ("max_sequences_per_request", "max_waiting_sequences", "max_stop_strings", "max_stop_string_chars",
+          "max_abs_priority", "min_temperature", "max_logit_bias_entries")
+DEFAULT_LIMITS: dict = {name: GatewaySettings.model_fields[name].default for name in LIMITS}
 
 
 def check_sequences(settings, num_prompts: int, n: int, width: int | None = None) -> int:

@@ -25,7 +25,7 @@ class Gateway:
         settings: the gateway's configuration.
         executors: executor clients; default one ``ExecutorClient`` per ``settings.executors``.
         blockmgr: a block-manager client (sync API); default a ``BlockManagerClient``.
-        tokenizer: a ``transformers`` tokenizer; default loaded from ``settings.model_dir``.
+        tokenizer: a ``transformers`` tokenizer; default loaded from ``settings.model``.
         routing_blockmgr: the client used for ``match_prefix`` (default: a second
             ``BlockManagerClient`` with a short timeout, so routing never waits long).
     """
@@ -36,7 +36,7 @@ class Gateway:
         if tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(settings.model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(settings.model)
         self.tokenizer = tokenizer
         self.token_text = TokenText(tokenizer)
         if executors is None:

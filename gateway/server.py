@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -10,59 +9,35 @@ from pathlib import Path
 import uvicorn
 
 from blockmgr import security
+from blockmgr.settings import load
 from executor.client import split_address
 from gateway.app import create_app
-from gateway.settings import GatewaySettings, add_gateway_flags, api_keys_from, limits_from
+from gateway.settings import GatewaySettings
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pagedserve gateway", description="Run the HTTP gateway.")
-    parser.add_argument("--model-dir", required=True, help="converted model directory (tokenizer + config.json)")
-    parser.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory's name)")
-    parser.add_argument("--executor", action="append", required=True,
-                        help="an executor's ZeroMQ address, with keys prefixed by its executor id: "
-                             "executor-0@tcp://127.0.0.1:5560 (repeatable)")
-    parser.add_argument("--blockmgr", default="tcp://127.0.0.1:5557")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--log-level", default="INFO")
-    add_gateway_flags(parser)
-    security.add_flags(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """``pagedserve gateway``: settings from flags and ``PAGEDSERVE_*`` variables (:class:`GatewaySettings`)."""
+    settings, parser = load(GatewaySettings, argv, "pagedserve gateway", "Run the HTTP gateway.")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.model:
+        parser.error("--model: required (the converted model directory: tokenizer files + config.json)")
+    if not settings.executors:
+        parser.error("--executor: at least one executor address is required")
     # The gateway binds no ZeroMQ socket; --insecure-local only lets it talk to unauthenticated services.
-    keys = security.from_args(parser, args, security.GATEWAY)
-    if keys is not None:
-        for address in args.executor:
-            if split_address(address)[0] is None:
-                parser.error(f"--executor {address}: name the executor whose key to expect, as EXECUTOR_ID@{address}")
-    config_path = Path(args.model_dir) / "config.json"
-    if not config_path.is_file():
-        parser.error(f"--model-dir: {config_path} does not exist")
-    if args.max_body_bytes < 1024:
-        parser.error("--max-body-bytes must be >= 1024")
     try:
-        limits = limits_from(args)
+        keys = security.keys_for(settings, security.GATEWAY)
     except ValueError as exc:
         parser.error(str(exc))
-    if not args.request_timeout > 0:
-        parser.error("--request-timeout must be > 0")
+    if keys is not None:
+        for address in settings.executors:
+            if split_address(address)[0] is None:
+                parser.error(f"--executor {address}: name the executor whose key to expect, as EXECUTOR_ID@{address}")
+    config_path = Path(settings.model) / "config.json"
+    if not config_path.is_file():
+        parser.error(f"--model: {config_path} does not exist (the gateway needs a converted model directory)")
     config = json.loads(config_path.read_text())
-    max_len = args.max_model_len or int(config.get("max_position_embeddings", 2048))
-    settings = GatewaySettings(
-        model_dir=args.model_dir,
-        served_model_name=args.served_model_name or Path(args.model_dir).name,
-        executors=args.executor,
-        blockmgr=args.blockmgr,
-        max_model_len=max_len,
-        api_keys=api_keys_from(args),
-        admin_key=args.admin_key or None,
-        metrics_need_admin=args.metrics_need_admin,
-        isolate_tenants=not args.shared_prefix_cache,
-        max_body_bytes=args.max_body_bytes,
-        keys=keys,
-        **limits,
-        request_timeout_s=args.request_timeout,
-    )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())
+    settings = settings.model_copy(update={
+        "served_model_name": settings.served_model_name or Path(settings.model).name,
+        "max_model_len": settings.max_model_len or int(config.get("max_position_embeddings", 2048)),
+    }).with_keys(keys)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())

@@ -9,7 +9,6 @@ Results go to ``<output-dir>/<kind>-<timestamp>.json`` and PNG plots beside it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -19,53 +18,79 @@ import time
 from pathlib import Path
 
 from benchmarks.serving.workloads import WORKLOADS
+from benchmarks.settings import BenchmarkSettings
+from blockmgr.config import BlockManagerSettings
+from blockmgr.settings import load, reuse, separated_list, setting
+from executor.config import ExecutorSettings, ModelSettings
 
 DEFAULT_WORKLOADS = ("sharegpt", "alpaca", "shared-prefix", "parallel-sampling", "beam")
 
 
-def _csv(kind):
-    def parse(text: str):
-        return [kind(x) for x in text.split(",") if x.strip()]
-    return parse
-
-
-def _workloads(text: str) -> list[str]:
-    names = []
-    for w in (w.strip() for w in text.split(",")):
-        names += list(DEFAULT_WORKLOADS) if w == "all" else [w] if w else []
-    bad = [w for w in names if w not in WORKLOADS]
+def _workloads(names: list[str]) -> list[str]:
+    out = []
+    for w in names:
+        out += list(DEFAULT_WORKLOADS) if w == "all" else [w]
+    bad = [w for w in out if w not in WORKLOADS]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown workload(s) {bad}; expected {', '.join(WORKLOADS)} or all")
-    return names
+        raise ValueError(f"unknown workload(s) {bad}; expected {', '.join(WORKLOADS)} or all")
+    return out
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", type=_workloads, default=["sharegpt"],
-                   help=f"comma-separated, from {', '.join(WORKLOADS)}; 'all' = {','.join(DEFAULT_WORKLOADS)} "
-                        "(default sharegpt)")
-    p.add_argument("--num-requests", type=int, default=12,
-                   help="requests per workload (default %(default)s: a few minutes on 2 CPU cores)")
-    p.add_argument("--seed", type=int, default=0, help="seeds lengths, texts and sampling (default %(default)s)")
-    p.add_argument("--max-model-len", type=int, default=512,
-                   help="cap on input + output tokens of sharegpt-like draws (default %(default)s, for short runs; "
-                        "the README's figures use 1024; the model allows 8192)")
-    p.add_argument("--shared-output-len", type=int, default=32, help="output tokens per shared-prefix request")
-    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--output-dir", default="bench-results", help="where JSON and PNG files go (default %(default)s)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--concurrency", type=_csv(int), default=[1, 16],
-                   help="decode workload: concurrent requests, comma-separated (default 1,16)")
+Workloads = separated_list(",", check=_workloads)
 
 
-def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    args = p.parse_args(argv)
-    if not args.no_plots:
+class BenchSettings(BenchmarkSettings):
+    """What both benchmarks take: the workloads, the model, where results go."""
+
+    workload: Workloads = setting(["sharegpt"], f"from {', '.join(WORKLOADS)}; 'all' = {','.join(DEFAULT_WORKLOADS)}")
+    num_requests: int = setting(12, "requests per workload (a few minutes on 2 CPU cores)", ge=1)
+    seed: int = setting(0, "seeds lengths, texts and sampling")
+    max_model_len: int = setting(512, "cap on input + output tokens of sharegpt-like draws (short runs; the README's "
+                                      "figures use 1024; the model allows 8192)", ge=2)
+    shared_output_len: int = setting(32, "output tokens per shared-prefix request", ge=1)
+    model: str | None = reuse(ModelSettings, "model")
+    output_dir: str = setting("bench-results", "where JSON and PNG files go")
+    plots: bool = setting(True, "write no PNG plots", flag="--no-plots")
+    quiet: bool = setting(False, "no progress bars")
+    concurrency: separated_list(",", int) = setting([1, 16], "decode workload: concurrent requests")
+
+
+class ThroughputSettings(BenchSettings):
+    """``pagedserve bench throughput``: the engine in this process, and the HF baseline."""
+
+    hf_batch_sizes: separated_list(",", int) = setting([4, 8], "HF static batch sizes to try on n=1 workloads; the "
+                                                               "best counts")
+    hf_workloads: Workloads = setting(["sharegpt", "alpaca", "decode"], "workloads that also run the HF baseline "
+                                                                        "(n=1, no beam)")
+    hf: bool = setting(True, "skip the HF baseline", flag="--no-hf")
+    num_threads: int | None = reuse(ExecutorSettings, "num_threads")
+    device: str | None = reuse(ExecutorSettings, "device")
+    block_size: int = reuse(ExecutorSettings, "block_size")
+    num_blocks: int = reuse(ExecutorSettings, "num_blocks")
+    kv_cache_gib: float = reuse(ExecutorSettings, "kv_cache_gib")
+    max_num_seqs: int = reuse(ExecutorSettings, "max_num_seqs")
+    max_num_batched_tokens: int = reuse(ExecutorSettings, "max_num_batched_tokens")
+    prefix_caching: bool = reuse(BlockManagerSettings, "prefix_caching")
+    prefix_ttft_samples: int = setting(3, "shared-prefix: requests timed cold and (others) warm", ge=1)
+
+
+class ServeBenchSettings(BenchSettings):
+    """``pagedserve bench serve``: Poisson arrivals against a running gateway."""
+
+    url: str = setting("http://127.0.0.1:8000", "the gateway")
+    request_rate: separated_list(",", float) = setting([float("inf")], "requests/s; inf sends all at once")
+    served_model_name: str | None = setting(None, "model name to send (default: the first of /v1/models)")
+    timeout: float = setting(3600.0, "per-request timeout, s", gt=0)
+
+
+def _parse(cls, prog: str, description: str, argv: list[str]):
+    settings, parser = load(cls, argv, prog, description)
+    if settings.plots:
         from benchmarks.serving.plots import missing
 
         if hint := missing():
-            p.error(hint)
-    return args
+            parser.error(hint)
+    return settings
 
 
 def _metadata(argv: list[str], threads: int | None) -> dict:
@@ -97,34 +122,22 @@ def _fmt(v, spec=".1f") -> str:
 
 # --------------------------------------------------------------------------------------------------
 def throughput(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="pagedserve bench throughput",
-                                description="Offline benchmark: the engine in this process, no HTTP, with an "
-                                            "HF transformers static-batching baseline measured in the same run.")
-    _common(p)
-    p.add_argument("--hf-batch-sizes", type=_csv(int), default=[4, 8],
-                   help="HF static batch sizes to try on n=1 workloads; the best counts (default 4,8)")
-    p.add_argument("--hf-workloads", type=_workloads, default=["sharegpt", "alpaca", "decode"],
-                   help="workloads that also run the HF baseline (n=1, no beam; default sharegpt,alpaca,decode)")
-    p.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
-    p.add_argument("--num-threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
-                   help="torch CPU threads for both systems (default: cores but one)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, default=2048, help="KV blocks in the pool (default %(default)s)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--prefix-ttft-samples", type=int, default=3,
-                   help="shared-prefix: requests timed cold and (others) warm (default %(default)s)")
-    args = _parse(p, argv)
+    args = _parse(ThroughputSettings, "pagedserve bench throughput", "Offline benchmark: the engine in this "
+                  "process, no HTTP, with an HF transformers static-batching baseline measured in the same run.", argv)
 
     import torch
 
-    torch.set_num_threads(args.num_threads)
+    from executor.threads import default_num_threads
+
+    # Both systems (ours and the HF baseline) run with these threads.
+    num_threads = args.num_threads or default_num_threads(1)[0]
+    torch.set_num_threads(num_threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from executor.model_loader import default_model_path, load_model, resolve_model_dir
+    from executor.server import kv_bytes_per_block
     from benchmarks.serving import hf_baseline, offline, plots
     from benchmarks.serving.workloads import TextSource, make_workload
 
@@ -132,15 +145,15 @@ def throughput(argv: list[str]) -> int:
     model_dir = resolve_model_dir(args.model or default_model_path())
     tok = AutoTokenizer.from_pretrained(model_dir)
     source = TextSource(tok)
-    model = load_model(model_dir, device=args.device, progress=not args.quiet)
+    model = load_model(model_dir, device=device, progress=not args.quiet)
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    cfg = offline.OfflineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
-                                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                enable_prefix_caching=not args.no_prefix_caching, device=args.device)
-    results = _metadata(["throughput", *argv], args.num_threads) | {
-        "kind": "throughput", "model": str(model_dir), "engine": {k: str(v) for k, v in cfg.__dict__.items()},
-        "workloads": [],
+    engine_fields = ("block_size", "num_blocks", "kv_cache_gib", "max_num_seqs", "max_num_batched_tokens")
+    per_block = kv_bytes_per_block(model, args.block_size, torch.float32)
+    cfg = offline.OfflineConfig(ExecutorSettings(**{f: getattr(args, f) for f in engine_fields}, swap_space=0)
+                                .with_pool_sizes(per_block), args.prefix_caching, device)
+    results = _metadata(["throughput", *argv], num_threads) | {
+        "kind": "throughput", "model": str(model_dir), "engine": cfg.summary(), "workloads": [],
     }
     progress = not args.quiet
     path = _result_path(Path(args.output_dir), "throughput")
@@ -181,11 +194,11 @@ def throughput(argv: list[str]) -> int:
             print(f"   TTFT cold {t['cold_ttft_median_s']:.3f} s, warm {t['warm_ttft_median_s']:.3f} s: "
                   f"warm/cold = {100 * t['warm_over_cold']:.1f}%", flush=True)
         del engine, bm
-        hf_ok = not args.no_hf and name in args.hf_workloads and all(r.n == 1 and not r.beam_width for r in wl.requests)
+        hf_ok = args.hf and name in args.hf_workloads and all(r.n == 1 and not r.beam_width for r in wl.requests)
         if hf_ok:
             if hf is None:
                 hf = hf_baseline.load_hf(model_dir)
-                hf[0].to(args.device)
+                hf[0].to(device)
                 hf_baseline.warm_up(*hf)
             sizes = [conc] if conc else args.hf_batch_sizes
             entry["hf"] = []
@@ -204,7 +217,7 @@ def throughput(argv: list[str]) -> int:
     print("\n" + results["summary"])
     _write(path, results)
     print(f"\nresults: {path}")
-    if not args.no_plots:
+    if args.plots:
         stem = path.with_suffix("")
         runs = [e["ours"] for e in results["workloads"] if "ours" in e and e["workload"] != "decode"]
         hfs = [h for e in results["workloads"] for h in e.get("hf", []) if e["workload"] != "decode"]
@@ -248,15 +261,8 @@ def summary_table(results: dict) -> str:
 
 # --------------------------------------------------------------------------------------------------
 def serve(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="pagedserve bench serve",
-                                description="Online benchmark against a running gateway (Poisson arrivals).")
-    _common(p)
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway (default %(default)s)")
-    p.add_argument("--request-rate", type=_csv(float), default=[float("inf")],
-                   help="requests/s, comma-separated; inf sends all at once (default inf)")
-    p.add_argument("--served-model-name", default=None, help="model name to send (default: the first of /v1/models)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout, s")
-    args = _parse(p, argv)
+    args = _parse(ServeBenchSettings, "pagedserve bench serve",
+                  "Online benchmark against a running gateway (Poisson arrivals).", argv)
 
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -293,7 +299,7 @@ def serve(argv: list[str]) -> int:
                 print(f"   error: {err}", file=sys.stderr)
     path = _write(_result_path(Path(args.output_dir), "serve"), results)
     print(f"results: {path}")
-    if not args.no_plots and results["runs"]:
+    if args.plots and results["runs"]:
         stem = path.with_suffix("")
         pngs = [plots.throughput_vs_rate(results["runs"], Path(f"{stem}-throughput-vs-rate.png")),
                 plots.latency_cdfs(results["runs"], Path(f"{stem}-latency-cdf.png"))]

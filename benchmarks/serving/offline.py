@@ -66,26 +66,23 @@ def sampling_params(req: BenchRequest) -> SamplingParams:
 
 @dataclasses.dataclass
 class OfflineConfig:
-    """Engine settings for the offline benchmark (see :class:`executor.engine.EngineConfig`)."""
+    """The offline benchmark's engine: its settings (pool sizes resolved), prefix caching, device, dtype."""
 
-    block_size: int = 16
-    num_blocks: int = 2048
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
+    engine: EngineConfig
+    prefix_caching: bool = True
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
 
+    def summary(self) -> dict:
+        """What the results file records of it."""
+        fields = ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+        return {**{f: getattr(self.engine, f) for f in fields}, "prefix_caching": self.prefix_caching,
+                "device": self.device, "dtype": str(self.dtype)}
+
 
 def make_engine(model, eos_ids: set[int], cfg: OfflineConfig) -> tuple[Engine, InProcessBlockManager]:
-    bm = InProcessBlockManager(BlockManager(enable_prefix_caching=cfg.enable_prefix_caching))
-    engine = Engine(
-        model, bm,
-        EngineConfig(cfg.block_size, cfg.num_blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                     cfg.max_model_len),
-        eos_ids, executor_id=EXECUTOR_ID, device=cfg.device, dtype=cfg.dtype,
-    )
+    bm = InProcessBlockManager(BlockManager(enable_prefix_caching=cfg.prefix_caching))
+    engine = Engine(model, bm, cfg.engine, eos_ids, executor_id=EXECUTOR_ID, device=cfg.device, dtype=cfg.dtype)
     engine.record_steps = True
     return engine, bm
 

@@ -61,7 +61,7 @@ async def version(request: Request):
 
 def _model_card(gw) -> dict:
     return {"id": gw.settings.served_model_name, "object": "model", "created": 0, "owned_by": "pagedserve",
-            "root": gw.settings.model_dir, "max_model_len": gw.settings.max_model_len}
+            "root": gw.settings.model, "max_model_len": gw.settings.max_model_len}
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"], dependencies=[Depends(require_api_key)],

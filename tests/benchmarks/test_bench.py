@@ -96,7 +96,7 @@ def test_static_kv_utilization_by_hand():
 
 
 def _engine(tiny, **kw):
-    cfg = offline.OfflineConfig(num_blocks=kw.pop("num_blocks", 512), **kw)
+    cfg = offline.OfflineConfig(offline.EngineConfig(num_blocks=kw.pop("num_blocks", 512), **kw))
     return offline.make_engine(tiny, {2}, cfg)
 
 

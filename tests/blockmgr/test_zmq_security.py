@@ -79,7 +79,7 @@ def raw_dealer(keys_obj=None, server="blockmgr"):
 
 def test_keys_are_private_and_created_once(tmp_path):
     d = tmp_path / "k"
-    out = subprocess.run([sys.executable, "-c", "from gateway.cli import main; main()", "keys", "--dir", str(d),
+    out = subprocess.run([sys.executable, "-c", "from gateway.cli import main; main()", "keys", "--keys-dir", str(d),
                           "--name", "blockmgr", "--name", "gateway"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "created blockmgr, gateway" in out.stdout

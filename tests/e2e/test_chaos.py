@@ -49,7 +49,7 @@ class Stack:
                       "--save", "", "--appendonly", "no", "--dir", str(self.tmp)],
             "blockmgr": py + ["blockmgr", "--bind", self.bm_addr, "--redis-url",
                               f"redis://127.0.0.1:{self.redis_port}/0", "--log-level", "WARNING", "--keys-dir", self.keys],
-            "gateway": py + ["gateway", "--model-dir", self.model_dir, "--served-model-name", "m", "--blockmgr",
+            "gateway": py + ["gateway", "--model", self.model_dir, "--served-model-name", "m", "--blockmgr",
                              self.bm_addr, "--port", str(self.port), "--max-model-len", "512",
                              "--request-timeout", str(DEADLINE_S), "--executor", "executor-0@" + self.ex_addrs[0],
                              "--executor", "executor-1@" + self.ex_addrs[1], "--log-level", "WARNING",

@@ -19,6 +19,10 @@ import httpx
 import pytest
 import yaml
 
+from blockmgr.config import BlockManagerSettings, KeysSettings
+from blockmgr.settings import ENV_PREFIX, env_name, settings_fields
+from executor.config import ExecutorSettings
+from gateway.settings import GatewaySettings
 from tests.conftest import _free_port
 
 pytestmark = pytest.mark.slow
@@ -85,6 +89,19 @@ def healthcheck_argv(test, env: dict[str, str]) -> list[str]:
     return ["sh", "-c", rest[0]]
 
 
+def svc_env(svc: dict) -> dict:
+    return {k: str(v) for k, v in (svc.get("environment") or {}).items() if k.startswith(ENV_PREFIX)}
+
+
+def env_names(cls) -> set[str]:
+    return {env_name(cls, name) for name in settings_fields(cls)}
+
+
+# The settings classes each service's command reads (the block manager's also runs `pagedserve keys`).
+SETTINGS_OF = {"blockmgr": (BlockManagerSettings, KeysSettings), "executor": (ExecutorSettings,),
+               "executor-cpu": (ExecutorSettings,), "gateway": (GatewaySettings,)}
+
+
 def test_compose_file_declares_the_stack(compose):
     services = compose["services"]
     assert {"redis", "blockmgr", "executor", "executor-cpu", "gateway"} <= set(services)
@@ -103,14 +120,18 @@ def test_compose_file_declares_the_stack(compose):
     # Only the HTTP API is published; the ZeroMQ services authenticate with the keys volume.
     assert [name for name, svc in services.items() if svc.get("ports")] == ["gateway"]
     for name in ("blockmgr", "executor", "executor-cpu", "gateway"):
-        assert "--keys-dir" in " ".join(services[name]["command"]), name
+        assert svc_env(services[name])["PAGEDSERVE_KEYS_DIR"] == "/keys", name
         assert "keys:/keys" in services[name]["volumes"], name
-    # Every variable a command reads is set in its service's environment and documented at the top.
+    # Each service reads its settings from its environment alone: every PAGEDSERVE_ variable set
+    # is one of its settings (a typo would be silently ignored) and is documented at the top.
     header = (ROOT / "compose.yaml").read_text().split("\nname:")[0]
     for name, svc in services.items():
-        used = set(re.findall(r"\$\$\{(\w+)\}", " ".join(map(str, svc["command"]))))
-        assert used <= set(svc["environment"]), (name, used - set(svc["environment"]))
-        for var in used:
+        if name == "redis":
+            continue
+        assert not re.search(r"\$\$\{?\w", " ".join(map(str, svc["command"]))), f"{name} builds flags from variables"
+        known = set().union(*(env_names(cls) for cls in SETTINGS_OF[name]))
+        for var in svc_env(svc):
+            assert var in known, f"{name}: {var} is none of its settings"
             assert var in header, f"{var} is not documented in compose.yaml's header"
 
 
@@ -135,9 +156,9 @@ def test_cpu_profile_runs_as_local_processes(compose, smollm_dir, tmp_path):
     }
     common = {"PAGEDSERVE_MODEL": str(smollm_dir), "PAGEDSERVE_BLOCKMGR_ADDR": f"tcp://{loop}:{ports['blockmgr']}",
               "PAGEDSERVE_KEYS_DIR": str(tmp_path / "keys")}
-    base_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                "PYTHONPATH": str(ROOT)}
-    base_env.pop("PAGEDSERVE_API_KEY", None)
+    # Only compose's variables: none of this shell's PAGEDSERVE_ settings.
+    base_env = {**{k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)},
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     procs: dict[str, subprocess.Popen] = {}
     logs = {}
     try:

@@ -29,6 +29,12 @@ def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
 
 
+def _environ(pid: int) -> dict[str, str]:
+    """A child's environment: serve hands each service its settings as PAGEDSERVE_ variables."""
+    items = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
 def _start_stack(smollm_dir, log_path: Path) -> dict:
     from tests.conftest import _free_port
 
@@ -97,13 +103,16 @@ def client(stack):
 def test_three_service_processes(stack):
     names = sorted(_cmdline(pid).split(" -m ")[1].split()[0] for pid in _children(stack["proc"].pid))
     assert names == ["blockmgr", "executor", "executor", "gateway"]
+    # Settings travel in the environment, not on the command line (where `ps` would show keys).
+    assert all(_cmdline(pid).split()[-2] == "-m" for pid in _children(stack["proc"].pid))
     # No --num-threads: the usable cores are split between the two executors, and serve says so.
     cores = len(os.sched_getaffinity(0))
     per = max(1, cores // 2)
     for i in range(2):
         assert f"executor-{i}: {per} torch threads ({cores} usable cores, 2 executors)" in stack["log"].read_text()
-        ex = next(pid for pid in _children(stack["proc"].pid) if f"--executor-id executor-{i} " in _cmdline(pid))
-        assert f"--num-threads {per} " in _cmdline(ex)
+        ex = next(pid for pid in _children(stack["proc"].pid)
+                  if _environ(pid).get("PAGEDSERVE_EXECUTOR_ID") == f"executor-{i}")
+        assert _environ(ex)["PAGEDSERVE_NUM_THREADS"] == str(per)
 
 
 def test_the_stack_is_authenticated_by_default(stack):
@@ -111,12 +120,14 @@ def test_the_stack_is_authenticated_by_default(stack):
 
     from blockmgr import protocol
 
-    cmdlines = [_cmdline(pid) for pid in _children(stack["proc"].pid)]
-    assert all("--keys-dir" in c and "--insecure-local" not in c for c in cmdlines)
-    for c in cmdlines:
-        if " -m gateway" in c:
-            continue
-        bind = c.split("--bind ")[1].split()[0]
+    children = [(_cmdline(pid).split()[-1], _environ(pid)) for pid in _children(stack["proc"].pid)]
+    assert all(env.get("PAGEDSERVE_KEYS_DIR") and env.get("PAGEDSERVE_INSECURE_LOCAL") == "false"
+               for _, env in children)
+    bind_var = {"blockmgr": "PAGEDSERVE_BLOCKMGR_BIND", "executor": "PAGEDSERVE_EXECUTOR_BIND"}
+    for module, env in children:
+        if module == "gateway":
+            continue  # it binds no ZeroMQ socket
+        bind = env[bind_var[module]]
         plain = zmq.Context.instance().socket(zmq.DEALER)
         plain.setsockopt(zmq.LINGER, 0)
         plain.connect(bind)
@@ -374,7 +385,8 @@ def test_small_fuzz_round_against_the_real_stack(stack):
 def test_a_dead_child_stops_serve_with_its_name(stack):
     """Kills an executor and expects serve to exit, naming it."""
     proc = stack["proc"]
-    executor = next(p for p in _children(proc.pid) if " -m executor" in _cmdline(p) and "executor-0" in _cmdline(p))
+    executor = next(p for p in _children(proc.pid)
+                    if " -m executor" in _cmdline(p) and _environ(p).get("PAGEDSERVE_EXECUTOR_ID") == "executor-0")
     others = [p for p in _children(proc.pid) if p != executor]
     os.kill(executor, signal.SIGKILL)
     assert proc.wait(30) == 1

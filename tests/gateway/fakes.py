@@ -382,7 +382,7 @@ def fake_app(tokenizer, num_executors: int = 1, executor_kwargs: dict | None = N
     bm = BlockManagerConnection(manager)
     executors = [FakeExecutor(f"executor-{i}", bm.connect(), tokenizer, **(executor_kwargs or {}))
                  for i in range(num_executors)]
-    fields = {"model_dir": "fake-model-dir", "served_model_name": "fake-model", "executors": [], "blockmgr": "",
+    fields = {"model": "fake-model-dir", "served_model_name": "fake-model", "executors": [], "blockmgr": "",
               "max_model_len": 2048, "health_interval_s": 0.2, **settings}
     app = create_app(GatewaySettings(**fields), executors=executors, blockmgr=bm, tokenizer=tokenizer)
     return app, executors, bm

@@ -164,7 +164,7 @@ def test_a_failure_mid_stream_is_an_error_event(tok):
 
 
 def test_api_key(tok):
-    app, _, _ = fake_app(tok, api_key="sk-secret")
+    app, _, _ = fake_app(tok, api_keys=["sk-secret"])
     with serve_in_thread(app) as base:
         c = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
@@ -182,7 +182,7 @@ def test_api_key(tok):
 
 
 def test_admin_key_and_loopback(tok):
-    app, _, _ = fake_app(tok, admin_key="admin-secret", api_key="sk-secret")
+    app, _, _ = fake_app(tok, admin_key="admin-secret", api_keys=["sk-secret"])
     with serve_in_thread(app) as base:
         assert_openai_error(httpx.get(base + "/admin/cache"), 401)
         assert_openai_error(httpx.get(base + "/admin/cache", headers={"Authorization": "Bearer sk-secret"}), 401)

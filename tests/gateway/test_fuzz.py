@@ -23,7 +23,7 @@ NEGATIVE_CHECKS = [not_a_server_error, status_code_conformance, content_type_con
 
 
 def _schema_only_app():
-    settings = GatewaySettings(model_dir="unused", served_model_name="fake-model", executors=[], blockmgr="",
+    settings = GatewaySettings(model="unused", served_model_name="fake-model", executors=[], blockmgr="",
                                max_model_len=2048)
     return create_app(settings, executors=[], blockmgr=BlockManagerConnection(), tokenizer=object())
 

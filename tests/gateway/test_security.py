@@ -176,7 +176,7 @@ def cached(base, key, prompt, **extra):
 
 
 def test_cached_tokens_reveal_nothing_across_tenants(tok):
-    app, executors, _ = fake_app(tok, api_key="key-a", api_keys=["key-b"])
+    app, executors, _ = fake_app(tok, api_keys=["key-a", "key-b"])
     with serve_in_thread(app) as base:
         assert cached(base, "key-a", LONG_PROMPT) == 0
         assert cached(base, "key-b", LONG_PROMPT) == 0  # B learns nothing of A's prompt
@@ -203,7 +203,7 @@ def test_without_keys_or_with_sharing_the_cache_is_shared(tok):
 
 # --------------------------------------------------------------------------------------- metrics
 def test_metrics_can_require_the_admin_key(tok):
-    app, _, _ = fake_app(tok, admin_key="adm", api_key="user-key", metrics_need_admin=True)
+    app, _, _ = fake_app(tok, admin_key="adm", api_keys=["user-key"], metrics_need_admin=True)
     with serve_in_thread(app) as base:
         error(httpx.get(base + "/metrics"), 401)
         error(httpx.get(base + "/metrics", headers={"Authorization": "Bearer user-key"}), 401)
@@ -270,20 +270,28 @@ def test_once_answered_no_sibling_keeps_decoding(tok):
         assert not executors[0]._running and bm.stats()["executor-0"]["device"]["used"] == 0
 
 
-def test_flags_set_every_limit_and_several_keys(monkeypatch):
-    import argparse
+def test_flags_set_every_limit_and_several_keys(monkeypatch, capsys):
+    from blockmgr.settings import SettingsParser
+    from gateway.limits import LIMITS
+    from gateway.settings import GatewaySettings
 
-    from gateway.settings import add_gateway_flags, api_keys_from, limits_from
+    parser = SettingsParser("pagedserve gateway", "test")
+    parser.add(GatewaySettings)
 
-    parser = argparse.ArgumentParser()
-    add_gateway_flags(parser)
+    def build(argv):
+        return parser.build(GatewaySettings, parser.parse(argv))
+
+    def limits(settings):
+        return {name: getattr(settings, name) for name in LIMITS}
+
     monkeypatch.setenv("PAGEDSERVE_API_KEY", "k1, k2")
-    args = parser.parse_args([])
-    assert limits_from(args) == DEFAULT_LIMITS and api_keys_from(args) == ["k1", "k2"]
-    args = parser.parse_args(["--api-key", "a", "--api-key", "b", "--max-stop-strings", "8",
-                              "--min-temperature", "0.001", "--max-waiting-requests", "7"])
-    assert api_keys_from(args) == ["a", "b"]
-    assert limits_from(args) == {**DEFAULT_LIMITS, "max_stop_strings": 8, "min_temperature": 0.001,
-                                 "max_waiting_sequences": 7}
-    with pytest.raises(ValueError, match="max-abs-priority"):
-        limits_from(parser.parse_args(["--max-abs-priority", "-1"]))
+    settings = build([])
+    assert limits(settings) == DEFAULT_LIMITS and settings.api_keys == ["k1", "k2"]
+    settings = build(["--api-key", "a", "--api-key", "b", "--max-stop-strings", "8",
+                      "--min-temperature", "0.001", "--max-waiting-requests", "7"])
+    assert settings.api_keys == ["a", "b"]
+    assert limits(settings) == {**DEFAULT_LIMITS, "max_stop_strings": 8, "min_temperature": 0.001,
+                                "max_waiting_sequences": 7}
+    with pytest.raises(SystemExit) as exc:
+        build(["--max-abs-priority", "-1"])
+    assert exc.value.code == 2 and "--max-abs-priority" in capsys.readouterr().err
