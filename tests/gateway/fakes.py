@@ -250,6 +250,8 @@ class FakeExecutor:
         pk = params.get("prompt_logprobs")
         ignore_eos = bool(params.get("ignore_eos"))
         stop_ids = set(params.get("stop_token_ids") or [])
+        beam = bool(params.get("use_beam_search"))  # like the real one: the best beam only at the end
+        held: list[int] = []
         seqs = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
         conts = [self._continuation(prompt_token_ids, params, i) for i in range(n)]
         run = {"num_prompt": len(prompt_token_ids), "seqs": seqs, "out": {}}
@@ -311,6 +313,11 @@ class FakeExecutor:
                         msg["prompt_logprobs"] = [None] + [
                             {"token_id": t, "logprob": _fake_logprob(t, p),
                              "top": [[t, _fake_logprob(t, p)]][:pk]} for p, t in enumerate(prompt_token_ids[1:], 1)]
+                    if beam and reason is None:
+                        held.append(token)
+                        continue
+                    if beam:
+                        msg["token_ids"] = held + [token]
                     first = False
                     if reason is not None:
                         finished[i] = True
