@@ -38,9 +38,11 @@ class GatewaySettings:
         ``max_stop_string_chars``, ``max_abs_priority``, ``min_temperature``,
         ``max_logit_bias_entries``) are described in :mod:`gateway.limits`.
         health_interval_s: how often the gateway polls each executor's ``info``.
-        executor_timeout_s: an executor connected but silent this long while it has requests in
-            flight (a hung process) is declared dead and those requests fail with 503 / an error
-            event. A process that dies is noticed within about 1.5 s (its connection drops).
+        executor_timeout_s: an executor connected but reporting no progress (no output, no probe
+            reply) this long while it has requests in flight (a hung step loop) is declared dead,
+            and those requests resume elsewhere like those of a dead one; stretched to twice the
+            executor's longest step (:class:`gateway.executors.ExecutorPool`). A process that dies
+            is noticed within about 1.5 s (its connection drops).
         request_timeout_s: the deadline of every request, from its arrival: past it the request
             ends with a ``deadline_exceeded`` error (504, or an error event mid-stream) and its
             blocks are freed. It also bounds how long a request waits for an executor to
@@ -69,7 +71,7 @@ class GatewaySettings:
     min_temperature: float = DEFAULT_LIMITS["min_temperature"]
     max_logit_bias_entries: int = DEFAULT_LIMITS["max_logit_bias_entries"]
     health_interval_s: float = 1.0
-    executor_timeout_s: float = 60.0
+    executor_timeout_s: float = 10.0
     request_timeout_s: float = 600.0
     version: str = "0.1.0"
     keys: Any = None

@@ -266,3 +266,42 @@ def test_request_field_shortens_the_deadline_but_never_extends_it(tok):
             assert limit <= took < limit + 1.5
         r = httpx.post(base + "/v1/completions", json={"model": MODEL, **BODY, "request_timeout": 0.5}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "request_timeout"
+
+
+def test_a_hung_executor_is_declared_dead_and_its_request_resumes_elsewhere(tok):
+    app, executors, bm = fake_app(tok, num_executors=2, executor_kwargs={"token_delay_s": 0.02},
+                                  executor_timeout_s=1.0)
+    with serve_in_thread(app) as base:
+        reference = stream(base, BODY)
+        hung = []
+        t0 = time.monotonic()
+        result = stream(base, BODY, lambda: hung.append(busy(executors)) or hung[0].hang(), after=5)
+        assert result == reference
+        assert time.monotonic() - t0 < 1.0 + 3.0, "noticed after about executor_timeout_s, not 60 s"
+        survivor = next(e for e in executors if e is not hung[0])
+        assert 5 <= len(survivor.received[-1]["output_token_ids"]) < 20
+        admin = httpx.get(base + "/admin/executors", timeout=10).json()
+        states = {e["executor_id"]: e for e in (admin["executors"] if isinstance(admin, dict) else admin)}
+        assert states[hung[0].executor_id]["healthy"] is False
+
+
+def test_a_hung_only_executor_ends_the_request_with_a_clear_error(tok):
+    app, executors, bm = fake_app(tok, num_executors=1, executor_kwargs={"token_delay_s": 0.02},
+                                  executor_timeout_s=0.8, request_timeout_s=3)
+    with serve_in_thread(app) as base:
+        t0 = time.monotonic()
+        text, finish, error, done = stream(base, BODY, executors[0].hang, after=3)
+        assert error["code"] == "executor_unavailable" and done and finish is None
+        assert time.monotonic() - t0 < 5
+
+
+def test_the_stall_limit_stretches_to_twice_the_longest_step_reported():
+    from gateway.executors import ExecutorPool
+    from tests.gateway.fakes import FakeExecutor
+
+    pool = ExecutorPool([FakeExecutor()], executor_timeout_s=10.0)
+    h = pool.handles[0]
+    for info, limit in (({}, 10.0), ({"longest_step_s": 2.0}, 10.0), ({"longest_step_s": 8.0}, 16.0),
+                        ({"longest_step_s": "8"}, 10.0), ({"longest_step_s": -1}, 10.0)):
+        h.info = info
+        assert pool.stall_limit_s(h) == limit
