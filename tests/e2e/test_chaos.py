@@ -227,3 +227,21 @@ def test_sigkill_redis_and_restart_it(stack, reference):
     while not all(e["persistence"]["ok"] for e in stack.used_blocks()[1].values()):
         assert time.monotonic() < deadline, "the block manager did not write its snapshot when Redis came back"
         time.sleep(0.2)
+
+
+def test_sigstop_an_executor_then_let_it_continue(stack, reference):
+    """A stopped process (SIGSTOP: its libzmq thread stops too) misses its ZeroMQ heartbeats: its
+    requests resume on the other executor; once continued, it drops the requests nobody follows."""
+    rng = random.Random(78)
+    victim = stack.procs["executor-1"]
+
+    def stop():
+        victim.send_signal(signal.SIGSTOP)
+
+    try:
+        results, elapsed = run_load(stack.base, stop, rng.uniform(0.5, 2.0))
+    finally:
+        victim.send_signal(signal.SIGCONT)
+    assert all(kind == "ok" for kind, _ in results.values()), results
+    stack.executors_healthy()
+    check_after(stack, reference, results, elapsed)
