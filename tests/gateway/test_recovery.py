@@ -161,9 +161,13 @@ def test_a_resumed_choice_whose_executor_dies_again_resumes_alone_once_more(tok)
         def lose_both_in_turn():
             first_busy = busy(executors)
             other = executors[1] if first_busy is executors[0] else executors[0]
-            first_busy.crash()
-            first_busy.restart()  # back at once, empty: the legs go to the other, then come back here
-            threading.Timer(0.3, other.crash).start()
+            first_busy.crash()  # the legs go to the other one
+
+            def swap():
+                first_busy.restart()  # back, empty: the legs come back here when the other dies
+                other.crash()
+
+            threading.Timer(0.3, swap).start()
             lost.extend([first_busy, other])
 
         lost = []
