@@ -309,3 +309,26 @@ def test_the_stall_limit_stretches_to_twice_the_longest_step_reported():
                         ({"longest_step_s": "8"}, 10.0), ({"longest_step_s": -1}, 10.0)):
         h.info = info
         assert pool.stall_limit_s(h) == limit
+
+
+def test_a_resumed_choice_that_hits_a_stop_string_is_aborted_alone(tok):
+    app, executors, bm = fake_app(tok, num_executors=2, executor_kwargs={"token_delay_s": 0.03,
+                                                                          "reply": seeded_reply})
+    with serve_in_thread(app) as base:
+        plain = choice_texts(base, N_BODY)[0]
+        # A stop string from late in choice 1's text that no other choice contains.
+        stop = next(plain[1][i:i + 6] for i in range(len(plain[1]) * 2 // 3, len(plain[1]) - 6)
+                    if all(plain[1][i:i + 6] not in plain[j] for j in (0, 2)))
+        body = {**N_BODY, "stop": [stop]}
+        reference = choice_texts(base, body)
+        assert reference[1][1] == "stop" and reference[1][0] == reference[1][2] == "length"
+        victim = []
+        result = choice_texts(base, body, lambda: victim.append(busy(executors)) or victim[0].crash(), after=4)
+        assert result == reference
+        survivor = next(e for e in executors if e is not victim[0])
+        leg = next(m["request_id"] for m in survivor.received if m["request_id"].split("/")[-1].startswith("1."))
+        deadline = time.monotonic() + 5
+        while leg not in survivor.aborted:
+            assert time.monotonic() < deadline, "the stopped choice's leg was not aborted"
+            time.sleep(0.05)
+        assert survivor.num_active == 0 and bm.stats()[survivor.executor_id]["device"]["used"] == 0
