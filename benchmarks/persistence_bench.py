@@ -9,7 +9,9 @@ whole batch). Per step it measures, against a real ``redis-server``:
 - new: :meth:`blockmgr.persistence.RedisStore.record`: one ``RPUSH`` of the step request as
   received (bytes, microseconds), and the same with the compaction amortized: a full snapshot
   once the log is as large as the snapshot, or has ``--redis-compact-every`` records, whichever comes
-  first (the block manager's policy);
+  first (the block manager's policy). A compaction has a part on the step path (the private
+  copy of the state) and a part in the background thread (serialize, ``SET``, ``LTRIM``): only
+  the first is amortized into the step's cost; both are reported;
 - for scale, the time the block manager itself takes to apply the step.
 
     python benchmarks/persistence_bench.py                       # 2k, 32k, 256k blocks
@@ -32,7 +34,7 @@ from benchmarks.settings import BenchmarkSettings
 from blockmgr import protocol
 from blockmgr.config import BlockManagerSettings
 from blockmgr.manager import BlockManager
-from blockmgr.persistence import KEY_PREFIX, RedisStore
+from blockmgr.persistence import KEY_PREFIX, LOG_PREFIX, RedisStore
 from blockmgr.server import handle
 from blockmgr.settings import load, reuse, separated_list, setting
 from executor.config import ExecutorSettings
@@ -92,9 +94,13 @@ def measure(num_blocks: int, args, url: str) -> dict:
             old_s.append(time.perf_counter() - t0)
             old_b.append(len(snap))
     t0 = time.perf_counter()
-    store._snapshot(manager, [EX])  # one compaction: snapshot + emptied log
+    store._compact_later(manager, EX)  # one compaction: what the step path does (copy the state, queue it)
     compact_s = time.perf_counter() - t0
-    compact_b = len(msgpack.packb(manager.snapshot(EX), use_bin_type=True))
+    assert store.wait_compacted(600)  # ... and what the background thread does (serialize, SET, LTRIM)
+    background_s = time.perf_counter() - t0 - compact_s
+    compact_b = store.snapshot_bytes[EX]
+    assert r.llen(LOG_PREFIX + EX) == 0, "the compaction covered the whole log"
+    store.close()
     r.flushdb()
     med = statistics.median
     period = int(min(args.redis_compact_every, max(1, compact_b // med(new_b))))  # steps between compactions
@@ -104,7 +110,7 @@ def measure(num_blocks: int, args, url: str) -> dict:
         "new_us": med(new_s) * 1e6, "new_bytes": med(new_b),
         "new_amortized_us": med(new_s) * 1e6 + compact_s * 1e6 / period,
         "new_amortized_bytes": med(new_b) + compact_b / period,
-        "compact_ms": compact_s * 1e3, "period": period,
+        "compact_ms": compact_s * 1e3, "background_ms": background_s * 1e3, "period": period,
     }
 
 
@@ -141,13 +147,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.seqs} running sequences, {args.fill:.0%} of the pool in use, block size {args.block_size}; "
               f"medians; compaction at the log's size of the snapshot, at most {args.redis_compact_every} records\n")
         print("| device blocks | apply step (µs) | old: full SET (bytes) | old (µs) | new: RPUSH (bytes) | new (µs) "
-              "| steps per compaction | new + compaction (bytes) | new + compaction (µs) | one compaction (ms) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| steps per compaction | new + compaction (bytes) | new + compaction (µs) "
+              "| one compaction, step path (ms) | one compaction, background (ms) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n in args.blocks:
             m = measure(n, args, url)
             print(f"| {m['blocks']:,} | {m['apply_us']:,.0f} | {m['old_bytes']:,.0f} | {m['old_us']:,.0f} "
                   f"| {m['new_bytes']:,.0f} | {m['new_us']:,.0f} | {m['period']:,} | {m['new_amortized_bytes']:,.0f} "
-                  f"| {m['new_amortized_us']:,.0f} | {m['compact_ms']:,.1f} |", flush=True)
+                  f"| {m['new_amortized_us']:,.0f} | {m['compact_ms']:,.1f} | {m['background_ms']:,.1f} |", flush=True)
     finally:
         if proc is not None:
             proc.terminate()

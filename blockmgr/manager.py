@@ -21,10 +21,13 @@ step *k+1*, so that is when its newly full blocks are hashed and published to th
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import msgpack
 
 from blockmgr.block_hash import ROOT_HASH, hash_block, hash_chain
 from blockmgr import cache_index, cpu_tier, pins
@@ -768,17 +771,27 @@ class BlockManager:
 
     # -- persistence --------------------------------------------------------------------------
     def snapshot(self, executor_id: str) -> dict[str, Any]:
-        """Everything needed to rebuild one executor's state (see ``blockmgr.persistence``)."""
+        """Everything needed to rebuild one executor's state (see ``blockmgr.persistence``).
+
+        A copy that shares no list or dict the manager changes later (the sequences' tables and
+        tokens, counters, pins), so another thread may serialize it while steps go on. Token lists
+        of prefix-cache entries are shared: they never change once cached. ``last_reply`` is
+        copied by msgpack round trip (a reply is replaced each step, not changed, but may hold
+        the step's own lists).
+        """
         ex = self._executor(executor_id)
         return {
             "executor_id": ex.executor_id, "block_size": ex.block_size, "watermark_blocks": ex.watermark_blocks,
-            "device": ex.device.snapshot(), "cpu": ex.cpu.snapshot(), "cost": ex.cost.__dict__,
-            "seqs": [s.to_wire() for s in ex.seqs.values()],
+            "device": ex.device.snapshot(), "cpu": ex.cpu.snapshot(), "cost": dict(ex.cost.__dict__),
+            "seqs": [[w[0], list(w[1]), list(w[2]), list(w[3]), list(w[4]), *w[5:]]
+                     for w in (s.to_wire() for s in ex.seqs.values())],
             "cached": [[b, h, p, t] for b, (h, p, t) in ex.cached_meta.items()],
-            "counters": ex.counters, "last_step_id": ex.last_step_id, "last_reply": ex.last_reply,
-            "use": [[h, *u] for h, u in ex.use.items()], "pins": list(ex.pins.values()),
+            "counters": dict(ex.counters), "last_step_id": ex.last_step_id,
+            "last_reply": None if ex.last_reply is None else msgpack.unpackb(
+                msgpack.packb(ex.last_reply, use_bin_type=True), raw=False, strict_map_key=False),
+            "use": [[h, *u] for h, u in ex.use.items()], "pins": [copy.deepcopy(p) for p in ex.pins.values()],
             "cpu_cached": [[b, h, p, t] for b, (h, p, t) in ex.cpu_meta.items()],
-            "incarnation": ex.incarnation, "retired": ex.retired, "next_arrival": ex.next_arrival,
+            "incarnation": ex.incarnation, "retired": list(ex.retired), "next_arrival": ex.next_arrival,
             "saved_at": time.time(),
         }
 

@@ -12,14 +12,21 @@ After a request changes state and before its reply goes out, the request is appe
 executor's log with one ``RPUSH`` (one round trip; its size is the step's, not the pool's). The
 block manager is deterministic (no clocks, no randomness, per-executor arrival counters), so
 snapshot + replay of the log rebuilds exactly the state it had, including the last reply, which
-lets an executor retry a step whose reply was lost without it being applied twice. A
-``register``, and a log that has grown as large (bytes) as its snapshot or to ``compact_every``
-records, write a fresh snapshot and empty the log in one ``MULTI``/``EXEC`` transaction
-(compaction). Compacting by size keeps Redis below twice the state and makes the amortized cost
-of compaction proportional to the bytes the steps wrote, i.e. O(what each step changed); the
-record cap bounds the replay at a restart. A compaction still writes the whole state at once: on
-the figures in docs/persistence.md, 0.3 s at 32k blocks and about 3 s at 256k blocks, once per
-``compact_every`` steps.
+lets an executor retry a step whose reply was lost without it being applied twice.
+
+Compaction keeps the log short: once a log has grown as large (bytes) as its snapshot, or to
+``compact_every`` records, a fresh snapshot replaces the records it covers. It runs off the step
+path: the step thread only takes a private copy of the state
+(:meth:`~blockmgr.manager.BlockManager.snapshot`) and notes how many records the log then held
+(``covered``); a background thread serializes the copy and, in one ``MULTI``/``EXEC``, writes it
+and trims exactly those ``covered`` records from the head of the log (``LTRIM``), while steps go on
+appending behind them. Whatever instant the process dies at, Redis holds a snapshot plus every
+record after it: the old snapshot and the whole log before the transaction, the new snapshot and
+the records after ``covered`` once it has run. Compacting by size keeps Redis below about twice the
+state and the amortized cost proportional to the bytes the steps wrote, i.e. O(what each step
+changed); the record cap bounds the replay at a restart. A ``register`` (and the rare changes that
+are no replayable request, and a heal after an outage) still write a full snapshot inline, which
+supersedes any compaction not yet written.
 
 When Redis does not answer, the block manager keeps serving from memory: replies carry
 ``"durable": false``, the error is logged (at once, then every ``warn_every_s``), and the stats of
@@ -32,7 +39,10 @@ anything else, and replies are durable again.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
+from dataclasses import dataclass
 
 import msgpack
 import redis
@@ -49,6 +59,18 @@ def _pack(obj) -> bytes:
 
 def _unpack(data: bytes):
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+@dataclass
+class _Compaction:
+    """A snapshot to write off the step path: it covers the log's records up to ``covered``
+    (counted since the log was last emptied), and is void if ``epoch`` is no longer current (an
+    inline snapshot replaced the log since)."""
+
+    executor_id: str
+    snapshot: dict
+    covered: int
+    epoch: int
 
 
 class RedisStore:
@@ -75,9 +97,22 @@ class RedisStore:
         self.compact_every = compact_every
         self.retry_every_s = retry_every_s
         self.warn_every_s = warn_every_s
-        self.log_len: dict[str, int] = {}  # records in each executor's log
+        # Records (and their bytes) in each executor's log that no snapshot, written or being
+        # written, covers yet: what decides the next compaction.
+        self.log_len: dict[str, int] = {}
         self.log_bytes: dict[str, int] = {}
         self.snapshot_bytes: dict[str, int] = {}  # size of each executor's last snapshot
+        self._appended: dict[str, int] = {}  # records pushed since the log was last emptied
+        self._trimmed: dict[str, int] = {}  # of those, removed from the head by compactions
+        self._epoch: dict[str, int] = {}  # bumped by every inline snapshot (it empties the log)
+        # Held while writing a snapshot, so an inline one and a background one never interleave.
+        self._write_lock = threading.Lock()
+        self._jobs: queue.Queue[_Compaction | None] = queue.Queue()
+        self._pending = 0  # compactions queued or being written (see wait_compacted)
+        self._compacting: set[str] = set()  # executors with one queued or being written: one at a time
+        self._idle = threading.Condition()
+        self._writer = threading.Thread(target=self._write_loop, name="redis-compaction", daemon=True)
+        self._writer.start()
         self.ok = True
         self.error: str | None = None
         self.down_since: float | None = None  # time.monotonic() of the first failure
@@ -136,33 +171,81 @@ class RedisStore:
         return True
 
     def _append(self, manager, records: dict[str, bytes]) -> None:
-        compact = [e for e, r in records.items() if self.log_len.get(e, 0) + 1 >= self.compact_every
-                   or self.log_bytes.get(e, 0) + len(r) >= self.snapshot_bytes.get(e, 0)]
-        if compact:  # the snapshot already holds this change: no record needed
-            self._snapshot(manager, compact)
-        rest = {e: r for e, r in records.items() if e not in compact}
-        if not rest:
-            return
-        pipe = self.redis.pipeline(transaction=len(rest) > 1)
-        for e, r in rest.items():
+        pipe = self.redis.pipeline(transaction=len(records) > 1)
+        for e, r in records.items():
             pipe.rpush(LOG_PREFIX + e, r)
         pipe.execute()
-        for e, r in rest.items():
+        for e, r in records.items():
+            self._appended[e] = self._appended.get(e, 0) + 1
             self.log_len[e] = self.log_len.get(e, 0) + 1
             self.log_bytes[e] = self.log_bytes.get(e, 0) + len(r)
+            due = self.log_len[e] >= self.compact_every or self.log_bytes[e] >= self.snapshot_bytes.get(e, 0)
+            if due and e not in self._compacting:
+                self._compact_later(manager, e)
+
+    def _compact_later(self, manager, executor_id: str) -> None:
+        """Copy the state now (it includes every record appended so far) and write it in the background."""
+        job = _Compaction(executor_id, manager.snapshot(executor_id), self._appended.get(executor_id, 0),
+                          self._epoch.get(executor_id, 0))
+        self.log_len[executor_id], self.log_bytes[executor_id] = 0, 0
+        with self._idle:
+            self._pending += 1
+            self._compacting.add(executor_id)
+        self._jobs.put(job)
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._write_compaction(job)
+            except Exception as exc:  # Redis down or refusing: the log stays whole, so nothing is lost
+                log.warning("compaction of executor %s's step log failed (%s: %s); the log is kept and compacted "
+                            "later", job.executor_id, type(exc).__name__, exc)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._compacting.discard(job.executor_id)
+                    self._idle.notify_all()
+
+    def _write_compaction(self, job: _Compaction) -> None:
+        data = _pack(job.snapshot)  # the O(state) work, off the step path
+        e = job.executor_id
+        with self._write_lock:
+            trimmed = self._trimmed.get(e, 0)
+            if job.epoch != self._epoch.get(e, 0) or job.covered <= trimmed:
+                return  # an inline snapshot, or a later compaction, already holds this state
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(KEY_PREFIX + e, data)
+            pipe.ltrim(LOG_PREFIX + e, job.covered - trimmed, -1)
+            pipe.execute()
+            self._trimmed[e] = job.covered
+            self.snapshot_bytes[e] = len(data)
+
+    def wait_compacted(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every compaction queued so far is written (or failed); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish the queued compactions and stop the background writer."""
+        self._jobs.put(None)
+        self._writer.join(timeout_s)
 
     def _snapshot(self, manager, executor_ids) -> None:
-        """Full snapshots of ``executor_ids`` and empty logs, atomically (compaction)."""
-        pipe = self.redis.pipeline(transaction=True)
-        sizes = {}
-        for e in executor_ids:
-            snap = _pack(manager.snapshot(e))
-            sizes[e] = len(snap)
-            pipe.set(KEY_PREFIX + e, snap)
-            pipe.delete(LOG_PREFIX + e)
-        pipe.execute()
-        for e, size in sizes.items():
-            self.log_len[e], self.log_bytes[e], self.snapshot_bytes[e] = 0, 0, size
+        """Full snapshots of ``executor_ids`` and empty logs, atomically, now (in the caller's thread)."""
+        snaps = {e: _pack(manager.snapshot(e)) for e in executor_ids}
+        with self._write_lock:
+            pipe = self.redis.pipeline(transaction=True)
+            for e, snap in snaps.items():
+                pipe.set(KEY_PREFIX + e, snap)
+                pipe.delete(LOG_PREFIX + e)
+            pipe.execute()
+            for e, snap in snaps.items():
+                self._epoch[e] = self._epoch.get(e, 0) + 1  # compactions still queued are void
+                self._appended[e] = self._trimmed[e] = 0
+                self.log_len[e], self.log_bytes[e], self.snapshot_bytes[e] = 0, 0, len(snap)
 
     def invalidate(self, manager) -> None:
         """The in-memory state may have changed without a record (an internal error mid-request):
@@ -249,7 +332,8 @@ class RedisStore:
                     if not reply["ok"]:
                         log.error("executor %s: log record %d of %d did not replay: %s", ex_id, i, len(records),
                                   reply["error"])
-                self.log_len[ex_id] = len(records)
+                self.log_len[ex_id] = self._appended[ex_id] = len(records)
+                self._trimmed[ex_id] = 0
                 self.log_bytes[ex_id] = sum(map(len, records))
                 self.snapshot_bytes[ex_id] = len(raw)
                 n += 1

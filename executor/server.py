@@ -35,6 +35,7 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
 SEND_HWM = 100_000  # output messages queued per gateway before a send fails (and is reported)
 HEARTBEAT_IVL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1500
+STEP_DECAY = 0.99  # per step: the longest step reported forgets a past one within a few hundred steps
 
 
 class ExecutorServer:
@@ -61,6 +62,10 @@ class ExecutorServer:
         # request_id -> [gateway identity, unfinished completions, sender's principal]
         self.owner: dict[str, list] = {}
         self.stopping = False
+        # Liveness: the gateway counts an executor with requests in flight as hung when its loop
+        # reports no progress (outputs, probe replies) for a while; ``info`` tells it how long a
+        # step here can take, decayed so one old giant step does not excuse a hang forever.
+        self.longest_step_s = 0.0
 
     def _send(self, identity: bytes, message: dict) -> bool:
         """Send to one gateway; returns False (logged) when it cannot be delivered."""
@@ -165,6 +170,7 @@ class ExecutorServer:
                 reply["num_running"] = len(sched.running)
                 reply["num_waiting"] = len(sched.waiting)
                 reply["num_swapped"] = len(sched.swapped)
+                reply["longest_step_s"] = round(self.longest_step_s, 3)
             elif m.op == "sequences":
                 reply["sequences"] = [
                     {"request_id": r.request_id, "state": state, "num_prompt_tokens": len(r.prompt_token_ids),
@@ -205,12 +211,14 @@ class ExecutorServer:
                     self._refuse(identity, f"internal error: {exc!r}", msg)
                 timeout = 0
             if self.engine.has_work():
+                started = time.monotonic()
                 try:
                     outputs = self.engine.step()
                 except StaleIncarnation as exc:
                     # A newer process owns this executor id: serving on would corrupt its blocks.
                     log.critical("%s", exc)
                     raise SystemExit(f"executor {self.engine.executor_id}: {exc}") from None
+                self.longest_step_s = max(time.monotonic() - started, self.longest_step_s * STEP_DECAY)
                 for out in outputs:
                     self._send_output(out)
 

@@ -5,8 +5,17 @@ answered its last probe is *healthy* and can be routed to. An executor whose con
 (its process died: the TCP connection closes at once; or it missed ZeroMQ heartbeats for 1.5 s,
 see :class:`executor.client.ExecutorClient`) is unhealthy at once and its requests in flight get
 an ``unavailable`` output, which :mod:`gateway.generation` answers by resuming them on another
-executor. One that stays connected but silent for ``executor_timeout_s`` while it has requests in
-flight (a hung process) is declared dead too: those requests end with an ``unavailable`` error.
+executor.
+
+A hung executor (its step loop stuck in a deadlock or an endless loop) keeps its connection: ZMTP
+heartbeats are answered by libzmq's I/O thread, not by the loop. What only a live loop sends is
+its progress: outputs after each step and the replies to the ``info`` probes, which it answers
+between two steps. An executor with requests in flight that reports no progress for its *stall
+limit* is declared dead like a lost one: unhealthy, and its requests get the ``unavailable``
+output, so they resume elsewhere (or end with a clear error when no executor is left). The limit
+is ``executor_timeout_s`` (10 s by default), stretched to twice the longest step the executor
+reported (``longest_step_s`` in its ``info``), so a long step (a long prefill on a slow device)
+is not mistaken for a hang.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ class ExecutorHandle:
     Attributes:
         client: an ``executor.client.ExecutorClient`` (or a stand-in with the same methods).
         info: the last ``info`` reply (executor_id, device, model, num_blocks, block_size,
-            max_model_len, num_running, num_waiting, num_swapped).
+            max_model_len, num_running, num_waiting, num_swapped, longest_step_s).
         healthy: it answered the last probe.
         waiting: sequences (n per request, or its beams) the gateway sent it whose request has not
             produced its first output yet.
@@ -62,10 +71,11 @@ class ExecutorPool:
     Args:
         clients: executor clients (not started yet).
         health_interval_s: seconds between two ``info`` probes of each executor.
-        executor_timeout_s: silence after which in-flight requests of an executor fail.
+        executor_timeout_s: seconds without a progress report (an output or a probe reply) after
+            which an executor with requests in flight is declared hung (see :meth:`stall_limit_s`).
     """
 
-    def __init__(self, clients: list, health_interval_s: float = 1.0, executor_timeout_s: float = 60.0):
+    def __init__(self, clients: list, health_interval_s: float = 1.0, executor_timeout_s: float = 10.0):
         self.handles = [ExecutorHandle(c) for c in clients]
         for h in self.handles:
             if hasattr(h.client, "on_disconnect"):
@@ -125,17 +135,27 @@ class ExecutorPool:
     def num_waiting(self) -> int:
         return sum(h.waiting for h in self.handles)
 
+    def stall_limit_s(self, h: ExecutorHandle) -> float:
+        """Seconds without progress after which ``h`` counts as hung: ``executor_timeout_s``, or
+        twice the longest step it reported if that is longer."""
+        longest = h.info.get("longest_step_s")
+        longest = float(longest) if isinstance(longest, (int, float)) and longest > 0 else 0.0
+        return max(self.executor_timeout_s, 2 * longest)
+
     def _check_silence(self, h: ExecutorHandle) -> None:
         if h.client.num_active == 0:
             return
         last = h.client.last_seen or h.started
         silent = time.monotonic() - last
-        if silent > self.executor_timeout_s:
+        limit = self.stall_limit_s(h)
+        if silent > limit:
+            h.healthy, h.last_probe_error = False, f"no progress for {silent:.1f}s"
             n = h.client.fail_all(
-                f"executor {h.executor_id} at {h.address} has not answered for {silent:.0f}s; "
-                f"its requests were abandoned")
+                f"executor {h.executor_id} at {h.address} has not answered nor made progress for {silent:.1f}s "
+                f"(limit {limit:g}s); declared hung")
             if n:
-                log.error("executor %s silent for %.0fs: failed %d in-flight requests", h.executor_id, silent, n)
+                log.error("executor %s made no progress for %.1fs (hung?): %d in-flight requests resume elsewhere",
+                          h.executor_id, silent, n)
 
     async def _monitor_loop(self) -> None:
         while True:

@@ -13,7 +13,13 @@ its executor dies (or the request cannot be delivered), an ``n == 1`` run resume
 healthy executor, or on the same one once it is back, waiting up to its deadline: it is sent
 again with the tokens it already produced (``output_token_ids``), recomputed there, and continues
 exactly (greedy and seeded sampling included: the executor advances the seeded generator past
-those tokens' draws). Runs with ``n > 1`` or beam search end with a 503 ``executor_unavailable``.
+those tokens' draws). A run with ``n > 1`` resumes each unfinished choice as a lone request (its
+prompt plus that choice's tokens so far, seeded with the choice's derived seed,
+:func:`executor.request.seed_for_child`), since a fork's child computes exactly what such a lone
+request computes; later losses resume only the choice whose executor went. A beam search (whose
+beams come only at its end) and an echo-only run restart from the beginning on another executor:
+they are deterministic, so the result is the same. With no executor before the deadline, the run
+ends with a 503 ``executor_unavailable``.
 
 :meth:`Run.prime` waits for the first output before the HTTP response starts, so a request the
 executor refuses is answered with a proper status instead of an error event in a 200 stream.
@@ -29,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from executor.client import ExecutorUnavailable
+from executor.request import seed_for_child
 from gateway.detokenizer import TextStream
 from gateway.errors import APIError, bad_request, unavailable
 from gateway.logprobs import normalize_entry
@@ -97,6 +104,82 @@ def _raise_for(msg: dict) -> None:
     raise bad_request(reason)
 
 
+class _Choices:
+    """The unfinished choices of an n > 1 run after its executor died, each a lone request (a leg)
+    on some executor; iterates their outputs as they come, each with ``index`` set to its choice.
+
+    A leg whose executor dies yields its ``unavailable`` error output (with the choice's index),
+    so the run resumes that choice alone. Closing closes (aborts) every leg.
+    """
+
+    def __init__(self):
+        self._legs: dict[int, tuple[Any, str, AsyncIterator[dict]]] = {}  # index -> (handle, leg id, outputs)
+        self._next: dict[int, asyncio.Future] = {}
+        self._closing: set[asyncio.Future] = set()
+
+    def add(self, index: int, handle, leg_id: str, gen: AsyncIterator[dict]) -> None:
+        self._legs[index] = (handle, leg_id, gen)
+        self._next[index] = asyncio.ensure_future(gen.__anext__())
+
+    def drop(self, index: int) -> None:
+        """Stop following choice ``index``: abort it on its executor now, close its generator soon."""
+        leg = self._legs.pop(index, None)
+        fut = self._next.pop(index, None)
+        if leg is None:
+            return
+        if fut is not None:
+            fut.cancel()
+        leg[0].client.abort(leg[1])
+        task = asyncio.ensure_future(self._close(fut, leg[2]))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close(fut: asyncio.Future | None, gen: AsyncIterator[dict]) -> None:
+        if fut is not None:
+            await asyncio.gather(fut, return_exceptions=True)
+        await gen.aclose()  # its client stops following it (and counting it as load)
+
+    def abort_all(self) -> None:
+        for handle, leg_id, _ in self._legs.values():
+            handle.client.abort(leg_id)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        while self._next:
+            done, _ = await asyncio.wait(set(self._next.values()), return_when=asyncio.FIRST_COMPLETED)
+            fut = next(iter(done))
+            index = next(i for i, f in self._next.items() if f is fut)
+            gen = self._legs[index][2]
+            try:
+                msg = fut.result()
+            except StopAsyncIteration:
+                self._next.pop(index)
+                continue
+            except ExecutorUnavailable as exc:  # its generate message could not be delivered
+                self._next.pop(index)
+                return {"finish_reason": "error", "unavailable": True, "error": str(exc), "index": index}
+            if msg.get("finish_reason") == "error" or msg.get("finished"):
+                self._next.pop(index)
+            else:
+                self._next[index] = asyncio.ensure_future(gen.__anext__())
+            return {**msg, "index": index}
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        futures = list(self._next.values())
+        for fut in futures:
+            fut.cancel()
+        await asyncio.gather(*futures, return_exceptions=True)
+        for _, _, gen in self._legs.values():
+            await gen.aclose()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        self._legs.clear()
+        self._next.clear()
+
+
 class Run:
     """One executor request (one prompt, all its choices). Create with :func:`start_run`."""
 
@@ -150,42 +233,99 @@ class Run:
             except ExecutorUnavailable as exc:  # the generate message could not be delivered
                 msg = {"finish_reason": "error", "unavailable": True, "error": str(exc)}
             if msg.get("finish_reason") == "error" and msg.get("unavailable"):
-                await self._resume(str(msg.get("error")))
+                await self._resume(str(msg.get("error")), int(msg.get("index", 0) or 0))
                 continue
             return msg
 
-    def _resumable(self) -> bool:
-        return self.job.n == 1 and not self.job.params.get("use_beam_search") and not self.job.drop_output
+    async def _pick(self, tokens: list[int], reason: str):
+        """A healthy executor for ``tokens`` (prompt + output so far), waiting for one up to the deadline.
 
-    async def _resume(self, reason: str) -> None:
-        """Send the run again, with what it produced so far, to an executor that answers."""
-        if not self._resumable():
-            raise unavailable(f"{reason}; a request with n > 1 or beam search cannot resume elsewhere",
-                              "executor_unavailable")
-        lost = self.handle.executor_id
-        produced = list(self.choices[0].produced)
-        log.warning("request %s lost executor %s (%s) after %d tokens; resuming it", self.request_id, lost, reason,
-                    len(produced))
+        Raises:
+            APIError(503): none became healthy before the deadline.
+        """
         while True:
             if time.monotonic() >= self.deadline:
                 raise unavailable(f"{reason}; no executor took the request over before its deadline",
                                   "executor_unavailable")
             try:
-                handle, _ = await self.gw.router.pick(self.job.prompt_token_ids + produced, self.job.cache_salt)
-                break
+                handle, _ = await self.gw.router.pick(tokens, self.job.cache_salt)
+                return handle
             except APIError:  # none healthy yet: wait for one (or for the same one to come back)
                 await asyncio.sleep(min(0.2, max(0.0, self.deadline - time.monotonic())))
-        self._not_waiting()
+
+    def _resume_params(self) -> dict[str, Any]:
         params = dict(self.job.params)
         if self.prompt_logprobs is not None:
             params["prompt_logprobs"] = None  # already received
+        return params
+
+    async def _resume(self, reason: str, index: int = 0) -> None:
+        """Send the run (or, once split into lone choices, choice ``index``) again, with what it
+        produced so far, to an executor that answers.
+
+        Raises:
+            APIError(503): no executor before the deadline, or a beam search / echo run that had
+                already produced output (cannot happen: they report only at their end).
+        """
+        self._not_waiting()
+        self.num_resumes += 1
+        if isinstance(self._gen, _Choices):
+            await self._resume_choice(index, reason)
+            return
+        if self.job.n > 1:
+            await self._gen.aclose()
+            self._gen = _Choices()
+            for i, c in enumerate(self.choices):
+                if not c.done:
+                    await self._resume_choice(i, reason)
+            return
+        restart = bool(self.job.params.get("use_beam_search")) or self.job.drop_output
+        produced = [] if restart else list(self.choices[0].produced)
+        if restart and self.choices[0].produced:
+            raise unavailable(f"{reason}; the request had reported output and cannot restart",
+                              "executor_unavailable")
+        log.warning("request %s lost executor %s (%s) after %d tokens; %s it", self.request_id,
+                    self.handle.executor_id, reason, len(produced), "restarting" if restart else "resuming")
+        handle = await self._pick(self.job.prompt_token_ids + produced, reason)
         self.handle = handle
         self.gw.inflight[self.request_id] = handle.executor_id
-        self.num_resumes += 1
-        self._gen = handle.client.generate(self.request_id, self.job.prompt_token_ids, params, self.job.priority,
-                                           self.job.cache_salt, **({"output_token_ids": produced} if produced else {}))
+        self._gen = handle.client.generate(self.request_id, self.job.prompt_token_ids, self._resume_params(),
+                                           self.job.priority, self.job.cache_salt,
+                                           **({"output_token_ids": produced} if produced else {}))
         log.info("request %s resumes on executor %s after %d tokens", self.request_id, handle.executor_id,
                  len(produced))
+
+    async def _resume_choice(self, index: int, reason: str) -> None:
+        """Choice ``index`` of an n > 1 run as a lone request: the choice's derived seed, its tokens so far."""
+        legs: _Choices = self._gen
+        legs.drop(index)
+        produced = list(self.choices[index].produced)
+        log.warning("request %s choice %d lost its executor (%s) after %d tokens; resuming it alone",
+                    self.request_id, index, reason, len(produced))
+        handle = await self._pick(self.job.prompt_token_ids + produced, reason)
+        params = self._resume_params()
+        params["n"] = 1
+        if params.get("seed") is not None:
+            params["seed"] = seed_for_child(params["seed"], index)
+        leg_id = f"{self.request_id}/{index}.{self.num_resumes}"  # never reused, whatever came before
+        self.handle = handle
+        self.gw.inflight[self.request_id] = handle.executor_id
+        legs.add(index, handle, leg_id,
+                 handle.client.generate(leg_id, self.job.prompt_token_ids, params, self.job.priority,
+                                        self.job.cache_salt, **({"output_token_ids": produced} if produced else {})))
+
+    def abort_now(self) -> None:
+        """Abort the run on its executor(s) without waiting (fire and forget)."""
+        if isinstance(self._gen, _Choices):
+            self._gen.abort_all()
+        else:
+            self.handle.client.abort(self.request_id)
+
+    def _abort_choice(self, index: int) -> None:
+        if isinstance(self._gen, _Choices):
+            self._gen.drop(index)
+        else:
+            self.handle.client.abort(self.request_id, index)
 
     async def prime(self) -> None:
         """Wait for the first output; raise APIError if the executor refused the request."""
@@ -247,7 +387,7 @@ class Run:
             finish = "stop"
             if not msg.get("finished") and any(not o.done for o in self.choices if o is not c):
                 # Answered on a stop string while its siblings go on: stop its decoding now.
-                self.handle.client.abort(self.request_id, idx)
+                self._abort_choice(idx)
         elif msg.get("finished"):
             text += c.stream.finish()
             finish = "length" if self.job.drop_output else _finish_reason(msg.get("finish_reason"))
@@ -391,7 +531,7 @@ async def merged_deltas(runs: list[Run]) -> AsyncIterator[Delta]:
             t.cancel()
         for r in runs:
             if not r._closed:
-                r.handle.client.abort(r.request_id)
+                r.abort_now()
 
 
 async def close_runs(runs: list[Run]) -> None:
@@ -400,7 +540,7 @@ async def close_runs(runs: list[Run]) -> None:
         try:
             await r.aclose()
         except Exception:  # a generator still running in another task: abort it directly
-            r.handle.client.abort(r.request_id)
+            r.abort_now()
 
 
 def usage(runs: list[Run]) -> dict:

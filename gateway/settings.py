@@ -53,8 +53,10 @@ class GatewaySettings(ServiceSettings, ModelSettings, BlockManagerAddress):
     min_temperature: float = setting(1e-5, "temperatures below this (and above 0) are treated as greedy", ge=0)
     max_logit_bias_entries: int = setting(300, "most logit_bias entries per request", ge=0)
     health_interval_s: float = setting(1.0, "how often the gateway polls each executor's info, seconds", gt=0)
-    executor_timeout_s: float = setting(60.0, "an executor connected but silent this long while it has requests in "
-                                              "flight is declared dead and they fail, seconds", gt=0)
+    executor_timeout_s: float = setting(10.0, "an executor connected but reporting no progress (no output, no probe "
+                                              "reply) this long while it has requests in flight (a hung step loop) is "
+                                              "declared dead and its requests resume elsewhere; stretched to twice its "
+                                              "longest recent step, seconds", gt=0)
     request_timeout_s: float = setting(600.0, "deadline of each request from its arrival, seconds: past it the "
                                               "request ends with an error and frees its blocks",
                                        flag="--request-timeout", gt=0)

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
@@ -63,6 +64,9 @@ def apply(manager, store, message):
     reply = handle(manager, protocol.decode(payload))
     assert reply["ok"], reply
     reply["durable"] = store.record(manager, message, payload)
+    # Compaction runs in the background; waiting here makes each test's log deterministic.
+    # (test_a_step_never_waits_for_compaction shows steps do not wait in the service.)
+    assert store.wait_compacted(10)
     return reply
 
 
@@ -156,6 +160,54 @@ def test_compaction_replaces_the_log_with_a_snapshot(redis_server):
     restored = BlockManager(watermark=0)
     RedisStore(redis_server.url).load(restored)
     assert state(restored) == state(manager)
+
+
+def test_a_step_never_waits_for_compaction_and_redis_is_consistent_at_every_point(redis_server):
+    manager = BlockManager(watermark=0)
+    store = RedisStore(redis_server.url, compact_every=3)
+    store.snapshot_bytes = _Huge()  # only the record cap compacts
+    gate = threading.Event()
+    write = store._write_compaction
+    store._write_compaction = lambda job: gate.wait(30) and write(job)  # a compaction that takes "forever"
+    r = redis.Redis.from_url(redis_server.url)
+
+    def step(k):
+        message = {"op": "step", "executor_id": "ex", "step_id": k, "incarnation": "i1",
+                   "admit": [[f"s{k}", [k] * 6, 6, None, 0]]}
+        payload = protocol.encode(message)
+        assert handle(manager, protocol.decode(payload))["ok"]
+        t0 = time.monotonic()
+        assert store.record(manager, message, payload)
+        return time.monotonic() - t0
+
+    def restored_state():
+        restored = BlockManager(watermark=0)
+        assert RedisStore(redis_server.url).load(restored) == 1
+        return state(restored)
+
+    apply(manager, store, {"op": "register", "executor_id": "ex", "num_device_blocks": 64, "block_size": BS,
+                           "incarnation": "i1"})
+    took = [step(k) for k in range(1, 9)]
+    assert max(took) < 1.0, "steps went on while the compaction (due at record 3) was held"
+    # Held before its transaction: the old snapshot and every record, which replay to the state.
+    assert r.llen(LOG_PREFIX + "ex") == 8 and restored_state() == state(manager)
+    gate.set()
+    assert store.wait_compacted(10)
+    # Written: the snapshot of record 3 and the 5 records after it (appended while it was held).
+    assert r.llen(LOG_PREFIX + "ex") == 5 and restored_state() == state(manager)
+    step(9)  # 6 records no snapshot covers: compacted at once now
+    assert store.wait_compacted(10) and r.llen(LOG_PREFIX + "ex") == 0 and restored_state() == state(manager)
+
+    # An inline full snapshot voids a compaction still queued: it must not trim records it never saw.
+    gate.clear()
+    for k in range(10, 13):
+        step(k)  # the third queues a compaction, held
+    assert store.record_snapshot(manager)  # empties the log
+    step(13)
+    gate.set()
+    assert store.wait_compacted(10)
+    assert r.llen(LOG_PREFIX + "ex") == 1 and restored_state() == state(manager)
+    store.close()
 
 
 def test_redis_down_serves_from_memory_says_so_and_writes_a_snapshot_when_back(redis_server):

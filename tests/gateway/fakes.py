@@ -85,6 +85,7 @@ class FakeExecutor:
         aborted: request ids aborted (by the client or by stopping early).
         aborted_choices: ``(request id, index)`` of single completions aborted.
         down: when True it answers nothing (requests time out, generate never outputs).
+        hung: set by :meth:`hang`: connected, but its step loop is stuck.
         on_disconnect: called by :meth:`crash`, as ``ExecutorClient`` calls it on a lost connection.
     """
 
@@ -116,6 +117,8 @@ class FakeExecutor:
         self._crashed = False
         self._incarnation = 0
         self.on_disconnect = None
+        self.hung = False
+        self._failed: dict[str, str] = {}  # request id -> why the client gave up on it (fail_all)
 
     def crash(self) -> None:
         """Die as a process does: requests in flight get the client's ``unavailable`` output at once,
@@ -124,10 +127,16 @@ class FakeExecutor:
         if self.on_disconnect is not None:
             self.on_disconnect()
 
+    def hang(self) -> None:
+        """Get stuck as a deadlocked step loop does: the connection stays up (no ``on_disconnect``),
+        but no probe is answered and no request makes progress until the client gives up on it
+        (:meth:`fail_all`)."""
+        self.hung = True
+
     def restart(self) -> None:
         """Come back as a new process: a new incarnation, whose registration drops the old one's
         sequences and blocks in the block manager."""
-        self.down = self._crashed = False
+        self.down = self._crashed = self.hung = False
         self._running.clear()
         self._incarnation += 1
         self._register()
@@ -145,7 +154,7 @@ class FakeExecutor:
         pass
 
     async def request(self, op: str, timeout_s: float = 2.0, **fields: Any) -> dict[str, Any]:
-        if self.down or op not in ("info", "ping", "sequences"):
+        if self.down or self.hung or op not in ("info", "ping", "sequences"):
             await asyncio.sleep(timeout_s)
             raise ExecutorUnavailable(f"executor at {self.address} did not answer {op!r} within {timeout_s}s")
         self.last_seen = time.monotonic()
@@ -169,7 +178,10 @@ class FakeExecutor:
             self.aborted_choices.append((request_id, index))
 
     def fail_all(self, reason: str) -> int:
-        return 0
+        """As the client's: every request in flight ends with an ``unavailable`` error output."""
+        for rid in self._running:
+            self._failed[rid] = reason
+        return len(self._running)
 
     # -- generation -----------------------------------------------------------------------------
     def _continuation(self, prompt_ids: list[int], params: dict, index: int) -> list[int]:
@@ -250,6 +262,8 @@ class FakeExecutor:
         pk = params.get("prompt_logprobs")
         ignore_eos = bool(params.get("ignore_eos"))
         stop_ids = set(params.get("stop_token_ids") or [])
+        beam = bool(params.get("use_beam_search"))  # like the real one: the best beam only at the end
+        held: list[int] = []
         seqs = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
         conts = [self._continuation(prompt_token_ids, params, i) for i in range(n)]
         run = {"num_prompt": len(prompt_token_ids), "seqs": seqs, "out": {}}
@@ -269,6 +283,11 @@ class FakeExecutor:
             if self.first_token_delay_s:
                 await asyncio.sleep(self.first_token_delay_s)
             for step in range(len(output_token_ids or []), max_tokens):
+                while self.hung and request_id not in self._failed:
+                    await asyncio.sleep(0.01)
+                if request_id in self._failed:
+                    yield {**self._error(request_id, self._failed.pop(request_id)), "unavailable": True}
+                    return
                 if self._crashed or incarnation != self._incarnation:  # died (and maybe came back since)
                     yield {**self._error(request_id, f"lost the connection to the executor at {self.address}"),
                            "unavailable": True}
@@ -311,6 +330,11 @@ class FakeExecutor:
                         msg["prompt_logprobs"] = [None] + [
                             {"token_id": t, "logprob": _fake_logprob(t, p),
                              "top": [[t, _fake_logprob(t, p)]][:pk]} for p, t in enumerate(prompt_token_ids[1:], 1)]
+                    if beam and reason is None:
+                        held.append(token)
+                        continue
+                    if beam:
+                        msg["token_ids"] = held + [token]
                     first = False
                     if reason is not None:
                         finished[i] = True

@@ -1,4 +1,5 @@
-"""`pagedserve serve`'s supervisor: signals stop every child; a dead child stops serve, named."""
+"""`pagedserve serve`'s supervisor: signals stop every child; a dead child is restarted with
+backoff; one that keeps dying stops serve, named."""
 
 import signal
 import subprocess
@@ -10,18 +11,26 @@ import pytest
 
 SUPERVISE = """
 import sys
-from gateway.launcher import Child, supervise
+from gateway.launcher import Child, RestartPolicy, supervise
 sleeper = ["-c", "import time; time.sleep(120)"]
-dier = ["-c", "import time; time.sleep(1.5); raise SystemExit(3)"]
-kids = [Child("blockmgr", sleeper), Child("executor-0", dier if sys.argv[1] == "die" else sleeper),
-        Child("gateway", sleeper)]
-raise SystemExit(supervise(kids))
+dier = ["-c", "import time; time.sleep(0.3); raise SystemExit(3)"]
+# Dies on its first run only (it leaves a mark file with its pid), then lives.
+once = ["-c", "import os, sys, time\\nif not os.path.exists(sys.argv[1]):\\n    open(sys.argv[1], 'w').write(str(os.getpid()))\\n"
+        "    raise SystemExit(3)\\ntime.sleep(120)", sys.argv[-1]]
+executor = {"die": dier, "once": once}.get(sys.argv[1], sleeper)
+kids = [Child("blockmgr", sleeper), Child("executor-0", executor), Child("gateway", sleeper)]
+raise SystemExit(supervise(kids, RestartPolicy(initial_backoff_s=0.1, max_backoff_s=0.4, max_restarts=3)))
 """
 
 
 def _children(pid):
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _alive_children(pid):
+    return [k for k in _children(pid) if Path(f"/proc/{k}/status").exists()
+            and "zombie" not in Path(f"/proc/{k}/status").read_text()]
 
 
 def _gone(pid, timeout=10.0):
@@ -48,11 +57,43 @@ def test_signal_stops_every_child(sig):
     assert all(_gone(k) for k in kids)
 
 
-def test_dead_child_stops_serve_with_its_name():
+def test_a_child_that_keeps_dying_is_restarted_then_stops_serve_with_its_name():
     proc = subprocess.Popen([sys.executable, "-c", SUPERVISE, "die"], stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    time.sleep(0.2)
     kids = _children(proc.pid)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
-    assert "executor-0 exited unexpectedly (exit code 3)" in err
+    assert err.count("pagedserve: executor-0 exited unexpectedly (exit code 3); restarting it") == 3
+    assert "restarting it in 0.1s" in err and "restarting it in 0.2s" in err and "restarting it in 0.4s" in err
+    assert "executor-0 exited unexpectedly (exit code 3) 4 times within 60s; giving up" in err
     assert all(_gone(k) for k in kids)
+
+
+def test_a_dead_child_is_restarted_and_the_others_keep_running(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", SUPERVISE, "once", str(tmp_path / "died")],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            kids = _alive_children(proc.pid)
+            mark = (tmp_path / "died").read_text() if (tmp_path / "died").exists() else ""
+            if mark and len(kids) == 3 and int(mark) not in kids:
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, "the dead child was not restarted"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert proc.poll() is None and sorted(_alive_children(proc.pid)) == sorted(kids)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert err.count("pagedserve: executor-0 exited unexpectedly (exit code 3); restarting it in 0.1s") == 1
+    assert all(_gone(k) for k in kids)
+
+
+def test_backoff_doubles_up_to_its_cap_and_exit_descriptions():
+    from gateway.launcher import RestartPolicy, describe_exit
+
+    policy = RestartPolicy()
+    assert [policy.backoff_s(n) for n in range(1, 8)] == [0.5, 1, 2, 4, 8, 10, 10]
+    assert describe_exit(3) == "exit code 3" and describe_exit(-signal.SIGKILL) == "signal SIGKILL"

@@ -3,6 +3,7 @@ and fast detection of a dead executor (fake executors, and a real ZeroMQ socket 
 
 import asyncio
 import json
+import random
 import threading
 import time
 
@@ -12,6 +13,7 @@ import zmq
 import zmq.asyncio
 
 from executor.client import ExecutorClient, ExecutorUnavailable
+from executor.request import seed_for_child
 from tests.gateway.fakes import fake_app, serve_in_thread
 
 MODEL = "fake-model"
@@ -91,11 +93,116 @@ def test_no_executor_left_ends_the_stream_with_an_error_and_done(tok):
         assert finish is None and time.monotonic() - t0 < 5
 
 
-def test_n_greater_than_one_is_not_resumed_but_ends_clearly(tok):
+def seeded_reply(prompt_ids, params, index):
+    """A continuation that depends on the choice's own seed, as a real child's sampling does: choice
+    ``index`` of a request seeded ``s`` draws from ``seed_for_child(s, index)``, as does a lone
+    request seeded with that."""
+    seed = seed_for_child(params.get("seed"), index)
+    rng = random.Random(seed)
+    return [rng.randrange(300, 5000) for _ in range(int(params.get("max_tokens", 16)))]
+
+
+def choice_texts(base, body, on_tokens=None, after=0):
+    """Stream ``body``; returns ({choice index: text}, {index: finish}, error, done)."""
+    texts, finishes, error, done, chunks = {}, {}, None, False, 0
+    with httpx.stream("POST", base + "/v1/completions", json={"model": MODEL, "stream": True, **body},
+                      timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                done = True
+                continue
+            event = json.loads(data)
+            if "error" in event:
+                error = event["error"]
+                continue
+            for c in event["choices"]:
+                texts[c["index"]] = texts.get(c["index"], "") + (c.get("text") or "")
+                if c.get("finish_reason"):
+                    finishes[c["index"]] = c["finish_reason"]
+            chunks += 1
+            if on_tokens is not None and chunks == after:
+                on_tokens()
+    return texts, finishes, error, done
+
+
+N_BODY = {**BODY, "n": 3, "temperature": 0.8, "seed": 1234}
+
+
+def test_n_greater_than_one_resumes_each_choice_alone_with_its_derived_seed(tok):
+    app, executors, bm = fake_app(tok, num_executors=2, executor_kwargs={"token_delay_s": 0.02,
+                                                                          "reply": seeded_reply})
+    with serve_in_thread(app) as base:
+        reference = choice_texts(base, N_BODY)
+        assert len(reference[0]) == 3 and len(set(reference[0].values())) == 3 and reference[3]
+        victim = []
+        result = choice_texts(base, N_BODY, lambda: victim.append(busy(executors)) or victim[0].crash(), after=6)
+        assert result == reference
+        survivor = next(e for e in executors if e is not victim[0])
+        legs = [m for m in survivor.received if "/" in m["request_id"]]
+        assert sorted(int(m["request_id"].rsplit("/", 1)[1].split(".")[0]) for m in legs) == [0, 1, 2]
+        for m in legs:
+            index = int(m["request_id"].rsplit("/", 1)[1].split(".")[0])
+            assert m["params"]["n"] == 1 and m["params"]["seed"] == seed_for_child(1234, index)
+            assert 1 <= len(m["output_token_ids"]) < 20, "sent again with that choice's tokens"
+            assert m["output_token_ids"] == seeded_reply(None, N_BODY, index)[:len(m["output_token_ids"])]
+        for e in executors:
+            assert bm.stats()[e.executor_id]["device"]["used"] == 0
+
+
+def test_a_resumed_choice_whose_executor_dies_again_resumes_alone_once_more(tok):
+    app, executors, bm = fake_app(tok, num_executors=2, executor_kwargs={"token_delay_s": 0.03,
+                                                                          "reply": seeded_reply})
+    with serve_in_thread(app) as base:
+        reference = choice_texts(base, N_BODY)
+        def lose_both_in_turn():
+            first_busy = busy(executors)
+            other = executors[1] if first_busy is executors[0] else executors[0]
+            first_busy.crash()  # the legs go to the other one
+
+            def swap():
+                first_busy.restart()  # back, empty: the legs come back here when the other dies
+                other.crash()
+
+            threading.Timer(0.3, swap).start()
+            lost.extend([first_busy, other])
+
+        lost = []
+        result = choice_texts(base, N_BODY, lose_both_in_turn, after=4)
+        assert result == reference
+        back_again = [m for m in lost[0].received if "/" in m["request_id"]]
+        assert sorted(int(m["request_id"].rsplit("/", 1)[1].split(".")[0]) for m in back_again) == [0, 1, 2]
+        assert all(len(m["output_token_ids"]) > 2 for m in back_again), "each leg continued from its own tokens"
+        assert bm.stats()[lost[0].executor_id]["device"]["used"] == 0
+
+
+def test_beam_search_restarts_on_another_executor_with_the_same_result(tok):
+    body = {**BODY, "use_beam_search": True, "best_of": 2}
     app, executors, bm = fake_app(tok, num_executors=2, executor_kwargs={"token_delay_s": 0.02})
     with serve_in_thread(app) as base:
-        text, finish, error, done = stream(base, {**BODY, "n": 2}, lambda: busy(executors).crash(), after=4)
-        assert error["code"] == "executor_unavailable" and "n > 1" in error["message"] and done
+        reference = httpx.post(base + "/v1/completions", json={"model": MODEL, **body}, timeout=30).json()
+        assert reference["choices"][0]["finish_reason"] == "length"
+
+        def crash_when_busy():
+            deadline = time.monotonic() + 5
+            while not any(e._running for e in executors) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)  # mid-way through its 20 steps
+            busy(executors).crash()
+
+        killer = threading.Thread(target=crash_when_busy)
+        killer.start()
+        r = httpx.post(base + "/v1/completions", json={"model": MODEL, **body}, timeout=30)
+        killer.join()
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"] == reference["choices"]
+        crashed = [e for e in executors if e._crashed]
+        assert len(crashed) == 1 and sum(len(e.received) for e in executors) == 3, "sent twice, once per executor"
+        restarted = next(e for e in executors if not e._crashed).received[-1]
+        assert restarted["output_token_ids"] == [] and restarted["params"]["use_beam_search"]
 
 
 def test_deadline_ends_the_request_and_frees_its_blocks(tok):
@@ -163,3 +270,65 @@ def test_request_field_shortens_the_deadline_but_never_extends_it(tok):
             assert limit <= took < limit + 1.5
         r = httpx.post(base + "/v1/completions", json={"model": MODEL, **BODY, "request_timeout": 0.5}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "request_timeout"
+
+
+def test_a_hung_executor_is_declared_dead_and_its_request_resumes_elsewhere(tok):
+    app, executors, bm = fake_app(tok, num_executors=2, executor_kwargs={"token_delay_s": 0.02},
+                                  executor_timeout_s=1.0)
+    with serve_in_thread(app) as base:
+        reference = stream(base, BODY)
+        hung = []
+        t0 = time.monotonic()
+        result = stream(base, BODY, lambda: hung.append(busy(executors)) or hung[0].hang(), after=5)
+        assert result == reference
+        assert time.monotonic() - t0 < 1.0 + 3.0, "noticed after about executor_timeout_s, not 60 s"
+        survivor = next(e for e in executors if e is not hung[0])
+        assert 5 <= len(survivor.received[-1]["output_token_ids"]) < 20
+        admin = httpx.get(base + "/admin/executors", timeout=10).json()
+        states = {e["executor_id"]: e for e in (admin["executors"] if isinstance(admin, dict) else admin)}
+        assert states[hung[0].executor_id]["healthy"] is False
+
+
+def test_a_hung_only_executor_ends_the_request_with_a_clear_error(tok):
+    app, executors, bm = fake_app(tok, num_executors=1, executor_kwargs={"token_delay_s": 0.02},
+                                  executor_timeout_s=0.8, request_timeout_s=3)
+    with serve_in_thread(app) as base:
+        t0 = time.monotonic()
+        text, finish, error, done = stream(base, BODY, executors[0].hang, after=3)
+        assert error["code"] == "executor_unavailable" and done and finish is None
+        assert time.monotonic() - t0 < 5
+
+
+def test_the_stall_limit_stretches_to_twice_the_longest_step_reported():
+    from gateway.executors import ExecutorPool
+    from tests.gateway.fakes import FakeExecutor
+
+    pool = ExecutorPool([FakeExecutor()], executor_timeout_s=10.0)
+    h = pool.handles[0]
+    for info, limit in (({}, 10.0), ({"longest_step_s": 2.0}, 10.0), ({"longest_step_s": 8.0}, 16.0),
+                        ({"longest_step_s": "8"}, 10.0), ({"longest_step_s": -1}, 10.0)):
+        h.info = info
+        assert pool.stall_limit_s(h) == limit
+
+
+def test_a_resumed_choice_that_hits_a_stop_string_is_aborted_alone(tok):
+    app, executors, bm = fake_app(tok, num_executors=2, executor_kwargs={"token_delay_s": 0.03,
+                                                                          "reply": seeded_reply})
+    with serve_in_thread(app) as base:
+        plain = choice_texts(base, N_BODY)[0]
+        # A stop string from late in choice 1's text that no other choice contains.
+        stop = next(plain[1][i:i + 6] for i in range(len(plain[1]) * 2 // 3, len(plain[1]) - 6)
+                    if all(plain[1][i:i + 6] not in plain[j] for j in (0, 2)))
+        body = {**N_BODY, "stop": [stop]}
+        reference = choice_texts(base, body)
+        assert reference[1][1] == "stop" and reference[1][0] == reference[1][2] == "length"
+        victim = []
+        result = choice_texts(base, body, lambda: victim.append(busy(executors)) or victim[0].crash(), after=4)
+        assert result == reference
+        survivor = next(e for e in executors if e is not victim[0])
+        leg = next(m["request_id"] for m in survivor.received if m["request_id"].split("/")[-1].startswith("1."))
+        deadline = time.monotonic() + 5
+        while leg not in survivor.aborted:
+            assert time.monotonic() < deadline, "the stopped choice's leg was not aborted"
+            time.sleep(0.05)
+        assert survivor.num_active == 0 and bm.stats()[survivor.executor_id]["device"]["used"] == 0
