@@ -147,19 +147,39 @@ class _StepReply:
     # Every copy in the order it was decided, consecutive ones of a kind grouped:
     # [[kind, [[src, dst], ...]], ...]. Only this order is right: a block copied on write may be
     # swapped out later in the same step, and a block swapped out may then be a copy's target.
+    # The pairs of one group are independent (no block written twice, none read after or before
+    # a write of it), because the executor runs a group as one parallel kernel launch (the Triton
+    # copy/swap kernels) with no order inside it; see add_ops.
     ops: list[list] = field(default_factory=list)
     grown_from: dict[str, int] = field(default_factory=dict)  # seq -> num_tokens before this step
     cpu_held: list[int] = field(default_factory=list)  # CPU blocks read by this step (blockmgr.cpu_tier)
+    group_io: tuple[set, set] | None = None  # (sources, destinations) of the last group of ops
 
     def add_ops(self, kind: str, pairs: list[list[int]]) -> None:
+        """Append copies ``[[src, dst], ...]`` of one kind (``copy``, ``swap_out``, ``swap_in``).
+
+        A pair joins the last group when that group has the same kind and no hazard with it; else
+        it starts a new group. Hazards: the pair writes a block the group writes (two swap-outs of
+        one step can reuse a CPU block: the CPU tier frees one whose prefix a later allocation
+        claims); for ``copy``, whose sources and destinations are both device blocks, also reading
+        a block the group writes or writing one it reads.
+        """
         getattr(self, "copies" if kind == "copy" else kind).extend(pairs)
-        if self.ops and self.ops[-1][0] == kind:
-            self.ops[-1][1].extend(pairs)
-        else:
-            self.ops.append([kind, list(pairs)])
+        for src, dst in pairs:
+            last = self.ops[-1] if self.ops and self.ops[-1][0] == kind else None
+            if last is not None:
+                srcs, dsts = self.group_io
+                hazard = dst in dsts or (kind == "copy" and (src in dsts or dst in srcs))
+            if last is None or hazard:
+                last = [kind, []]
+                self.ops.append(last)
+                self.group_io = (set(), set())
+            last[1].append([src, dst])
+            self.group_io[0].add(src)
+            self.group_io[1].add(dst)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("grown_from", "cpu_held")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("grown_from", "cpu_held", "group_io")}
 
 
 class BlockManager:

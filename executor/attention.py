@@ -1,8 +1,10 @@
 """Paged attention for one model layer: write the step's K/V into the cache, then attend.
 
-The CPU path uses the plain-torch twins in ``kernels.torch_ref``; the CUDA path uses the Triton
-kernels. Both read every key/value from the paged cache, so prefill, chunked prefill, prefix-cache
-hits and decode share one code path.
+Two backends, chosen per executor (:func:`resolve_backend`, the ``--attention-backend`` setting):
+``"torch"``, the CPU path, uses the plain-torch twins in ``kernels.torch_ref``; ``"triton"``, the
+CUDA path, uses the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, which is how
+the test suite runs the CUDA path end to end without a GPU). Both read every key/value from the
+paged cache, so prefill, chunked prefill, prefix-cache hits and decode share one code path.
 """
 
 from __future__ import annotations
@@ -13,6 +15,35 @@ import torch
 
 import kernels
 from kernels.torch_ref import ExtendAttentionPlan
+
+BACKENDS = ("triton", "torch")
+
+
+def resolve_backend(choice: str, device: torch.device) -> str:
+    """The attention backend an executor on ``device`` runs for the setting ``choice``.
+
+    Args:
+        choice: ``"auto"`` (Triton on CUDA, torch on the CPU), ``"triton"`` or ``"torch"``.
+        device: the KV cache's device.
+
+    Returns:
+        ``"triton"`` or ``"torch"``.
+
+    Raises:
+        ValueError: an unknown ``choice``, or ``"triton"`` on the CPU while the Triton kernels are
+            compiled rather than interpreted (set ``TRITON_INTERPRET=1`` before the executor starts),
+            or ``"torch"`` on CUDA (the twins are CPU reference code).
+    """
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if choice not in BACKENDS:
+        raise ValueError(f"attention backend {choice!r}: expected auto, triton or torch")
+    if choice == "triton" and device.type == "cpu" and not kernels.triton_interpreted():
+        raise ValueError("attention backend triton on the CPU needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                         "in the executor's environment (a correctness check of the CUDA path; use torch to serve)")
+    if choice == "torch" and device.type == "cuda":
+        raise ValueError("attention backend torch runs on the CPU only; use triton (or auto) with --device cuda")
+    return choice
 
 
 @dataclass
@@ -25,6 +56,7 @@ class AttentionMetadata:
         seq_lens: ``[num_seqs]`` int32 context length of each sequence after this step's tokens.
         query_start_loc: ``[num_seqs + 1]`` int32 cumulative count of new tokens per sequence.
         max_query_len: the longest run of new tokens of any sequence (1 for a decode-only step).
+        backend: ``"triton"`` or ``"torch"`` (:func:`resolve_backend`).
     """
 
     slot_mapping: torch.Tensor
@@ -32,6 +64,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
     max_query_len: int
+    backend: str = "torch"
     #: The CPU path's per-step plan (``kernels.torch_ref.ExtendAttentionPlan``), built by the first
     #: layer and reused by the others.
     torch_plan: object | None = field(default=None, repr=False)
@@ -62,7 +95,7 @@ def paged_attention(
     Returns:
         ``[num_tokens, num_heads, head_dim]``.
     """
-    if query.is_cuda:
+    if meta.backend == "triton":
         kernels.write_kv_cache(key, value, key_cache, value_cache, meta.slot_mapping)
         if meta.is_decode_only:
             return kernels.paged_decode_attention(

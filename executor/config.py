@@ -2,7 +2,8 @@
 
 Each field is one flag and one environment variable (see :mod:`blockmgr.settings`). The engine
 reads the KV-pool geometry from the same object (``block_size``, ``num_blocks``,
-``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``num_cpu_blocks``); the
+``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``num_cpu_blocks``,
+``attention_backend``); the
 executor process first resolves the pool sizes from GiB (:meth:`ExecutorSettings.with_pool_sizes`).
 Imports no torch: the command line and the gateway read it.
 """
@@ -43,6 +44,9 @@ class ExecutorSettings(ZmqServiceSettings, ModelSettings, BlockManagerAddress):
                                 env="PAGEDSERVE_SWAP_SPACE_GIB", ge=0)
     max_num_seqs: int = setting(64, "most sequences per step", ge=1)
     max_num_batched_tokens: int = setting(2048, "token budget per step (decodes + prefill chunks)", ge=1)
+    attention_backend: Literal["auto", "triton", "torch"] = setting(
+        "auto", "paged-attention kernels: triton (the CUDA path), torch (the CPU path), auto (triton on cuda, "
+                "torch on cpu); triton on the CPU needs TRITON_INTERPRET=1 and is a correctness check, not fast")
     num_threads: int | None = setting(None, "torch CPU threads per executor (default: the usable cores, split evenly "
                                             "among the executors of this machine)", ge=1)
 

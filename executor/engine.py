@@ -82,7 +82,8 @@ class Engine:
         self.record_steps = False
         self.num_preemptions = 0
         self._num_steps = 0
-        self.runner = ModelRunner(model, config.num_blocks, config.block_size, config.num_cpu_blocks, device, dtype)
+        self.runner = ModelRunner(model, config.num_blocks, config.block_size, config.num_cpu_blocks, device, dtype,
+                                  attention_backend=config.attention_backend)
         self.pending_fork: list[tuple[str, str]] = []
         self.groups = SequenceGroups()
         self.link = BlockManagerLink(block_manager, executor_id, self.incarnation, config.num_blocks,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
-from executor.attention import AttentionMetadata
+from executor.attention import AttentionMetadata, resolve_backend
 from executor.cost_probe import measure_cost_model
 from executor.request import Request
 from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries
@@ -57,15 +57,17 @@ class KVCache:
             ``[num_blocks, block_size, num_kv_heads, head_dim]``.
         cpu_layers: the CPU swap pool in the same layout (``[num_cpu_blocks, ...]``, pinned when
             ``device`` is CUDA); empty when swapping is off.
+        backend: ``"triton"`` (copies and swaps by the Triton kernels) or ``"torch"`` (their twins).
     """
 
     device: torch.device
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     cpu_layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    backend: str = "torch"
 
     @classmethod
     def allocate(cls, model, num_blocks: int, block_size: int, num_cpu_blocks: int,
-                 device: torch.device, dtype: torch.dtype) -> KVCache:
+                 device: torch.device, dtype: torch.dtype, backend: str = "torch") -> KVCache:
         """Zeroed pools for ``model`` (its ``num_layers``, ``num_kv_heads`` and ``head_dim``)."""
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
         cpu_shape = (num_cpu_blocks, *shape[1:])
@@ -76,7 +78,7 @@ class KVCache:
 
         layers = [pair(shape, device=device) for _ in range(model.num_layers)]
         cpu_layers = [pair(cpu_shape, pin_memory=pin) for _ in range(model.num_layers)] if num_cpu_blocks else []
-        return cls(device, layers, cpu_layers)
+        return cls(device, layers, cpu_layers, backend)
 
     @property
     def bytes_per_block(self) -> int:
@@ -94,9 +96,9 @@ class KVCache:
                 write may be swapped out later in the same step, and a block swapped out may then
                 be a copy's target.
         """
-        cuda = self.device.type == "cuda"
-        swap = kernels.swap_blocks if cuda else kernels.swap_blocks_torch
-        copy = kernels.copy_blocks if cuda else kernels.copy_blocks_torch
+        triton = self.backend == "triton"
+        swap = kernels.swap_blocks if triton else kernels.swap_blocks_torch
+        copy = kernels.copy_blocks if triton else kernels.copy_blocks_torch
         for kind, pairs in ops:
             if kind == "copy":
                 mapping = torch.tensor(pairs, dtype=torch.int64, device=self.device)
@@ -117,8 +119,11 @@ class ModelRunner:
         num_blocks, block_size: the device pool (the block manager's numbering of it).
         num_cpu_blocks: the CPU swap pool; 0 disables swapping (and the cost probe).
         device, dtype: where and in what precision the KV cache lives.
+        attention_backend: ``"auto"``, ``"triton"`` or ``"torch"``
+            (:func:`executor.attention.resolve_backend`; raises its ``ValueError``).
 
     Attributes:
+        backend: the resolved attention backend, ``"triton"`` or ``"torch"``.
         kv: the :class:`KVCache`.
         cost: what the block manager's swap-or-recompute decision needs
             (:func:`executor.cost_probe.measure_cost_model`), measured at start-up when swapping
@@ -126,11 +131,13 @@ class ModelRunner:
     """
 
     def __init__(self, model, num_blocks: int, block_size: int, num_cpu_blocks: int = 0,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 attention_backend: str = "auto"):
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
-        self.kv = KVCache.allocate(model, num_blocks, block_size, num_cpu_blocks, self.device, dtype)
+        self.backend = resolve_backend(attention_backend, self.device)
+        self.kv = KVCache.allocate(model, num_blocks, block_size, num_cpu_blocks, self.device, dtype, self.backend)
         self.cost = measure_cost_model(model, self.device, self.kv.bytes_per_block) if num_cpu_blocks else {}
 
     def prepare_inputs(self, batch: list[ScheduledSeq]) -> ModelInputs:
@@ -161,6 +168,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(q_starts, dtype=torch.int32, device=dev),
             max_query_len=max(n for _, n in batch),
+            backend=self.backend,
         )
         return ModelInputs(torch.tensor(input_ids, dtype=torch.int64, device=dev),
                            torch.tensor(positions, dtype=torch.int64, device=dev), meta, q_starts)

@@ -213,6 +213,16 @@ def check_books(ex) -> None:
         assert ex.cached_meta[b][0] == h
 
 
+def check_op_groups(reply) -> None:
+    """Each group of a step's ops can run as one parallel launch: no block written twice, and (for
+    device-to-device copies) none both read and written."""
+    for kind, pairs in reply["ops"]:
+        dsts = [d for _, d in pairs]
+        assert len(set(dsts)) == len(dsts), f"a {kind} group writes a block twice: {pairs}"
+        if kind == "copy":
+            assert not set(dsts) & {s for s, _ in pairs}, f"a copy group reads a block it writes: {pairs}"
+
+
 class BlockManagerMachine(RuleBasedStateMachine):
     """Random allocate / append / fork / free / swap / reset keep every pool's books balanced."""
 
@@ -226,6 +236,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.contents = {}  # seq -> tokens it owns, to check copy-on-write isolation
 
     def _apply(self, reply):
+        check_op_groups(reply)
         for seq_id, kind in reply["preempted"].items():
             if kind == "recompute":
                 self.contents.pop(seq_id, None)
@@ -239,6 +250,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.next_id += 1
         prompt = list(range(n)) if shared else [self.next_id * 100 + i for i in range(n)]
         r = self.bm.step("ex", admit=[(seq, prompt, n, None, 0)])
+        check_op_groups(r)
         if seq in r["admitted"]:
             self.contents[seq] = list(prompt)
 
@@ -263,18 +275,18 @@ class BlockManagerMachine(RuleBasedStateMachine):
         parent = data.draw(st.sampled_from(self._running()))
         child = f"s{self.next_id}"
         self.next_id += 1
-        self.bm.step("ex", fork=[(parent, child)])
+        check_op_groups(self.bm.step("ex", fork=[(parent, child)]))
 
     @precondition(lambda self: self.ex.seqs)
     @rule(data=st.data())
     def free(self, data):
-        self.bm.step("ex", free=[data.draw(st.sampled_from(sorted(self.ex.seqs)))])
+        check_op_groups(self.bm.step("ex", free=[data.draw(st.sampled_from(sorted(self.ex.seqs)))]))
 
     @precondition(lambda self: any(q.swapped for q in self.ex.seqs.values()))
     @rule(data=st.data())
     def swap_in(self, data):
         seq_id = data.draw(st.sampled_from(sorted(s for s, q in self.ex.seqs.items() if q.swapped)))
-        self.bm.step("ex", swap_in=[seq_id])
+        check_op_groups(self.bm.step("ex", swap_in=[seq_id]))
 
     @rule()
     def reset(self):
@@ -331,3 +343,17 @@ def test_service_over_zmq_answers_and_survives_garbage(service):
     client.step("ex", free=["a"])
     assert client.match_prefix(list(range(17))) == {"ex": 16}
     assert client.stats()["ex"]["device"]["used"] == 0
+
+
+def test_op_groups_split_where_a_parallel_launch_would_race():
+    from blockmgr.manager import _StepReply
+
+    r = _StepReply()
+    r.add_ops("swap_out", [[13, 4], [8, 1]])
+    r.add_ops("swap_out", [[7, 5], [3, 4]])  # CPU block 4 again: a new group, run after the first
+    r.add_ops("copy", [[1, 2], [2, 3]])  # reads block 2 after a write of it
+    r.add_ops("copy", [[5, 6], [7, 5]])  # writes block 5 after a read of it
+    assert r.ops == [["swap_out", [[13, 4], [8, 1], [7, 5]]], ["swap_out", [[3, 4]]],
+                     ["copy", [[1, 2]]], ["copy", [[2, 3], [5, 6]]], ["copy", [[7, 5]]]]
+    assert r.swap_out == [[13, 4], [8, 1], [7, 5], [3, 4]] and len(r.copies) == 4
+    assert "group_io" not in r.to_dict()
