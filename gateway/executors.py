@@ -105,6 +105,9 @@ class ExecutorPool:
         try:
             reply = await h.client.request("info", timeout_s=timeout_s)
         except ExecutorUnavailable as exc:
+            if h.healthy and self._in_a_long_step(h):
+                h.last_probe_error = f"busy: {exc}"
+                return False
             if h.healthy:
                 log.warning("executor %s (%s) stopped answering: %s", h.executor_id, h.address, exc)
             h.healthy, h.last_probe_error = False, str(exc)
@@ -141,6 +144,17 @@ class ExecutorPool:
         longest = h.info.get("longest_step_s")
         longest = float(longest) if isinstance(longest, (int, float)) and longest > 0 else 0.0
         return max(self.executor_timeout_s, 2 * longest)
+
+    def _in_a_long_step(self, h: ExecutorHandle) -> bool:
+        """An unanswered probe that does not make ``h`` unhealthy: the executor answers ``info``
+        between steps, so a step longer than the probe's timeout (a long prefill, a loaded CPU)
+        delays it. Routing away from it then would turn every long step into refused or resent
+        requests; while it is connected, has requests in flight and made progress within its stall
+        limit it stays healthy, and :meth:`_check_silence` decides when it is hung."""
+        if not getattr(h.client, "connected", True) or h.client.num_active == 0:
+            return False
+        last = h.client.last_seen or h.started
+        return time.monotonic() - last <= self.stall_limit_s(h)
 
     def _check_silence(self, h: ExecutorHandle) -> None:
         if h.client.num_active == 0:

@@ -77,6 +77,9 @@ class FakeExecutor:
         eos_token_id: sent with finish reason ``stop`` when the reply is exhausted.
         token_delay_s: pause between two generated tokens.
         first_token_delay_s: pause before the first output (a queued or prefilling request).
+        info_delay_s: while a request is in flight, ``info`` is answered only after this long (the
+            real executor answers between steps, so a long step delays it); beyond the caller's
+            timeout it is not answered.
         fail_after_tokens: fail every request with an error output after this many steps.
         known_params: SamplingParams fields it accepts; others are refused like the real executor does.
 
@@ -92,7 +95,8 @@ class FakeExecutor:
     def __init__(self, executor_id: str = "executor-0", blockmgr: BlockManagerConnection | None = None, tokenizer=None,
                  reply: str | Callable = DEFAULT_REPLY, eos_token_id: int = 2, num_blocks: int = 256,
                  block_size: int = 16, max_model_len: int = 2048, token_delay_s: float = 0.0,
-                 first_token_delay_s: float = 0.0, fail_after_tokens: int | None = None, known_params: frozenset = SAMPLING_FIELDS, vocab_size: int | None = None):
+                 first_token_delay_s: float = 0.0, fail_after_tokens: int | None = None, known_params: frozenset = SAMPLING_FIELDS, vocab_size: int | None = None,
+                 info_delay_s: float = 0.0):
         self.executor_id = executor_id
         self.address = f"fake://{executor_id}"
         self.blockmgr = blockmgr
@@ -102,6 +106,7 @@ class FakeExecutor:
         self.num_blocks, self.block_size, self.max_model_len = num_blocks, block_size, max_model_len
         self.token_delay_s = token_delay_s
         self.first_token_delay_s = first_token_delay_s
+        self.info_delay_s = info_delay_s
         self.fail_after_tokens = fail_after_tokens
         self.known_params = known_params
         self.vocab_size = vocab_size or (len(tokenizer) if tokenizer is not None else 49152)
@@ -153,10 +158,19 @@ class FakeExecutor:
     async def close(self) -> None:
         pass
 
+    @property
+    def connected(self) -> bool:
+        """Like ``ExecutorClient.connected``: the connection is up (a hung executor's is)."""
+        return not self._crashed
+
     async def request(self, op: str, timeout_s: float = 2.0, **fields: Any) -> dict[str, Any]:
-        if self.down or self.hung or op not in ("info", "ping", "sequences"):
+        in_a_long_step = op == "info" and self.info_delay_s and self._running
+        if self.down or self.hung or op not in ("info", "ping", "sequences") or (
+                in_a_long_step and self.info_delay_s >= timeout_s):
             await asyncio.sleep(timeout_s)
             raise ExecutorUnavailable(f"executor at {self.address} did not answer {op!r} within {timeout_s}s")
+        if in_a_long_step:
+            await asyncio.sleep(self.info_delay_s)
         self.last_seen = time.monotonic()
         reply: dict[str, Any] = {"op": "reply", "nonce": 0}
         if op == "info":

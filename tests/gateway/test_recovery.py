@@ -2,6 +2,7 @@
 and fast detection of a dead executor (fake executors, and a real ZeroMQ socket for detection)."""
 
 import asyncio
+import concurrent.futures
 import json
 import random
 import threading
@@ -332,3 +333,27 @@ def test_a_resumed_choice_that_hits_a_stop_string_is_aborted_alone(tok):
             assert time.monotonic() < deadline, "the stopped choice's leg was not aborted"
             time.sleep(0.05)
         assert survivor.num_active == 0 and bm.stats()[survivor.executor_id]["device"]["used"] == 0
+
+
+def test_an_executor_in_a_long_step_stays_healthy_and_takes_requests(tok):
+    """The executor answers ``info`` between steps: a step longer than the probe timeout (1 s) must
+    not make it unhealthy while its requests make progress, or requests arriving then are refused."""
+    app, executors, bm = fake_app(tok, num_executors=1,
+                                  executor_kwargs={"token_delay_s": 0.4, "info_delay_s": 1.5})
+    with serve_in_thread(app) as base:
+        seen = {}
+
+        def meanwhile():
+            time.sleep(2.5)  # two monitor rounds with unanswered probes
+            states = httpx.get(base + "/admin/executors", timeout=10).json()["executors"]
+            seen["healthy"] = states[0]["healthy"]
+            seen["second"] = httpx.post(base + "/v1/completions", json={"model": MODEL, **BODY, "max_tokens": 2},
+                                        timeout=30)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            job = pool.submit(meanwhile)
+            text, finish, error, done = stream(base, {**BODY, "max_tokens": 12})
+            job.result()
+        assert error is None and finish == "length" and done
+        assert seen["healthy"] is True
+        assert seen["second"].status_code == 200, seen["second"].text
