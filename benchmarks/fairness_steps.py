@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""TTFT and preemptions per request, counted in engine steps, under a closed-loop load.
+
+Drives the real :class:`executor.engine.Engine` with an in-process block manager on a tiny
+random-weight Llama (the scheduler and the block manager's decisions do not depend on the
+weights), so the numbers carry no wall-clock noise: a request's TTFT is the number of engine
+steps from the step it was added before to the step that produced its first token.
+
+The load is a closed loop like ``vllm bench serve --max-concurrency C`` with random prompts:
+``concurrency`` requests start at once, and each one that finishes is replaced by the next,
+until ``num_requests`` have been sent. Prompts are random token ids (no prefix-cache hits);
+every request generates exactly ``output_len`` tokens (``ignore_eos``).
+
+Run it (prints the TTFT distribution in steps and the preemption counts)::
+
+    python benchmarks/fairness_steps.py                      # issue 14's c=64, 64 x 161 in / 200 out
+    python benchmarks/fairness_steps.py --num-requests 256 --num-blocks 1000   # KV oversubscribed
+
+Not a timing benchmark; tests/executor/test_fairness.py runs a scaled-down load through
+:func:`run_closed_loop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+# Our model module first: it imports this project's `kernels` package before transformers does.
+from executor.model import LlamaForCausalLM
+from transformers import LlamaConfig
+
+from blockmgr.client import InProcessBlockManager
+from blockmgr.manager import BlockManager
+from executor.engine import Engine, EngineConfig
+from executor.request import SamplingParams
+
+VOCAB = 64
+
+
+@dataclass
+class RequestSteps:
+    """One request's life in engine steps (``added``: steps run before it was added)."""
+
+    request_id: str
+    added: int
+    first_token: int | None = None
+    finished: int | None = None
+    num_preemptions: int = 0
+
+    @property
+    def ttft_steps(self) -> int:
+        return self.first_token - self.added
+
+
+def tiny_engine(*, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                max_model_len: int = 1024) -> Engine:
+    """An fp32 CPU engine on a 1-layer random Llama (hidden 32, vocab 64) over a fresh block manager."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=max_model_len)
+    model = LlamaForCausalLM(cfg).eval()
+    bm = InProcessBlockManager(BlockManager(enable_prefix_caching=True))
+    config = EngineConfig(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens)
+    return Engine(model, bm, config, eos_token_ids={0})
+
+
+def run_closed_loop(engine: Engine, *, num_requests: int, concurrency: int, prompt_len: int, output_len: int,
+                    seed: int = 0, max_steps: int = 1_000_000) -> list[RequestSteps]:
+    """Run the closed-loop load to the end; returns each request's steps, in arrival order.
+
+    Raises:
+        RuntimeError: a request failed, or the load did not finish within ``max_steps`` steps.
+    """
+    rng = random.Random(seed)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0)
+    stats: dict[str, RequestSteps] = {}
+    requests = {}
+    step = 0
+
+    def add() -> None:
+        rid = f"r{len(stats)}"
+        engine.add_request(rid, [rng.randrange(1, VOCAB) for _ in range(prompt_len)], params)
+        stats[rid] = RequestSteps(rid, step)
+        requests[rid] = engine.requests[rid]
+
+    for _ in range(min(concurrency, num_requests)):
+        add()
+    while engine.has_work():
+        if step >= max_steps:
+            raise RuntimeError(f"the load did not finish within {max_steps} steps")
+        outputs = engine.step()
+        step += 1
+        for out in outputs:
+            if out.error:
+                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            s = stats[out.request_id]
+            if out.new_token_ids and s.first_token is None:
+                s.first_token = step
+            if out.finished:
+                s.finished = step
+                if len(stats) < num_requests:
+                    add()
+    for rid, s in stats.items():
+        s.num_preemptions = requests[rid].num_preemptions
+    return list(stats.values())
+
+
+def summary(stats: list[RequestSteps]) -> dict:
+    """TTFT percentiles (steps, nearest rank), preemptions, and the last step."""
+    ttft = sorted(s.ttft_steps for s in stats)
+
+    def pct(q: float) -> int:
+        return ttft[min(len(ttft) - 1, max(0, round(q * len(ttft)) - 1))]
+
+    return {
+        "requests": len(stats),
+        "steps": max(s.finished for s in stats),
+        "ttft_p50": statistics.median(ttft),
+        "ttft_p90": pct(0.90),
+        "ttft_p99": pct(0.99),
+        "ttft_max": ttft[-1],
+        "preemptions": sum(s.num_preemptions for s in stats),
+        "max_preemptions": max(s.num_preemptions for s in stats),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=161)
+    parser.add_argument("--output-len", type=int, default=200)
+    parser.add_argument("--num-blocks", type=int, default=1456,
+                        help="device KV blocks (default: what 1 GiB holds for SmolLM2-135M in fp32)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    engine = tiny_engine(num_blocks=args.num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                         max_num_batched_tokens=args.max_num_batched_tokens)
+    stats = run_closed_loop(engine, num_requests=args.num_requests, concurrency=args.concurrency,
+                            prompt_len=args.prompt_len, output_len=args.output_len)
+    s = summary(stats)
+    print(f"{s['requests']} requests, c={args.concurrency}, {args.prompt_len} in / {args.output_len} out, "
+          f"{args.num_blocks} blocks x {args.block_size}: {s['steps']} steps")
+    print(f"TTFT in steps: p50 {s['ttft_p50']}  p90 {s['ttft_p90']}  p99 {s['ttft_p99']}  max {s['ttft_max']}")
+    print(f"preemptions: {s['preemptions']} in all, at most {s['max_preemptions']} for one request")
+
+
+if __name__ == "__main__":
+    main()
