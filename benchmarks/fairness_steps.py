@@ -50,6 +50,7 @@ class RequestSteps:
     first_token: int | None = None
     finished: int | None = None
     num_preemptions: int = 0
+    ttft_tokens: int = 0  # tokens every request computed in the steps it waited for its first token
 
     @property
     def ttft_steps(self) -> int:
@@ -90,11 +91,16 @@ def run_closed_loop(engine: Engine, *, num_requests: int, concurrency: int, prom
 
     for _ in range(min(concurrency, num_requests)):
         add()
+    step_tokens: list[int] = []  # tokens computed in each step: a wall-clock proxy (prefill dominates)
+    engine.record_steps = True
     while engine.has_work():
         if step >= max_steps:
             raise RuntimeError(f"the load did not finish within {max_steps} steps")
+        num_records = len(engine.step_records)
         outputs = engine.step()
         step += 1
+        ran = len(engine.step_records) > num_records
+        step_tokens.append(sum(engine.step_records[-1].scheduled.values()) if ran else 0)
         for out in outputs:
             if out.error:
                 raise RuntimeError(f"request {out.request_id} failed: {out.error}")
@@ -107,23 +113,28 @@ def run_closed_loop(engine: Engine, *, num_requests: int, concurrency: int, prom
                     add()
     for rid, s in stats.items():
         s.num_preemptions = requests[rid].num_preemptions
+        s.ttft_tokens = sum(step_tokens[s.added : s.first_token])
     return list(stats.values())
 
 
 def summary(stats: list[RequestSteps]) -> dict:
-    """TTFT percentiles (steps, nearest rank), preemptions, and the last step."""
+    """TTFT percentiles (nearest rank) in steps and in tokens computed meanwhile, preemptions, steps."""
+
+    def pct(values: list[int], q: float) -> int:
+        return values[min(len(values) - 1, max(0, round(q * len(values)) - 1))]
+
     ttft = sorted(s.ttft_steps for s in stats)
-
-    def pct(q: float) -> int:
-        return ttft[min(len(ttft) - 1, max(0, round(q * len(ttft)) - 1))]
-
+    tokens = sorted(s.ttft_tokens for s in stats)
     return {
         "requests": len(stats),
         "steps": max(s.finished for s in stats),
         "ttft_p50": statistics.median(ttft),
-        "ttft_p90": pct(0.90),
-        "ttft_p99": pct(0.99),
+        "ttft_p90": pct(ttft, 0.90),
+        "ttft_p99": pct(ttft, 0.99),
         "ttft_max": ttft[-1],
+        "ttft_tokens_p50": statistics.median(tokens),
+        "ttft_tokens_p99": pct(tokens, 0.99),
+        "ttft_tokens_max": tokens[-1],
         "preemptions": sum(s.num_preemptions for s in stats),
         "max_preemptions": max(s.num_preemptions for s in stats),
     }
@@ -150,6 +161,8 @@ def main() -> None:
     print(f"{s['requests']} requests, c={args.concurrency}, {args.prompt_len} in / {args.output_len} out, "
           f"{args.num_blocks} blocks x {args.block_size}: {s['steps']} steps")
     print(f"TTFT in steps: p50 {s['ttft_p50']}  p90 {s['ttft_p90']}  p99 {s['ttft_p99']}  max {s['ttft_max']}")
+    print(f"TTFT in tokens computed meanwhile: p50 {s['ttft_tokens_p50']}  p99 {s['ttft_tokens_p99']}  "
+          f"max {s['ttft_tokens_max']}")
     print(f"preemptions: {s['preemptions']} in all, at most {s['max_preemptions']} for one request")
 
 

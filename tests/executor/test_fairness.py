@@ -21,8 +21,10 @@ def stats(one_thread):
 
 
 def test_ttft_tail_within_three_medians(stats):
+    # In steps, and in tokens computed while waiting (prefill steps cost more than decode steps).
     s = summary(stats)
     assert s["ttft_max"] <= 3 * s["ttft_p50"], s
+    assert s["ttft_tokens_max"] <= 3 * s["ttft_tokens_p50"], s
 
 
 def test_first_tokens_come_in_arrival_order(stats):
