@@ -22,7 +22,6 @@ Not a timing benchmark; tests/executor/test_fairness.py runs a scaled-down load 
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 from dataclasses import dataclass
@@ -33,8 +32,11 @@ import torch
 from executor.model import LlamaForCausalLM
 from transformers import LlamaConfig
 
+from benchmarks.settings import BenchmarkSettings
 from blockmgr.client import InProcessBlockManager
 from blockmgr.manager import BlockManager
+from blockmgr.settings import load, reuse, setting
+from executor.config import ExecutorSettings
 from executor.engine import Engine, EngineConfig
 from executor.request import SamplingParams
 
@@ -140,18 +142,19 @@ def summary(stats: list[RequestSteps]) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=161)
-    parser.add_argument("--output-len", type=int, default=200)
-    parser.add_argument("--num-blocks", type=int, default=1456,
-                        help="device KV blocks (default: what 1 GiB holds for SmolLM2-135M in fp32)")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    args = parser.parse_args()
+class FairnessBenchSettings(BenchmarkSettings):
+    num_requests: int = setting(64, "requests sent in all", ge=1)
+    concurrency: int = setting(64, "requests in flight (closed loop)", ge=1)
+    prompt_len: int = setting(161, "prompt tokens of each request", ge=1)
+    output_len: int = setting(200, "tokens each request generates", ge=1)
+    num_blocks: int = setting(1456, "device KV blocks (1456: what 1 GiB holds for SmolLM2-135M in fp32)", ge=1)
+    block_size: int = reuse(ExecutorSettings, "block_size")
+    max_num_seqs: int = reuse(ExecutorSettings, "max_num_seqs")
+    max_num_batched_tokens: int = reuse(ExecutorSettings, "max_num_batched_tokens")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, _ = load(FairnessBenchSettings, argv, "fairness_steps.py", __doc__.split("\n\n")[0])
     torch.set_num_threads(1)
     engine = tiny_engine(num_blocks=args.num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens)
