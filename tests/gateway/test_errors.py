@@ -4,6 +4,8 @@ import asyncio
 import json
 import threading
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -229,6 +231,12 @@ def test_no_executor_gets_503_and_health_says_so(tok):
         executors[1].down = True
         h = httpx.get(base + "/health", timeout=10)
         assert h.status_code == 503 and h.json()["status"] == "unhealthy"
+        # /health pings; routing follows the monitor's probes, which notice an executor that stopped
+        # answering (connected, not dead: a dead one is noticed at once) within a round or two.
+        deadline = time.monotonic() + 5
+        while any(e["healthy"] for e in httpx.get(base + "/admin/executors", timeout=10).json()["executors"]):
+            assert time.monotonic() < deadline, "the monitor did not notice the silent executors"
+            time.sleep(0.1)
         for stream in (False, True):
             r = httpx.post(base + "/v1/completions", json={"prompt": "hi", "stream": stream}, timeout=10)
             assert assert_openai_error(r, 503)["code"] == "no_executor" and r.headers["retry-after"]
