@@ -3,7 +3,6 @@
 import asyncio
 import json
 import threading
-
 import time
 
 import httpx
