@@ -20,17 +20,19 @@ from blockmgr.block_hash import ROOT_HASH, hash_chain
 TIER_DEVICE, TIER_CPU = "device", "cpu"
 
 
+# ``ex.use`` values are tuples ``(hits, last_use, priority)``, replaced and never changed in place,
+# so a snapshot may share them (BlockManager.snapshot(deferred=True)).
+
+
 def record_store(ex, block_hash: int, priority: int) -> None:
     """A block was published to the prefix cache."""
-    ex.use[block_hash] = [0, time.time(), priority]
+    ex.use[block_hash] = (0, time.time(), priority)
 
 
 def record_hit(ex, block_hash: int, priority: int) -> None:
     """An admission reused a cached block."""
-    use = ex.use.setdefault(block_hash, [0, 0.0, priority])
-    use[0] += 1
-    use[1] = time.time()
-    use[2] = min(use[2], priority)
+    hits, _, lowest = ex.use.get(block_hash, (0, 0.0, priority))
+    ex.use[block_hash] = (hits + 1, time.time(), min(lowest, priority))
 
 
 def prefix_id(executor_id: str, block_hash: int) -> str:

@@ -22,6 +22,7 @@ step *k+1*, so that is when its newly full blocks are hashed and published to th
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -119,7 +120,7 @@ class ExecutorState:
     # device block -> (hash, parent hash, token ids), for blocks that are in the prefix cache
     cached_meta: dict[int, tuple[int, int, list[int]]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    use: dict[int, list] = field(default_factory=dict)  # block hash -> [hits, last_use, priority]
+    use: dict[int, tuple] = field(default_factory=dict)  # block hash -> (hits, last_use, priority)
     pins: dict[str, dict] = field(default_factory=dict)  # pin id -> record (blockmgr.pins)
     cpu_cache: dict[int, int] = field(default_factory=dict)  # block hash -> CPU block (the CPU tier)
     cpu_meta: dict[int, tuple[int, int, list[int]]] = field(default_factory=dict)  # CPU block -> meta
@@ -180,6 +181,31 @@ class _StepReply:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("grown_from", "cpu_held", "group_io")}
+
+
+class DeferredRows:
+    """The rows ``[key, *value]`` of a dict whose values are tuples never changed in place (the
+    prefix-cache maps), from a shallow copy taken now (one C call, no object per entry) and built
+    only when read, a slice at a time.
+
+    Args:
+        mapping: ``{key: tuple}``; copied shallowly.
+    """
+
+    def __init__(self, mapping: dict):
+        self._copy = dict(mapping)
+
+    def __len__(self) -> int:
+        return len(self._copy)
+
+    def slices(self, size: int):
+        """Lists of at most ``size`` rows, in the dict's order."""
+        items = iter(self._copy.items())
+        while piece := [[k, *v] for k, v in itertools.islice(items, size)]:
+            yield piece
+
+    def rows(self) -> list[list]:
+        return [[k, *v] for k, v in self._copy.items()]
 
 
 class BlockManager:
@@ -304,7 +330,7 @@ class BlockManager:
     def _with_policy(self, ex: ExecutorState) -> ExecutorState:
         def use_of(block):
             meta = ex.cached_meta.get(block)
-            return None if meta is None else ex.use.get(meta[0], [0, 0.0, 0])
+            return None if meta is None else ex.use.get(meta[0], (0, 0.0, 0))
 
         ex.device.use_evictor(make_evictor(self.eviction, use_of))
         return ex
@@ -790,7 +816,7 @@ class BlockManager:
                 "state": "swapped" if seq.swapped else "running", "blocks": blocks}
 
     # -- persistence --------------------------------------------------------------------------
-    def snapshot(self, executor_id: str) -> dict[str, Any]:
+    def snapshot(self, executor_id: str, deferred: bool = False) -> dict[str, Any]:
         """Everything needed to rebuild one executor's state (see ``blockmgr.persistence``).
 
         A copy that shares no list or dict the manager changes later (the sequences' tables and
@@ -798,19 +824,32 @@ class BlockManager:
         of prefix-cache entries are shared: they never change once cached. ``last_reply`` is
         copied by msgpack round trip (a reply is replaced each step, not changed, but may hold
         the step's own lists).
+
+        Args:
+            deferred: the prefix-cache maps (``cached``, ``cpu_cached``, ``use``: one entry per
+                cached block, 10^5 and more on a large pool) as :class:`DeferredRows` over
+                one-call shallow copies instead of lists of rows. Building the rows is the costly
+                part (hundreds of milliseconds at 256k blocks, most of it the garbage collector's
+                passes over the new lists); a background writer builds them slice by slice
+                (``blockmgr.persistence.pack_in_slices``) while steps go on.
         """
         ex = self._executor(executor_id)
+        cached, cpu_cached, use = (
+            (DeferredRows(ex.cached_meta), DeferredRows(ex.cpu_meta), DeferredRows(ex.use)) if deferred else
+            ([[b, h, p, t] for b, (h, p, t) in ex.cached_meta.items()],
+             [[b, h, p, t] for b, (h, p, t) in ex.cpu_meta.items()],
+             [[h, *u] for h, u in ex.use.items()]))
         return {
             "executor_id": ex.executor_id, "block_size": ex.block_size, "watermark_blocks": ex.watermark_blocks,
             "device": ex.device.snapshot(), "cpu": ex.cpu.snapshot(), "cost": dict(ex.cost.__dict__),
             "seqs": [[w[0], list(w[1]), list(w[2]), list(w[3]), list(w[4]), *w[5:]]
                      for w in (s.to_wire() for s in ex.seqs.values())],
-            "cached": [[b, h, p, t] for b, (h, p, t) in ex.cached_meta.items()],
+            "cached": cached,
             "counters": dict(ex.counters), "last_step_id": ex.last_step_id,
             "last_reply": None if ex.last_reply is None else msgpack.unpackb(
                 msgpack.packb(ex.last_reply, use_bin_type=True), raw=False, strict_map_key=False),
-            "use": [[h, *u] for h, u in ex.use.items()], "pins": [copy.deepcopy(p) for p in ex.pins.values()],
-            "cpu_cached": [[b, h, p, t] for b, (h, p, t) in ex.cpu_meta.items()],
+            "use": use, "pins": [copy.deepcopy(p) for p in ex.pins.values()],
+            "cpu_cached": cpu_cached,
             "incarnation": ex.incarnation, "retired": list(ex.retired), "next_arrival": ex.next_arrival,
             "saved_at": time.time(),
         }
@@ -831,7 +870,7 @@ class BlockManager:
         for b, h, p, t in snap.get("cpu_cached", ()):
             ex.cpu_cache[h] = b
             ex.cpu_meta[b] = (h, p, list(t))
-        ex.use = {h: list(u) for h, *u in snap.get("use", ())}
+        ex.use = {h: tuple(u) for h, *u in snap.get("use", ())}
         ex.pins = {rec["pin_id"]: rec for rec in snap.get("pins", ())}
         ex.counters.update(snap["counters"])
         ex.last_step_id, ex.last_reply = snap["last_step_id"], snap["last_reply"]

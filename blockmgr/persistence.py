@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import msgpack
 import redis
 
+from blockmgr.manager import DeferredRows
+
 log = logging.getLogger("pagedserve.blockmgr")
 
 KEY_PREFIX = "pagedserve:blockmgr:executor:"
@@ -55,6 +57,64 @@ LOG_PREFIX = "pagedserve:blockmgr:log:"
 
 def _pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
+
+
+#: Items of a long list packed per call by :func:`pack_in_slices`: a few milliseconds of work.
+SLICE_ITEMS = 2048
+
+
+def _large(o, slice_items: int) -> bool:
+    return isinstance(o, (DeferredRows, dict)) or (
+        isinstance(o, (list, tuple)) and (len(o) > slice_items or any(_large(x, slice_items) for x in o)))
+
+
+def pack_in_slices(obj, slice_items: int = SLICE_ITEMS) -> bytes:
+    """``msgpack.packb(obj, use_bin_type=True)``, the same bytes, packed a slice at a time.
+
+    msgpack packs a whole object in one C call that holds the GIL: for a 256k-block snapshot
+    (~37 MB) that is hundreds of milliseconds during which the block manager's step thread cannot
+    run, so packing "in the background" would still pause the steps. Here maps are walked in
+    Python and lists longer than ``slice_items`` are packed ``slice_items`` elements per call,
+    each slice's own array header cut off behind one header for the whole list (the msgpack spec:
+    an array is its header followed by its elements), so the step thread gets the GIL back
+    between calls.
+
+    Args:
+        obj: what :meth:`blockmgr.manager.BlockManager.snapshot` returns (dicts, lists, tuples,
+            str, bytes, int, float, bool, None, and :class:`~blockmgr.manager.DeferredRows`,
+            packed as the list of its rows).
+        slice_items: elements per call for long lists (>= 1).
+
+    Returns:
+        The msgpack bytes, equal to ``msgpack.packb(obj, use_bin_type=True)``.
+    """
+    packer = msgpack.Packer(use_bin_type=True)
+    parts: list[bytes] = []
+
+    def walk(o) -> None:
+        if isinstance(o, DeferredRows):
+            parts.append(packer.pack_array_header(len(o)))
+            for piece in o.slices(slice_items):
+                parts.append(packer.pack(piece)[len(packer.pack_array_header(len(piece))) :])
+        elif isinstance(o, dict):
+            parts.append(packer.pack_map_header(len(o)))
+            for k, v in o.items():
+                parts.append(packer.pack(k))
+                walk(v)
+        elif isinstance(o, (list, tuple)) and len(o) > slice_items:
+            parts.append(packer.pack_array_header(len(o)))
+            for i in range(0, len(o), slice_items):
+                piece = list(o[i : i + slice_items])
+                parts.append(packer.pack(piece)[len(packer.pack_array_header(len(piece))) :])
+        elif isinstance(o, (list, tuple)) and any(_large(x, slice_items) for x in o):
+            parts.append(packer.pack_array_header(len(o)))  # e.g. the sequences, each with its tokens
+            for x in o:
+                walk(x)
+        else:
+            parts.append(packer.pack(o))
+
+    walk(obj)
+    return b"".join(parts)
 
 
 def _unpack(data: bytes):
@@ -185,7 +245,8 @@ class RedisStore:
 
     def _compact_later(self, manager, executor_id: str) -> None:
         """Copy the state now (it includes every record appended so far) and write it in the background."""
-        job = _Compaction(executor_id, manager.snapshot(executor_id), self._appended.get(executor_id, 0),
+        job = _Compaction(executor_id, manager.snapshot(executor_id, deferred=True),
+                          self._appended.get(executor_id, 0),
                           self._epoch.get(executor_id, 0))
         self.log_len[executor_id], self.log_bytes[executor_id] = 0, 0
         with self._idle:
@@ -210,7 +271,7 @@ class RedisStore:
                     self._idle.notify_all()
 
     def _write_compaction(self, job: _Compaction) -> None:
-        data = _pack(job.snapshot)  # the O(state) work, off the step path
+        data = pack_in_slices(job.snapshot)  # the O(state) work, off the step path and yielding the GIL
         e = job.executor_id
         with self._write_lock:
             trimmed = self._trimmed.get(e, 0)

@@ -281,3 +281,32 @@ def test_gateway_metric_reports_persistence_health():
     family = next(f for f in text_string_to_metric_families(metrics.render().decode())
                   if f.name == "pagedserve:blockmgr_persistence_ok")
     assert {s.labels["executor"]: s.value for s in family.samples} == {"a": 1.0, "b": 0.0}
+
+
+def test_a_deferred_snapshot_packed_in_slices_is_the_same_bytes_and_a_true_copy():
+    """The compaction copies the prefix-cache maps shallowly on the step path and builds and packs
+    their rows later, a slice at a time (so the step thread keeps the GIL): same bytes as packing
+    the plain snapshot, and steps applied in between do not leak into it."""
+    import msgpack
+
+    from blockmgr.persistence import pack_in_slices
+
+    bm = BlockManager()
+    bm.register("ex", num_device_blocks=64, block_size=BS, num_cpu_blocks=8)
+    prompt = list(range(40))
+    bm.step("ex", admit=[("a", prompt, len(prompt), None, 0)])
+    bm.step("ex", free=["a"])
+    bm.step("ex", admit=[("b", prompt + [7], len(prompt) + 1, None, 0)])  # hits a's cached blocks
+    plain_snapshot = bm.snapshot("ex")
+    plain = msgpack.packb(plain_snapshot, use_bin_type=True)
+    deferred = {**bm.snapshot("ex", deferred=True), "saved_at": plain_snapshot["saved_at"]}
+    assert len(deferred["cached"]) == len(prompt) // BS and len(deferred["use"]) > 0
+    bm.step("ex", admit=[("c", list(range(100, 140)), 40, None, 0)])  # changes the live maps
+    bm.step("ex", free=["b"])
+    for slice_items in (1, 3, 2048):
+        assert pack_in_slices(deferred, slice_items) == plain
+    nested = {"x": [[1, list(range(10))], (2, list(range(5)))], "y": list(range(7)), "z": {}}
+    assert pack_in_slices(nested, 3) == msgpack.packb(nested, use_bin_type=True)
+    restored = BlockManager()
+    restored.restore(msgpack.unpackb(plain, raw=False, strict_map_key=False))
+    assert restored.snapshot("ex")["use"] == msgpack.unpackb(plain, raw=False, strict_map_key=False)["use"]
