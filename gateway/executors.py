@@ -157,8 +157,8 @@ class ExecutorPool:
         return time.monotonic() - last <= self.stall_limit_s(h)
 
     def _check_silence(self, h: ExecutorHandle) -> None:
-        if h.client.num_active == 0:
-            return
+        if h.client.num_active == 0 or not getattr(h.client, "connected", True):
+            return  # nothing in flight, or a lost connection (its requests were failed when it dropped)
         last = h.client.last_seen or h.started
         silent = time.monotonic() - last
         limit = self.stall_limit_s(h)

@@ -211,6 +211,10 @@ class Run:
                               "executor_unavailable")
         log.warning("request %s lost executor %s (%s) after %d tokens; %s it", self.request_id,
                     self.handle.executor_id, reason, len(produced), "restarting" if restart else "resuming")
+        # The lost stream ended with its error output; closing it unregisters the request id at the
+        # old executor's client, so the id may be sent again (also to that executor, once back) and
+        # a dead executor does not count it as in flight while we wait for one.
+        await self._gen.aclose()
         handle = await self._pick(self.job.prompt_token_ids + produced, reason)
         self.handle = handle
         self.gw.inflight[self.request_id] = handle.executor_id

@@ -123,6 +123,7 @@ class FakeExecutor:
         self._incarnation = 0
         self.on_disconnect = None
         self.hung = False
+        self._client_ids: set[str] = set()  # the gateway-side streams open, kept across crash/restart
         self._failed: dict[str, str] = {}  # request id -> why the client gave up on it (fail_all)
 
     def crash(self) -> None:
@@ -260,6 +261,19 @@ class FakeExecutor:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
                        priority: int = 0, cache_salt: str | None = None, output_token_ids: list[int] | None = None):
+        if request_id in self._client_ids:  # ExecutorClient.generate's contract: one stream per id
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        self._client_ids.add(request_id)
+        inner = self._generate(request_id, prompt_token_ids, params, priority, cache_salt, output_token_ids)
+        try:
+            async for msg in inner:
+                yield msg
+        finally:
+            await inner.aclose()  # now, as closing the client's stream aborts at once
+            self._client_ids.discard(request_id)
+
+    async def _generate(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
+                        priority: int, cache_salt: str | None, output_token_ids: list[int] | None):
         self.received.append({"request_id": request_id, "prompt_token_ids": list(prompt_token_ids),
                                "params": dict(params), "priority": priority, "cache_salt": cache_salt,
                                "output_token_ids": list(output_token_ids or [])})
