@@ -173,30 +173,34 @@ def paged_attention_cpu(
     lib = library or _library()
     if lib is None:
         raise RuntimeError(f"the compiled CPU attention is not available here ({ENV_VAR}, or no C compiler)")
+    # Checked once per layer of every step: kept to cheap attribute reads (a few microseconds).
+    f32 = torch.float32
+    if not (query.dtype is f32 and key.dtype is f32 and value.dtype is f32 and key_cache.dtype is f32
+            and value_cache.dtype is f32 and query.is_cpu and key.is_cpu and value.is_cpu and key_cache.is_cpu
+            and value_cache.is_cpu):
+        raise ValueError("the compiled CPU attention takes fp32 CPU tensors only")
     if query.dim() != 3 or key.dim() != 3 or value.dim() != 3 or key_cache.dim() != 4:
         raise ValueError(f"expected 3-D query/key/value and a 4-D cache, got {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}, {tuple(key_cache.shape)}")
     num_tokens, num_heads, head_dim = query.shape
-    num_blocks, block_size, num_kv_heads, cache_head_dim = key_cache.shape
-    if (value_cache.shape != key_cache.shape or tuple(key.shape) != (num_tokens, num_kv_heads, head_dim)
-            or value.shape != key.shape or cache_head_dim != head_dim or num_tokens != layout.num_tokens):
+    num_blocks, block_size, num_kv_heads, cache_head_dim = cache_shape = key_cache.shape
+    kv_shape = key.shape
+    if (value_cache.shape != cache_shape or kv_shape[0] != num_tokens or kv_shape[1] != num_kv_heads
+            or kv_shape[2] != head_dim or value.shape != kv_shape or cache_head_dim != head_dim
+            or num_tokens != layout.num_tokens):
         raise ValueError(f"shapes do not match: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
                          f"{tuple(value.shape)}, caches {tuple(key_cache.shape)} / {tuple(value_cache.shape)}, "
                          f"slot_mapping {layout.num_tokens}")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    tensors = (query, key, value, key_cache, value_cache)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-        raise ValueError("the compiled CPU attention takes fp32 CPU tensors only")
-    if any(t.stride(-1) != 1 for t in tensors[:3]) or not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+    qs, ks, vs = query.stride(), key.stride(), value.stride()
+    if qs[2] != 1 or ks[2] != 1 or vs[2] != 1 or not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise ValueError("query, key and value need stride 1 in head_dim, and the caches must be contiguous")
-    out = torch.empty((num_tokens, num_heads, head_dim), dtype=torch.float32)
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=f32)
     a = layout.args
     a.num_heads, a.num_kv_heads, a.head_dim = num_heads, num_kv_heads, head_dim
     a.num_blocks, a.block_size = num_blocks, block_size
-    a.q_token, a.q_head = query.stride(0), query.stride(1)
-    a.k_token, a.k_head = key.stride(0), key.stride(1)
-    a.v_token, a.v_head = value.stride(0), value.stride(1)
+    a.q_token, a.q_head, a.k_token, a.k_head, a.v_token, a.v_head = qs[0], qs[1], ks[0], ks[1], vs[0], vs[1]
     a.threads, a.scale = torch.get_num_threads(), scale
     a.query, a.key, a.value = query.data_ptr(), key.data_ptr(), value.data_ptr()
     a.key_cache, a.value_cache, a.out = key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr()
