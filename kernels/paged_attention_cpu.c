@@ -142,6 +142,34 @@ INLINE float sum_chunk(const float *p) {
   return (t[0] + t[2]) + (t[1] + t[3]);
 }
 
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* dst[d * CHUNK + j] = rows[j][d0 + d] for j, d < 8: an 8 x 8 block of keys transposed in
+ * registers (three rounds of two-input shuffles; data movement only, no arithmetic). */
+INLINE void transpose8(const float *const *rows, int64_t d0, float *dst) {
+  v8f r[8], t[8], u[8];
+  for (int i = 0; i < 8; i++) memcpy(&r[i], rows[i] + d0, sizeof r[i]);
+  const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+  for (int i = 0; i < 8; i += 2) { /* t: pairs of rows interleaved */
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
+  }
+  for (int i = 0; i < 8; i += 4) { /* u: columns c and c + 4 of four rows */
+    u[i] = __builtin_shuffle(t[i], t[i + 2], lo2);
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], hi2);
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], lo2);
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], hi2);
+  }
+  for (int c = 0; c < 4; c++) {
+    const v8f first = __builtin_shuffle(u[c], u[c + 4], lo4), second = __builtin_shuffle(u[c], u[c + 4], hi4);
+    memcpy(dst + c * CHUNK, &first, sizeof first);
+    memcpy(dst + (c + 4) * CHUNK, &second, sizeof second);
+  }
+}
+
 /* The largest of p[0 .. nvis-1] (nvis >= 1); max is exact, so the lanes' order does not matter. */
 INLINE float max_visible(const float *p, int64_t nvis) {
   float t[16];
@@ -224,11 +252,17 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, struct w
       krow[j] = a->key_cache + off;
       vrow[j] = a->value_cache + off;
     }
-    for (int64_t j0 = 0; j0 < nk; j0 += 8) { /* transposed 8 keys at a time: whole cache lines of kt */
-      const int64_t j1 = j0 + 8 < nk ? j0 + 8 : nk;
-      for (int64_t d = 0; d < D; d++)
-        for (int64_t j = j0; j < j1; j++) kt[d * CHUNK + j] = krow[j][d];
+    int64_t j0 = 0;
+    for (; j0 + 8 <= nk; j0 += 8) {
+      const float *rows8[8]; /* a local copy: the stores to kt cannot alias it */
+      for (int i = 0; i < 8; i++) rows8[i] = krow[j0 + i];
+      int64_t d0 = 0;
+      for (; d0 + 8 <= D; d0 += 8) transpose8(rows8, d0, kt + d0 * CHUNK + j0);
+      for (int64_t d = d0; d < D; d++)
+        for (int64_t j = j0; j < j0 + 8; j++) kt[d * CHUNK + j] = krow[j][d];
     }
+    for (int64_t d = 0; d < D; d++)
+      for (int64_t j = j0; j < nk; j++) kt[d * CHUNK + j] = krow[j][d];
     for (int64_t j = nk; j < nk_tiles * NR; j++) /* scores computed but never used: keep them finite */
       for (int64_t d = 0; d < D; d++) kt[d * CHUNK + j] = 0.0f;
     /* Rows whose token sees this chunk: from the first token at or after key0. */
