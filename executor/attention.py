@@ -114,7 +114,8 @@ def paged_attention(
             max_query_len=meta.max_query_len,  # known on the host: spares a device sync
         )
     plan = meta.torch_plan
-    if plan is None and key_cache.dtype == torch.float32 and paged_attention_cpu.backend() == "compiled":
+    if (plan is None and query.dtype == torch.float32 and key_cache.dtype == torch.float32
+            and paged_attention_cpu.backend() == "compiled"):
         plan = meta.torch_plan = StepLayout(meta.slot_mapping, meta.block_table, meta.query_start_loc, meta.seq_lens)
     if isinstance(plan, StepLayout):
         return paged_attention_cpu.paged_attention_cpu(query, key, value, key_cache, value_cache, plan, scale)

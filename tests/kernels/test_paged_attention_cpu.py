@@ -324,3 +324,18 @@ def test_the_environment_forces_the_torch_path(monkeypatch):
         monkeypatch.delenv("PAGEDSERVE_CPU_ATTENTION")
         pa._library.cache_clear()
     assert pa.backend() == "compiled"
+
+
+@pytest.mark.parametrize("dtype, plan", [(torch.float32, "StepLayout"), (torch.bfloat16, "ExtendAttentionPlan")])
+def test_the_executor_dispatch_runs_the_kernel_for_fp32_caches(dtype, plan):
+    from executor.attention import AttentionMetadata, paged_attention
+
+    batch = Batch([(20, 3), (40, 1)])
+    query, key, value, layout = batch.step()
+    meta = AttentionMetadata(layout.slot_mapping, layout.block_table, layout.seq_lens, layout.query_start_loc, 3)
+    kc, vc = batch.key_cache.to(dtype), batch.value_cache.to(dtype)
+    out = paged_attention(query.to(dtype), key.to(dtype), value.to(dtype), kc, vc, meta, SCALE)
+    assert type(meta.torch_plan).__name__ == plan
+    expected = torch.cat([batch.dense(0, 20, 23), batch.dense(1, 40, 41)])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
