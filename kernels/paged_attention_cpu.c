@@ -29,8 +29,8 @@
  * exp is computed here (exp_nonpos) from fmaf and exact operations only, and fmaf rounds once
  * (IEEE 754 fusedMultiplyAdd), so neither the register tile, vector lane or scalar tail a value
  * lands in, nor the instruction-set clone (AVX-512, AVX2+FMA, plain x86-64 whose fmaf is a libm
- * call), nor the thread that runs it can change a bit. Keys a token cannot see are never read for
- * it (stale or NaN cache entries past a sequence's end cannot reach its output).
+ * call), nor the thread that runs it can change a bit. Keys a token cannot see never enter its
+ * output, and cache entries past a sequence's end (stale, or NaN) are never read at all.
  * Compile with -ffp-contract=off (no other fusing of products into sums).
  *
  * Work: items of (sequence, KV head, up to ITEM_ROWS query rows: whole tokens times the G query
