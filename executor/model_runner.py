@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
-from kernels import paged_attention_cpu
 from executor.attention import AttentionMetadata, resolve_backend
 from executor.cost_probe import measure_cost_model
 from executor.request import Request
 from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries
+from kernels import paged_attention_cpu
 
 logger = logging.getLogger(__name__)
 
