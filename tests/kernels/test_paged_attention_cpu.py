@@ -119,8 +119,9 @@ def test_matches_dense_attention_and_writes_the_cache(block_size):
             assert torch.equal(batch.value_cache[block, p % block_size], batch.v[i][p])
 
 
-@pytest.mark.parametrize("heads, head_dim", [((4, 4), 64), ((8, 1), 80), ((6, 2), 32), ((2, 1), 16)],
-                         ids=["mha", "mqa-d80", "gqa-d32", "d16"])
+@pytest.mark.parametrize("heads, head_dim", [((4, 4), 64), ((8, 1), 80), ((6, 2), 32), ((2, 1), 16), ((80, 1), 8),
+                                             ((3, 3), 5)],
+                         ids=["mha", "mqa-d80", "gqa-d32", "d16", "group80-d8", "d5"])
 def test_other_head_shapes(heads, head_dim):
     pairs = [(0, 70), (50, 1), (130, 3)]
     batch = Batch(pairs, block_size=16, heads=heads, head_dim=head_dim)
