@@ -1,10 +1,15 @@
 """Paged attention for one model layer: write the step's K/V into the cache, then attend.
 
 Two backends, chosen per executor (:func:`resolve_backend`, the ``--attention-backend`` setting):
-``"torch"``, the CPU path, uses the plain-torch twins in ``kernels.torch_ref``; ``"triton"``, the
-CUDA path, uses the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, which is how
-the test suite runs the CUDA path end to end without a GPU). Both read every key/value from the
-paged cache, so prefill, chunked prefill, prefix-cache hits and decode share one code path.
+``"torch"``, the CPU path, and ``"triton"``, the CUDA path, which uses the Triton kernels (on CPU
+tensors only under ``TRITON_INTERPRET=1``, which is how the test suite runs the CUDA path end to
+end without a GPU). Both read every key/value from the paged cache, so prefill, chunked prefill,
+prefix-cache hits and decode share one code path.
+
+The CPU path runs, for fp32 caches, one compiled call per layer (``kernels.paged_attention_cpu``:
+cache write and attention together); for fp16/bf16 caches, or where that kernel is unavailable (no
+C compiler, or ``PAGEDSERVE_CPU_ATTENTION=torch``; a warning is logged once), the plain-torch twins
+of ``kernels.torch_ref``. Both keep a token's bits independent of the batch.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
+from kernels import paged_attention_cpu
+from kernels.paged_attention_cpu import StepLayout
 from kernels.torch_ref import ExtendAttentionPlan
 
 BACKENDS = ("triton", "torch")
@@ -65,8 +72,9 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     max_query_len: int
     backend: str = "torch"
-    #: The CPU path's per-step plan (``kernels.torch_ref.ExtendAttentionPlan``), built by the first
-    #: layer and reused by the others.
+    #: The CPU path's per-step plan, built by the first layer and reused by the others: a
+    #: ``kernels.paged_attention_cpu.StepLayout`` (compiled kernel) or a
+    #: ``kernels.torch_ref.ExtendAttentionPlan`` (plain torch).
     torch_plan: object | None = field(default=None, repr=False)
 
     @property
@@ -106,6 +114,11 @@ def paged_attention(
             max_query_len=meta.max_query_len,  # known on the host: spares a device sync
         )
     plan = meta.torch_plan
+    if (plan is None and query.dtype == torch.float32 and key_cache.dtype == torch.float32
+            and paged_attention_cpu.backend() == "compiled"):
+        plan = meta.torch_plan = StepLayout(meta.slot_mapping, meta.block_table, meta.query_start_loc, meta.seq_lens)
+    if isinstance(plan, StepLayout):
+        return paged_attention_cpu.paged_attention_cpu(query, key, value, key_cache, value_cache, plan, scale)
     if plan is None:
         plan = meta.torch_plan = ExtendAttentionPlan.build(
             meta.block_table, meta.query_start_loc, meta.seq_lens, key_cache.shape[1],

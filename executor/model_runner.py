@@ -15,6 +15,7 @@ block manager granted (the seat of vLLM v1's GPU model runner and of nano-vllm's
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,9 @@ from executor.attention import AttentionMetadata, resolve_backend
 from executor.cost_probe import measure_cost_model
 from executor.request import Request
 from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries
+from kernels import paged_attention_cpu
+
+logger = logging.getLogger(__name__)
 
 #: One scheduled sequence and how many of its tokens this step computes.
 ScheduledSeq = tuple[Request, int]
@@ -137,6 +141,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         self.backend = resolve_backend(attention_backend, self.device)
+        if self.backend == "torch":  # built now, at start-up, rather than in the first request
+            kind = paged_attention_cpu.backend() if dtype == torch.float32 else "torch"
+            logger.info("CPU attention: %s", "one compiled call per layer (kernels/paged_attention_cpu.c)"
+                        if kind == "compiled" else "plain torch (kernels.torch_ref)")
         self.kv = KVCache.allocate(model, num_blocks, block_size, num_cpu_blocks, self.device, dtype, self.backend)
         self.cost = measure_cost_model(model, self.device, self.kv.bytes_per_block) if num_cpu_blocks else {}
 

@@ -1,8 +1,9 @@
 """PagedAttention kernels: Triton implementations and their plain-torch twins.
 
 Every Triton kernel here has a torch twin in :mod:`kernels.torch_ref` with the same signature;
-the twins are the CPU path and the reference the kernel tests compare against (together with
-dense attention computed without pages).
+the twins are the CPU fallback and the reference the kernel tests compare against (together with
+dense attention computed without pages). The CPU path's fp32 attention is one compiled call per
+layer, :mod:`kernels.paged_attention_cpu`.
 
 The Triton entry points (``write_kv_cache``, ``paged_decode_attention``, ``paged_extend_attention``,
 ``copy_blocks``, ``swap_blocks``, ``use_split_k``) are imported lazily, on first attribute access,

@@ -8,11 +8,10 @@ which AMD processors get, rounds a one-row product differently from a 300-row on
 
 Two implementations, chosen once per process (:func:`backend`):
 
-- ``"compiled"``: ``kernels/ordered_matmul.c``, compiled on first use with the system C compiler
-  (``$CC`` or ``cc``) into ``$PAGEDSERVE_KERNEL_CACHE_DIR`` (default
-  ``~/.cache/pagedserve/kernels``) and loaded with :mod:`ctypes`. Each output is one chain of
-  ``fmaf`` over ascending ``k`` from 0; ``fmaf`` rounds once (IEEE 754 fusedMultiplyAdd), so every
-  SIMD width, and the scalar tail, gives the same bits. Large products are split between up to
+- ``"compiled"``: ``kernels/ordered_matmul.c``, compiled on first use and loaded by
+  :mod:`kernels.c_build`. Each output is one chain of ``fmaf`` over ascending ``k`` from 0;
+  ``fmaf`` rounds once (IEEE 754 fusedMultiplyAdd), so every SIMD width, and the scalar tail,
+  gives the same bits. Large products are split between up to
   ``torch.get_num_threads()`` threads by whole outputs, which changes no bits either.
 - ``"torch"``: used where no C compiler works, on an x86 CPU without FMA (where ``fmaf`` is a slow
   library call), or when ``PAGEDSERVE_ORDERED_MATMUL=torch``. Each product is an elementwise
@@ -28,64 +27,29 @@ separately stored key chunks in order).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from kernels.c_build import compile_library, kernel_cache_dir, load_or_fall_back
 
 _SOURCE = Path(__file__).with_name("ordered_matmul.c")
-_CFLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 #: Above this many elements, the torch backend splits a product's rows to bound its temporary.
 _TORCH_MAX_ELEMENTS = 1 << 22
 
-
-def kernel_cache_dir() -> Path:
-    """``$PAGEDSERVE_KERNEL_CACHE_DIR`` if set, else ``~/.cache/pagedserve/kernels``."""
-    env = os.environ.get("PAGEDSERVE_KERNEL_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pagedserve" / "kernels"
+__all__ = ["OrderedMatmul", "backend", "build", "kernel_cache_dir", "load_library"]
 
 
 def _compile(cache_dir: Path, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compile the C source into ``cache_dir`` (once per source, compiler and flags); the .so path.
-
-    Raises:
-        OSError: no C compiler on ``PATH``; subprocess.SubprocessError: it failed.
-    """
-    cc = os.environ.get("CC") or "cc"
-    cc_path = shutil.which(cc)
-    if cc_path is None:
-        raise OSError(f"no C compiler {cc!r} on PATH")
-    flags = [*_CFLAGS, *extra_flags]
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc_path, *flags, sys.platform]).encode()).hexdigest()[:16]
-    lib = cache_dir / f"ordered_matmul-{key}.so"
-    if lib.exists():
-        return lib
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ordered_matmul-", suffix=".so", dir=cache_dir)
-    os.close(fd)
-    try:
-        subprocess.run([cc_path, *flags, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, lib)  # atomic: a concurrent process sees no half-written library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+    """Compile the C source into ``cache_dir`` (see :func:`kernels.c_build.compile_library`)."""
+    return compile_library(_SOURCE, cache_dir, extra_flags)
 
 
 def build() -> Path:
     """Compile the kernel into :func:`kernel_cache_dir` now (an image build does this once).
 
-    Returns the library's path. Raises as :func:`_compile`.
+    Returns the library's path. Raises as :func:`kernels.c_build.compile_library`.
     """
     return _compile(kernel_cache_dir())
 
@@ -101,26 +65,7 @@ def load_library(path: Path) -> ctypes.CDLL:
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel, or None for the torch backend (see the module docstring for when)."""
-    choice = os.environ.get("PAGEDSERVE_ORDERED_MATMUL", "").lower()
-    if choice not in ("", "compiled", "torch"):
-        raise ValueError(f"PAGEDSERVE_ORDERED_MATMUL must be 'compiled' or 'torch', got {choice!r}")
-    if choice == "torch":
-        return None
-    # x86 CPUs without FMA would run fmaf as a library call per element: far slower than torch.
-    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        if choice == "compiled":
-            raise RuntimeError("PAGEDSERVE_ORDERED_MATMUL=compiled needs a CPU with AVX2 and FMA")
-        return None
-    try:
-        lib = load_library(_compile(kernel_cache_dir()))
-    except (OSError, subprocess.SubprocessError) as exc:
-        if choice == "compiled":
-            raise
-        detail = getattr(exc, "stderr", b"") or b""
-        logger.warning("ordered_matmul: C kernel unavailable (%s %s); using the slower torch backend",
-                       exc, detail.decode(errors="replace")[-500:])
-        return None
-    return lib
+    return load_or_fall_back(_SOURCE, "PAGEDSERVE_ORDERED_MATMUL", load_library, "the slower torch backend")
 
 
 def backend() -> str:

@@ -1,4 +1,7 @@
-"""Plain-torch PagedAttention operations: the CPU path and the reference for the Triton kernels.
+"""Plain-torch PagedAttention operations: the reference for the Triton kernels and the CPU fallback.
+
+(On the CPU with an fp32 cache the executor runs :mod:`kernels.paged_attention_cpu` instead, one
+compiled call per layer; these twins serve fp16/bf16 caches and machines without a C compiler.)
 
 (The attention's two matrix products run in :mod:`kernels.ordered_matmul`: in fp32 on the CPU a
 small C kernel with a fixed order of summation, elsewhere torch.)

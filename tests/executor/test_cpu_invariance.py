@@ -11,6 +11,8 @@ import torch
 from executor.attention import AttentionMetadata, paged_attention
 from executor.layers import RMSNorm
 from executor.linear import Linear
+from kernels import paged_attention_cpu
+from kernels.paged_attention_cpu import StepLayout
 from kernels.torch_ref import ExtendAttentionPlan, key_chunk_size, paged_extend_attention_torch
 
 SMOLLM_LINEARS = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
@@ -121,15 +123,40 @@ def test_plan_is_reused_across_layers():
     assert torch.equal(a2, paged_extend_attention_torch(q2, k, v, table, qsl, lens, 0.125))
 
 
-def test_cache_write_through_the_dispatch():
+@pytest.fixture
+def cpu_attention(request, monkeypatch):
+    """The CPU attention the dispatch picks (PAGEDSERVE_CPU_ATTENTION), for one test."""
+    monkeypatch.setenv("PAGEDSERVE_CPU_ATTENTION", request.param)
+    paged_attention_cpu._library.cache_clear()
+    if paged_attention_cpu.backend() != request.param:
+        pytest.fail(f"the {request.param} CPU attention is not available here")
+    yield request.param
+    monkeypatch.undo()
+    paged_attention_cpu._library.cache_clear()
+
+
+@pytest.mark.parametrize("cpu_attention", [
+    "torch",
+    pytest.param("compiled", marks=pytest.mark.skipif(paged_attention_cpu.backend() != "compiled",
+                                                      reason="no compiled CPU attention here")),
+], indirect=True)
+def test_cache_write_through_the_dispatch(cpu_attention):
     k_cache, v_cache, gen = _paged(num_blocks=8)
     key, value = torch.randn(2, 2, 3, 64, generator=gen)  # 2 new tokens, 3 KV heads each
     meta = AttentionMetadata(slot_mapping=torch.tensor([17, 18]), block_table=torch.tensor([[0, 1]], dtype=torch.int32),
                              seq_lens=torch.tensor([19], dtype=torch.int32),
                              query_start_loc=torch.tensor([0, 2], dtype=torch.int32), max_query_len=2)
-    paged_attention(torch.randn(2, 9, 64, generator=gen), key, value, k_cache, v_cache, meta, 0.125)
+    query = torch.randn(2, 9, 64, generator=gen)
+    out = paged_attention(query, key, value, k_cache, v_cache, meta, 0.125)
     assert torch.equal(k_cache[1, 1], key[0]) and torch.equal(v_cache[1, 2], value[1])
-    assert meta.torch_plan is not None and meta.torch_plan.slots_valid
+    if cpu_attention == "torch":
+        assert meta.torch_plan is not None and meta.torch_plan.slots_valid
+    else:
+        assert isinstance(meta.torch_plan, StepLayout)
+    # Either implementation gives the twin's values (not its bits: another order of summation).
+    expected = paged_extend_attention_torch(query, k_cache, v_cache, meta.block_table, meta.query_start_loc,
+                                            meta.seq_lens, 0.125)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_key_chunk_size():

@@ -4,8 +4,8 @@ Which kernels MKL and oneDNN run depends on the CPU (MKL gives AMD processors it
 on environment variables read once, when the library starts: ``MKL_CBWR`` (MKL's conditional
 numerical reproducibility branch) and ``ONEDNN_MAX_CPU_ISA``. So each path runs in a subprocess
 with its variable set, and a developer on one machine sees what another would. The same goes for
-the torch implementation of the ordered products (``PAGEDSERVE_ORDERED_MATMUL=torch``), which
-machines without a C compiler use.
+the torch implementation of the ordered products (``PAGEDSERVE_ORDERED_MATMUL=torch``) and the
+plain-torch CPU attention (``PAGEDSERVE_CPU_ATTENTION=torch``), which machines without a C compiler use.
 
 A path is skipped only when the CPU cannot take it, as the library itself reports: MKL, asked
 for a branch the CPU does not support (every ISA branch on a non-Intel CPU, AVX512 on an
@@ -78,6 +78,8 @@ PATHS = [
     ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE", LINEAR),
     ("PAGEDSERVE_ORDERED_MATMUL", "torch", ATTENTION),
     ("MKL_CBWR", "AVX2", END_TO_END),
+    # The plain-torch CPU attention (fp16/bf16 caches, machines without a C compiler) end to end.
+    ("PAGEDSERVE_CPU_ATTENTION", "torch", END_TO_END),
 ]
 
 

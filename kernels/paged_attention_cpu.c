@@ -1,0 +1,446 @@
+/* Paged attention on the CPU (fp32), one call per model layer.
+ *
+ * Built and loaded by kernels/paged_attention_cpu.py; `struct pa_args` below must match its ctypes
+ * Structure field for field.
+ *
+ * One call
+ *   1. checks the step's batch layout (query_start_loc, seq_lens, the block ids it will read, the
+ *      slots it will write) and returns a PA_* code naming the first bad entry, before writing;
+ *   2. writes the step's new K/V into the paged cache at slot_mapping (a negative slot is padding);
+ *   3. computes causal attention for every new token of every sequence: sequence s has
+ *      q_len = query_start_loc[s+1] - query_start_loc[s] new tokens, at positions
+ *      seq_lens[s] - q_len .. seq_lens[s] - 1, and each attends to the keys at positions 0 .. its
+ *      own, read through row s of the block table. Query head h reads KV head h / G (grouped-query
+ *      attention, G = num_heads / num_kv_heads). Output rows past query_start_loc[num_seqs] are 0.
+ *
+ * Why a token's bits do not depend on the batch or the threads: every output row (one token, one
+ * query head) is computed by the same sequence of floating-point operations, whatever else the
+ * call holds (decodes of other sequences, the rest of a prefill, other chunks of a chunked prefill):
+ *   - keys are taken in chunks of CHUNK = 64 positions (0-63, 64-127, ...) in order, and online
+ *     softmax (Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018) carries a
+ *     running maximum m, denominator l and output acc[D] from one chunk to the next;
+ *   - a score is one chain s = fmaf(q[d] * scale, k[d], s) over ascending d from s = 0;
+ *   - per chunk: c = the maximum of the row's visible scores (exact in any order),
+ *     m' = max(m, c); p_j = exp(s_j - m') for the visible keys, 0 for the others;
+ *     l' = l * exp(m - m') + sum(p), the 64 p summed in one fixed tree (sum_chunk);
+ *     acc'[d] = acc[d] * exp(m - m'), then acc'[d] = fmaf(p_j, v_j[d], acc'[d]) over the row's
+ *     visible keys in ascending order (the first chunk starts from l = 0, acc = 0 instead);
+ *   - out[d] = acc[d] / l.
+ * exp is computed here (exp_nonpos) from fmaf and exact operations only, and fmaf rounds once
+ * (IEEE 754 fusedMultiplyAdd), so neither the register tile, vector lane or scalar tail a value
+ * lands in, nor the instruction-set clone (AVX-512, AVX2+FMA, plain x86-64 whose fmaf is a libm
+ * call), nor the thread that runs it can change a bit. Keys a token cannot see never enter its
+ * output, and cache entries past a sequence's end (stale, or NaN) are never read at all.
+ * Compile with -ffp-contract=off (no other fusing of products into sums).
+ *
+ * Work: items of (sequence, KV head, up to ITEM_ROWS query rows: whole tokens times the G query
+ * heads of the KV head), so each chunk of keys is transposed once per item and shared by the
+ * item's rows. Items are split between threads in contiguous ranges of about equal cost; a thread
+ * computes whole rows, so the split changes no bits.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* One clone per x86-64 level, picked at load time; -DPAGED_ATTENTION_NO_CLONES builds just the
+ * one the compiler flags select (the tests use it to compare the levels). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(PAGED_ATTENTION_NO_CLONES)
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+#define CHUNK 64      /* keys per online-softmax step */
+#define MR 4          /* rows of a register tile */
+#define NR 32         /* keys (scores) or head-dim columns (outputs) of a register tile */
+#define ITEM_ROWS 64  /* query rows per work item (at least G: one token) */
+#define MAX_THREADS 64
+/* Fewest (row, key) pairs worth a thread of their own: about 2 * 64 * 8192 = 1M multiply-adds. */
+#define MIN_COST_PER_THREAD 8192
+/* exp's argument is clamped here: exp(-87) = 1.6e-38 is still a normal float, and no fp32 sum that
+ * includes the row's maximum (p = 1) can see it. */
+#define EXP_FLOOR (-87.0f)
+
+enum {
+  PA_OK = 0,
+  PA_BAD_QUERY_START_LOC = 1, /* error_index: the sequence */
+  PA_BAD_SEQ_LEN = 2,         /* error_index: the sequence (seq_len < q_len or past the table) */
+  PA_BAD_BLOCK_ID = 3,        /* error_index: the sequence whose block table row has it */
+  PA_BAD_SLOT = 4,            /* error_index: the token */
+  PA_NO_MEMORY = 5,
+};
+
+struct pa_args {
+  int64_t num_tokens, num_seqs, num_heads, num_kv_heads, head_dim;
+  int64_t num_blocks, block_size, table_width;
+  /* element strides of query, key, value ([token, head, head_dim], stride 1 in head_dim) */
+  int64_t q_token, q_head, k_token, k_head, v_token, v_head;
+  int64_t threads;
+  int64_t error_index; /* written on error */
+  double scale;
+  const float *query, *key, *value;
+  float *key_cache, *value_cache; /* [num_blocks, block_size, num_kv_heads, head_dim], contiguous */
+  float *out;                     /* [num_tokens, num_heads, head_dim], contiguous */
+  const int64_t *slot_mapping;    /* [num_tokens] */
+  const int32_t *block_table;     /* [num_seqs, table_width], contiguous */
+  const int32_t *seq_lens;        /* [num_seqs] */
+  const int32_t *query_start_loc; /* [num_seqs + 1] */
+};
+
+struct item {
+  int64_t seq, kv_head, t0, t1; /* tokens t0 .. t1-1 of the sequence's new ones */
+  int64_t cost;                 /* rows x keys seen by the last row: for splitting between threads */
+};
+
+struct workspace {
+  float *kt;         /* [D][CHUNK]: the chunk's keys, transposed */
+  float *q;          /* [rows][D]: scaled queries */
+  float *s;          /* [rows][CHUNK]: scores, then probabilities */
+  float *acc;        /* [rows][D] */
+  float *m, *l, *alpha;
+  const float **vrow, **krow; /* [CHUNK]: each key's value and key row */
+};
+
+/* exp(x) for x <= 0 (clamped at EXP_FLOOR), from fmaf and exact operations only, so every vector
+ * width and the scalar code give the same bits. x = n ln2 + r with n = round(x / ln2) (by adding
+ * 1.5 * 2^23), |r| <= ln2 / 2 via a two-part ln2 (Cody & Waite), exp(r) by its Taylor polynomial
+ * of degree 7 (truncation error r^8 / 8! < 6e-9 relative), times 2^n built in the exponent bits. */
+INLINE float exp_nonpos(float x) {
+  x = x < EXP_FLOOR ? EXP_FLOOR : x;
+  const float shifter = 0x1.8p23f;
+  const float t = fmaf(x, 0x1.715476p+0f, shifter); /* 1/ln2 */
+  const float n = t - shifter;
+  float r = fmaf(n, -0x1.62e4p-1f, x); /* ln2, high part (exact product) */
+  r = fmaf(n, -0x1.7f7d1cp-20f, r);    /* ln2, low part */
+  float p = 0x1.a01a02p-13f;           /* 1/7! */
+  p = fmaf(p, r, 0x1.6c16c2p-10f);     /* 1/6! */
+  p = fmaf(p, r, 0x1.111112p-7f);      /* 1/5! */
+  p = fmaf(p, r, 0x1.555556p-5f);      /* 1/4! */
+  p = fmaf(p, r, 0x1.555556p-3f);      /* 1/3! */
+  p = fmaf(p, r, 0.5f);
+  p = fmaf(p, r, 1.0f);
+  p = fmaf(p, r, 1.0f);
+  int32_t bits;
+  memcpy(&bits, &t, sizeof bits);
+  bits = (bits - 0x4B400000 + 127) << 23; /* n + 127 in the exponent field: 2^n, n >= -126 */
+  float scale;
+  memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+/* The 64 values of a chunk in one fixed tree: four strided partial sums per lane, then halving. */
+INLINE float sum_chunk(const float *p) {
+  float t[16];
+  for (int i = 0; i < 16; i++) t[i] = (p[i] + p[i + 16]) + (p[i + 32] + p[i + 48]);
+  for (int i = 0; i < 8; i++) t[i] = t[i] + t[i + 8];
+  for (int i = 0; i < 4; i++) t[i] = t[i] + t[i + 4];
+  return (t[0] + t[2]) + (t[1] + t[3]);
+}
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* dst[d * CHUNK + j] = rows[j][d0 + d] for j, d < 8: an 8 x 8 block of keys transposed in
+ * registers (three rounds of two-input shuffles; data movement only, no arithmetic). */
+INLINE void transpose8(const float *const *rows, int64_t d0, float *dst) {
+  v8f r[8], t[8], u[8];
+  for (int i = 0; i < 8; i++) memcpy(&r[i], rows[i] + d0, sizeof r[i]);
+  const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+  for (int i = 0; i < 8; i += 2) { /* t: pairs of rows interleaved */
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
+  }
+  for (int i = 0; i < 8; i += 4) { /* u: columns c and c + 4 of four rows */
+    u[i] = __builtin_shuffle(t[i], t[i + 2], lo2);
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], hi2);
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], lo2);
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], hi2);
+  }
+  for (int c = 0; c < 4; c++) {
+    const v8f first = __builtin_shuffle(u[c], u[c + 4], lo4), second = __builtin_shuffle(u[c], u[c + 4], hi4);
+    memcpy(dst + c * CHUNK, &first, sizeof first);
+    memcpy(dst + (c + 4) * CHUNK, &second, sizeof second);
+  }
+}
+
+/* The largest of p[0 .. nvis-1] (nvis >= 1); max is exact, so the lanes' order does not matter. */
+INLINE float max_visible(const float *p, int64_t nvis) {
+  float t[16];
+  for (int i = 0; i < 16; i++) t[i] = p[0];
+  for (int j = 0; j < CHUNK; j++) {
+    const float x = j < nvis ? p[j] : p[0];
+    t[j % 16] = x > t[j % 16] ? x : t[j % 16];
+  }
+  for (int i = 0; i < 8; i++) t[i] = t[i + 8] > t[i] ? t[i + 8] : t[i];
+  float m = t[0];
+  for (int i = 1; i < 8; i++) m = t[i] > m ? t[i] : m;
+  return m;
+}
+
+/* Scores of rows 0 .. mr-1 (q: [mr][D]) against keys j0 .. j0+NR-1 of the transposed chunk. */
+INLINE void score_tile(int mr, int64_t D, const float *q, const float *kt, float *s) {
+  float acc[MR][NR];
+  for (int r = 0; r < mr; r++)
+    for (int j = 0; j < NR; j++) acc[r][j] = 0.0f;
+  for (int64_t d = 0; d < D; d++) {
+    const float *kd = kt + d * CHUNK;
+    for (int r = 0; r < mr; r++) {
+      const float x = q[r * D + d];
+      for (int j = 0; j < NR; j++) acc[r][j] = fmaf(x, kd[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < mr; r++)
+    for (int j = 0; j < NR; j++) s[r * CHUNK + j] = acc[r][j];
+}
+
+/* acc[r][d0 .. d0+NR-1] += p[r][k] * v_k[...] for keys k = 0 .. nk-1 in order, rows 0 .. mr-1. */
+INLINE void pv_tile(int mr, int64_t nk, int64_t D, const float *p, const float *const *vrow, int64_t d0,
+                    float *acc) {
+  float t[MR][NR];
+  for (int r = 0; r < mr; r++)
+    for (int j = 0; j < NR; j++) t[r][j] = acc[r * D + d0 + j];
+  for (int64_t k = 0; k < nk; k++) {
+    const float *v = vrow[k] + d0;
+    for (int r = 0; r < mr; r++) {
+      const float x = p[r * CHUNK + k];
+      for (int j = 0; j < NR; j++) t[r][j] = fmaf(x, v[j], t[r][j]);
+    }
+  }
+  for (int r = 0; r < mr; r++)
+    for (int j = 0; j < NR; j++) acc[r * D + d0 + j] = t[r][j];
+}
+
+#define BY_ROWS(mr, call)                     \
+  switch (mr) {                               \
+    case 4: { const int mr_ = 4; call; } break; \
+    case 3: { const int mr_ = 3; call; } break; \
+    case 2: { const int mr_ = 2; call; } break; \
+    default: { const int mr_ = 1; call; } break; \
+  }
+
+/* One work item: rows r = (token t0 + r / G, query head kv_head * G + r % G). */
+INLINE void attend_item(const struct pa_args *a, const struct item *it, struct workspace *w) {
+  const int64_t D = a->head_dim, KVH = a->num_kv_heads, H = a->num_heads, G = H / KVH, bs = a->block_size;
+  const int64_t s = it->seq, h = it->kv_head;
+  const int64_t q_start = a->query_start_loc[s], q_len = a->query_start_loc[s + 1] - q_start;
+  const int64_t first_pos = a->seq_lens[s] - q_len + it->t0; /* position of the item's first token */
+  const int64_t rows = (it->t1 - it->t0) * G, last_pos = first_pos + it->t1 - it->t0 - 1;
+  const int32_t *table = a->block_table + s * a->table_width;
+  const float scale = (float)a->scale;
+  float *kt = w->kt, *q = w->q, *sc = w->s, *acc = w->acc, *m = w->m, *l = w->l, *alpha = w->alpha;
+  const float **vrow = w->vrow, **krow = w->krow;
+
+  for (int64_t r = 0; r < rows; r++) {
+    const float *src = a->query + (q_start + it->t0 + r / G) * a->q_token + (h * G + r % G) * a->q_head;
+    for (int64_t d = 0; d < D; d++) q[r * D + d] = src[d] * scale;
+  }
+  const int64_t num_chunks = last_pos / CHUNK + 1;
+  for (int64_t c = 0; c < num_chunks; c++) {
+    const int64_t key0 = c * CHUNK;
+    const int64_t nk = last_pos + 1 - key0 < CHUNK ? last_pos + 1 - key0 : CHUNK; /* keys any row sees */
+    const int64_t nk_tiles = nk > NR ? 2 : 1;
+    for (int64_t j = 0; j < nk; j++) {
+      const int64_t pos = key0 + j;
+      const int64_t off = (((int64_t)table[pos / bs] * bs + pos % bs) * KVH + h) * D;
+      krow[j] = a->key_cache + off;
+      vrow[j] = a->value_cache + off;
+    }
+    int64_t j0 = 0;
+    for (; j0 + 8 <= nk; j0 += 8) {
+      const float *rows8[8]; /* a local copy: the stores to kt cannot alias it */
+      for (int i = 0; i < 8; i++) rows8[i] = krow[j0 + i];
+      int64_t d0 = 0;
+      for (; d0 + 8 <= D; d0 += 8) transpose8(rows8, d0, kt + d0 * CHUNK + j0);
+      for (int64_t d = d0; d < D; d++)
+        for (int64_t j = j0; j < j0 + 8; j++) kt[d * CHUNK + j] = krow[j][d];
+    }
+    for (int64_t d = 0; d < D; d++)
+      for (int64_t j = j0; j < nk; j++) kt[d * CHUNK + j] = krow[j][d];
+    for (int64_t j = nk; j < nk_tiles * NR; j++) /* scores computed but never used: keep them finite */
+      for (int64_t d = 0; d < D; d++) kt[d * CHUNK + j] = 0.0f;
+    /* Rows whose token sees this chunk: from the first token at or after key0. */
+    const int64_t r0 = key0 > first_pos ? (key0 - first_pos) * G : 0;
+
+    for (int64_t r = r0; r < rows; r += MR) {
+      const int mr = rows - r < MR ? (int)(rows - r) : MR;
+      for (int64_t jt = 0; jt < nk_tiles; jt++)
+        BY_ROWS(mr, score_tile(mr_, D, q + r * D, kt + jt * NR, sc + r * CHUNK + jt * NR));
+    }
+    for (int64_t r = r0; r < rows; r++) {
+      float *p = sc + r * CHUNK;
+      const int64_t seen = first_pos + r / G + 1 - key0;
+      const int64_t nvis = seen < CHUNK ? seen : CHUNK;
+      const float mx = max_visible(p, nvis);
+      const float m_new = c == 0 || mx > m[r] ? mx : m[r];
+      for (int j = 0; j < CHUNK; j++) p[j] = j < nvis ? exp_nonpos(p[j] - m_new) : 0.0f;
+      const float sum = sum_chunk(p);
+      if (c == 0) {
+        l[r] = sum;
+        for (int64_t d = 0; d < D; d++) acc[r * D + d] = 0.0f;
+      } else {
+        alpha[r] = exp_nonpos(m[r] - m_new);
+        l[r] = l[r] * alpha[r] + sum;
+        for (int64_t d = 0; d < D; d++) acc[r * D + d] = acc[r * D + d] * alpha[r];
+      }
+      m[r] = m_new;
+    }
+    for (int64_t r = r0; r < rows; r += MR) {
+      const int mr = rows - r < MR ? (int)(rows - r) : MR;
+      /* Keys every row of the tile sees (rows are in token order, so the first sees fewest). */
+      const int64_t seen = first_pos + r / G + 1 - key0;
+      const int64_t common = seen < CHUNK ? seen : CHUNK;
+      int64_t d0 = 0;
+      for (; d0 + NR <= D; d0 += NR) BY_ROWS(mr, pv_tile(mr_, common, D, sc + r * CHUNK, vrow, d0, acc + r * D));
+      for (int64_t i = 0; i < mr; i++) /* head-dim columns past the last whole tile */
+        for (int64_t k = 0; k < common; k++) {
+          const float x = sc[(r + i) * CHUNK + k];
+          for (int64_t d = d0; d < D; d++) acc[(r + i) * D + d] = fmaf(x, vrow[k][d], acc[(r + i) * D + d]);
+        }
+      for (int64_t i = 0; i < mr; i++) { /* keys only the later rows of the tile see, in order */
+        const int64_t seen_i = first_pos + (r + i) / G + 1 - key0;
+        const int64_t nvis = seen_i < CHUNK ? seen_i : CHUNK;
+        for (int64_t k = common; k < nvis; k++) {
+          const float x = sc[(r + i) * CHUNK + k];
+          for (int64_t d = 0; d < D; d++) acc[(r + i) * D + d] = fmaf(x, vrow[k][d], acc[(r + i) * D + d]);
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; r++) {
+    float *dst = a->out + ((q_start + it->t0 + r / G) * H + h * G + r % G) * D;
+    for (int64_t d = 0; d < D; d++) dst[d] = acc[r * D + d] / l[r];
+  }
+}
+
+CLONES
+static void run_items(const struct pa_args *a, const struct item *items, int64_t begin, int64_t end,
+                      struct workspace *w) {
+  for (int64_t i = begin; i < end; i++) attend_item(a, &items[i], w);
+}
+
+/* Checks everything the call will read or write through an index; PA_OK or the first problem. */
+static int64_t check(struct pa_args *a) {
+  const int64_t capacity_blocks = a->table_width;
+  const int32_t *qsl = a->query_start_loc;
+  if (qsl[0] != 0) {
+    a->error_index = 0;
+    return PA_BAD_QUERY_START_LOC;
+  }
+  for (int64_t s = 0; s < a->num_seqs; s++) {
+    const int64_t q_len = (int64_t)qsl[s + 1] - qsl[s], len = a->seq_lens[s];
+    a->error_index = s;
+    if (q_len < 0 || qsl[s + 1] > a->num_tokens) return PA_BAD_QUERY_START_LOC;
+    if (len < q_len || len > capacity_blocks * a->block_size) return PA_BAD_SEQ_LEN;
+    if (q_len == 0) continue; /* nothing read */
+    const int32_t *row = a->block_table + s * a->table_width;
+    for (int64_t b = 0; b < (len + a->block_size - 1) / a->block_size; b++)
+      if (row[b] < 0 || row[b] >= a->num_blocks) return PA_BAD_BLOCK_ID;
+  }
+  const int64_t slots = a->num_blocks * a->block_size;
+  for (int64_t t = 0; t < a->num_tokens; t++)
+    if (a->slot_mapping[t] >= slots) {
+      a->error_index = t;
+      return PA_BAD_SLOT;
+    }
+  return PA_OK;
+}
+
+static void write_cache(const struct pa_args *a) {
+  const int64_t D = a->head_dim, KVH = a->num_kv_heads;
+  for (int64_t t = 0; t < a->num_tokens; t++) {
+    const int64_t slot = a->slot_mapping[t];
+    if (slot < 0) continue; /* padding */
+    for (int64_t h = 0; h < KVH; h++) {
+      memcpy(a->key_cache + (slot * KVH + h) * D, a->key + t * a->k_token + h * a->k_head, D * sizeof(float));
+      memcpy(a->value_cache + (slot * KVH + h) * D, a->value + t * a->v_token + h * a->v_head, D * sizeof(float));
+    }
+  }
+}
+
+/* The entry point: see the top of the file. Returns PA_OK or a PA_* error (nothing written then). */
+int64_t paged_attention_cpu(struct pa_args *a) {
+  int64_t err = check(a);
+  if (err != PA_OK) return err;
+  write_cache(a);
+  const int64_t D = a->head_dim, G = a->num_heads / a->num_kv_heads;
+  const int64_t tokens_per_item = ITEM_ROWS / G > 0 ? ITEM_ROWS / G : 1;
+  const int64_t covered = a->query_start_loc[a->num_seqs];
+  memset(a->out + covered * a->num_heads * D, 0, (a->num_tokens - covered) * a->num_heads * D * sizeof(float));
+
+  int64_t num_items = 0;
+  for (int64_t s = 0; s < a->num_seqs; s++) {
+    const int64_t q_len = a->query_start_loc[s + 1] - a->query_start_loc[s];
+    num_items += (q_len + tokens_per_item - 1) / tokens_per_item * a->num_kv_heads;
+  }
+  if (num_items == 0) return PA_OK;
+  struct item *items = malloc(num_items * sizeof *items);
+  if (!items) return PA_NO_MEMORY;
+  int64_t n = 0, total = 0;
+  for (int64_t s = 0; s < a->num_seqs; s++) {
+    const int64_t q_start = a->query_start_loc[s], q_len = a->query_start_loc[s + 1] - q_start;
+    for (int64_t h = 0; h < a->num_kv_heads; h++)
+      for (int64_t t0 = 0; t0 < q_len; t0 += tokens_per_item) {
+        const int64_t t1 = t0 + tokens_per_item < q_len ? t0 + tokens_per_item : q_len;
+        const int64_t cost = (t1 - t0) * G * (a->seq_lens[s] - q_len + t1);
+        items[n++] = (struct item){s, h, t0, t1, cost};
+        total += cost;
+      }
+  }
+
+  int64_t threads = total / MIN_COST_PER_THREAD;
+  if (threads > a->threads) threads = a->threads;
+  if (threads > num_items) threads = num_items;
+  if (threads > MAX_THREADS) threads = MAX_THREADS;
+  if (threads < 1) threads = 1;
+  /* Contiguous ranges of about total / threads each. */
+  int64_t bounds[MAX_THREADS + 1];
+  bounds[0] = 0;
+  for (int64_t i = 1, acc = 0, part = 1; i <= num_items && part < threads; i++) {
+    acc += items[i - 1].cost;
+    while (part < threads && acc * threads >= total * part) bounds[part++] = i;
+  }
+  bounds[threads] = num_items;
+
+  const int64_t rows = tokens_per_item * G;
+  const size_t floats = D * CHUNK + 2 * rows * D + rows * CHUNK + 3 * rows;
+  const size_t per_thread = (2 * CHUNK * sizeof(float *) + floats * sizeof(float) + 63) / 64 * 64;
+  char *mem = aligned_alloc(64, per_thread * threads);
+  if (!mem) {
+    free(items);
+    return PA_NO_MEMORY;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+#ifdef _OPENMP
+    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+    const int64_t tid = 0, team = 1;
+#endif
+    /* If the runtime gave fewer threads than asked, a thread runs several ranges. */
+    for (int64_t part = tid; part < threads; part += team) {
+      struct workspace w;
+      w.vrow = (const float **)(mem + part * per_thread);
+      w.krow = w.vrow + CHUNK;
+      w.kt = (float *)(w.krow + CHUNK);
+      w.q = w.kt + D * CHUNK;
+      w.acc = w.q + rows * D;
+      w.s = w.acc + rows * D;
+      w.m = w.s + rows * CHUNK;
+      w.l = w.m + rows;
+      w.alpha = w.l + rows;
+      run_items(a, items, bounds[part], bounds[part + 1], &w);
+    }
+  }
+  free(mem);
+  free(items);
+  return PA_OK;
+}
