@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "PAGEDSERVE_"
 
@@ -95,10 +95,29 @@ def setting(default: Any = ..., help: str = "", *, flag: str | None = None, env:
 SETTINGS_CONFIG = dict(validate_by_name=True, validate_by_alias=True, extra="forbid", validate_default=True)
 
 
+class DeclaredEnvSource(EnvSettingsSource):
+    """The environment, read under each setting's one variable only.
+
+    With ``validate_by_name`` (init values by field name), pydantic-settings would read a field
+    that declares its own variable (``env=``) under ``PAGEDSERVE_<FIELD>`` as well, e.g.
+    ``PAGEDSERVE_SWAP_SPACE`` beside ``PAGEDSERVE_SWAP_SPACE_GIB``: an undocumented second name,
+    and errors naming the variable the user did not set.
+    """
+
+    def _extract_field_info(self, field: FieldInfo, field_name: str) -> list[tuple[str, str, bool]]:
+        names = super()._extract_field_info(field, field_name)
+        return names[:1] if field.validation_alias else names
+
+
 class KeysDirSettings(BaseSettings):
     """The CURVE keys directory (see :mod:`blockmgr.security`); the base of every service's settings."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, **SETTINGS_CONFIG)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, DeclaredEnvSource(settings_cls), dotenv_settings, file_secret_settings
 
     keys_dir: str | None = setting(None, "CURVE keys directory; create one with `pagedserve keys` (`serve` and "
                                          "`keys` default to ~/.cache/pagedserve/keys)")

@@ -106,6 +106,17 @@ def test_a_bad_value_exits_2_naming_its_flag(argv, flag, capsys):
     assert f"error: {flag}: " in err, err
 
 
+def test_a_setting_with_its_own_variable_is_read_under_that_name_only(monkeypatch):
+    from executor.config import ExecutorSettings
+
+    monkeypatch.setenv("PAGEDSERVE_SWAP_SPACE", "0.1")  # the field's name; its variable is ..._GIB
+    monkeypatch.setenv("PAGEDSERVE_BIND", "tcp://0.0.0.0:7777")  # ..._EXECUTOR_BIND / ..._BLOCKMGR_BIND
+    assert ExecutorSettings().swap_space == 0.5 and ExecutorSettings().bind == "tcp://127.0.0.1:5560"
+    monkeypatch.setenv("PAGEDSERVE_SWAP_SPACE_GIB", "0.25")
+    assert ExecutorSettings().swap_space == 0.25
+    assert ExecutorSettings(swap_space=2).swap_space == 2  # by field name in code still works
+
+
 def test_a_bad_variable_exits_2_naming_it(monkeypatch, capsys):
     monkeypatch.setenv("PAGEDSERVE_WATERMARK", "2")
     with pytest.raises(SystemExit) as exc:
