@@ -12,7 +12,7 @@ from blockmgr import security
 from blockmgr.settings import load
 from executor.client import split_address
 from gateway.app import create_app
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, default_served_name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--model: {config_path} does not exist (the gateway needs a converted model directory)")
     config = json.loads(config_path.read_text())
     settings = settings.model_copy(update={
-        "served_model_name": settings.served_model_name or Path(settings.model).name,
+        "served_model_name": settings.served_model_name or default_served_name(Path(settings.model)),
         "max_model_len": settings.max_model_len or int(config.get("max_position_embeddings", 2048)),
     }).with_keys(keys)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())

@@ -6,6 +6,8 @@ neither torch nor the executor's model code.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,7 +30,9 @@ class GatewaySettings(ServiceSettings, ModelSettings, BlockManagerAddress):
 
     version: ClassVar[str] = "0.1.0"  # reported by /version
 
-    served_model_name: str | None = setting(None, "the model name clients send (default: the model directory's name)")
+    served_model_name: str | None = setting(None, "the model name clients send (default: the model's name: a "
+                                                  "converted GGUF file's name without its quantization suffix, "
+                                                  "else the model directory's name)")
     executors: SpaceList = setting(help="an executor's ZeroMQ address, prefixed by its executor id whose key to "
                                         "expect: executor-0@tcp://127.0.0.1:5560 (the variable: space-separated)",
                                    flag="--executor", env="PAGEDSERVE_EXECUTOR_ADDRS", default_factory=list)
@@ -117,11 +121,28 @@ class ServeSettings(ServiceSettings):
             out.append((name, "executor", self.executor.model_copy(update={
                 **shared, "bind": bind, "executor_id": name, "blockmgr": address, "model": model_dir,
                 "num_threads": num_threads})))
-        served = self.gateway.served_model_name or (Path(self.executor.model).name if self.executor.model
-                                                    else "SmolLM2-135M-Instruct")
+        served = self.gateway.served_model_name or default_served_name(Path(model_dir))
         out.append(("gateway", "gateway", self.gateway.model_copy(update={
             **shared, "executors": names, "blockmgr": address, "model": model_dir, "served_model_name": served})))
         return out
+
+
+def default_served_name(model_dir: Path) -> str:
+    """The model name clients send when ``--served-model-name`` is not given.
+
+    For a directory converted from a GGUF file (it holds ``pagedserve-source.json``, see
+    ``executor.gguf_convert``): the file's name without ``.gguf`` and without a quantization
+    suffix (``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct``); else the
+    directory's name. ``pagedserve serve`` and ``pagedserve gateway`` both use it, so the same
+    model has the same name however it is started.
+    """
+    source = model_dir / "pagedserve-source.json"
+    try:
+        name = str(json.loads(source.read_text())["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return model_dir.name
+    stem = name.removesuffix(".gguf")
+    return re.sub(r"[.-](?:[QqIi]Q?\d\w*|[Ff][Pp]?(?:16|32)|[Bb][Ff]16)$", "", stem) or stem
 
 
 def parse_serve(argv: list[str] | None) -> tuple[ServeSettings, SettingsParser]:

@@ -100,3 +100,17 @@ def test_serve_refuses_a_bad_value_naming_its_flag(argv, flag, capsys):
         parse_serve(argv)
     assert exc.value.code == 2
     assert f"error: {flag}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gguf,name", [("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+                                       ("Llama-3-8B.Q4_K_M.gguf", "Llama-3-8B"), ("Mistral-7B.IQ3_XS.gguf", "Mistral-7B"),
+                                       ("qwen2-0_5b-instruct-fp16.gguf", "qwen2-0_5b-instruct"),
+                                       ("model-F32.gguf", "model"), ("plain.gguf", "plain")])
+def test_the_default_served_name_is_the_models_whoever_starts_the_gateway(tmp_path, gguf, name):
+    import json
+
+    from gateway.settings import default_served_name
+
+    assert default_served_name(tmp_path) == tmp_path.name  # a Hugging Face directory
+    (tmp_path / "pagedserve-source.json").write_text(json.dumps({"name": gguf}))
+    assert default_served_name(tmp_path) == name
