@@ -15,7 +15,9 @@ in one batch, ``--max-tokens`` greedy tokens each (``ignore_eos``), and prints:
 - **position-wise agreement**: the share of positions, over all prompts, where the two dtypes
   chose the same token (divergent continuations often realign);
 - how many prompts came out identical, and each run's output tokens/s (one run each, on the
-  same machine: a rough ratio, not a benchmark).
+  same machine: a rough ratio, not a benchmark);
+- the same for bf16 with packed weights against bf16 through ``F.linear`` (its path before the
+  packing), which shows whether packing changed any token.
 
 fp32 is the reference: its rows are batch-invariant (docs/batch-invariance.md), so its tokens
 are the ones each prompt would get alone. bf16's are not, so its figures are for this batch.
@@ -115,25 +117,44 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
             "identical": sum(p == len(r) for p, r in zip(prefix, reference)), "tokens": total}
 
 
-def generate(model, prompts: list[list[int]], args, dtype) -> tuple[list[list[int]], float]:
-    """Greedy ``args.max_tokens`` tokens for every prompt, all in one batch; (tokens, seconds)."""
+def use_f_linear(model) -> None:
+    """Make every linear layer of ``model`` run ``F.linear`` on its plain weight: bf16's path before packing."""
+    import torch.nn.functional as F
+
+    from executor.linear import Linear
+
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.restore_plain_weight()
+            module._pack = None
+            # An instance attribute: the layers call ``.forward`` directly.
+            module.forward = lambda x, m=module: F.linear(x, m.weight, m.bias)
+
+
+def generate(model, prompts: list[list[int]], args, dtype, max_tokens: int | None = None):
+    """Greedy ``max_tokens`` (default ``args.max_tokens``) tokens for every prompt, all in one batch.
+
+    Returns ``(tokens per prompt, seconds)``. Raises ``RuntimeError`` if the requests do not
+    finish within twice the steps they need.
+    """
+    max_tokens = max_tokens or args.max_tokens
     from blockmgr.client import InProcessBlockManager
     from blockmgr.manager import BlockManager
     from executor.engine import Engine, EngineConfig
     from executor.request import SamplingParams
 
-    longest = max(len(p) for p in prompts) + args.max_tokens
+    longest = max(len(p) for p in prompts) + max_tokens
     blocks = len(prompts) * -(-longest // args.block_size) + 8
     engine = Engine(model, InProcessBlockManager(BlockManager(enable_prefix_caching=False)),
                     EngineConfig(block_size=args.block_size, num_blocks=blocks, max_num_seqs=len(prompts),
                                  max_num_batched_tokens=max(2048, sum(len(p) for p in prompts))),
                     eos_token_ids=set(), dtype=dtype)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     tokens: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         engine.add_request(f"p{i}", prompt, params)
         tokens[f"p{i}"] = []
-    deadline = 2 * len(prompts) * (args.max_tokens + 1)  # steps; a full batch needs max_tokens + 1
+    deadline = 2 * len(prompts) * (max_tokens + 1)  # steps; a full batch needs max_tokens + 1
     t0 = time.perf_counter()
     finished = 0
     for _ in range(deadline):
@@ -163,31 +184,40 @@ def main(argv=None) -> int:
                                                   tokenize=False), add_special_tokens=False)
                for text in PROMPTS[: args.num_prompts]]
 
-    outputs, seconds = {}, {}
-    for dtype in (torch.float32, torch.bfloat16):
+    runs = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "bf16 F.linear": (torch.bfloat16, True)}
+    outputs, tok_s = {}, {}
+    for name, (dtype, plain) in runs.items():
         model = load_model(model_dir, dtype=dtype, progress=False)
-        outputs[dtype], seconds[dtype] = generate(model, prompts, args, dtype)
+        if plain:
+            use_f_linear(model)
+        generate(model, prompts, args, dtype, max_tokens=2)  # warm-up: oneDNN builds its kernels per shape
+        outputs[name], seconds = generate(model, prompts, args, dtype)
+        tok_s[name] = len(prompts) * args.max_tokens / seconds
         del model
-    result = agreement(outputs[torch.float32], outputs[torch.bfloat16])
-    n_out = len(prompts) * args.max_tokens
+    result = agreement(outputs["fp32"], outputs["bf16"])
+    same_path = agreement(outputs["bf16 F.linear"], outputs["bf16"])
     info = {
         "cpu": cpu_model(), "torch": torch.__version__, "threads": args.num_threads, "model": str(model_dir),
         "fp32_path": linear_path(torch.float32), "bf16_path": linear_path(torch.bfloat16),
         "onednn_bf16": ONEDNN_BF16_LINEAR, "prompts": len(prompts), "max_tokens": args.max_tokens,
-        "fp32_tok_s": n_out / seconds[torch.float32], "bf16_tok_s": n_out / seconds[torch.bfloat16], **result,
+        "tok_s": tok_s, **result, "bf16_vs_bf16_f_linear": same_path,
     }
     print(f"# bf16 vs fp32 greedy agreement: {info['cpu']}, torch {info['torch']}, {args.num_threads} thread(s), "
           f"{len(prompts)} prompts x {args.max_tokens} tokens in one batch, model {model_dir.name}")
     print(f"# linear layers: fp32 {info['fp32_path']}; bf16 {info['bf16_path']}")
-    print("\n| prompt | tokens equal before the first divergence |")
+    print("\n| prompt | bf16 tokens equal to fp32's before the first divergence |")
     print("| --- | ---: |")
     for text, p in zip(PROMPTS, result["prefix"]):
         print(f"| {text} | {p} / {args.max_tokens} |")
-    print(f"\nprefix agreement: {100 * result['prefix_share']:.1f}% of {result['tokens']} tokens; "
-          f"position-wise: {100 * result['position_share']:.1f}%; identical prompts: {result['identical']} / "
+    print(f"\nbf16 vs fp32: prefix agreement {100 * result['prefix_share']:.1f}% of {result['tokens']} tokens; "
+          f"position-wise {100 * result['position_share']:.1f}%; identical prompts {result['identical']} / "
           f"{len(prompts)}")
-    print(f"output tok/s (one run each, prefill included): fp32 {info['fp32_tok_s']:.1f}, "
-          f"bf16 {info['bf16_tok_s']:.1f} ({info['bf16_tok_s'] / info['fp32_tok_s']:.2f}x)")
+    print(f"bf16 packed vs bf16 through F.linear (the unpacked path): prefix agreement "
+          f"{100 * same_path['prefix_share']:.1f}%; identical prompts {same_path['identical']} / {len(prompts)}")
+    print("output tok/s (one timed run each after a warm-up, prefill included; a rough ratio on a shared machine): "
+          + ", ".join(f"{name} {v:.1f}" for name, v in tok_s.items())
+          + f"; bf16 / fp32 {tok_s['bf16'] / tok_s['fp32']:.2f}x, bf16 / bf16 F.linear "
+          f"{tok_s['bf16'] / tok_s['bf16 F.linear']:.2f}x")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(info, indent=2) + "\n")
     return 0

@@ -50,6 +50,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Literal
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: the settings classes come from this checkout
@@ -71,7 +72,7 @@ class ProfileStepSettings(BenchmarkSettings):
     num_threads: int = reuse(ExecutorSettings, "num_threads", default=1,
                              description="torch CPU threads (1: what CI's 2 cores run)")
     block_size: int = reuse(ExecutorSettings, "block_size")
-    dtype: str = reuse(ExecutorSettings, "dtype")
+    dtype: Literal["float32", "bfloat16", "float16"] = reuse(ExecutorSettings, "dtype")
     model: str | None = reuse(ModelSettings, "model")
     trace: str | None = setting(None, "directory for Chrome traces (one per batch size)")
     hollow: bool = setting(True, "skip the hollow-model overhead measurement", flag="--no-hollow")
