@@ -28,6 +28,8 @@ def cpu_has_native_bf16() -> bool:
 #: Whether this torch has oneDNN's linear kernels (else :class:`Linear` is plain ``F.linear``).
 ONEDNN_LINEAR = _onednn_linear_available()
 #: Whether bf16 weights are packed for oneDNN's AVX512-BF16 / AMX kernels (else bf16 runs ``F.linear``).
+#: oneDNN's own check honours ``ONEDNN_MAX_CPU_ISA`` (false when it is capped at AVX2, where oneDNN
+#: refuses to pack bf16 weights).
 ONEDNN_BF16_LINEAR = (
     ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and cpu_has_native_bf16()
 )
@@ -42,8 +44,9 @@ def linear_path(dtype: torch.dtype) -> str:
         return "F.linear (no packed oneDNN path for this dtype on this CPU)"
     if dtype is torch.float32:
         return "oneDNN fp32, packed weights (batch-invariant rows)"
+    # What the CPU has; oneDNN uses it unless ONEDNN_MAX_CPU_ISA caps it lower.
     isa = "AMX" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "AVX512-BF16"
-    return f"oneDNN bf16 ({isa}), packed weights"
+    return f"oneDNN bf16 (the CPU has {isa}), packed weights"
 
 
 class Linear(nn.Linear):
@@ -70,8 +73,8 @@ class Linear(nn.Linear):
     **bf16**, on a CPU with AVX512-BF16 or AMX (:data:`ONEDNN_BF16_LINEAR`): the same packed
     oneDNN product, on oneDNN's bf16 kernels (fp32 accumulation, bf16 output). ``F.linear`` in
     bf16 reaches oneDNN's bf16 matmul too, but on the plain weight, which the kernel copies into
-    its blocked layout on every call; packing once saves that (a call takes 0.5-0.75x the time of
-    ``F.linear`` on SmolLM2's shapes, on a Xeon with AMX).
+    its blocked layout on every call; packing once saves that (a call of 1-64 rows takes 0.5-0.75x
+    the time of ``F.linear`` on SmolLM2's shapes, on a Xeon with AMX).
     Its rows are not batch-invariant (oneDNN's AMX kernels round differently by the number of
     rows), so no one-row expand either; bf16 makes no such claim (docs/bf16.md).
 

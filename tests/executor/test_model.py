@@ -302,7 +302,7 @@ def test_bfloat16_load(tmp_path):
     assert (logits - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 keeps ~3 significant digits
 
 
-@pytest.mark.skipif(not ONEDNN_BF16_LINEAR, reason="this CPU has neither AVX512-BF16 nor AMX (or torch lacks oneDNN)")
+@pytest.mark.skipif(not ONEDNN_BF16_LINEAR, reason="no packed oneDNN bf16 path (see tests/executor/test_linear_bf16.py)")
 def test_bfloat16_load_packs_linears_for_onednn(tmp_path):
     """On a CPU with bf16 instructions a bf16 model keeps only packed linear weights, runs every
     linear layer of the forward pass as one packed oneDNN call, and stays close to fp32."""
