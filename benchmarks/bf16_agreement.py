@@ -14,10 +14,11 @@ in one batch, ``--max-tokens`` greedy tokens each (``ignore_eos``), and prints:
   matches say little);
 - **position-wise agreement**: the share of positions, over all prompts, where the two dtypes
   chose the same token (divergent continuations often realign);
-- how many prompts came out identical, and each run's output tokens/s (one run each, on the
-  same machine: a rough ratio, not a benchmark);
+- how many prompts came out identical;
 - the same for bf16 with packed weights against bf16 through ``F.linear`` (its path before the
   packing), which shows whether packing changed any token.
+
+Speed is not measured here (see benchmarks/profile_step.py ``--dtype``).
 
 fp32 is the reference: its rows are batch-invariant (docs/batch-invariance.md), so its tokens
 are the ones each prompt would get alone. bf16's are not, so its figures are for this batch.
@@ -33,7 +34,6 @@ from __future__ import annotations
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,13 +131,12 @@ def use_f_linear(model) -> None:
             module.forward = lambda x, m=module: F.linear(x, m.weight, m.bias)
 
 
-def generate(model, prompts: list[list[int]], args, dtype, max_tokens: int | None = None):
-    """Greedy ``max_tokens`` (default ``args.max_tokens``) tokens for every prompt, all in one batch.
+def generate(model, prompts: list[list[int]], args, dtype) -> list[list[int]]:
+    """Greedy ``args.max_tokens`` tokens for every prompt, all in one batch: the tokens per prompt.
 
-    Returns ``(tokens per prompt, seconds)``. Raises ``RuntimeError`` if the requests do not
-    finish within twice the steps they need.
+    Raises ``RuntimeError`` if the requests do not finish within twice the steps they need.
     """
-    max_tokens = max_tokens or args.max_tokens
+    max_tokens = args.max_tokens
     from blockmgr.client import InProcessBlockManager
     from blockmgr.manager import BlockManager
     from executor.engine import Engine, EngineConfig
@@ -155,7 +154,6 @@ def generate(model, prompts: list[list[int]], args, dtype, max_tokens: int | Non
         engine.add_request(f"p{i}", prompt, params)
         tokens[f"p{i}"] = []
     deadline = 2 * len(prompts) * (max_tokens + 1)  # steps; a full batch needs max_tokens + 1
-    t0 = time.perf_counter()
     finished = 0
     for _ in range(deadline):
         for out in engine.step():
@@ -165,7 +163,7 @@ def generate(model, prompts: list[list[int]], args, dtype, max_tokens: int | Non
             break
     else:
         raise RuntimeError(f"{len(prompts) - finished} requests unfinished after {deadline} steps")
-    return [tokens[f"p{i}"] for i in range(len(prompts))], time.perf_counter() - t0
+    return [tokens[f"p{i}"] for i in range(len(prompts))]
 
 
 def main(argv=None) -> int:
@@ -185,14 +183,12 @@ def main(argv=None) -> int:
                for text in PROMPTS[: args.num_prompts]]
 
     runs = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "bf16 F.linear": (torch.bfloat16, True)}
-    outputs, tok_s = {}, {}
+    outputs = {}
     for name, (dtype, plain) in runs.items():
         model = load_model(model_dir, dtype=dtype, progress=False)
         if plain:
             use_f_linear(model)
-        generate(model, prompts, args, dtype, max_tokens=2)  # warm-up: oneDNN builds its kernels per shape
-        outputs[name], seconds = generate(model, prompts, args, dtype)
-        tok_s[name] = len(prompts) * args.max_tokens / seconds
+        outputs[name] = generate(model, prompts, args, dtype)
         del model
     result = agreement(outputs["fp32"], outputs["bf16"])
     same_path = agreement(outputs["bf16 F.linear"], outputs["bf16"])
@@ -200,7 +196,7 @@ def main(argv=None) -> int:
         "cpu": cpu_model(), "torch": torch.__version__, "threads": args.num_threads, "model": str(model_dir),
         "fp32_path": linear_path(torch.float32), "bf16_path": linear_path(torch.bfloat16),
         "onednn_bf16": ONEDNN_BF16_LINEAR, "prompts": len(prompts), "max_tokens": args.max_tokens,
-        "tok_s": tok_s, **result, "bf16_vs_bf16_f_linear": same_path,
+        **result, "bf16_vs_bf16_f_linear": same_path,
     }
     print(f"# bf16 vs fp32 greedy agreement: {info['cpu']}, torch {info['torch']}, {args.num_threads} thread(s), "
           f"{len(prompts)} prompts x {args.max_tokens} tokens in one batch, model {model_dir.name}")
@@ -214,10 +210,6 @@ def main(argv=None) -> int:
           f"{len(prompts)}")
     print(f"bf16 packed vs bf16 through F.linear (the unpacked path): prefix agreement "
           f"{100 * same_path['prefix_share']:.1f}%; identical prompts {same_path['identical']} / {len(prompts)}")
-    print("output tok/s (one timed run each after a warm-up, prefill included; a rough ratio on a shared machine): "
-          + ", ".join(f"{name} {v:.1f}" for name, v in tok_s.items())
-          + f"; bf16 / fp32 {tok_s['bf16'] / tok_s['fp32']:.2f}x, bf16 / bf16 F.linear "
-          f"{tok_s['bf16'] / tok_s['bf16 F.linear']:.2f}x")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(info, indent=2) + "\n")
     return 0
