@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a CPU decode step's time goes: matmuls, attention, other model ops, sampling, engine.
 
-Runs SmolLM2-135M-Instruct (fp32, CPU) in an :class:`executor.engine.Engine` with an in-process
+Runs SmolLM2-135M-Instruct (fp32 unless ``--dtype``, CPU) in an :class:`executor.engine.Engine` with an in-process
 block manager, fills it with ``B`` requests of ``--prompt-len`` random prompt tokens, lets them
 reach steady decoding, then
 
@@ -34,6 +34,7 @@ Usage::
 
     python benchmarks/profile_step.py                       # batch 1 and 16, 1 thread
     python benchmarks/profile_step.py --batch-sizes 1 4 16 64 --prompt-len 512 --num-threads 2
+    python benchmarks/profile_step.py --dtype bfloat16 --num-threads 2   # weights and KV cache in bf16
     python benchmarks/profile_step.py --trace /tmp/trace    # also writes Chrome traces
     # step times of another checkout (say the commit before these changes), same settings:
     git archive 13482c8 | (mkdir -p /tmp/old && tar -x -C /tmp/old)
@@ -49,6 +50,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Literal
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: the settings classes come from this checkout
@@ -70,6 +72,7 @@ class ProfileStepSettings(BenchmarkSettings):
     num_threads: int = reuse(ExecutorSettings, "num_threads", default=1,
                              description="torch CPU threads (1: what CI's 2 cores run)")
     block_size: int = reuse(ExecutorSettings, "block_size")
+    dtype: Literal["float32", "bfloat16", "float16"] = reuse(ExecutorSettings, "dtype")
     model: str | None = reuse(ModelSettings, "model")
     trace: str | None = setting(None, "directory for Chrome traces (one per batch size)")
     hollow: bool = setting(True, "skip the hollow-model overhead measurement", flag="--no-hollow")
@@ -166,10 +169,16 @@ def main(argv=None) -> int:
     from executor.model_loader import default_model_path, load_model, resolve_model_dir
     from executor.request import SamplingParams
 
-    model = load_model(resolve_model_dir(args.model or default_model_path()))
-    print(f"# SmolLM2 decode step on the CPU: torch {torch.__version__}, {args.num_threads} thread(s), "
-          f"prompt {args.prompt_len} tokens, block size {args.block_size}, {os.cpu_count()} cores seen, "
-          f"code from {args.repo}")
+    dtype = getattr(torch, args.dtype)
+    model = load_model(resolve_model_dir(args.model or default_model_path()), dtype=dtype)
+    try:
+        from executor.linear import linear_path
+        path = linear_path(dtype)
+    except ImportError:  # an older checkout (see --repo)
+        path = "this checkout's Linear"
+    print(f"# SmolLM2 decode step on the CPU: torch {torch.__version__}, {args.dtype} (linear layers: {path}), "
+          f"{args.num_threads} thread(s), prompt {args.prompt_len} tokens, block size {args.block_size}, "
+          f"{os.cpu_count()} cores seen, code from {args.repo}")
     gen = torch.Generator().manual_seed(0)
     results = []
     for batch in args.batch_sizes:
@@ -182,7 +191,7 @@ def main(argv=None) -> int:
         engine = Engine(model, InProcessBlockManager(bm),
                         EngineConfig(block_size=args.block_size, num_blocks=blocks, max_num_seqs=max(batch, 1),
                                      max_num_batched_tokens=max(2048, batch * args.prompt_len)),
-                        eos_token_ids=set())
+                        eos_token_ids=set(), dtype=dtype)
         params = SamplingParams(max_tokens=args.warmup + 2 * args.steps + 2, temperature=0, ignore_eos=True)
         for i in range(batch):
             prompt = torch.randint(100, model.vocab_size, (args.prompt_len,), generator=gen).tolist()
@@ -254,7 +263,8 @@ def hollow_step_times(config, args) -> dict[int, float]:
     cfg.head_dim = 8
     cfg.intermediate_size = 64
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    dtype = getattr(torch, args.dtype)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
     out = {}
     for batch in args.batch_sizes:
         try:
@@ -264,7 +274,7 @@ def hollow_step_times(config, args) -> dict[int, float]:
         engine = Engine(model, InProcessBlockManager(bm),
                         EngineConfig(block_size=args.block_size, num_blocks=batch * 64 + 8,
                                      max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * args.prompt_len)),
-                        eos_token_ids=set())
+                        eos_token_ids=set(), dtype=dtype)
         params = SamplingParams(max_tokens=args.warmup + args.steps + 2, temperature=0, ignore_eos=True)
         for i in range(batch):
             engine.add_request(f"h{i}", [100 + (i + j) % 1000 for j in range(args.prompt_len)], params)

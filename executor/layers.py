@@ -46,6 +46,7 @@ class RMSNorm(nn.Module):
 
     The statistic is computed in fp32 and the normalised activations are cast back to the input
     dtype before the (learned, per-channel) scale, exactly as transformers' ``LlamaRMSNorm``.
+    (``F.rms_norm`` straight on bf16/fp16 would apply the scale before that rounding: other bits.)
 
     Shapes: ``[..., hidden_size]`` in, same shape and dtype out.
     """
@@ -60,9 +61,10 @@ class RMSNorm(nn.Module):
         if dtype is torch.float32:
             # torch's rms_norm: the same operations in one call (bit-identical, checked in tests).
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # The fp32 statistic and normalisation in one call (the same bits as the five separate
+        # operations: tests/executor/test_model.py), then the scale in the input dtype.
+        normed = F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, self.eps)
+        return self.weight * normed.to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -86,7 +86,10 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
 
     def pack_weights(self, keep_plain: bool = True) -> int:
-        """Pack every CPU fp32 linear weight for oneDNN now (see :class:`Linear`); returns how many.
+        """Pack every CPU linear weight for oneDNN now; returns how many.
+
+        Which dtypes are packed: :data:`executor.linear.PACKED_DTYPES` (fp32; bf16 on CPUs with
+        AVX512-BF16 or AMX); see :class:`Linear`.
 
         Otherwise each is packed on its first use, in the first forward pass. Packing again after
         the weights change happens by itself.

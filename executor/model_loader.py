@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from executor.gguf_convert import CONVERTER_VERSION, SOURCE_FILE, convert_gguf
+from executor.linear import linear_path
 from executor.model import LlamaForCausalLM
 from executor.model_config import UnsupportedModelError, check_model_type, check_supported
 
@@ -280,9 +281,11 @@ def load_model(
     # Now rather than in the first request's forward pass; packed weights replace the originals.
     model.pack_weights(keep_plain=False)
     n_params = sum(p.numel() for p in model.parameters())
+    linears = f", linear layers: {linear_path(torch_dtype)}" if torch.device(device).type == "cpu" else ""
     logger.info(
-        "loaded %s (%s, %d layers, %.1fM parameters) as %s on %s in %.1f s",
+        "loaded %s (%s, %d layers, %.1fM parameters) as %s on %s in %.1f s%s",
         d.name, config.model_type, model.num_layers, n_params / 1e6, torch_dtype, device, time.perf_counter() - t0,
+        linears,
     )
     return model
 

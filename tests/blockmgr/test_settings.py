@@ -21,6 +21,7 @@ BENCHMARKS = {"benchmarks.serving.cli": ["ThroughputSettings", "ServeBenchSettin
               "benchmarks.persistence_bench": ["PersistenceBenchSettings"],
               "benchmarks.executor_rss": ["ExecutorRssSettings"],
               "benchmarks.profile_step": ["ProfileStepSettings"],
+              "benchmarks.bf16_agreement": ["AgreementSettings"],
               "benchmarks.peers": ["PeersSettings"],
               "benchmarks.kernels_gpu": ["KernelsGpuSettings"]}
 

@@ -22,10 +22,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.profiler import profile
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 from transformers import AutoModelForCausalLM
 
 from executor.attention import AttentionMetadata
+from executor.layers import RMSNorm
+from executor.linear import ONEDNN_BF16_LINEAR, Linear
 from executor.model import LlamaForCausalLM
 from executor.model_config import UnsupportedModelError
 from executor.rotary import rope_inv_freq
@@ -297,6 +300,62 @@ def test_bfloat16_load(tmp_path):
     assert logits.dtype == torch.float32
     ref = _reference_logits(hf, list(range(5)))
     assert (logits - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 keeps ~3 significant digits
+
+
+@pytest.mark.skipif(not ONEDNN_BF16_LINEAR, reason="no packed oneDNN bf16 path (see tests/executor/test_linear_bf16.py)")
+def test_bfloat16_load_packs_linears_for_onednn(tmp_path):
+    """On a CPU with bf16 instructions a bf16 model keeps only packed linear weights, runs every
+    linear layer of the forward pass as one packed oneDNN call, and stays close to fp32."""
+    cfg = LlamaConfig(**_COMMON, tie_word_embeddings=False)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    _randomize(hf, seed=6)
+    hf.save_pretrained(tmp_path)
+    m16 = load_model(tmp_path, dtype=torch.bfloat16, progress=False)
+    m32 = load_model(tmp_path, dtype=torch.float32, progress=False)
+    linears = [mod for mod in m16.modules() if isinstance(mod, Linear)]
+    assert len(linears) == 4 * m16.num_layers + 1
+    for mod in linears:
+        assert mod.weight.is_meta and mod.weight.dtype == torch.bfloat16
+        assert mod._pack is not None and mod._pack.dtype == torch.bfloat16
+
+    def logits(model, dtype):
+        batch = PagedBatch(2, seed=3)
+        shape = (NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
+        caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(model.num_layers)]
+        out = []
+        with torch.inference_mode():
+            for counts, ids in (([5, 3], [1, 2, 3, 4, 5, 9, 8, 7]), ([1, 1], [6, 10])):
+                pos, meta = batch.step(counts)
+                out.append(model.compute_logits(model(torch.tensor(ids), pos, caches, meta)))
+        return torch.cat(out)
+
+    with profile() as prof:
+        got = logits(m16, torch.bfloat16)
+    names = [ev.name for ev in prof.events()]
+    assert names.count("mkldnn::_linear_pointwise") == 2 * len(linears)  # two steps
+    for op in ("mkldnn::_reorder_linear_weight", "aten::linear", "aten::addmm", "aten::mm"):
+        assert op not in names, op
+    ref = logits(m32, torch.float32)
+    assert got.dtype == torch.float32 and ref.abs().max() > 1.0
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 keeps ~3 significant digits
+
+
+def test_bfloat16_rmsnorm_is_transformers_bit_for_bit():
+    """The bf16 RMSNorm (fp32 statistic in one call, then the scale in bf16) is LlamaRMSNorm's bits."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(11)
+    ours, ref = RMSNorm(576, 1e-5), LlamaRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(1 + 0.2 * torch.randn(576, generator=g))
+        ref.weight.copy_(ours.weight)
+    ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+    for rows in (1, 7, 64):
+        x = (3 * torch.randn(rows, 576, generator=g)).to(torch.bfloat16)
+        with torch.inference_mode():
+            got = ours(x)
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got, ref(x)), rows
 
 
 def test_load_rejects_wrong_weights(tmp_path):
