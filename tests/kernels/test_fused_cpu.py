@@ -162,7 +162,8 @@ def test_every_instruction_set_level_gives_the_same_bits(tmp_path, monkeypatch):
     expected = (add_rms_norm(x.clone(), res.clone(), w, 1e-5)[0], silu_and_mul(gate_up),
                 rope_rotate_(qkv.clone(), HEADS + KV_HEADS, HEAD_DIM, cos, ssin))
     for level in levels:
-        lib = load_library(compile_library(fused_cpu._SOURCE, tmp_path, ("-DFUSED_CPU_NO_CLONES", f"-march={level}")))
+        flags = (*fused_cpu.EXTRA_FLAGS, "-DFUSED_CPU_NO_CLONES", f"-march={level}")
+        lib = load_library(compile_library(fused_cpu._SOURCE, tmp_path, flags))
         monkeypatch.setattr(fused_cpu, "_library", lambda lib=lib: lib)
         got = (add_rms_norm(x.clone(), res.clone(), w, 1e-5)[0], silu_and_mul(gate_up),
                rope_rotate_(qkv.clone(), HEADS + KV_HEADS, HEAD_DIM, cos, ssin))
