@@ -8,7 +8,8 @@
 FROM python:3.11-slim
 
 # A C compiler: Triton builds its small CUDA launcher stubs at run time (GPU executor only), and
-# kernels/ordered_matmul.c (the CPU attention's products) is built with it below.
+# kernels/ordered_matmul.c (the CPU attention's products) and kernels/fused_cpu.c (the decode
+# step's RMSNorm, RoPE and SiLU) are built with it below.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -36,7 +37,7 @@ RUN pip install . \
     && python -c "import os; from executor.model_loader import default_model_path, resolve_model_dir; \
 os.symlink(resolve_model_dir(default_model_path()), '/opt/pagedserve/model')" \
     && python -c "from executor.model_loader import load_model; load_model('/opt/pagedserve/model', progress=False)" \
-    && python -c "from kernels.ordered_matmul import build; build()"
+    && python -c "from kernels import fused_cpu, ordered_matmul; ordered_matmul.build(); fused_cpu.build()"
 
 WORKDIR /opt/pagedserve
 EXPOSE 8000 5557 5560
