@@ -76,10 +76,13 @@ CLONES void rope_rotate(float *x, int64_t x_stride, int64_t rows, int64_t heads,
  * element): x = n ln2 + r with n = round(x / ln2) and |r| <= ln2 / 2 (ln2 split in two so n * ln2_hi
  * is exact), exp(r) by the degree-7 polynomial of Cephes' expf (S. L. Moshier, Cephes Math Library),
  * and 2^n put into the exponent bits. Relative error about 2e-7 (1-2 ulp). x is clamped to
- * [-87.3, 88.3], where 2^n stays a normal float; NaN passes through (comparisons with NaN fail). */
+ * [-87.3, 80], where 2^n stays a normal float. The upper bound is 80, not 88: GCC evaluates the
+ * clamped branch of silu_and_mul for every lane (g / (1 + exp(80)), then a select), and near 88
+ * that quotient is subnormal for ordinary g, which costs a microcode assist per vector (6x slower).
+ * For silu it changes nothing that matters: at g = -80, g * exp(g) is already below 1e-33. */
 static inline float exp_vectorisable(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
+  x = x > -87.3f ? x : -87.3f;
+  x = x < 80.0f ? x : 80.0f;
   const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer (nearest even) */
   const float n = (x * 1.44269504088896341f + shifter) - shifter;
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
