@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
+import kernels.fused_cpu
 from executor.attention import AttentionMetadata, resolve_backend
 from executor.cost_probe import measure_cost_model
 from executor.request import Request
 from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries
-from kernels import fused_cpu
 
 #: One scheduled sequence and how many of its tokens this step computes.
 ScheduledSeq = tuple[Request, int]
@@ -141,7 +141,7 @@ class ModelRunner:
         self.kv = KVCache.allocate(model, num_blocks, block_size, num_cpu_blocks, self.device, dtype, self.backend)
         self.cost = measure_cost_model(model, self.device, self.kv.bytes_per_block) if num_cpu_blocks else {}
         if self.device.type == "cpu":
-            fused_cpu.backend()  # builds (or finds in the cache) the layers' C library now, not in the first request
+            kernels.fused_cpu.backend()  # builds the layers' C library now, not in the first request
 
     def prepare_inputs(self, batch: list[ScheduledSeq]) -> ModelInputs:
         """The model's inputs for ``batch`` (see :class:`ModelInputs`).
