@@ -5,6 +5,12 @@ One decoder layer (pre-norm residual blocks)::
     h = x + o_proj(PagedAttention(RoPE(q_proj(n1)), RoPE(k_proj(n1)), v_proj(n1)))   n1 = RMSNorm(x)
     y = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))                            n2 = RMSNorm(h)
 
+As in vLLM, each residual addition is carried into the next RMSNorm: a layer takes and returns the
+pair (last block's output, residual stream so far), and :meth:`RMSNorm.add_and_norm` adds the two
+and normalises in one call. With RoPE in place on the q/k/v projection's output and SiLU * up in
+one call, these are the compiled CPU operators of :mod:`kernels.fused_cpu` for fp32 on the CPU
+(torch formulas elsewhere).
+
 Token layout is vLLM's flattened batch: ``[num_tokens, ...]``, the new tokens of all scheduled
 sequences back to back (see :class:`~executor.attention.AttentionMetadata`).
 
@@ -32,7 +38,7 @@ from torch import Tensor, nn
 from executor.attention import AttentionMetadata, paged_attention
 from executor.linear import Linear
 from executor.model_config import UnsupportedModelError, config_value
-from executor.rotary import RotaryEmbedding
+from kernels.fused_cpu import add_rms_norm, rope_rotate_, silu_and_mul
 
 #: One layer's ``(key_cache, value_cache)``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 KVPair = tuple[torch.Tensor, torch.Tensor]
@@ -65,6 +71,16 @@ class RMSNorm(nn.Module):
         # operations: tests/executor/test_model.py), then the scale in the input dtype.
         normed = F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, self.eps)
         return self.weight * normed.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(RMSNorm(x + residual), x + residual)``, or ``(RMSNorm(x), x)`` when ``residual`` is None.
+
+        ``x`` and ``residual``: ``[T, hidden_size]``; both may be overwritten (the results reuse
+        their memory on the CPU in fp32). See :func:`kernels.fused_cpu.add_rms_norm`, whose fp32
+        CPU sum of squares runs in another order than :meth:`forward`'s (relative difference about
+        1e-7), in the same order for every row.
+        """
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -101,11 +117,10 @@ class Attention(nn.Module):
         """
         num_tokens = hidden_states.shape[0]
         qkv = self.qkv_proj.forward(hidden_states)
-        qk_size = self.q_size + self.kv_size
-        # Query and key heads rotated together (one set of elementwise passes instead of two).
-        qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.rotate(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
+        # Query and key heads rotated together, in place: they lie side by side at each row's start.
+        rope_rotate_(qkv, self.num_heads + self.num_kv_heads, self.head_dim, *rope)
+        q, k, v = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim).split(
+            [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         key_cache, value_cache = kv_cache
         out = paged_attention(q, k, v, key_cache, value_cache, meta, self.scale)
         return self.o_proj.forward(out.reshape(num_tokens, self.q_size))
@@ -124,12 +139,15 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj.forward(F.silu(gate) * up)
+        return self.down_proj.forward(silu_and_mul(self.gate_up_proj.forward(x)))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: ``h = x + attn(norm1(x)); y = h + mlp(norm2(h))``."""
+    """Pre-norm transformer block: ``h = x + attn(norm1(x)); y = h + mlp(norm2(h))``.
+
+    The residual additions are carried into the norms (see the module docstring): :meth:`forward`
+    takes the previous layer's ``(mlp output, residual)`` and returns its own.
+    """
 
     def __init__(self, config: Any, head_dim: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> None:
         super().__init__()
@@ -139,10 +157,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.mlp = MLP(config, mlp_bias)
 
-    def forward(self, rope: Rope, hidden_states: torch.Tensor, kv_cache: KVPair, meta: AttentionMetadata) -> Tensor:
-        residual = hidden_states
-        hidden_states = self.self_attn.forward(rope, self.input_layernorm.forward(hidden_states), kv_cache, meta)
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.mlp.forward(self.post_attention_layernorm.forward(hidden_states))
-        return residual + hidden_states
+    def forward(self, rope: Rope, hidden_states: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVPair,
+                meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
+        """One layer over ``[T, hidden]`` tokens; returns ``(mlp output, residual)``, each ``[T, hidden]``.
+
+        The layer's input is ``hidden_states + residual`` (``hidden_states`` alone for the first
+        layer, ``residual=None``), its output the sum of the two it returns. Both arguments may be
+        overwritten. Writes this step's K/V into ``kv_cache``.
+        """
+        hidden_states, residual = self.input_layernorm.add_and_norm(hidden_states, residual)
+        hidden_states = self.self_attn.forward(rope, hidden_states, kv_cache, meta)
+        hidden_states, residual = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
+        return self.mlp.forward(hidden_states), residual

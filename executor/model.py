@@ -152,11 +152,12 @@ class LlamaForCausalLM(nn.Module):
         hidden_states = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions, hidden_states.dtype)
         rope = (cos, RotaryEmbedding.signed_sin(sin))
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             # .forward: the per-layer modules skip nn.Module.__call__ (hooks are not supported
             # inside the model; a decode step makes ~300 such calls).
-            hidden_states = layer.forward(rope, hidden_states, kv_cache, meta)
-        return self.norm.forward(hidden_states)
+            hidden_states, residual = layer.forward(rope, hidden_states, residual, kv_cache, meta)
+        return self.norm.add_and_norm(hidden_states, residual)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``hidden_states [n, hidden_size]`` -> logits ``[n, vocab_size]`` in fp32."""

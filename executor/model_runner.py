@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
+import kernels.fused_cpu
 from executor.attention import AttentionMetadata, resolve_backend
 from executor.cost_probe import measure_cost_model
 from executor.request import Request
@@ -147,6 +148,8 @@ class ModelRunner:
                         if kind == "compiled" else "plain torch (kernels.torch_ref)")
         self.kv = KVCache.allocate(model, num_blocks, block_size, num_cpu_blocks, self.device, dtype, self.backend)
         self.cost = measure_cost_model(model, self.device, self.kv.bytes_per_block) if num_cpu_blocks else {}
+        if self.device.type == "cpu":
+            kernels.fused_cpu.backend()  # builds the layers' C library now, not in the first request
 
     def prepare_inputs(self, batch: list[ScheduledSeq]) -> ModelInputs:
         """The model's inputs for ``batch`` (see :class:`ModelInputs`).
