@@ -31,8 +31,12 @@ def beam_width(body: SamplingFields, n: int, best_of: int | None) -> int | None:
     (the executor's default). None without beam search.
 
     Raises:
-        APIError(400): ``best_of < n``, or ``best_of != n`` without beam search.
+        APIError(400): ``best_of < n``, ``best_of != n`` without beam search, or ``n > 1`` with
+            beam search (it returns the best beam only).
     """
+    if body.use_beam_search and n > 1:
+        raise bad_request("use_beam_search returns the best beam only: n must be 1 (set the beams with best_of "
+                          "or beam_width)", "n")
     if best_of is not None and best_of < n:
         raise bad_request(f"best_of ({best_of}) must be >= n ({n})", "best_of")
     if not body.use_beam_search:

@@ -56,6 +56,9 @@ def test_every_sampling_parameter_reaches_the_executor(client, server):
         "ignore_eos": False, "use_beam_search": True, "beam_width": 3}
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, best_of=5, extra_body={"use_beam_search": True})
     assert last_params(server)["params"]["beam_width"] == 5
+    with pytest.raises(openai.BadRequestError) as exc:  # the best beam only: n names the problem
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, n=2, extra_body={"use_beam_search": True})
+    assert exc.value.body["param"] == "n" and "best beam only" in exc.value.body["message"]
 
 
 def test_defaults_send_only_the_core_fields(client, server):
