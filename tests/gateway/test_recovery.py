@@ -20,12 +20,9 @@ from tests.gateway.fakes import fake_app, serve_in_thread
 MODEL = "fake-model"
 
 
-def stream(base, body, on_tokens=None, after=0):
-    """POST a streamed completion; returns (text, finish_reason, error event or None, ended with [DONE]).
-
-    ``on_tokens`` is called once after ``after`` content chunks arrived (to kill an executor mid-way).
-    """
-    text, finish, error, done, chunks = "", None, None, False, 0
+def choice_texts(base, body, on_tokens=None, after=0):
+    """Stream ``body``; returns ({choice index: text}, {index: finish}, error, done)."""
+    texts, finishes, error, done, chunks = {}, {}, None, False, 0
     with httpx.stream("POST", base + "/v1/completions", json={"model": MODEL, "stream": True, **body},
                       timeout=30) as r:
         assert r.status_code == 200
@@ -41,12 +38,22 @@ def stream(base, body, on_tokens=None, after=0):
                 error = event["error"]
                 continue
             for c in event["choices"]:
-                text += c.get("text") or ""
-                finish = c.get("finish_reason") or finish
+                texts[c["index"]] = texts.get(c["index"], "") + (c.get("text") or "")
+                if c.get("finish_reason"):
+                    finishes[c["index"]] = c["finish_reason"]
             chunks += 1
             if on_tokens is not None and chunks == after:
                 on_tokens()
-    return text, finish, error, done
+    return texts, finishes, error, done
+
+
+def stream(base, body, on_tokens=None, after=0):
+    """POST a streamed completion; returns (text, finish_reason, error event or None, ended with [DONE]).
+
+    ``on_tokens`` is called once after ``after`` content chunks arrived (to kill an executor mid-way).
+    """
+    texts, finishes, error, done = choice_texts(base, body, on_tokens, after)
+    return texts.get(0, ""), finishes.get(0), error, done
 
 
 def busy(executors):
@@ -101,33 +108,6 @@ def seeded_reply(prompt_ids, params, index):
     seed = seed_for_child(params.get("seed"), index)
     rng = random.Random(seed)
     return [rng.randrange(300, 5000) for _ in range(int(params.get("max_tokens", 16)))]
-
-
-def choice_texts(base, body, on_tokens=None, after=0):
-    """Stream ``body``; returns ({choice index: text}, {index: finish}, error, done)."""
-    texts, finishes, error, done, chunks = {}, {}, None, False, 0
-    with httpx.stream("POST", base + "/v1/completions", json={"model": MODEL, "stream": True, **body},
-                      timeout=30) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[len("data: "):]
-            if data == "[DONE]":
-                done = True
-                continue
-            event = json.loads(data)
-            if "error" in event:
-                error = event["error"]
-                continue
-            for c in event["choices"]:
-                texts[c["index"]] = texts.get(c["index"], "") + (c.get("text") or "")
-                if c.get("finish_reason"):
-                    finishes[c["index"]] = c["finish_reason"]
-            chunks += 1
-            if on_tokens is not None and chunks == after:
-                on_tokens()
-    return texts, finishes, error, done
 
 
 N_BODY = {**BODY, "n": 3, "temperature": 0.8, "seed": 1234}
