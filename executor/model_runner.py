@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
-import kernels.fused_cpu
 from executor.attention import AttentionMetadata, resolve_backend
 from executor.cost_probe import measure_cost_model
 from executor.request import Request
 from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries
-from kernels import paged_attention_cpu
+from kernels import fused_cpu, paged_attention_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ class ModelRunner:
         self.kv = KVCache.allocate(model, num_blocks, block_size, num_cpu_blocks, self.device, dtype, self.backend)
         self.cost = measure_cost_model(model, self.device, self.kv.bytes_per_block) if num_cpu_blocks else {}
         if self.device.type == "cpu":
-            kernels.fused_cpu.backend()  # builds the layers' C library now, not in the first request
+            fused_cpu.backend()  # builds the layers' C library now, not in the first request
 
     def prepare_inputs(self, batch: list[ScheduledSeq]) -> ModelInputs:
         """The model's inputs for ``batch`` (see :class:`ModelInputs`).

@@ -145,22 +145,27 @@ class ExecutorPool:
         longest = float(longest) if isinstance(longest, (int, float)) and longest > 0 else 0.0
         return max(self.executor_timeout_s, 2 * longest)
 
+    def _silence_s(self, h: ExecutorHandle) -> float | None:
+        """Seconds since ``h`` last reported progress (an output or a probe reply) while it is
+        connected and has requests in flight; None otherwise (nothing in flight, or a lost
+        connection, whose requests were failed when it dropped)."""
+        if h.client.num_active == 0 or not getattr(h.client, "connected", True):
+            return None
+        return time.monotonic() - (h.client.last_seen or h.started)
+
     def _in_a_long_step(self, h: ExecutorHandle) -> bool:
         """An unanswered probe that does not make ``h`` unhealthy: the executor answers ``info``
         between steps, so a step longer than the probe's timeout (a long prefill, a loaded CPU)
         delays it. Routing away from it then would turn every long step into refused or resent
         requests; while it is connected, has requests in flight and made progress within its stall
         limit it stays healthy, and :meth:`_check_silence` decides when it is hung."""
-        if not getattr(h.client, "connected", True) or h.client.num_active == 0:
-            return False
-        last = h.client.last_seen or h.started
-        return time.monotonic() - last <= self.stall_limit_s(h)
+        silent = self._silence_s(h)
+        return silent is not None and silent <= self.stall_limit_s(h)
 
     def _check_silence(self, h: ExecutorHandle) -> None:
-        if h.client.num_active == 0 or not getattr(h.client, "connected", True):
-            return  # nothing in flight, or a lost connection (its requests were failed when it dropped)
-        last = h.client.last_seen or h.started
-        silent = time.monotonic() - last
+        silent = self._silence_s(h)
+        if silent is None:
+            return
         limit = self.stall_limit_s(h)
         if silent > limit:
             h.healthy, h.last_probe_error = False, f"no progress for {silent:.1f}s"
