@@ -15,24 +15,11 @@ import httpx
 import openai
 import pytest
 
+from tests import procfs
+
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def _cmdline(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-
-
-def _environ(pid: int) -> dict[str, str]:
-    """A child's environment: serve hands each service its settings as PAGEDSERVE_ variables."""
-    items = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
-    return dict(item.split("=", 1) for item in items if "=" in item)
 
 
 def _start_stack(smollm_dir, log_path: Path) -> dict:
@@ -101,18 +88,18 @@ def client(stack):
 
 
 def test_three_service_processes(stack):
-    names = sorted(_cmdline(pid).split(" -m ")[1].split()[0] for pid in _children(stack["proc"].pid))
+    names = sorted(procfs.cmdline(pid).split(" -m ")[1].split()[0] for pid in procfs.children(stack["proc"].pid))
     assert names == ["blockmgr", "executor", "executor", "gateway"]
     # Settings travel in the environment, not on the command line (where `ps` would show keys).
-    assert all(_cmdline(pid).split()[-2] == "-m" for pid in _children(stack["proc"].pid))
+    assert all(procfs.cmdline(pid).split()[-2] == "-m" for pid in procfs.children(stack["proc"].pid))
     # No --num-threads: the usable cores are split between the two executors, and serve says so.
     cores = len(os.sched_getaffinity(0))
     per = max(1, cores // 2)
     for i in range(2):
         assert f"executor-{i}: {per} torch threads ({cores} usable cores, 2 executors)" in stack["log"].read_text()
-        ex = next(pid for pid in _children(stack["proc"].pid)
-                  if _environ(pid).get("PAGEDSERVE_EXECUTOR_ID") == f"executor-{i}")
-        assert _environ(ex)["PAGEDSERVE_NUM_THREADS"] == str(per)
+        ex = next(pid for pid in procfs.children(stack["proc"].pid)
+                  if procfs.environ(pid).get("PAGEDSERVE_EXECUTOR_ID") == f"executor-{i}")
+        assert procfs.environ(ex)["PAGEDSERVE_NUM_THREADS"] == str(per)
 
 
 def test_the_stack_is_authenticated_by_default(stack):
@@ -120,7 +107,7 @@ def test_the_stack_is_authenticated_by_default(stack):
 
     from blockmgr import protocol
 
-    children = [(_cmdline(pid).split()[-1], _environ(pid)) for pid in _children(stack["proc"].pid)]
+    children = [(procfs.cmdline(pid).split()[-1], procfs.environ(pid)) for pid in procfs.children(stack["proc"].pid)]
     assert all(env.get("PAGEDSERVE_KEYS_DIR") and env.get("PAGEDSERVE_INSECURE_LOCAL") == "false"
                for _, env in children)
     bind_var = {"blockmgr": "PAGEDSERVE_BLOCKMGR_BIND", "executor": "PAGEDSERVE_EXECUTOR_BIND"}
@@ -387,12 +374,12 @@ def test_serve_restarts_a_dead_executor_and_serves_on(stack):
     proc = stack["proc"]
 
     def executor_0():
-        return [p for p in _children(proc.pid) if " -m executor" in _cmdline(p)
-                and _environ(p).get("PAGEDSERVE_EXECUTOR_ID") == "executor-0"
-                and "zombie" not in Path(f"/proc/{p}/status").read_text()]
+        return [p for p in procfs.children(proc.pid) if " -m executor" in procfs.cmdline(p)
+                and procfs.environ(p).get("PAGEDSERVE_EXECUTOR_ID") == "executor-0"
+                and procfs.alive(p)]
 
     (victim,) = executor_0()
-    others = sorted(p for p in _children(proc.pid) if " -m executor" not in _cmdline(p))  # blockmgr, gateway
+    others = sorted(p for p in procfs.children(proc.pid) if " -m executor" not in procfs.cmdline(p))  # blockmgr, gateway
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 120
     while True:  # restarted, its model loaded and answering the gateway's probes
@@ -407,7 +394,7 @@ def test_serve_restarts_a_dead_executor_and_serves_on(stack):
         assert time.monotonic() < deadline, "the killed executor was not restarted"
         time.sleep(0.5)
     assert "executor-0 exited unexpectedly (signal SIGKILL); restarting it" in stack["log"].read_text()
-    assert all(p in _children(proc.pid) for p in others), "the others kept running"
+    assert all(p in procfs.children(proc.pid) for p in others), "the others kept running"
     for _ in range(4):  # both executors take requests (least loaded, then round-robin)
         r = httpx.post(stack["base"] + "/v1/completions", json={"prompt": "The capital of France is",
                                                                 "max_tokens": 4, "temperature": 0}, timeout=120)
@@ -420,7 +407,7 @@ def test_serve_restarts_a_dead_block_manager_and_the_executors_register_again(st
     """Without Redis the restarted block manager starts empty: each executor registers again (a
     step it sends is refused as unknown) and requests are served as before."""
     proc = stack["proc"]
-    (victim,) = [p for p in _children(proc.pid) if " -m blockmgr" in _cmdline(p)]
+    (victim,) = [p for p in procfs.children(proc.pid) if " -m blockmgr" in procfs.cmdline(p)]
     before = httpx.post(stack["base"] + "/v1/completions", json={"prompt": "The capital of France is",
                                                                  "max_tokens": 4, "temperature": 0}, timeout=120)
     assert before.status_code == 200

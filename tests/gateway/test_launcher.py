@@ -5,9 +5,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+
+from tests import procfs
 
 SUPERVISE = """
 import sys
@@ -23,21 +24,14 @@ raise SystemExit(supervise(kids, RestartPolicy(initial_backoff_s=0.1, max_backof
 """
 
 
-def _children(pid):
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
 def _alive_children(pid):
-    return [k for k in _children(pid) if Path(f"/proc/{k}/status").exists()
-            and "zombie" not in Path(f"/proc/{k}/status").read_text()]
+    return [k for k in procfs.children(pid) if procfs.alive(k)]
 
 
 def _gone(pid, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = Path(f"/proc/{pid}/status")
-        if not status.exists() or "zombie" in status.read_text():
+        if not procfs.alive(pid):
             return True
         time.sleep(0.05)
     return False
@@ -47,7 +41,7 @@ def _gone(pid, timeout=10.0):
 def test_signal_stops_every_child(sig):
     proc = subprocess.Popen([sys.executable, "-c", SUPERVISE, "live"], stderr=subprocess.PIPE, text=True)
     for _ in range(100):
-        kids = _children(proc.pid)
+        kids = procfs.children(proc.pid)
         if len(kids) == 3:
             break
         time.sleep(0.05)
@@ -60,7 +54,7 @@ def test_signal_stops_every_child(sig):
 def test_a_child_that_keeps_dying_is_restarted_then_stops_serve_with_its_name():
     proc = subprocess.Popen([sys.executable, "-c", SUPERVISE, "die"], stderr=subprocess.PIPE, text=True)
     time.sleep(0.2)
-    kids = _children(proc.pid)
+    kids = procfs.children(proc.pid)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert err.count("pagedserve: executor-0 exited unexpectedly (exit code 3); restarting it") == 3
