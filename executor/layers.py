@@ -8,8 +8,8 @@ One decoder layer (pre-norm residual blocks)::
 As in vLLM, each residual addition is carried into the next RMSNorm: a layer takes and returns the
 pair (last block's output, residual stream so far), and :meth:`RMSNorm.add_and_norm` adds the two
 and normalises in one call. With RoPE in place on the q/k/v projection's output and SiLU * up in
-one call, these are the compiled CPU operators of :mod:`kernels.fused_cpu` for fp32 on the CPU
-(torch formulas elsewhere).
+one call, these are the compiled CPU operators of :mod:`kernels.fused_cpu` for fp32 and bf16 on
+the CPU (torch formulas elsewhere).
 
 Token layout is vLLM's flattened batch: ``[num_tokens, ...]``, the new tokens of all scheduled
 sequences back to back (see :class:`~executor.attention.AttentionMetadata`).
@@ -76,9 +76,9 @@ class RMSNorm(nn.Module):
         """``(RMSNorm(x + residual), x + residual)``, or ``(RMSNorm(x), x)`` when ``residual`` is None.
 
         ``x`` and ``residual``: ``[T, hidden_size]``; both may be overwritten (the results reuse
-        their memory on the CPU in fp32). See :func:`kernels.fused_cpu.add_rms_norm`, whose fp32
+        their memory on the CPU in fp32 and bf16). See :func:`kernels.fused_cpu.add_rms_norm`, whose
         CPU sum of squares runs in another order than :meth:`forward`'s (relative difference about
-        1e-7), in the same order for every row.
+        1e-7; in bf16 at most one ulp after rounding), in the same order for every row.
         """
         return add_rms_norm(x, residual, self.weight, self.eps)
 

@@ -21,7 +21,14 @@ changes a bit. The norm's bits differ from torch's ``F.rms_norm`` (another order
 relative difference of about 1e-7); SiLU's from torch's (its own vectorisable exp against torch's,
 about 2e-7 relative). RoPE's are torch's exactly.
 
-The compiled kernels run for fp32 CPU tensors; anything else (other dtypes, CUDA tensors), or a
+bf16 tensors run the same kernels with bf16 loads and stores (``*_bf16`` in the C source): the
+arithmetic is fp32, and each result is rounded to bf16 where the torch formula's bf16 operators
+round it (the sum ``x + residual``; the normalised row before the bf16 weight and after it; each
+RoPE product and their sum; SiLU's result and its product with ``up``). RoPE and the residual sum
+are therefore torch's bits exactly; the norm and SiLU differ from torch's only where the fp32
+differences above cross a bf16 rounding boundary (one bf16 ulp, in a small share of elements).
+
+The compiled kernels run for fp32 and bf16 CPU tensors; anything else (fp16, CUDA tensors), or a
 machine where the library cannot be built, or ``PAGEDSERVE_FUSED_CPU=torch``, runs the torch
 formulas (:func:`backend` says which).
 """
@@ -29,6 +36,7 @@ formulas (:func:`backend` says which).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,17 +53,21 @@ EXTRA_FLAGS = ("-fno-trapping-math",)
 
 __all__ = ["add_rms_norm", "backend", "build", "load_library", "rope_rotate_", "silu_and_mul"]
 
+#: The dtypes the kernels handle, and the suffix of their C functions for each.
+_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}
+
 
 def load_library(path: Path) -> ctypes.CDLL:
     """Load a build of ``fused_cpu.c`` and declare its functions' signatures."""
     lib = ctypes.CDLL(str(path))
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.add_rms_norm.restype = None
-    lib.add_rms_norm.argtypes = [p, i64, p, i64, p, p, i64, i64, i64, f32]
-    lib.rope_rotate.restype = None
-    lib.rope_rotate.argtypes = [p, i64, i64, i64, i64, p, p, i64]
-    lib.silu_and_mul.restype = None
-    lib.silu_and_mul.argtypes = [p, i64, p, i64, i64, i64]
+    for suffix in _SUFFIX.values():
+        for name, argtypes in (("add_rms_norm", [p, i64, p, i64, p, p, i64, i64, i64, f32]),
+                               ("rope_rotate", [p, i64, i64, i64, i64, p, p, i64]),
+                               ("silu_and_mul", [p, i64, p, i64, i64, i64])):
+            fn = getattr(lib, name + suffix)
+            fn.restype = None
+            fn.argtypes = argtypes
     return lib
 
 
@@ -71,13 +83,19 @@ def _library() -> ctypes.CDLL | None:
 
 
 def backend() -> str:
-    """``"compiled"`` or ``"torch"``: what fp32 CPU tensors use in this process (decided on first call)."""
+    """``"compiled"`` or ``"torch"``: what fp32 and bf16 CPU tensors use in this process (decided on
+    first call)."""
     return "compiled" if _library() is not None else "torch"
 
 
-def _compiled(t: torch.Tensor) -> ctypes.CDLL | None:
-    """The library when ``t`` is an fp32 CPU tensor and the library is in use, else None."""
-    return _library() if t.dtype is torch.float32 and t.device.type == "cpu" else None
+def _kernel(name: str, t: torch.Tensor) -> Callable[..., None] | None:
+    """The C function ``name`` for ``t``'s dtype when ``t`` is an fp32 or bf16 CPU tensor and the
+    library is in use, else None."""
+    suffix = _SUFFIX.get(t.dtype)
+    if suffix is None or t.device.type != "cpu":
+        return None
+    lib = _library()
+    return None if lib is None else getattr(lib, name + suffix)
 
 
 def _check_rows(name: str, t: torch.Tensor, rows: int, width: int) -> None:
@@ -95,20 +113,22 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
             given (it is the sum's other term, not needed afterwards).
         residual: ``[T, H]``, stride 1 in ``H``, the same dtype and device, or None. Overwritten
             with ``x + residual``.
-        weight: ``[H]`` per-channel scale, contiguous.
+        weight: ``[H]`` per-channel scale, contiguous; the compiled kernel runs when it has ``x``'s
+            dtype (the model's norm weights do).
         eps: added to the mean square.
 
     Returns:
         ``(normed, residual)``: ``normed = weight * (s * rsqrt(mean(s^2) + eps))`` with ``s`` the
-        sum (or ``x``); ``residual`` is ``s`` (``x`` itself when no residual was given). In fp32 on
-        the CPU these are ``x`` and ``residual`` overwritten (a new ``normed`` without residual);
-        elsewhere new tensors, with the statistic in fp32 as transformers' ``LlamaRMSNorm``.
+        sum (or ``x``); ``residual`` is ``s`` (``x`` itself when no residual was given). The
+        statistic is fp32 in every dtype; in bf16 the normalised row is rounded to bf16 before the
+        weight, as transformers' ``LlamaRMSNorm``. In fp32 and bf16 on the CPU these are ``x`` and
+        ``residual`` overwritten (a new ``normed`` without residual); elsewhere new tensors.
 
     Raises:
         ValueError: shapes or strides other than the above (compiled path).
     """
-    lib = _compiled(x)
-    if lib is None or weight.dtype is not torch.float32:
+    kernel = _kernel("add_rms_norm", x)
+    if kernel is None or weight.dtype is not x.dtype:
         s = x if residual is None else x + residual
         if s.dtype is torch.float32:
             return F.rms_norm(s, (s.shape[-1],), weight, eps), s
@@ -120,14 +140,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         raise ValueError(f"weight must be a contiguous [H], got shape {tuple(weight.shape)}")
     if residual is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        lib.add_rms_norm(x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(), out.stride(0),
-                         rows, width, eps)
+        kernel(x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(), out.stride(0), rows, width, eps)
         return out, x
-    if residual.dtype is not torch.float32 or residual.device.type != "cpu":
-        raise ValueError(f"residual must be an fp32 CPU tensor like x, got {residual.dtype} on {residual.device}")
+    if residual.dtype is not x.dtype or residual.device.type != "cpu":
+        raise ValueError(f"residual must be a {x.dtype} CPU tensor like x, got {residual.dtype} on {residual.device}")
     _check_rows("residual", residual, rows, width)
-    lib.add_rms_norm(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0), weight.data_ptr(),
-                     x.data_ptr(), x.stride(0), rows, width, eps)
+    kernel(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0), weight.data_ptr(), x.data_ptr(),
+           x.stride(0), rows, width, eps)
     return x, residual
 
 
@@ -140,48 +159,50 @@ def rope_rotate_(x: torch.Tensor, num_heads: int, head_dim: int, cos: torch.Tens
             projection's output, query then key heads first).
         num_heads: head vectors to rotate per row.
         head_dim: even.
-        cos, signed_sin: ``[T, 1, head_dim]`` (or ``[T, head_dim]``), stride 1 in the last
-            dimension, equal strides; :meth:`executor.rotary.RotaryEmbedding.cos_sin` and
+        cos, signed_sin: ``[T, 1, head_dim]`` (or ``[T, head_dim]``) in ``x``'s dtype, stride 1 in
+            the last dimension, equal strides; :meth:`executor.rotary.RotaryEmbedding.cos_sin` and
             :meth:`~executor.rotary.RotaryEmbedding.signed_sin`.
+
+    In bf16 each product and the sum are rounded to bf16, as torch's bf16 operators round them.
 
     Raises:
         ValueError: an odd ``head_dim``, or shapes and strides other than the above (compiled path).
     """
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
-    lib = _compiled(x)
-    if lib is None:
+    kernel = _kernel("rope_rotate", x)
+    if kernel is None:
         heads = x[:, : num_heads * head_dim].view(x.shape[0], num_heads, head_dim)
         heads.copy_(heads * cos + torch.roll(heads, head_dim // 2, dims=-1) * signed_sin)
         return x
     rows = x.shape[0]
     _check_rows("x", x, rows, num_heads * head_dim)
     for name, t in (("cos", cos), ("signed_sin", signed_sin)):
-        if t.dtype is not torch.float32 or t.device.type != "cpu" or t.shape[0] != rows \
+        if t.dtype is not x.dtype or t.device.type != "cpu" or t.shape[0] != rows \
                 or t.shape[-1] != head_dim or t.stride(-1) != 1 or t.numel() != rows * head_dim:
-            raise ValueError(f"{name} must be an fp32 CPU tensor [T, 1, head_dim] or [T, head_dim] with stride 1 "
+            raise ValueError(f"{name} must be a {x.dtype} CPU tensor [T, 1, head_dim] or [T, head_dim] with stride 1 "
                              f"in the last dimension, got {t.dtype} {tuple(t.shape)} on {t.device}")
     if cos.stride(0) != signed_sin.stride(0):
         raise ValueError(f"cos and signed_sin need equal strides, got {cos.stride()} and {signed_sin.stride()}")
-    lib.rope_rotate(x.data_ptr(), x.stride(0), rows, num_heads, head_dim, cos.data_ptr(), signed_sin.data_ptr(),
-                    cos.stride(0))
+    kernel(x.data_ptr(), x.stride(0), rows, num_heads, head_dim, cos.data_ptr(), signed_sin.data_ptr(), cos.stride(0))
     return x
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` ``[T, I]`` from ``gate_up = cat(gate, up)`` ``[T, 2I]`` (stride 1 in the last dim).
 
-    ``silu(g) = g / (1 + exp(-g))``. Raises ValueError for an odd width or a bad layout (compiled path).
+    ``silu(g) = g / (1 + exp(-g))``, in fp32; in bf16 it is rounded to bf16 before the product, as
+    torch's ``F.silu`` then ``*`` round. Raises ValueError for an odd width or a bad layout (compiled path).
     """
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dimension must be even, got {gate_up.shape[-1]}")
     inter = gate_up.shape[-1] // 2
-    lib = _compiled(gate_up)
-    if lib is None:
+    kernel = _kernel("silu_and_mul", gate_up)
+    if kernel is None:
         gate, up = gate_up.split(inter, dim=-1)
         return F.silu(gate) * up
     rows = gate_up.shape[0]
     _check_rows("gate_up", gate_up, rows, 2 * inter)
     out = torch.empty((rows, inter), dtype=gate_up.dtype)
-    lib.silu_and_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), inter, rows, inter)
+    kernel(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), inter, rows, inter)
     return out
