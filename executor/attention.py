@@ -6,8 +6,8 @@ tensors only under ``TRITON_INTERPRET=1``, which is how the test suite runs the 
 end without a GPU). Both read every key/value from the paged cache, so prefill, chunked prefill,
 prefix-cache hits and decode share one code path.
 
-The CPU path runs, for fp32 caches, one compiled call per layer (``kernels.paged_attention_cpu``:
-cache write and attention together); for fp16/bf16 caches, or where that kernel is unavailable (no
+The CPU path runs, for fp32 and bf16 caches, one compiled call per layer (``kernels.paged_attention_cpu``:
+cache write and attention together); for fp16 caches, or where that kernel is unavailable (no
 C compiler, or ``PAGEDSERVE_CPU_ATTENTION=torch``; a warning is logged once), the plain-torch twins
 of ``kernels.torch_ref``. Both keep a token's bits independent of the batch.
 """
@@ -24,6 +24,8 @@ from kernels.paged_attention_cpu import StepLayout
 from kernels.torch_ref import ExtendAttentionPlan
 
 BACKENDS = ("triton", "torch")
+#: Cache dtypes the compiled CPU attention takes (fp16 runs the plain-torch twins).
+_COMPILED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def resolve_backend(choice: str, device: torch.device) -> str:
@@ -114,7 +116,7 @@ def paged_attention(
             max_query_len=meta.max_query_len,  # known on the host: spares a device sync
         )
     plan = meta.torch_plan
-    if (plan is None and query.dtype == torch.float32 and key_cache.dtype == torch.float32
+    if (plan is None and query.dtype in _COMPILED_DTYPES and key_cache.dtype is query.dtype
             and paged_attention_cpu.backend() == "compiled"):
         plan = meta.torch_plan = StepLayout(meta.slot_mapping, meta.block_table, meta.query_start_loc, meta.seq_lens)
     if isinstance(plan, StepLayout):

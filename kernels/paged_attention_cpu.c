@@ -1,4 +1,4 @@
-/* Paged attention on the CPU (fp32), one call per model layer.
+/* Paged attention on the CPU (fp32 or bf16 tensors, fp32 arithmetic), one call per model layer.
  *
  * Built and loaded by kernels/paged_attention_cpu.py; `struct pa_args` below must match its ctypes
  * Structure field for field.
@@ -32,6 +32,12 @@
  * call), nor the thread that runs it can change a bit. Keys a token cannot see never enter its
  * output, and cache entries past a sequence's end (stale, or NaN) are never read at all.
  * Compile with -ffp-contract=off (no other fusing of products into sums).
+ *
+ * bf16 (pa_args.bf16 = 1): query, key, value, both caches and out are bf16; each value read is
+ * widened to fp32 exactly (its bits shifted up), everything above runs unchanged in fp32, and each
+ * output is rounded to bf16 once (to nearest, ties to even, as torch rounds). So a bf16 call gives
+ * the fp32 call's outputs on the widened inputs, rounded: the same guarantees, and no bf16 rounding
+ * inside the softmax or the sums.
  *
  * Work: items of (sequence, KV head, up to ITEM_ROWS query rows: whole tokens times the G query
  * heads of the KV head), so each chunk of keys is transposed once per item and shared by the
@@ -82,10 +88,11 @@ struct pa_args {
   int64_t q_token, q_head, k_token, k_head, v_token, v_head;
   int64_t threads;
   int64_t error_index; /* written on error */
+  int64_t bf16;        /* 0: every tensor below holds fp32; 1: bf16 (uint16_t bit patterns) */
   double scale;
-  const float *query, *key, *value;
-  float *key_cache, *value_cache; /* [num_blocks, block_size, num_kv_heads, head_dim], contiguous */
-  float *out;                     /* [num_tokens, num_heads, head_dim], contiguous */
+  const void *query, *key, *value;
+  void *key_cache, *value_cache; /* [num_blocks, block_size, num_kv_heads, head_dim], contiguous */
+  void *out;                     /* [num_tokens, num_heads, head_dim], contiguous */
   const int64_t *slot_mapping;    /* [num_tokens] */
   const int32_t *block_table;     /* [num_seqs, table_width], contiguous */
   const int32_t *seq_lens;        /* [num_seqs] */
@@ -104,7 +111,29 @@ struct workspace {
   float *acc;        /* [rows][D] */
   float *m, *l, *alpha;
   const float **vrow, **krow; /* [CHUNK]: each key's value and key row */
+  float *kw, *vw;             /* [CHUNK][D]: a bf16 chunk's keys and values, widened to fp32 */
 };
+
+/* bf16 -> fp32 is exact: the bf16 bits are the fp32's upper half. */
+INLINE float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/* fp32 -> bf16, rounded to nearest with ties to even (torch's rounding); NaN stays a quiet NaN. */
+INLINE uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+  return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* Element i of a query/key/value/cache/out tensor, as fp32. */
+INLINE float load(const void *base, int64_t i, int64_t bf16) {
+  return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
 
 /* exp(x) for x <= 0 (clamped at EXP_FLOOR), from fmaf and exact operations only, so every vector
  * width and the scalar code give the same bits. x = n ln2 + r with n = round(x / ln2) (by adding
@@ -237,9 +266,10 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, struct w
   float *kt = w->kt, *q = w->q, *sc = w->s, *acc = w->acc, *m = w->m, *l = w->l, *alpha = w->alpha;
   const float **vrow = w->vrow, **krow = w->krow;
 
+  const int64_t bf16 = a->bf16;
   for (int64_t r = 0; r < rows; r++) {
-    const float *src = a->query + (q_start + it->t0 + r / G) * a->q_token + (h * G + r % G) * a->q_head;
-    for (int64_t d = 0; d < D; d++) q[r * D + d] = src[d] * scale;
+    const int64_t src = (q_start + it->t0 + r / G) * a->q_token + (h * G + r % G) * a->q_head;
+    for (int64_t d = 0; d < D; d++) q[r * D + d] = load(a->query, src + d, bf16) * scale;
   }
   const int64_t num_chunks = last_pos / CHUNK + 1;
   for (int64_t c = 0; c < num_chunks; c++) {
@@ -249,8 +279,17 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, struct w
     for (int64_t j = 0; j < nk; j++) {
       const int64_t pos = key0 + j;
       const int64_t off = (((int64_t)table[pos / bs] * bs + pos % bs) * KVH + h) * D;
-      krow[j] = a->key_cache + off;
-      vrow[j] = a->value_cache + off;
+      if (bf16) {
+        const uint16_t *k16 = (const uint16_t *)a->key_cache + off, *v16 = (const uint16_t *)a->value_cache + off;
+        float *kj = w->kw + j * D, *vj = w->vw + j * D;
+        for (int64_t d = 0; d < D; d++) kj[d] = bf16_to_f32(k16[d]);
+        for (int64_t d = 0; d < D; d++) vj[d] = bf16_to_f32(v16[d]);
+        krow[j] = kj;
+        vrow[j] = vj;
+      } else {
+        krow[j] = (const float *)a->key_cache + off;
+        vrow[j] = (const float *)a->value_cache + off;
+      }
     }
     int64_t j0 = 0;
     for (; j0 + 8 <= nk; j0 += 8) {
@@ -314,8 +353,11 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, struct w
     }
   }
   for (int64_t r = 0; r < rows; r++) {
-    float *dst = a->out + ((q_start + it->t0 + r / G) * H + h * G + r % G) * D;
-    for (int64_t d = 0; d < D; d++) dst[d] = acc[r * D + d] / l[r];
+    const int64_t dst = ((q_start + it->t0 + r / G) * H + h * G + r % G) * D;
+    if (bf16)
+      for (int64_t d = 0; d < D; d++) ((uint16_t *)a->out)[dst + d] = f32_to_bf16(acc[r * D + d] / l[r]);
+    else
+      for (int64_t d = 0; d < D; d++) ((float *)a->out)[dst + d] = acc[r * D + d] / l[r];
   }
 }
 
@@ -353,13 +395,15 @@ static int64_t check(struct pa_args *a) {
 }
 
 static void write_cache(const struct pa_args *a) {
-  const int64_t D = a->head_dim, KVH = a->num_kv_heads;
+  const int64_t D = a->head_dim, KVH = a->num_kv_heads, size = a->bf16 ? 2 : 4;
+  char *kc = a->key_cache, *vc = a->value_cache;
+  const char *k = a->key, *v = a->value;
   for (int64_t t = 0; t < a->num_tokens; t++) {
     const int64_t slot = a->slot_mapping[t];
     if (slot < 0) continue; /* padding */
     for (int64_t h = 0; h < KVH; h++) {
-      memcpy(a->key_cache + (slot * KVH + h) * D, a->key + t * a->k_token + h * a->k_head, D * sizeof(float));
-      memcpy(a->value_cache + (slot * KVH + h) * D, a->value + t * a->v_token + h * a->v_head, D * sizeof(float));
+      memcpy(kc + (slot * KVH + h) * D * size, k + (t * a->k_token + h * a->k_head) * size, D * size);
+      memcpy(vc + (slot * KVH + h) * D * size, v + (t * a->v_token + h * a->v_head) * size, D * size);
     }
   }
 }
@@ -372,7 +416,8 @@ int64_t paged_attention_cpu(struct pa_args *a) {
   const int64_t D = a->head_dim, G = a->num_heads / a->num_kv_heads;
   const int64_t tokens_per_item = ITEM_ROWS / G > 0 ? ITEM_ROWS / G : 1;
   const int64_t covered = a->query_start_loc[a->num_seqs];
-  memset(a->out + covered * a->num_heads * D, 0, (a->num_tokens - covered) * a->num_heads * D * sizeof(float));
+  const int64_t size = a->bf16 ? 2 : 4; /* bf16 +0.0 is all zero bits too */
+  memset((char *)a->out + covered * a->num_heads * D * size, 0, (a->num_tokens - covered) * a->num_heads * D * size);
 
   int64_t num_items = 0;
   for (int64_t s = 0; s < a->num_seqs; s++) {
@@ -409,7 +454,7 @@ int64_t paged_attention_cpu(struct pa_args *a) {
   bounds[threads] = num_items;
 
   const int64_t rows = tokens_per_item * G;
-  const size_t floats = D * CHUNK + 2 * rows * D + rows * CHUNK + 3 * rows;
+  const size_t floats = D * CHUNK + 2 * rows * D + rows * CHUNK + 3 * rows + (a->bf16 ? 2 * CHUNK * D : 0);
   const size_t per_thread = (2 * CHUNK * sizeof(float *) + floats * sizeof(float) + 63) / 64 * 64;
   char *mem = aligned_alloc(64, per_thread * threads);
   if (!mem) {
@@ -437,6 +482,8 @@ int64_t paged_attention_cpu(struct pa_args *a) {
       w.m = w.s + rows * CHUNK;
       w.l = w.m + rows;
       w.alpha = w.l + rows;
+      w.kw = w.alpha + rows;
+      w.vw = w.kw + CHUNK * D;
       run_items(a, items, bounds[part], bounds[part + 1], &w);
     }
   }

@@ -1,4 +1,4 @@
-"""Paged attention on the CPU in one compiled call per layer (fp32): cache write and causal attention.
+"""Paged attention on the CPU in one compiled call per layer (fp32 or bf16): cache write and causal attention.
 
 :func:`paged_attention_cpu` writes a step's new K/V into the paged cache (``slot_mapping``) and
 computes causal attention for every new token of every sequence (prefill, chunked prefill,
@@ -14,6 +14,10 @@ softmax (Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018
 ``exp`` built from ``fmaf`` (the C file's header has the details). So a token's bits are the same
 alone or in any batch, in any prefill chunk, with any number of threads, on every x86-64 level.
 Its bits differ from the plain-torch path's (another softmax), which is as invariant.
+
+bf16 tensors (``--dtype bfloat16``) run the same fp32 arithmetic on their values widened exactly to
+fp32, and each output is rounded to bf16 once: a bf16 call's output is the fp32 call's output on
+the widened inputs, rounded (so the same invariance, and no bf16 rounding inside the softmax).
 
 Chosen once per process (:func:`backend`): ``"compiled"`` where the C kernel builds and loads (see
 :mod:`kernels.c_build`: compiled with ``-fopenmp`` on first use, cached), else ``"torch"``, also
@@ -52,7 +56,7 @@ class _Args(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_int64) for name in (
         "num_tokens", "num_seqs", "num_heads", "num_kv_heads", "head_dim", "num_blocks", "block_size", "table_width",
-        "q_token", "q_head", "k_token", "k_head", "v_token", "v_head", "threads", "error_index",
+        "q_token", "q_head", "k_token", "k_head", "v_token", "v_head", "threads", "error_index", "bf16",
     )] + [("scale", ctypes.c_double)] + [(name, ctypes.c_void_p) for name in (
         "query", "key", "value", "key_cache", "value_cache", "out",
         "slot_mapping", "block_table", "seq_lens", "query_start_loc",
@@ -151,17 +155,19 @@ def paged_attention_cpu(
     ``h // (num_heads // num_kv_heads)``.
 
     Args:
-        query: ``[num_tokens, num_heads, head_dim]`` fp32, stride 1 in ``head_dim`` (other strides
-            free: a slice of a fused projection is read in place).
-        key, value: ``[num_tokens, num_kv_heads, head_dim]`` fp32, stride 1 in ``head_dim``.
-        key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` fp32, contiguous.
+        query: ``[num_tokens, num_heads, head_dim]`` fp32 or bf16, stride 1 in ``head_dim`` (other
+            strides free: a slice of a fused projection is read in place).
+        key, value: ``[num_tokens, num_kv_heads, head_dim]``, the query's dtype, stride 1 in ``head_dim``.
+        key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``, the query's
+            dtype, contiguous.
         layout: the step's :class:`StepLayout`.
         scale: softmax scale (``head_dim ** -0.5`` for Llama).
         library: a compiled kernel (:func:`load_library`) to use instead of the process's (the tests
             compare builds for different instruction sets with it).
 
     Returns:
-        ``[num_tokens, num_heads, head_dim]`` fp32; rows of tokens past ``query_start_loc[-1]`` are 0.
+        ``[num_tokens, num_heads, head_dim]`` in the query's dtype; rows of tokens past
+        ``query_start_loc[-1]`` are 0.
 
     Raises:
         ValueError: shapes, dtypes, devices or strides that do not fit; a bad entry in the layout
@@ -174,11 +180,12 @@ def paged_attention_cpu(
     if lib is None:
         raise RuntimeError(f"the compiled CPU attention is not available here ({ENV_VAR}, or no C compiler)")
     # Checked once per layer of every step: kept to cheap attribute reads (a few microseconds).
-    f32 = torch.float32
-    if not (query.dtype is f32 and key.dtype is f32 and value.dtype is f32 and key_cache.dtype is f32
-            and value_cache.dtype is f32 and query.is_cpu and key.is_cpu and value.is_cpu and key_cache.is_cpu
-            and value_cache.is_cpu):
-        raise ValueError("the compiled CPU attention takes fp32 CPU tensors only")
+    dtype = query.dtype
+    if not ((dtype is torch.float32 or dtype is torch.bfloat16) and key.dtype is dtype and value.dtype is dtype
+            and key_cache.dtype is dtype and value_cache.dtype is dtype and query.is_cpu and key.is_cpu
+            and value.is_cpu and key_cache.is_cpu and value_cache.is_cpu):
+        raise ValueError("the compiled CPU attention takes CPU tensors of one dtype, fp32 or bf16, got "
+                         f"{query.dtype}, {key.dtype}, {value.dtype}, {key_cache.dtype}, {value_cache.dtype}")
     if query.dim() != 3 or key.dim() != 3 or value.dim() != 3 or key_cache.dim() != 4:
         raise ValueError(f"expected 3-D query/key/value and a 4-D cache, got {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}, {tuple(key_cache.shape)}")
@@ -196,12 +203,12 @@ def paged_attention_cpu(
     qs, ks, vs = query.stride(), key.stride(), value.stride()
     if qs[2] != 1 or ks[2] != 1 or vs[2] != 1 or not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise ValueError("query, key and value need stride 1 in head_dim, and the caches must be contiguous")
-    out = torch.empty((num_tokens, num_heads, head_dim), dtype=f32)
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=dtype)
     a = layout.args
     a.num_heads, a.num_kv_heads, a.head_dim = num_heads, num_kv_heads, head_dim
     a.num_blocks, a.block_size = num_blocks, block_size
     a.q_token, a.q_head, a.k_token, a.k_head, a.v_token, a.v_head = qs[0], qs[1], ks[0], ks[1], vs[0], vs[1]
-    a.threads, a.scale = torch.get_num_threads(), scale
+    a.threads, a.scale, a.bf16 = torch.get_num_threads(), scale, dtype is torch.bfloat16
     a.query, a.key, a.value = query.data_ptr(), key.data_ptr(), value.data_ptr()
     a.key_cache, a.value_cache, a.out = key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr()
     err = lib.paged_attention_cpu(ctypes.byref(a))

@@ -160,6 +160,33 @@ def test_padding_slots_and_tokens():
     assert int(changed.any(-1).any(-1).sum()) == 4  # the 4 real tokens' rows only
 
 
+def _round_to_bf16(batch):
+    """Every value of the batch (queries, K/V, the cached prefix) made exactly representable in bf16."""
+    for t in (*batch.q, *batch.k, *batch.v, batch.key_cache, batch.value_cache):
+        t.copy_(t.bfloat16().float())
+
+
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_bf16_gives_the_fp32_outputs_rounded_once(block_size):
+    """bf16 tensors: the fp32 arithmetic on the values widened exactly, one rounding at the output;
+    the new K/V land in the bf16 cache as they came. Inputs are slices of one fused projection."""
+    batch = Batch(PAIRS, block_size=block_size, seed=21)
+    _round_to_bf16(batch)
+    key_cache, value_cache = batch.key_cache.bfloat16(), batch.value_cache.bfloat16()
+    query, key, value, layout = batch.step()
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[2]
+    fused = torch.cat([query.flatten(1), key.flatten(1), value.flatten(1)], 1).bfloat16()
+    q16 = fused[:, : heads * dim].view(-1, heads, dim)
+    k16 = fused[:, heads * dim : (heads + kv_heads) * dim].view(-1, kv_heads, dim)
+    v16 = fused[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
+    got = paged_attention_cpu(q16, k16, v16, key_cache, value_cache, layout, SCALE)
+    expected = batch.run()  # fp32, writes the fp32 cache
+    assert got.dtype is torch.bfloat16
+    assert torch.equal(got, expected.bfloat16())
+    assert torch.equal(key_cache.float().nan_to_num(7.0), batch.key_cache.nan_to_num(7.0))
+    assert torch.equal(value_cache.float().nan_to_num(7.0), batch.value_cache.nan_to_num(7.0))
+
+
 def test_empty_step():
     batch = Batch([(5, 0)])
     assert batch.run().shape == (0, 9, 64)
@@ -264,8 +291,10 @@ def test_bad_tensors_raise():
         paged_attention_cpu(query[:2], key, value, kc, vc, layout, SCALE)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         paged_attention_cpu(query[:, :8], key, value, kc, vc, layout, SCALE)
-    with pytest.raises(ValueError, match="fp32"):
+    with pytest.raises(ValueError, match="fp32 or bf16"):
         paged_attention_cpu(query.double(), key, value, kc, vc, layout, SCALE)
+    with pytest.raises(ValueError, match="one dtype"):
+        paged_attention_cpu(query.bfloat16(), key.bfloat16(), value.bfloat16(), kc, vc, layout, SCALE)
     with pytest.raises(ValueError, match="stride 1"):
         paged_attention_cpu(query.transpose(1, 2).contiguous().transpose(1, 2), key, value, kc, vc, layout, SCALE)
     with pytest.raises(ValueError, match="num_seqs"):
@@ -328,8 +357,9 @@ def test_the_environment_forces_the_torch_path(monkeypatch):
     assert pa.backend() == "compiled"
 
 
-@pytest.mark.parametrize("dtype, plan", [(torch.float32, "StepLayout"), (torch.bfloat16, "ExtendAttentionPlan")])
-def test_the_executor_dispatch_runs_the_kernel_for_fp32_caches(dtype, plan):
+@pytest.mark.parametrize("dtype, plan", [(torch.float32, "StepLayout"), (torch.bfloat16, "StepLayout"),
+                                         (torch.float16, "ExtendAttentionPlan")])
+def test_the_executor_dispatch_runs_the_kernel_for_fp32_and_bf16_caches(dtype, plan):
     from executor.attention import AttentionMetadata, paged_attention
 
     batch = Batch([(20, 3), (40, 1)])
