@@ -10,6 +10,9 @@ Starts each server in turn on this machine (never two at once), waits until it a
 - ``peers.json``: the same figures, every run's raw client result and the metadata;
 - ``peers.png``: output tok/s against concurrency per server (when matplotlib is installed).
 
+With ``--dtype bfloat16`` the files are ``peers-bf16.*``, and llama-server is skipped (the peers
+setup converts an F32 GGUF only).
+
 Servers:
 
 - ``ours``: ``pagedserve serve --device cpu --num-threads T`` (this checkout);
@@ -128,6 +131,7 @@ def servers(args, model_dir: Path, concurrency: int) -> list[Server]:
                                    "--executor-base-port", str(free_port()), "--device", "cpu",
                                    "--model", str(model_dir), "--served-model-name", MODEL_NAME,
                                    "--num-threads", str(t), "--max-num-seqs", str(max(64, concurrency)),
+                                   "--dtype", args.dtype,
                                    "--log-level", "WARNING"],
                           port, env={"PYTHONPATH": str(REPO)}, version=f"pagedserve {commit}, torch {torch.__version__}"))
     peers = Path(args.peers_dir)
@@ -135,7 +139,7 @@ def servers(args, model_dir: Path, concurrency: int) -> list[Server]:
         py = peers / "vllm-venv" / "bin" / "python"
         port = free_port()
         srv = Server("vllm", [str(py), str(peers / "vllm_cli.py"), "serve", str(model_dir), "--port", str(port),
-                              "--dtype", "float32", "--served-model-name", MODEL_NAME],
+                              "--dtype", args.dtype, "--served-model-name", MODEL_NAME],
                      port, env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{t - 1}",
                                 "HF_HUB_OFFLINE": "1"}, start_timeout_s=600.0)
         if not py.exists():
@@ -149,7 +153,9 @@ def servers(args, model_dir: Path, concurrency: int) -> list[Server]:
         ctx = args.input_len + args.output_len + 16
         srv = Server("llama", [str(exe), "-m", str(gguf), "--port", str(port), "-t", str(t),
                                "-np", str(concurrency), "-c", str(concurrency * ctx), "-a", MODEL_NAME], port)
-        if not exe.exists():
+        if args.dtype != "float32":
+            srv.missing = f"no {args.dtype} GGUF (the peers setup converts an F32 one only)"
+        elif not exe.exists():
             srv.missing = f"not installed ({exe} missing: ../shared/peers/setup.sh llama)"
         elif not gguf.exists():
             srv.missing = f"no F32 GGUF ({gguf} missing: ../shared/peers/setup.sh gguf {model_dir})"
@@ -296,7 +302,7 @@ def table(rows: list[dict], skipped: dict[str, str], meta: dict) -> str:
     def f(v, spec=".1f"):
         return "-" if v is None else format(v, spec)
 
-    lines = [f"# Peers: {meta['model']} fp32 on {meta['cpu']}", "",
+    lines = [f"# Peers: {meta['model']} {meta.get('dtype', 'float32')} on {meta['cpu']}", "",
              f"{meta['threads']} threads per server; {meta['input_len']} tokens in, {meta['output_len']} out "
              f"(ignore_eos, greedy); client: {meta['client']}; {meta['date']}.", "",
              "| server | version | c | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL mean ms "
@@ -350,7 +356,9 @@ class PeersSettings(BenchmarkSettings):
     peers_dir: str = setting(str(DEFAULT_PEERS), "where the peers are installed ($PEERS)")
     client: Literal["auto", "vllm", "builtin"] = setting("auto", "auto: vllm bench serve when the vLLM venv is "
                                                                  "installed, else the built-in client")
-    out: str = setting(str(REPO / "docs" / "bench"), "where peers.{md,json,png} go")
+    dtype: Literal["float32", "bfloat16"] = setting("float32", "weights, activations and KV cache of ours and vLLM "
+                                                               "(bfloat16 skips llama-server)")
+    out: str = setting(str(REPO / "docs" / "bench"), "where peers.{md,json,png} go (peers-bf16.* for bfloat16)")
 
 
 def parse_args(argv=None) -> PeersSettings:
@@ -377,6 +385,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.num_threads, "model": MODEL_NAME,
+            "dtype": args.dtype,
             "input_len": args.input_len, "output_len": args.output_len,
             "client": "vllm bench serve" if client == "vllm" else "built-in (benchmarks/peers.py)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -409,11 +418,12 @@ def main(argv=None) -> int:
             rows.append(row)
             print("  " + table([row], {}, meta).splitlines()[-3], flush=True)
     md = table(rows, skipped, meta)
-    (out / "peers.md").write_text(md)
-    (out / "peers.json").write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped}, indent=1))
-    png = plot(rows, out / "peers.png")
+    stem = "peers" if args.dtype == "float32" else "peers-bf16"
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped}, indent=1))
+    png = plot(rows, out / f"{stem}.png")
     print(md)
-    print(f"wrote {out / 'peers.md'}, {out / 'peers.json'}" + (f", {png}" if png else ""))
+    print(f"wrote {out / f'{stem}.md'}, {out / f'{stem}.json'}" + (f", {png}" if png else ""))
     if any(r["failed"] for r in rows):
         print(f"some requests failed: the servers' logs are in {logs}")
         return 1

@@ -37,3 +37,14 @@ def test_random_prompts_have_the_exact_length_and_no_special_tokens():
     assert [len(p) for p in prompts] == [128] * 3
     assert all(1000 <= t < 49152 for p in prompts for t in p)
     assert prompts == peers.random_prompts(3, 128, 49152, seed=1)
+
+
+def test_bf16_passes_the_dtype_to_ours_and_vllm_and_skips_llama(tmp_path):
+    args = peers.parse_args(["--dtype", "bfloat16", "--num-threads", "2", "--peers-dir", str(tmp_path)])
+    got = {s.name: s for s in peers.servers(args, tmp_path / "model", 16)}
+    for name in ("ours", "vllm"):
+        argv = got[name].argv
+        assert argv[argv.index("--dtype") + 1] == "bfloat16", name
+    assert "bfloat16 GGUF" in got["llama"].missing
+    md = peers.table([], {}, {**META, "dtype": "bfloat16"})
+    assert md.startswith("# Peers: SmolLM2-135M-Instruct bfloat16 on AMD EPYC 9R14")
