@@ -9,7 +9,7 @@ plain x86-64 builds give the same bits), the same guarantee as :mod:`kernels.ord
 
 The weight is packed once (:class:`PackedWeight`) into panels of :data:`PANEL` output columns,
 ``[ceil(N / PANEL), K, PANEL]``, zero-padded, which the kernel streams contiguously; register tiles
-of up to 8 rows (AVX-512; 3 on AVX2) x 32 columns broadcast ``x[m, k]`` against a panel's row ``k``.
+of up to 12 rows (AVX-512; 3 on AVX2, 4 on plain x86-64) x 32 columns broadcast ``x[m, k]`` against a panel's row ``k``.
 
 Chosen once per process (:func:`backend`): ``"compiled"`` where the C kernel builds and loads,
 else ``"torch"`` (no C compiler, an x86 CPU without FMA, or ``PAGEDSERVE_LINEAR_CPU=torch``;
@@ -47,7 +47,7 @@ def load_library(path: Path) -> ctypes.CDLL:
     """Load a compiled kernel (from :func:`compile_kernel`) and declare its signatures."""
     lib = ctypes.CDLL(str(path))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.linear_cpu.restype = None
+    lib.linear_cpu.restype = i64
     lib.linear_cpu.argtypes = [ctypes.POINTER(_Args)]
     lib.linear_cpu_pack.restype = None
     lib.linear_cpu_pack.argtypes = [p, i64, i64, i64, p]
@@ -160,5 +160,6 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
     out = torch.empty((m, n), dtype=torch.float32)
     a.m, a.x_row, a.out_row, a.threads = m, x.stride(0), n, torch.get_num_threads()
     a.x, a.out = x.data_ptr(), out.data_ptr()
-    weight.library.linear_cpu(ctypes.byref(a))
+    if weight.library.linear_cpu(ctypes.byref(a)):
+        raise MemoryError(f"linear_cpu: no memory for a copy of x ({m} x {k} fp32)")
     return out

@@ -93,7 +93,7 @@ def test_threads_change_no_bits():
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction-set levels only")
 def test_every_instruction_set_level_gives_the_same_bits(tmp_path):
     """Builds for plain x86-64 (fmaf in libm, 4-row tiles), x86-64-v3 (AVX2+FMA, 3-row tiles) and, where
-    the CPU has AVX-512, x86-64-v4 (8-row tiles) give the process's bits: fmaf rounds once."""
+    the CPU has AVX-512, x86-64-v4 (12-row tiles) give the process's bits: fmaf rounds once."""
     levels = ["x86-64", "x86-64-v3"] + (["x86-64-v4"] if torch.backends.cpu.get_cpu_capability() == "AVX512" else [])
     x, w, b = _operands(19, 300, 70, bias=True)
     expected = linear(x, PackedWeight(w), b)
@@ -130,3 +130,29 @@ def test_bad_arguments():
         linear(x, packed, b[:4])
     with pytest.raises(ValueError, match="bias"):
         linear(x, packed, b.double())
+
+
+def test_linear_layer_runs_the_kernel_on_one_packed_copy():
+    """executor.linear.Linear in fp32 on the CPU: this kernel's bits, no oneDNN call, and a dropped
+    plain weight comes back (state dict, restore) with the same bits."""
+    from torch.profiler import profile
+
+    from executor.linear import Linear, linear_path
+
+    assert linear_path(torch.float32).startswith("kernels.linear_cpu")
+    lin = Linear(96, 40)
+    x = torch.randn(5, 96)
+    with torch.inference_mode(), profile() as prof:
+        got = lin(x)
+        one = lin(x[3:4])
+    assert isinstance(lin._pack, PackedWeight)
+    assert torch.equal(got, linear(x, lin._pack, lin.bias)) and torch.equal(one, got[3:4])
+    names = {ev.name for ev in prof.events()}
+    assert not names & {"mkldnn::_linear_pointwise", "mkldnn::_reorder_linear_weight", "aten::linear", "aten::addmm"}
+    weight = lin.weight.detach().clone()
+    assert lin.drop_plain_weight() and lin.weight.is_meta
+    assert torch.equal(lin.state_dict()["weight"], weight)
+    with torch.inference_mode():
+        assert torch.equal(lin(x), got)
+    lin.restore_plain_weight()
+    assert torch.equal(lin.weight, weight)
