@@ -21,7 +21,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -38,9 +37,7 @@
 /* Most rows in a register tile. */
 #define MR_MAX 12
 /* How far ahead (in rows of a panel) the weight is prefetched. */
-#ifndef PF_ROWS
 #define PF_ROWS 64
-#endif
 /* Fewest multiply-adds worth a thread of its own (about 20 us of work). */
 #define MIN_FMAS_PER_THREAD (1 << 17)
 
@@ -54,13 +51,14 @@ struct linear_args {
   float *out;
 };
 
-/* One tile: rows m0 .. m0+mr-1 of x (mr a constant after inlining; x[m0 + r][k] at X[r * xr + k * xk]),
- * one panel of NP columns, over k0 .. k1-1. The chain's partial sums wait in O between k blocks (a float store and load are exact),
- * so the tile goes on from O unless k0 is 0, and the bias is added once the chain is complete. Only
- * the first ncols columns are stored (the rest of the panel is padding). */
-static inline __attribute__((always_inline)) void tile(int mr, int pf, int64_t k0, int64_t k1, int64_t K, const float *X,
-                                                       int64_t xr, int64_t xk, const float *W, float *O, int64_t os,
-                                                       const float *bias, int64_t ncols) {
+/* One tile: rows m0 .. m0+mr-1 of x (mr a constant after inlining; x[m0 + r][k] at
+ * X[r * xr + k * xk]), one panel of NP columns, over k0 .. k1-1. The chain's partial sums wait in O
+ * between k blocks (a float store and load are exact), so the tile goes on from O unless k0 is 0,
+ * and the bias is added once the chain is complete. Only the first ncols columns are stored (the
+ * rest of the panel is padding). */
+static inline __attribute__((always_inline)) void tile(int mr, int pf, int64_t k0, int64_t k1, int64_t K,
+                                                       const float *X, int64_t xr, int64_t xk, const float *W,
+                                                       float *O, int64_t os, const float *bias, int64_t ncols) {
   float acc[MR_MAX][NP];
   if (k0 == 0 || ncols < NP) {
     for (int r = 0; r < mr; r++)
@@ -95,9 +93,10 @@ static inline __attribute__((always_inline)) void tile(int mr, int pf, int64_t k
 /* Panels p0 .. p1-1 for every row, in tiles of up to MR rows, and in blocks of KB values of k: a
  * block of the panel (KB * NP * 4 bytes) stays in L1 while every row tile uses it, and the next
  * block streams in meanwhile. Rows go in blocks of about X_BLOCK_FLOATS / K, so that the rows of x
- * that every panel reads again stay in L2. With more than PACK_X_TILES tiles, x comes copied tile by tile ([tiles][K][MR],
- * xp, by pack_x): a tile's broadcasts then read one contiguous stream instead of MR rows far apart
- * (whose addresses, at a row stride that is a multiple of 4 KiB, would compete for the same L1 sets).
+ * that every panel reads again stay in L2. With more than PACK_X_TILES tiles, x comes copied tile
+ * by tile ([tiles][K][MR], xp, by pack_x): a tile's broadcasts then read one contiguous stream
+ * instead of MR rows far apart (whose addresses, at a row stride that is a multiple of 4 KiB,
+ * would compete for the same L1 sets).
  * Which tiles run as which row count changes no bits: every output is its own chain. */
 #define TILE(mr, ...) (m0 == mb ? tile(mr, 1, __VA_ARGS__) : tile(mr, 0, __VA_ARGS__))
 #define DEFINE_LEVEL(name, attr, MR)                                                                       \
