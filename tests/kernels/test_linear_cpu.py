@@ -98,7 +98,8 @@ def test_every_instruction_set_level_gives_the_same_bits(tmp_path):
     x, w, b = _operands(19, 300, 70, bias=True)
     expected = linear(x, PackedWeight(w), b)
     for level in levels:
-        lib = linear_cpu.load_library(linear_cpu.compile_kernel(tmp_path, ("-DLINEAR_CPU_NO_CLONES", f"-march={level}")))
+        flags = ("-DLINEAR_CPU_NO_CLONES", f"-march={level}")
+        lib = linear_cpu.load_library(linear_cpu.compile_kernel(tmp_path, flags))
         assert torch.equal(linear(x, PackedWeight(w, library=lib), b), expected), level
 
 
