@@ -1,14 +1,19 @@
-"""A linear layer on oneDNN with a weight packed once: batch-invariant fp32 rows, and bf16 on CPUs that have it.
+"""The linear layers: fp32 on our own batch-invariant kernel, bf16 on oneDNN, with each weight packed once.
 
 See :class:`Linear` and docs/batch-invariance.md for why a token's hidden state must not depend on
-how many other tokens share its step, and how the tests check it; docs/bf16.md for the bf16 path.
+how many other tokens share its step, and how the tests check it; docs/kernels.md for the fp32
+kernel (:mod:`kernels.linear_cpu`); docs/bf16.md for the bf16 path.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels import linear_cpu
 
 
 def _onednn_linear_available() -> bool:
@@ -25,7 +30,8 @@ def cpu_has_native_bf16() -> bool:
     return any(probe is not None and probe() for probe in probes)
 
 
-#: Whether this torch has oneDNN's linear kernels (else :class:`Linear` is plain ``F.linear``).
+#: Whether this torch has oneDNN's linear kernels (bf16 below; fp32 where :mod:`kernels.linear_cpu`
+#: cannot be built).
 ONEDNN_LINEAR = _onednn_linear_available()
 #: Whether bf16 weights are packed for oneDNN's AVX512-BF16 / AMX kernels (else bf16 runs ``F.linear``).
 #: oneDNN's own check honours ``ONEDNN_MAX_CPU_ISA`` (false when it is capped at AVX2, where oneDNN
@@ -33,58 +39,79 @@ ONEDNN_LINEAR = _onednn_linear_available()
 ONEDNN_BF16_LINEAR = (
     ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and cpu_has_native_bf16()
 )
-#: The weight dtypes :class:`Linear` packs for oneDNN on the CPU.
-PACKED_DTYPES = ((torch.float32,) if ONEDNN_LINEAR else ()) + ((torch.bfloat16,) if ONEDNN_BF16_LINEAR else ())
+#: The weight dtypes :class:`Linear` packs on the CPU: fp32 (:mod:`kernels.linear_cpu`, else oneDNN;
+#: :func:`fp32_kernel` says which), and bf16 where :data:`ONEDNN_BF16_LINEAR`.
+PACKED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if ONEDNN_BF16_LINEAR else ())
 _LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default if ONEDNN_LINEAR else None
+
+
+@lru_cache(maxsize=1)
+def fp32_kernel() -> str | None:
+    """What multiplies fp32 on the CPU: ``"linear_cpu"`` (:mod:`kernels.linear_cpu`, wherever it builds),
+    ``"onednn"`` (where it cannot, or ``PAGEDSERVE_LINEAR_CPU=torch``), or None (neither: ``F.linear``).
+
+    Decided on first call (which builds the C kernel if it is not cached yet).
+    """
+    if linear_cpu.backend() == "compiled":
+        return "linear_cpu"
+    return "onednn" if ONEDNN_LINEAR else None
 
 
 def linear_path(dtype: torch.dtype) -> str:
     """How :class:`Linear` multiplies ``dtype`` activations on this CPU, in words (for logs and benchmarks)."""
-    if dtype not in PACKED_DTYPES:
-        return "F.linear (no packed oneDNN path for this dtype on this CPU)"
     if dtype is torch.float32:
-        return "oneDNN fp32, packed weights (batch-invariant rows)"
+        kernel = fp32_kernel()
+        if kernel == "linear_cpu":
+            return "kernels.linear_cpu fp32, packed weights (batch-invariant rows)"
+        if kernel == "onednn":
+            return "oneDNN fp32, packed weights (batch-invariant rows)"
+    if dtype not in PACKED_DTYPES or dtype is torch.float32:
+        return "F.linear (no packed path for this dtype on this CPU)"
     # What the CPU has; oneDNN uses it unless ONEDNN_MAX_CPU_ISA caps it lower.
     isa = "AMX" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "AVX512-BF16"
     return f"oneDNN bf16 (the CPU has {isa}), packed weights"
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` on oneDNN with a weight packed once: in fp32 every row gets the same bits whatever the batch.
+    """``nn.Linear`` with its CPU weight packed once: in fp32 every row gets the same bits whatever the batch.
 
     **fp32.** ``F.linear`` on the CPU calls MKL's sgemm, which picks its kernel (and so its order of
     summation) by the number of rows: one row, 2-15 rows and 16 or more rows each round
     differently, and with several threads the split of the rows between threads changes it too.
     A token's hidden state would then depend on how many other tokens share its step. Here, on
-    the CPU in fp32 without autograd, the product runs in oneDNN on a weight packed once
-    (``torch.ops.mkldnn._reorder_linear_weight``; repacked when the weight changes), whose
-    rows come out identical for any number of rows from 2 up, at any row position, with 1 to 3
-    threads, on oneDNN's AVX2 and AVX-512 kernels alike (an observed property of its blocked
-    kernels, not a documented promise: tests/executor/test_cpu_invariance.py checks it on the
-    shapes of SmolLM2-135M and Qwen2-0.5B, tests/executor/test_cpu_paths.py under each
-    ``ONEDNN_MAX_CPU_ISA`` and ``MKL_CBWR`` path the CPU has, tests/executor/test_batch_invariance.py
-    end to end). A single row is passed as two (a stride-0 expand), since oneDNN's one-row path
-    sums in another order. Costs: about 30 us of fixed overhead per call
-    (``F.linear``: about 5 us), one-row products done as two-row ones, which cost about the same
-    (both stream the weight once), and the packed copy of the weight, as much memory again, unless
-    :meth:`drop_plain_weight` frees the original (what :func:`executor.model_loader.load_model`
-    does for every weight not shared with another module).
+    the CPU in fp32 without autograd, the product runs in :func:`kernels.linear_cpu.linear` on a
+    weight packed once into column panels (:class:`kernels.linear_cpu.PackedWeight`; repacked when
+    the weight changes): every output is one chain of ``fmaf`` over ascending ``k`` (then the bias),
+    so its rows are identical for any number of rows, at any row position, with any number of
+    threads, on AVX-512, AVX2 and plain x86-64 alike, by construction
+    (tests/kernels/test_linear_cpu.py; tests/executor/test_cpu_invariance.py on the shapes of
+    SmolLM2-135M and Qwen2-0.5B; tests/executor/test_batch_invariance.py end to end). A call costs
+    a few microseconds besides the product (ctypes, an argument struct bound once per weight).
+    Where the C kernel cannot be built (no compiler, an x86 CPU without FMA) or
+    ``PAGEDSERVE_LINEAR_CPU=torch``, oneDNN's packed fp32 product runs instead
+    (``torch.ops.mkldnn._reorder_linear_weight``; :func:`fp32_kernel`), whose rows come out
+    identical for any number of rows from 2 up on its AVX2 and AVX-512 kernels (an observed
+    property, checked by tests/executor/test_cpu_paths.py), a single row passed as two (a stride-0
+    expand) since oneDNN's one-row path sums in another order. Either pack takes as much memory as
+    the weight again, unless :meth:`drop_plain_weight` frees the original (what
+    :func:`executor.model_loader.load_model` does for every weight not shared with another module).
 
-    **bf16**, on a CPU with AVX512-BF16 or AMX (:data:`ONEDNN_BF16_LINEAR`): the same packed
-    oneDNN product, on oneDNN's bf16 kernels (fp32 accumulation, bf16 output). ``F.linear`` in
+    **bf16**, on a CPU with AVX512-BF16 or AMX (:data:`ONEDNN_BF16_LINEAR`): oneDNN's packed
+    product on its bf16 kernels (fp32 accumulation, bf16 output). ``F.linear`` in
     bf16 reaches oneDNN's bf16 matmul too, but on the plain weight, which the kernel copies into
     its blocked layout on every call; packing once saves that (a call of 1-64 rows takes 0.5-0.75x
     the time of ``F.linear`` on SmolLM2's shapes, on a Xeon with AMX).
     Its rows are not batch-invariant (oneDNN's AMX kernels round differently by the number of
     rows), so no one-row expand either; bf16 makes no such claim (docs/bf16.md).
 
-    Elsewhere (CUDA, fp16, bf16 on a CPU without bf16 instructions, gradients, a torch without
-    oneDNN, an input whose dtype is not the weight's) it is ``F.linear`` (on a weight unpacked for
-    the call when the original was dropped).
+    Elsewhere (CUDA, fp16, bf16 on a CPU without bf16 instructions, gradients, an input whose
+    dtype is not the weight's) it is ``F.linear`` (on a weight unpacked for the call when the
+    original was dropped).
     Shapes: ``[n, in_features]`` -> ``[n, out_features]`` (other ranks take the ``F.linear`` path).
+    Not safe to call from two threads at once (a packed fp32 weight reuses one argument struct).
     """
 
-    _pack: torch.Tensor | None = None
+    _pack: torch.Tensor | linear_cpu.PackedWeight | None = None
     _pack_key: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +124,8 @@ class Linear(nn.Linear):
                 pack = self._repack()
             rows = x.shape[0]
             if pack is not None and rows > 0:
+                if type(pack) is linear_cpu.PackedWeight:
+                    return linear_cpu.linear(x, pack, self.bias)
                 if rows == 1 and dtype is torch.float32:
                     return _LINEAR_POINTWISE(x.expand(2, -1), pack, self.bias, "none", [], "")[:1]
                 return _LINEAR_POINTWISE(x, pack, self.bias, "none", [], "")
@@ -104,10 +133,12 @@ class Linear(nn.Linear):
 
     def plain_weight(self) -> torch.Tensor:
         """The ``[out_features, in_features]`` weight; unpacked into a new tensor when it was dropped."""
-        return self._pack.to_dense() if self.weight.is_meta else self.weight
+        if not self.weight.is_meta:
+            return self.weight
+        return self._pack.unpack() if type(self._pack) is linear_cpu.PackedWeight else self._pack.to_dense()
 
     def drop_plain_weight(self) -> bool:
-        """Free the original weight and keep only the oneDNN-packed one; returns whether it did.
+        """Free the original weight and keep only the packed one; returns whether it did.
 
         Afterwards ``weight`` is a meta tensor of the same shape (so it holds no memory and any
         stray use of it fails loudly), the state dict still holds the real weight (unpacked on
@@ -123,7 +154,7 @@ class Linear(nn.Linear):
     def restore_plain_weight(self) -> None:
         """Undo :meth:`drop_plain_weight` (the pack is rebuilt on the next use); else no-op."""
         if self.weight.is_meta:
-            self.weight = nn.Parameter(self._pack.to_dense(), self.weight.requires_grad)
+            self.weight = nn.Parameter(self.plain_weight(), self.weight.requires_grad)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -134,14 +165,18 @@ class Linear(nn.Linear):
         self.restore_plain_weight()  # copying into a meta tensor would silently do nothing
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _repack(self) -> torch.Tensor | None:
-        """Pack the weight for oneDNN (None when it is not a CPU tensor of a dtype in :data:`PACKED_DTYPES`)."""
+    def _repack(self) -> torch.Tensor | linear_cpu.PackedWeight | None:
+        """Pack the weight (None when it is not a CPU tensor of a dtype this CPU packs, see :class:`Linear`)."""
         w = self.weight
         if w.is_meta:
             return self._pack
         self._pack_key = (w.data_ptr(), w._version)
         self._pack = None
         if w.dtype in PACKED_DTYPES and w.is_cpu and (self.bias is None or self.bias.dtype is w.dtype):
+            kernel = fp32_kernel() if w.dtype is torch.float32 else "onednn"
             with torch.no_grad():
-                self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 2)
+                if kernel == "linear_cpu":
+                    self._pack = linear_cpu.PackedWeight(w.detach().contiguous())
+                elif kernel == "onednn":
+                    self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 2)
         return self._pack

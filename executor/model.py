@@ -22,7 +22,7 @@ from torch import nn
 
 from executor.attention import AttentionMetadata
 from executor.layers import DecoderLayer, KVPair, RMSNorm
-from executor.linear import ONEDNN_LINEAR, Linear
+from executor.linear import Linear
 from executor.model_config import check_supported, config_value
 from executor.rotary import RotaryEmbedding
 
@@ -86,10 +86,11 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
 
     def pack_weights(self, keep_plain: bool = True) -> int:
-        """Pack every CPU linear weight for oneDNN now; returns how many.
+        """Pack every CPU linear weight now; returns how many.
 
-        Which dtypes are packed: :data:`executor.linear.PACKED_DTYPES` (fp32; bf16 on CPUs with
-        AVX512-BF16 or AMX); see :class:`Linear`.
+        Which dtypes are packed, and for which kernel: :data:`executor.linear.PACKED_DTYPES` (fp32
+        for :mod:`kernels.linear_cpu`; bf16 for oneDNN on CPUs with AVX512-BF16 or AMX); see
+        :class:`Linear`.
 
         Otherwise each is packed on its first use, in the first forward pass. Packing again after
         the weights change happens by itself.
@@ -102,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
         """
         packed = 0
         for module in self.modules():
-            if isinstance(module, Linear) and ONEDNN_LINEAR and module._repack() is not None:
+            if isinstance(module, Linear) and module._repack() is not None:
                 packed += 1
                 if not keep_plain and module.weight is not self.embed_tokens.weight:
                     module.drop_plain_weight()

@@ -4,8 +4,11 @@ Which kernels MKL and oneDNN run depends on the CPU (MKL gives AMD processors it
 on environment variables read once, when the library starts: ``MKL_CBWR`` (MKL's conditional
 numerical reproducibility branch) and ``ONEDNN_MAX_CPU_ISA``. So each path runs in a subprocess
 with its variable set, and a developer on one machine sees what another would. The same goes for
-the torch implementation of the ordered products (``PAGEDSERVE_ORDERED_MATMUL=torch``) and the
-plain-torch CPU attention (``PAGEDSERVE_CPU_ATTENTION=torch``), which machines without a C compiler use.
+the torch implementation of the ordered products (``PAGEDSERVE_ORDERED_MATMUL=torch``), the
+plain-torch CPU attention (``PAGEDSERVE_CPU_ATTENTION=torch``) and oneDNN's packed fp32 linear layers
+in place of ``kernels.linear_cpu`` (``PAGEDSERVE_LINEAR_CPU=torch``), which machines without a C
+compiler use. oneDNN computes fp32 linear layers only there, so its ``ONEDNN_MAX_CPU_ISA`` paths run
+with ``PAGEDSERVE_LINEAR_CPU=torch`` too.
 
 A path is skipped only when the CPU cannot take it, as the library itself reports: MKL, asked
 for a branch the CPU does not support (every ISA branch on a non-Intel CPU, AVX512 on an
@@ -58,6 +61,7 @@ elif var == "ONEDNN_MAX_CPU_ISA":
     have = torch.backends.cpu.get_cpu_capability()
     if have not in need:
         unsupported(f"this CPU cannot run oneDNN's {value} kernels (ATen's CPU capability: {have})")
+    os.environ["PAGEDSERVE_LINEAR_CPU"] = "torch"  # read at the first linear layer: oneDNN computes them
 
 if args == ["--probe"]:
     sys.exit(0)
@@ -65,7 +69,8 @@ import pytest
 sys.exit(pytest.main(["-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider", *args]))
 """ % {"unsupported": _UNSUPPORTED}
 
-#: oneDNN computes only the linear layers, the ordered products only the attention.
+#: oneDNN computes only the linear layers (and only without kernels.linear_cpu), the ordered products
+#: only the attention.
 LINEAR = [*UNIT, "-k", "linear"]
 ATTENTION = [*UNIT, "-k", "attention or plan"]
 
@@ -76,6 +81,7 @@ PATHS = [
     ("MKL_CBWR", "COMPATIBLE", UNIT),
     ("ONEDNN_MAX_CPU_ISA", "AVX2", LINEAR),
     ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE", LINEAR),
+    ("PAGEDSERVE_LINEAR_CPU", "torch", LINEAR),
     ("PAGEDSERVE_ORDERED_MATMUL", "torch", ATTENTION),
     ("MKL_CBWR", "AVX2", END_TO_END),
     # The plain-torch CPU attention (fp16/bf16 caches, machines without a C compiler) end to end.
