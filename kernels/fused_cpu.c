@@ -15,6 +15,11 @@
  * may reorder it, and compiled with -ffp-contract=off so no product is fused into an addition.
  * The bits of a row therefore do not depend on how many rows share the call, nor on the SIMD
  * width of the clone that runs.
+ *
+ * Threads: a call with at least PARALLEL_MIN elements (a prefill, a large batch) splits its rows
+ * between `threads` OpenMP threads (torch's libgomp team, as in paged_attention_cpu.c); a row is
+ * computed whole by one thread, so the split changes no bits. Smaller calls (a decode of a few
+ * rows) stay on the calling thread, where a parallel region would cost more than it saves.
  */
 #include <math.h>
 #include <stdint.h>
@@ -53,6 +58,8 @@ static inline float exp_vectorisable(float x) {
 }
 
 #define LANES 16
+/* Fewest elements (rows x row width) worth a parallel region. */
+#define PARALLEL_MIN 32768
 
 /* bf16 is the upper half of an fp32: widening is a shift; narrowing rounds to nearest even as
  * torch's c10::BFloat16 does (a NaN becomes the quiet NaN 0x7FC0). Written branch-free so that the
@@ -105,7 +112,8 @@ static inline float f32_as_is(float f) { return f; }
    * may be `x`. */                                                                                 \
   CLONES void add_rms_norm##SUFFIX(const T *x, int64_t x_stride, T *residual, int64_t r_stride,       \
                                    const T *w, T *out, int64_t out_stride, int64_t rows, int64_t n,   \
-                                   float eps) {                                                       \
+                                   float eps, int64_t threads) {                                      \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * n >= PARALLEL_MIN)")   \
     for (int64_t t = 0; t < rows; t++) {                                                              \
       const T *xr = x + t * x_stride;                                                                 \
       T *o = out + t * out_stride;                                                                    \
@@ -124,8 +132,9 @@ static inline float f32_as_is(float f) { return f; }
    * h[i] = h[i] * cos[i] + h[(i + d/2) mod d] * ssin[i], with cos and ssin one row of d per token;  \
    * each product and the sum rounded as torch's three operators round them. */                     \
   CLONES void rope_rotate##SUFFIX(T *x, int64_t x_stride, int64_t rows, int64_t heads, int64_t d,     \
-                                  const T *cos_, const T *ssin, int64_t cs_stride) {                  \
+                                  const T *cos_, const T *ssin, int64_t cs_stride, int64_t threads) { \
     const int64_t half = d / 2;                                                                       \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * heads * d >= PARALLEL_MIN)") \
     for (int64_t t = 0; t < rows; t++) {                                                              \
       const T *c = cos_ + t * cs_stride;                                                              \
       const T *s = ssin + t * cs_stride;                                                              \
@@ -142,7 +151,8 @@ static inline float f32_as_is(float f) { return f; }
                                                                                                       \
   /* out[t][i] = ROUND(silu(g)) * u, g = gu[t][i], u = gu[t][n + i], silu(g) = g / (1 + exp(-g)). */ \
   CLONES void silu_and_mul##SUFFIX(const T *gu, int64_t gu_stride, T *out, int64_t out_stride,        \
-                                   int64_t rows, int64_t n) {                                         \
+                                   int64_t rows, int64_t n, int64_t threads) {                        \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * n >= PARALLEL_MIN)")   \
     for (int64_t t = 0; t < rows; t++) {                                                              \
       const T *g = gu + t * gu_stride;                                                                \
       const T *u = g + n;                                                                             \

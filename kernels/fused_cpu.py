@@ -49,7 +49,8 @@ _SOURCE = Path(__file__).with_name("fused_cpu.c")
 _ENV = "PAGEDSERVE_FUSED_CPU"
 #: On top of kernels.c_build.CFLAGS: lets GCC turn SiLU's clamps into vector selects (it changes no
 #: result; the program never traps on floating-point exceptions).
-EXTRA_FLAGS = ("-fno-trapping-math",)
+#: -fopenmp: large calls split their rows between torch's threads.
+EXTRA_FLAGS = ("-fno-trapping-math", "-fopenmp")
 
 __all__ = ["add_rms_norm", "backend", "build", "load_library", "rope_rotate_", "silu_and_mul"]
 
@@ -62,9 +63,9 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     for suffix in _SUFFIX.values():
-        for name, argtypes in (("add_rms_norm", [p, i64, p, i64, p, p, i64, i64, i64, f32]),
-                               ("rope_rotate", [p, i64, i64, i64, i64, p, p, i64]),
-                               ("silu_and_mul", [p, i64, p, i64, i64, i64])):
+        for name, argtypes in (("add_rms_norm", [p, i64, p, i64, p, p, i64, i64, i64, f32, i64]),
+                               ("rope_rotate", [p, i64, i64, i64, i64, p, p, i64, i64]),
+                               ("silu_and_mul", [p, i64, p, i64, i64, i64, i64])):
             fn = getattr(lib, name + suffix)
             fn.restype = None
             fn.argtypes = argtypes
@@ -140,13 +141,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         raise ValueError(f"weight must be a contiguous [H], got shape {tuple(weight.shape)}")
     if residual is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        kernel(x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(), out.stride(0), rows, width, eps)
+        kernel(x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(), out.stride(0), rows, width, eps,
+               torch.get_num_threads())
         return out, x
     if residual.dtype is not x.dtype or residual.device.type != "cpu":
         raise ValueError(f"residual must be a {x.dtype} CPU tensor like x, got {residual.dtype} on {residual.device}")
     _check_rows("residual", residual, rows, width)
     kernel(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0), weight.data_ptr(), x.data_ptr(),
-           x.stride(0), rows, width, eps)
+           x.stride(0), rows, width, eps, torch.get_num_threads())
     return x, residual
 
 
@@ -184,7 +186,8 @@ def rope_rotate_(x: torch.Tensor, num_heads: int, head_dim: int, cos: torch.Tens
                              f"in the last dimension, got {t.dtype} {tuple(t.shape)} on {t.device}")
     if cos.stride(0) != signed_sin.stride(0):
         raise ValueError(f"cos and signed_sin need equal strides, got {cos.stride()} and {signed_sin.stride()}")
-    kernel(x.data_ptr(), x.stride(0), rows, num_heads, head_dim, cos.data_ptr(), signed_sin.data_ptr(), cos.stride(0))
+    kernel(x.data_ptr(), x.stride(0), rows, num_heads, head_dim, cos.data_ptr(), signed_sin.data_ptr(), cos.stride(0),
+           torch.get_num_threads())
     return x
 
 
@@ -204,5 +207,5 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows = gate_up.shape[0]
     _check_rows("gate_up", gate_up, rows, 2 * inter)
     out = torch.empty((rows, inter), dtype=gate_up.dtype)
-    kernel(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), inter, rows, inter)
+    kernel(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), inter, rows, inter, torch.get_num_threads())
     return out

@@ -197,6 +197,31 @@ def test_every_instruction_set_level_gives_the_same_bits(tmp_path, monkeypatch, 
             assert torch.equal(g, e), level
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_change_no_bits(dtype):
+    """A prefill-sized call (over PARALLEL_MIN elements) splits its rows between threads; each row is
+    still computed whole by one, so 1, 2 and 3 threads give the bits of the rows computed alone."""
+    rows = 200  # 200 x 576 and 200 x 1536 elements: above the C file's PARALLEL_MIN
+    x, res, w = (t.to(dtype) for t in _norm_inputs(rows, seed=30))
+    gate_up = torch.randn(rows, 2 * INTER, generator=_gen(31)).to(dtype)
+    qkv = torch.randn(rows, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=_gen(32)).to(dtype)
+    cos, ssin = (t.to(dtype) for t in _rope_tables(rows))
+
+    def run(sl=slice(None)):
+        return (add_rms_norm(x[sl].clone(), res[sl].clone(), w, 1e-5)[0], silu_and_mul(gate_up[sl]),
+                rope_rotate_(qkv[sl].clone(), HEADS + KV_HEADS, HEAD_DIM, cos[sl], ssin[sl]))
+
+    alone = [torch.cat(parts) for parts in zip(*(run(slice(i, i + 1)) for i in range(rows)))]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for got, expected in zip(run(), alone):
+                assert torch.equal(got, expected), threads
+    finally:
+        torch.set_num_threads(before)
+
+
 # bf16: the same kernels with bf16 loads and stores, rounding where torch's bf16 operators round.
 
 
