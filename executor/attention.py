@@ -25,7 +25,7 @@ from kernels.torch_ref import ExtendAttentionPlan
 
 BACKENDS = ("triton", "torch")
 #: Cache dtypes the compiled CPU attention takes (fp16 runs the plain-torch twins).
-_COMPILED_DTYPES = (torch.float32, torch.bfloat16)
+COMPILED_CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def resolve_backend(choice: str, device: torch.device) -> str:
@@ -116,7 +116,7 @@ def paged_attention(
             max_query_len=meta.max_query_len,  # known on the host: spares a device sync
         )
     plan = meta.torch_plan
-    if (plan is None and query.dtype in _COMPILED_DTYPES and key_cache.dtype is query.dtype
+    if (plan is None and query.dtype in COMPILED_CPU_DTYPES and key_cache.dtype is query.dtype
             and paged_attention_cpu.backend() == "compiled"):
         plan = meta.torch_plan = StepLayout(meta.slot_mapping, meta.block_table, meta.query_start_loc, meta.seq_lens)
     if isinstance(plan, StepLayout):

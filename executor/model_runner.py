@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
-from executor.attention import AttentionMetadata, resolve_backend
+from executor.attention import COMPILED_CPU_DTYPES, AttentionMetadata, resolve_backend
 from executor.cost_probe import measure_cost_model
 from executor.request import Request
 from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries
@@ -142,8 +142,9 @@ class ModelRunner:
         self.device = torch.device(device)
         self.backend = resolve_backend(attention_backend, self.device)
         if self.backend == "torch":  # built now, at start-up, rather than in the first request
-            kind = paged_attention_cpu.backend() if dtype == torch.float32 else "torch"
-            logger.info("CPU attention: %s", "one compiled call per layer (kernels/paged_attention_cpu.c)"
+            kind = paged_attention_cpu.backend() if dtype in COMPILED_CPU_DTYPES else "torch"
+            logger.info("CPU attention (%s cache): %s", str(dtype).removeprefix("torch."),
+                        "one compiled call per layer (kernels/paged_attention_cpu.c)"
                         if kind == "compiled" else "plain torch (kernels.torch_ref)")
         self.kv = KVCache.allocate(model, num_blocks, block_size, num_cpu_blocks, self.device, dtype, self.backend)
         self.cost = measure_cost_model(model, self.device, self.kv.bytes_per_block) if num_cpu_blocks else {}

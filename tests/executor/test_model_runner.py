@@ -26,3 +26,19 @@ def test_prepare_inputs_maps_each_new_token_to_its_granted_slot():
     assert meta.seq_lens.tolist() == [8, 5]
     assert meta.query_start_loc.tolist() == inputs.query_starts == [0, 3, 4]
     assert meta.max_query_len == 3
+
+
+def test_the_start_up_log_names_the_cpu_attention_of_each_cache_dtype(caplog):
+    """fp32 and bf16 caches run the compiled attention and the log says so; fp16 the torch twins."""
+    from executor.attention import COMPILED_CPU_DTYPES
+    from kernels import paged_attention_cpu
+
+    model = SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=2)
+    compiled = paged_attention_cpu.backend() == "compiled"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="executor.model_runner"):
+            ModelRunner(model, num_blocks=4, block_size=4, dtype=dtype)
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("CPU attention"))
+        expected = "one compiled call" if compiled and dtype in COMPILED_CPU_DTYPES else "plain torch"
+        assert line.startswith(f"CPU attention ({str(dtype)[6:]} cache): {expected}"), line
