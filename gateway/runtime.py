@@ -77,9 +77,10 @@ class Gateway:
             raise unavailable(str(exc), "blockmgr_unavailable") from None
 
     def check_model(self, model: str | None) -> None:
-        """Raises APIError(400) unless ``model`` is None or the served model's name."""
+        """Raises APIError(404, ``model_not_found``, as the OpenAI API answers an unknown model) unless
+        ``model`` is None or the served model's name."""
         if model is not None and model != self.settings.served_model_name:
-            raise APIError(400, f"The model `{model}` does not exist; this server serves "
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
                            f"`{self.settings.served_model_name}`.", "invalid_request_error", "model",
                            "model_not_found")
 

@@ -23,7 +23,7 @@ router = APIRouter(tags=["chat"])
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None,
-             responses={**stream_doc(ChatCompletion), **errors(400, 401, 413, 503, 504)},
+             responses={**stream_doc(ChatCompletion), **errors(400, 401, 404, 413, 503, 504)},
              summary="Create a chat completion (OpenAI API, with vLLM's extra sampling fields)")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     g = start_generation(request, body, num_prompts=1)

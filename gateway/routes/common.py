@@ -18,7 +18,7 @@ _ERROR_TEXT = {
     400: "invalid parameters (OpenAI error body)",
     401: "missing or wrong API key / admin key",
     403: "admin endpoint asked from a non-loopback client without --admin-key",
-    404: "not found",
+    404: "not found (on the model endpoints: an unknown `model`, code model_not_found)",
     409: "the action could not be carried out now",
     413: "request body over the size limit",
     501: "not supported by the block manager in use",

@@ -168,7 +168,7 @@ def _check_context(gw: Gateway, prompts: list[Prompt]) -> None:
 
 
 @router.post("/v1/completions", dependencies=[Depends(require_api_key)], response_model=None,
-             responses={**stream_doc(Completion), **errors(400, 401, 413, 503, 504)},
+             responses={**stream_doc(Completion), **errors(400, 401, 404, 413, 503, 504)},
              summary="Create a completion (OpenAI API, with vLLM's extra sampling fields)")
 async def create_completion(body: CompletionRequest, request: Request):
     # The sequences are bounded before any tokenization: the number of prompts is known from the

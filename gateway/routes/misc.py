@@ -80,7 +80,7 @@ async def retrieve_model(model: str, request: Request):
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, tags=["tokenizer"],
-             dependencies=[Depends(require_api_key)], responses=errors(400, 401, 413))
+             dependencies=[Depends(require_api_key)], responses=errors(400, 401, 404, 413))
 async def tokenize(body: TokenizeRequest, request: Request):
     """Token ids of ``prompt``, or of ``messages`` formatted with the chat template."""
     gw = get_gateway(request)
@@ -100,7 +100,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, tags=["tokenizer"],
-             dependencies=[Depends(require_api_key)], responses=errors(400, 401, 413))
+             dependencies=[Depends(require_api_key)], responses=errors(400, 401, 404, 413))
 async def detokenize(body: DetokenizeRequest, request: Request):
     gw = get_gateway(request)
     gw.check_model(body.model)

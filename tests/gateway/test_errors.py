@@ -33,7 +33,6 @@ def assert_openai_error(r: httpx.Response, status: int, param=...):
 
 
 BAD_COMPLETIONS = [
-    ({"prompt": "hi", "model": "gpt-5"}, "model"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": [[]]}, "prompt"),
@@ -90,6 +89,16 @@ def test_bad_completion_requests_get_400(server, body, param):
 @pytest.mark.parametrize("body, param", BAD_CHATS)
 def test_bad_chat_requests_get_400(server, body, param):
     assert_openai_error(httpx.post(server["base"] + "/v1/chat/completions", json=body, timeout=10), 400, param)
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": "hi"}),
+                                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                                        ("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})])
+def test_an_unknown_model_gets_404_model_not_found(server, path, body):
+    """As the OpenAI API answers it (status 404, code model_not_found), naming the served model."""
+    r = httpx.post(server["base"] + path, json={**body, "model": "gpt-5"}, timeout=10)
+    assert_openai_error(r, 404, "model")
+    assert r.json()["error"]["code"] == "model_not_found" and "fake-model" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", b"\xff\xfe", b'"str"', b"null"])
