@@ -163,13 +163,18 @@ def test_completions_and_sse_done(client, stack):
     ({"prompt": "", "max_tokens": 4}, "prompt"),
     ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
-    ({"prompt": "hi", "model": "gpt-5"}, "model"),
 ])
 def test_bad_completion_requests_get_400(stack, body, param):
     r = httpx.post(stack["base"] + "/v1/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+
+
+def test_an_unknown_model_is_not_found_for_the_openai_client(client):
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.completions.create(model="gpt-5", prompt="hi", max_tokens=1)
+    assert exc.value.status_code == 404 and exc.value.code == "model_not_found"
 
 
 @pytest.mark.parametrize("body", [
