@@ -14,6 +14,7 @@ kernel's environment variable says ``torch``; ``compiled`` there makes a missing
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -102,3 +103,38 @@ def load_or_fall_back(source: Path, env_var: str, load: Callable[[Path], ctypes.
         logger.warning("%s: C kernel unavailable (%s %s); using %s", source.stem, exc,
                        detail.decode(errors="replace")[-500:], fallback)
         return None
+
+
+class CKernel:
+    """One C kernel of ``kernels/``: built, cached and loaded once per process, or its torch fallback.
+
+    Args:
+        source: the C file.
+        env_var: its override variable (see :func:`load_or_fall_back`).
+        load: loads a built library and declares its signatures.
+        fallback: what runs instead, for the warning logged when the build fails.
+        flags: compiler flags on top of :data:`CFLAGS`.
+
+    ``library()`` is the loaded library or None (decided on first call, ``library.cache_clear()``
+    decides again); ``backend()`` says ``"compiled"`` or ``"torch"``; ``build()`` compiles into
+    :func:`kernel_cache_dir` now (an image build does this); ``compile(cache_dir, extra_flags)``
+    builds a variant elsewhere (the tests build one per instruction-set level). The last two raise
+    as :func:`compile_library`.
+    """
+
+    def __init__(self, source: Path, env_var: str, load: Callable[[Path], ctypes.CDLL], fallback: str,
+                 flags: tuple[str, ...] = ()) -> None:
+        self.source, self.env_var, self.load, self.fallback, self.flags = source, env_var, load, fallback, flags
+        self.library = functools.lru_cache(maxsize=1)(self._load)
+
+    def _load(self) -> ctypes.CDLL | None:
+        return load_or_fall_back(self.source, self.env_var, self.load, self.fallback, self.flags)
+
+    def compile(self, cache_dir: Path, extra_flags: tuple[str, ...] = ()) -> Path:
+        return compile_library(self.source, cache_dir, (*self.flags, *extra_flags))
+
+    def build(self) -> Path:
+        return self.compile(kernel_cache_dir())
+
+    def backend(self) -> str:
+        return "compiled" if self.library() is not None else "torch"

@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kernels.c_build import compile_library, kernel_cache_dir, load_or_fall_back
+from kernels.c_build import CKernel
 
 _SOURCE = Path(__file__).with_name("fused_cpu.c")
 _ENV = "PAGEDSERVE_FUSED_CPU"
@@ -72,21 +71,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def build() -> Path:
-    """Compile the kernels into :func:`~kernels.c_build.kernel_cache_dir` now (an image build does
-    this once); the library's path. Raises as :func:`~kernels.c_build.compile_library`."""
-    return compile_library(_SOURCE, kernel_cache_dir(), EXTRA_FLAGS)
-
-
-@lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
-    return load_or_fall_back(_SOURCE, _ENV, load_library, "the torch formulas", EXTRA_FLAGS)
-
-
-def backend() -> str:
-    """``"compiled"`` or ``"torch"``: what fp32 and bf16 CPU tensors use in this process (decided on
-    first call)."""
-    return "compiled" if _library() is not None else "torch"
+_KERNEL = CKernel(_SOURCE, _ENV, load_library, "the torch formulas", EXTRA_FLAGS)
+build, backend = _KERNEL.build, _KERNEL.backend
 
 
 def _kernel(name: str, t: torch.Tensor) -> Callable[..., None] | None:
@@ -95,7 +81,7 @@ def _kernel(name: str, t: torch.Tensor) -> Callable[..., None] | None:
     suffix = _SUFFIX.get(t.dtype)
     if suffix is None or t.device.type != "cpu":
         return None
-    lib = _library()
+    lib = _KERNEL.library()
     return None if lib is None else getattr(lib, name + suffix)
 
 

@@ -27,31 +27,17 @@ separately stored key chunks in order).
 from __future__ import annotations
 
 import ctypes
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from kernels.c_build import compile_library, kernel_cache_dir, load_or_fall_back
+from kernels.c_build import CKernel, kernel_cache_dir
 
 _SOURCE = Path(__file__).with_name("ordered_matmul.c")
 #: Above this many elements, the torch backend splits a product's rows to bound its temporary.
 _TORCH_MAX_ELEMENTS = 1 << 22
 
 __all__ = ["OrderedMatmul", "backend", "build", "kernel_cache_dir", "load_library"]
-
-
-def _compile(cache_dir: Path, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compile the C source into ``cache_dir`` (see :func:`kernels.c_build.compile_library`)."""
-    return compile_library(_SOURCE, cache_dir, extra_flags)
-
-
-def build() -> Path:
-    """Compile the kernel into :func:`kernel_cache_dir` now (an image build does this once).
-
-    Returns the library's path. Raises as :func:`kernels.c_build.compile_library`.
-    """
-    return _compile(kernel_cache_dir())
 
 
 def load_library(path: Path) -> ctypes.CDLL:
@@ -62,15 +48,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
-@lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None for the torch backend (see the module docstring for when)."""
-    return load_or_fall_back(_SOURCE, "PAGEDSERVE_ORDERED_MATMUL", load_library, "the slower torch backend")
-
-
-def backend() -> str:
-    """``"compiled"`` or ``"torch"``: the implementation this process uses (decided on first call)."""
-    return "compiled" if _library() is not None else "torch"
+_KERNEL = CKernel(_SOURCE, "PAGEDSERVE_ORDERED_MATMUL", load_library, "the slower torch backend")
+_compile, build, _library, backend = _KERNEL.compile, _KERNEL.build, _KERNEL.library, _KERNEL.backend
 
 
 class OrderedMatmul:

@@ -31,12 +31,11 @@ little work (a decode of a few short sequences) runs on one thread.
 from __future__ import annotations
 
 import ctypes
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from kernels.c_build import compile_library, kernel_cache_dir, load_or_fall_back
+from kernels.c_build import CKernel
 
 ENV_VAR = "PAGEDSERVE_CPU_ATTENTION"
 _SOURCE = Path(__file__).with_name("paged_attention_cpu.c")
@@ -71,25 +70,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def compile_kernel(cache_dir: Path, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compile the C source into ``cache_dir``; raises as :func:`kernels.c_build.compile_library`."""
-    return compile_library(_SOURCE, cache_dir, (*_FLAGS, *extra_flags))
-
-
-def build() -> Path:
-    """Compile the kernel into :func:`kernels.c_build.kernel_cache_dir` now (an image build does this)."""
-    return compile_kernel(kernel_cache_dir())
-
-
-@lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
-    return load_or_fall_back(_SOURCE, ENV_VAR, load_library, "the plain-torch attention (kernels.torch_ref)",
-                             _FLAGS)
-
-
-def backend() -> str:
-    """``"compiled"`` or ``"torch"``: the CPU attention this process runs (decided on first call)."""
-    return "compiled" if _library() is not None else "torch"
+_KERNEL = CKernel(_SOURCE, ENV_VAR, load_library, "the plain-torch attention (kernels.torch_ref)", _FLAGS)
+compile_kernel, build, _library, backend = _KERNEL.compile, _KERNEL.build, _KERNEL.library, _KERNEL.backend
 
 
 def _check_index(name: str, t: torch.Tensor, ndim: int) -> None:

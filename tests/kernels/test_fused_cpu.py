@@ -47,7 +47,7 @@ def _bf16(*tensors):
 def _torch_formula(monkeypatch, fn):
     """``fn()`` with the library switched off: the torch formulas the kernels replace."""
     with monkeypatch.context() as m:
-        m.setattr(fused_cpu, "_library", lambda: None)
+        m.setattr(fused_cpu._KERNEL, "library", lambda: None)
         return fn()
 
 
@@ -142,7 +142,7 @@ def test_torch_formulas_where_the_kernels_do_not_run(monkeypatch):
         low = x.to(dtype), res.to(dtype)
         s = low[0] + low[1]
         if dtype is torch.bfloat16:
-            monkeypatch.setattr(fused_cpu, "_library", lambda: None)  # bf16 is compiled where the library is
+            monkeypatch.setattr(fused_cpu._KERNEL, "library", lambda: None)  # bf16 is compiled where the library is
         out, new_res = add_rms_norm(*low, w.to(dtype), 1e-5)
         assert torch.equal(new_res, s) and out.dtype is dtype
         s32 = s.float()
@@ -190,7 +190,7 @@ def test_every_instruction_set_level_gives_the_same_bits(tmp_path, monkeypatch, 
     for level in levels:
         flags = (*fused_cpu.EXTRA_FLAGS, "-DFUSED_CPU_NO_CLONES", f"-march={level}")
         lib = load_library(compile_library(fused_cpu._SOURCE, tmp_path, flags))
-        monkeypatch.setattr(fused_cpu, "_library", lambda lib=lib: lib)
+        monkeypatch.setattr(fused_cpu._KERNEL, "library", lambda lib=lib: lib)
         got = (add_rms_norm(x.clone(), res.clone(), w, 1e-5)[0], silu_and_mul(gate_up),
                rope_rotate_(qkv.clone(), HEADS + KV_HEADS, HEAD_DIM, cos, ssin))
         for g, e in zip(got, expected):
