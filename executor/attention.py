@@ -55,6 +55,48 @@ def resolve_backend(choice: str, device: torch.device) -> str:
     return choice
 
 
+def runs_compiled_cpu_attention(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a KV cache of ``dtype`` on ``device`` is read by the compiled CPU kernel
+    (``kernels.paged_attention_cpu``, in its own layout) rather than by the Triton kernels or the
+    plain-torch twins: the ``"torch"`` backend, a CPU cache, fp32 or bf16, and the kernel built."""
+    return (backend == "torch" and device.type == "cpu" and dtype in COMPILED_CPU_DTYPES
+            and paged_attention_cpu.backend() == "compiled")
+
+
+def kv_cache_shapes(backend: str, device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int,
+                    num_kv_heads: int, head_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of one layer's key and value caches for the kernels that will read them.
+
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` both for the Triton kernels and the
+    plain-torch twins; the compiled CPU kernel's blocked layout
+    (:func:`kernels.paged_attention_cpu.cache_shapes`) where :func:`runs_compiled_cpu_attention`.
+    Either way a block is one contiguous slab of the same size, so block copies and swaps move it whole.
+    """
+    if runs_compiled_cpu_attention(backend, device, dtype):
+        return paged_attention_cpu.cache_shapes(num_blocks, block_size, num_kv_heads, head_dim)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return shape, shape
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *,
+                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", backend: str = "torch",
+                      fill: float = 0.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One ``(key_cache, value_cache)`` pair per layer, shaped by :func:`kv_cache_shapes`, every entry ``fill``."""
+    device = torch.device(device)
+    key_shape, value_shape = kv_cache_shapes(backend, device, dtype, num_blocks, block_size, num_kv_heads, head_dim)
+    return [(torch.full(key_shape, fill, dtype=dtype, device=device),
+             torch.full(value_shape, fill, dtype=dtype, device=device)) for _ in range(num_layers)]
+
+
+def standard_kv_views(key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's caches, allocated for ``backend`` (:func:`kv_cache_shapes`), as
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` tensors: views, no copy (for inspection and tests)."""
+    if runs_compiled_cpu_attention(backend, key_cache.device, key_cache.dtype):
+        return paged_attention_cpu.standard_views(key_cache, value_cache)
+    return key_cache, value_cache
+
+
 @dataclass
 class AttentionMetadata:
     """Per-step batch layout shared by every layer.
@@ -98,7 +140,9 @@ def paged_attention(
     Args:
         query: ``[num_tokens, num_heads, head_dim]``.
         key, value: ``[num_tokens, num_kv_heads, head_dim]``.
-        key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+        key_cache, value_cache: shaped by :func:`kv_cache_shapes` (the compiled CPU kernel's
+            layout when :func:`runs_compiled_cpu_attention`, else ``[num_blocks, block_size,
+            num_kv_heads, head_dim]``).
         meta: the step's :class:`AttentionMetadata`.
         scale: softmax scale (``head_dim ** -0.5`` for Llama).
 
@@ -116,8 +160,7 @@ def paged_attention(
             max_query_len=meta.max_query_len,  # known on the host: spares a device sync
         )
     plan = meta.torch_plan
-    if (plan is None and query.dtype in COMPILED_CPU_DTYPES and key_cache.dtype is query.dtype
-            and paged_attention_cpu.backend() == "compiled"):
+    if plan is None and runs_compiled_cpu_attention(meta.backend, key_cache.device, key_cache.dtype):
         plan = meta.torch_plan = StepLayout(meta.slot_mapping, meta.block_table, meta.query_start_loc, meta.seq_lens)
     if isinstance(plan, StepLayout):
         return paged_attention_cpu.paged_attention_cpu(query, key, value, key_cache, value_cache, plan, scale)

@@ -21,11 +21,17 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
-from executor.attention import COMPILED_CPU_DTYPES, AttentionMetadata, resolve_backend
+from executor.attention import (
+    AttentionMetadata,
+    allocate_kv_cache,
+    kv_cache_shapes,
+    resolve_backend,
+    runs_compiled_cpu_attention,
+)
 from executor.cost_probe import measure_cost_model
 from executor.request import Request
 from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries
-from kernels import fused_cpu, paged_attention_cpu
+from kernels import fused_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +63,9 @@ class KVCache:
 
     Attributes:
         device: where ``layers`` live.
-        layers: one ``(key_cache, value_cache)`` per model layer, each
-            ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+        layers: one ``(key_cache, value_cache)`` per model layer, shaped by
+            :func:`executor.attention.kv_cache_shapes` (``[num_blocks, ...]``; block ``b`` is
+            ``key_cache[b]``, one contiguous slab, in every layout).
         cpu_layers: the CPU swap pool in the same layout (``[num_cpu_blocks, ...]``, pinned when
             ``device`` is CUDA); empty when swapping is off.
         backend: ``"triton"`` (copies and swaps by the Triton kernels) or ``"torch"`` (their twins).
@@ -72,16 +79,18 @@ class KVCache:
     @classmethod
     def allocate(cls, model, num_blocks: int, block_size: int, num_cpu_blocks: int,
                  device: torch.device, dtype: torch.dtype, backend: str = "torch") -> KVCache:
-        """Zeroed pools for ``model`` (its ``num_layers``, ``num_kv_heads`` and ``head_dim``)."""
-        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        cpu_shape = (num_cpu_blocks, *shape[1:])
+        """Zeroed pools for ``model`` (its ``num_layers``, ``num_kv_heads`` and ``head_dim``), shaped
+        for the kernels that read them (:func:`executor.attention.kv_cache_shapes`)."""
+        key_shape, value_shape = kv_cache_shapes(backend, device, dtype, num_blocks, block_size,
+                                                 model.num_kv_heads, model.head_dim)
         pin = device.type == "cuda"
 
-        def pair(shape, **where):
-            return torch.zeros(shape, dtype=dtype, **where), torch.zeros(shape, dtype=dtype, **where)
-
-        layers = [pair(shape, device=device) for _ in range(model.num_layers)]
-        cpu_layers = [pair(cpu_shape, pin_memory=pin) for _ in range(model.num_layers)] if num_cpu_blocks else []
+        layers = allocate_kv_cache(model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
+                                   dtype=dtype, device=device, backend=backend)
+        # The swap pool holds blocks in the device pool's layout, whatever its own device.
+        cpu_layers = [(torch.zeros((num_cpu_blocks, *key_shape[1:]), dtype=dtype, pin_memory=pin),
+                       torch.zeros((num_cpu_blocks, *value_shape[1:]), dtype=dtype, pin_memory=pin))
+                      for _ in range(model.num_layers if num_cpu_blocks else 0)]
         return cls(device, layers, cpu_layers, backend)
 
     @property
@@ -142,10 +151,10 @@ class ModelRunner:
         self.device = torch.device(device)
         self.backend = resolve_backend(attention_backend, self.device)
         if self.backend == "torch":  # built now, at start-up, rather than in the first request
-            kind = paged_attention_cpu.backend() if dtype in COMPILED_CPU_DTYPES else "torch"
             logger.info("CPU attention (%s cache): %s", str(dtype).removeprefix("torch."),
-                        "one compiled call per layer (kernels/paged_attention_cpu.c)"
-                        if kind == "compiled" else "plain torch (kernels.torch_ref)")
+                        "one compiled call per layer (kernels/paged_attention_cpu.c), keys stored transposed "
+                        "per block" if runs_compiled_cpu_attention(self.backend, self.device, dtype)
+                        else "plain torch (kernels.torch_ref)")
         self.kv = KVCache.allocate(model, num_blocks, block_size, num_cpu_blocks, self.device, dtype, self.backend)
         self.cost = measure_cost_model(model, self.device, self.kv.bytes_per_block) if num_cpu_blocks else {}
         if self.device.type == "cpu":

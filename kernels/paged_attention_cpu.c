@@ -39,8 +39,16 @@
  * the fp32 call's outputs on the widened inputs, rounded: the same guarantees, and no bf16 rounding
  * inside the softmax or the sums.
  *
+ * Cache layout ("blocked", vLLM's CPU backend keeps keys transposed for the same reason): a block
+ * holds each KV head's keys transposed, key_cache [num_blocks, num_kv_heads, head_dim, block_size],
+ * and its values head by head, value_cache [num_blocks, num_kv_heads, block_size, head_dim]. The
+ * score tiles read 16 or 32 keys per vector at one head-dim index d, so keys stored d-major are
+ * copied into a chunk's tile as they lie; with keys stored token-major (the Triton kernels' layout)
+ * every chunk had to be transposed in registers, which took a third of a decode step's attention.
+ * A KV head's values in a block are one contiguous run, which the hardware prefetcher follows.
+ *
  * Work: items of (sequence, KV head, up to ITEM_ROWS query rows: whole tokens times the G query
- * heads of the KV head), so each chunk of keys is transposed once per item and shared by the
+ * heads of the KV head), so each chunk of keys is gathered once per item and shared by the
  * item's rows. Items are split between threads in contiguous ranges of about equal cost; a thread
  * computes whole rows, so the split changes no bits.
  */
@@ -66,6 +74,9 @@
 #define NR 32         /* keys (scores) or head-dim columns (outputs) of a register tile */
 #define ITEM_ROWS 64  /* query rows per work item (at least G: one token) */
 #define MAX_THREADS 64
+/* Software prefetches go to L2 (prefetcht1): measured as fast as L3 (t2) and faster than L1 (t0),
+ * whose fill buffers the bursts of one chunk would tie up. */
+#define PREFETCH_LOCALITY 2
 /* Fewest (row, key) pairs worth a thread of their own: about 2 * 64 * 8192 = 1M multiply-adds. */
 #define MIN_COST_PER_THREAD 8192
 /* exp's argument is clamped here: exp(-87) = 1.6e-38 is still a normal float, and no fp32 sum that
@@ -91,7 +102,8 @@ struct pa_args {
   int64_t bf16;        /* 0: every tensor below holds fp32; 1: bf16 (uint16_t bit patterns) */
   double scale;
   const void *query, *key, *value;
-  void *key_cache, *value_cache; /* [num_blocks, block_size, num_kv_heads, head_dim], contiguous */
+  void *key_cache;   /* [num_blocks, num_kv_heads, head_dim, block_size], contiguous */
+  void *value_cache; /* [num_blocks, num_kv_heads, block_size, head_dim], contiguous */
   void *out;                     /* [num_tokens, num_heads, head_dim], contiguous */
   const int64_t *slot_mapping;    /* [num_tokens] */
   const int32_t *block_table;     /* [num_seqs, table_width], contiguous */
@@ -105,13 +117,13 @@ struct item {
 };
 
 struct workspace {
-  float *kt;         /* [D][CHUNK]: the chunk's keys, transposed */
+  float *kt;         /* [D][CHUNK]: the chunk's keys, d-major as the cache keeps them */
   float *q;          /* [rows][D]: scaled queries */
   float *s;          /* [rows][CHUNK]: scores, then probabilities */
   float *acc;        /* [rows][D] */
   float *m, *l, *alpha;
-  const float **vrow, **krow; /* [CHUNK]: each key's value and key row */
-  float *kw, *vw;             /* [CHUNK][D]: a bf16 chunk's keys and values, widened to fp32 */
+  const float **vrow; /* [CHUNK]: each key's value row */
+  float *vw;          /* [CHUNK][D]: a bf16 chunk's values, widened to fp32 */
 };
 
 /* bf16 -> fp32 is exact: the bf16 bits are the fp32's upper half. */
@@ -171,34 +183,6 @@ INLINE float sum_chunk(const float *p) {
   return (t[0] + t[2]) + (t[1] + t[3]);
 }
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-/* dst[d * CHUNK + j] = rows[j][d0 + d] for j, d < 8: an 8 x 8 block of keys transposed in
- * registers (three rounds of two-input shuffles; data movement only, no arithmetic). */
-INLINE void transpose8(const float *const *rows, int64_t d0, float *dst) {
-  v8f r[8], t[8], u[8];
-  for (int i = 0; i < 8; i++) memcpy(&r[i], rows[i] + d0, sizeof r[i]);
-  const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
-  const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
-  for (int i = 0; i < 8; i += 2) { /* t: pairs of rows interleaved */
-    t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
-    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
-  }
-  for (int i = 0; i < 8; i += 4) { /* u: columns c and c + 4 of four rows */
-    u[i] = __builtin_shuffle(t[i], t[i + 2], lo2);
-    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], hi2);
-    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], lo2);
-    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], hi2);
-  }
-  for (int c = 0; c < 4; c++) {
-    const v8f first = __builtin_shuffle(u[c], u[c + 4], lo4), second = __builtin_shuffle(u[c], u[c + 4], hi4);
-    memcpy(dst + c * CHUNK, &first, sizeof first);
-    memcpy(dst + (c + 4) * CHUNK, &second, sizeof second);
-  }
-}
-
 /* The largest of p[0 .. nvis-1] (nvis >= 1); max is exact, so the lanes' order does not matter. */
 INLINE float max_visible(const float *p, int64_t nvis) {
   float t[16];
@@ -254,8 +238,27 @@ INLINE void pv_tile(int mr, int64_t nk, int64_t D, const float *p, const float *
     default: { const int mr_ = 1; call; } break; \
   }
 
-/* One work item: rows r = (token t0 + r / G, query head kv_head * G + r % G). */
-INLINE void attend_item(const struct pa_args *a, const struct item *it, struct workspace *w) {
+/* Asks for the cache lines of keys key0 .. key0+nk-1 of sequence s, KV head h, ahead of their use:
+ * a chunk's runs are 4 KB apart or more, so the hardware prefetcher would start each one cold, and
+ * a decode step's attention then waits on memory rather than computes. */
+INLINE void prefetch_chunk(const struct pa_args *a, int64_t s, int64_t h, int64_t key0, int64_t nk) {
+  const int64_t D = a->head_dim, KVH = a->num_kv_heads, bs = a->block_size, size = a->bf16 ? 2 : 4;
+  const int32_t *table = a->block_table + s * a->table_width;
+  for (int64_t j = 0; j < nk;) {
+    const int64_t pos = key0 + j, blk = table[pos / bs], o = pos % bs;
+    const int64_t len = bs - o < nk - j ? bs - o : nk - j;
+    const char *k = (const char *)a->key_cache + (blk * KVH + h) * D * bs * size;
+    const char *v = (const char *)a->value_cache + ((blk * KVH + h) * bs + o) * D * size;
+    for (int64_t off = 0; off < D * bs * size; off += 64) __builtin_prefetch(k + off, 0, PREFETCH_LOCALITY);
+    for (int64_t off = 0; off < len * D * size; off += 64) __builtin_prefetch(v + off, 0, PREFETCH_LOCALITY);
+    j += len;
+  }
+}
+
+/* One work item: rows r = (token t0 + r / G, query head kv_head * G + r % G). `next`: the item
+ * this thread runs after it (or NULL), whose first chunk is prefetched during the last one. */
+INLINE void attend_item(const struct pa_args *a, const struct item *it, const struct item *next,
+                        struct workspace *w) {
   const int64_t D = a->head_dim, KVH = a->num_kv_heads, H = a->num_heads, G = H / KVH, bs = a->block_size;
   const int64_t s = it->seq, h = it->kv_head;
   const int64_t q_start = a->query_start_loc[s], q_len = a->query_start_loc[s + 1] - q_start;
@@ -264,7 +267,7 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, struct w
   const int32_t *table = a->block_table + s * a->table_width;
   const float scale = (float)a->scale;
   float *kt = w->kt, *q = w->q, *sc = w->s, *acc = w->acc, *m = w->m, *l = w->l, *alpha = w->alpha;
-  const float **vrow = w->vrow, **krow = w->krow;
+  const float **vrow = w->vrow;
 
   const int64_t bf16 = a->bf16;
   for (int64_t r = 0; r < rows; r++) {
@@ -276,32 +279,37 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, struct w
     const int64_t key0 = c * CHUNK;
     const int64_t nk = last_pos + 1 - key0 < CHUNK ? last_pos + 1 - key0 : CHUNK; /* keys any row sees */
     const int64_t nk_tiles = nk > NR ? 2 : 1;
-    for (int64_t j = 0; j < nk; j++) {
-      const int64_t pos = key0 + j;
-      const int64_t off = (((int64_t)table[pos / bs] * bs + pos % bs) * KVH + h) * D;
+    /* The next chunk (or the next item's first chunk) is on its way while this one is computed. */
+    int64_t pf_seq = s, pf_head = h, pf_key0 = key0 + CHUNK, pf_nk = 0;
+    if (c + 1 < num_chunks) {
+      pf_nk = last_pos + 1 - pf_key0;
+    } else if (next) {
+      pf_seq = next->seq, pf_head = next->kv_head, pf_key0 = 0;
+      pf_nk = a->seq_lens[pf_seq] - (a->query_start_loc[pf_seq + 1] - a->query_start_loc[pf_seq]) + next->t1;
+    }
+    pf_nk = pf_nk < CHUNK ? pf_nk : CHUNK;
+    prefetch_chunk(a, pf_seq, pf_head, pf_key0, pf_nk);
+    /* Gather the chunk block by block: each block's run of keys is copied into kt at one d per
+     * row of the tile (widened from bf16), and its value rows pointed at (widened into vw). */
+    for (int64_t j = 0; j < nk;) {
+      const int64_t pos = key0 + j, blk = table[pos / bs], o = pos % bs;
+      const int64_t len = bs - o < nk - j ? bs - o : nk - j;
+      const int64_t kbase = (blk * KVH + h) * D * bs + o, vbase = ((blk * KVH + h) * bs + o) * D;
       if (bf16) {
-        const uint16_t *k16 = (const uint16_t *)a->key_cache + off, *v16 = (const uint16_t *)a->value_cache + off;
-        float *kj = w->kw + j * D, *vj = w->vw + j * D;
-        for (int64_t d = 0; d < D; d++) kj[d] = bf16_to_f32(k16[d]);
-        for (int64_t d = 0; d < D; d++) vj[d] = bf16_to_f32(v16[d]);
-        krow[j] = kj;
-        vrow[j] = vj;
+        const uint16_t *k16 = (const uint16_t *)a->key_cache + kbase, *v16 = (const uint16_t *)a->value_cache + vbase;
+        for (int64_t d = 0; d < D; d++)
+          for (int64_t i = 0; i < len; i++) kt[d * CHUNK + j + i] = bf16_to_f32(k16[d * bs + i]);
+        float *vj = w->vw + j * D;
+        for (int64_t e = 0; e < len * D; e++) vj[e] = bf16_to_f32(v16[e]);
+        for (int64_t i = 0; i < len; i++) vrow[j + i] = vj + i * D;
       } else {
-        krow[j] = (const float *)a->key_cache + off;
-        vrow[j] = (const float *)a->value_cache + off;
+        const float *k32 = (const float *)a->key_cache + kbase, *v32 = (const float *)a->value_cache + vbase;
+        for (int64_t d = 0; d < D; d++)
+          for (int64_t i = 0; i < len; i++) kt[d * CHUNK + j + i] = k32[d * bs + i];
+        for (int64_t i = 0; i < len; i++) vrow[j + i] = v32 + i * D;
       }
+      j += len;
     }
-    int64_t j0 = 0;
-    for (; j0 + 8 <= nk; j0 += 8) {
-      const float *rows8[8]; /* a local copy: the stores to kt cannot alias it */
-      for (int i = 0; i < 8; i++) rows8[i] = krow[j0 + i];
-      int64_t d0 = 0;
-      for (; d0 + 8 <= D; d0 += 8) transpose8(rows8, d0, kt + d0 * CHUNK + j0);
-      for (int64_t d = d0; d < D; d++)
-        for (int64_t j = j0; j < j0 + 8; j++) kt[d * CHUNK + j] = krow[j][d];
-    }
-    for (int64_t d = 0; d < D; d++)
-      for (int64_t j = j0; j < nk; j++) kt[d * CHUNK + j] = krow[j][d];
     for (int64_t j = nk; j < nk_tiles * NR; j++) /* scores computed but never used: keep them finite */
       for (int64_t d = 0; d < D; d++) kt[d * CHUNK + j] = 0.0f;
     /* Rows whose token sees this chunk: from the first token at or after key0. */
@@ -364,7 +372,7 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, struct w
 CLONES
 static void run_items(const struct pa_args *a, const struct item *items, int64_t begin, int64_t end,
                       struct workspace *w) {
-  for (int64_t i = begin; i < end; i++) attend_item(a, &items[i], w);
+  for (int64_t i = begin; i < end; i++) attend_item(a, &items[i], i + 1 < end ? &items[i + 1] : NULL, w);
 }
 
 /* Checks everything the call will read or write through an index; PA_OK or the first problem. */
@@ -394,16 +402,28 @@ static int64_t check(struct pa_args *a) {
   return PA_OK;
 }
 
+/* Stores each new token's K/V at its slot: keys transposed into column `offset` of the block's
+ * [head_dim][block_size] tile per KV head, values as rows of the block's [block_size][head_dim] run. */
 static void write_cache(const struct pa_args *a) {
-  const int64_t D = a->head_dim, KVH = a->num_kv_heads, size = a->bf16 ? 2 : 4;
-  char *kc = a->key_cache, *vc = a->value_cache;
-  const char *k = a->key, *v = a->value;
+  const int64_t D = a->head_dim, KVH = a->num_kv_heads, bs = a->block_size, bf16 = a->bf16;
   for (int64_t t = 0; t < a->num_tokens; t++) {
     const int64_t slot = a->slot_mapping[t];
     if (slot < 0) continue; /* padding */
+    const int64_t blk = slot / bs, o = slot % bs;
     for (int64_t h = 0; h < KVH; h++) {
-      memcpy(kc + (slot * KVH + h) * D * size, k + (t * a->k_token + h * a->k_head) * size, D * size);
-      memcpy(vc + (slot * KVH + h) * D * size, v + (t * a->v_token + h * a->v_head) * size, D * size);
+      const int64_t ksrc = t * a->k_token + h * a->k_head, vsrc = t * a->v_token + h * a->v_head;
+      const int64_t kdst = (blk * KVH + h) * D * bs + o, vdst = ((blk * KVH + h) * bs + o) * D;
+      if (bf16) {
+        const uint16_t *k = (const uint16_t *)a->key + ksrc;
+        uint16_t *kc = (uint16_t *)a->key_cache + kdst;
+        for (int64_t d = 0; d < D; d++) kc[d * bs] = k[d];
+        memcpy((uint16_t *)a->value_cache + vdst, (const uint16_t *)a->value + vsrc, D * sizeof(uint16_t));
+      } else {
+        const float *k = (const float *)a->key + ksrc;
+        float *kc = (float *)a->key_cache + kdst;
+        for (int64_t d = 0; d < D; d++) kc[d * bs] = k[d];
+        memcpy((float *)a->value_cache + vdst, (const float *)a->value + vsrc, D * sizeof(float));
+      }
     }
   }
 }
@@ -454,8 +474,8 @@ int64_t paged_attention_cpu(struct pa_args *a) {
   bounds[threads] = num_items;
 
   const int64_t rows = tokens_per_item * G;
-  const size_t floats = D * CHUNK + 2 * rows * D + rows * CHUNK + 3 * rows + (a->bf16 ? 2 * CHUNK * D : 0);
-  const size_t per_thread = (2 * CHUNK * sizeof(float *) + floats * sizeof(float) + 63) / 64 * 64;
+  const size_t floats = D * CHUNK + 2 * rows * D + rows * CHUNK + 3 * rows + (a->bf16 ? CHUNK * D : 0);
+  const size_t per_thread = (CHUNK * sizeof(float *) + floats * sizeof(float) + 63) / 64 * 64;
   char *mem = aligned_alloc(64, per_thread * threads);
   if (!mem) {
     free(items);
@@ -474,16 +494,14 @@ int64_t paged_attention_cpu(struct pa_args *a) {
     for (int64_t part = tid; part < threads; part += team) {
       struct workspace w;
       w.vrow = (const float **)(mem + part * per_thread);
-      w.krow = w.vrow + CHUNK;
-      w.kt = (float *)(w.krow + CHUNK);
+      w.kt = (float *)(w.vrow + CHUNK);
       w.q = w.kt + D * CHUNK;
       w.acc = w.q + rows * D;
       w.s = w.acc + rows * D;
       w.m = w.s + rows * CHUNK;
       w.l = w.m + rows;
       w.alpha = w.l + rows;
-      w.kw = w.alpha + rows;
-      w.vw = w.kw + CHUNK * D;
+      w.vw = w.alpha + rows;
       run_items(a, items, bounds[part], bounds[part + 1], &w);
     }
   }

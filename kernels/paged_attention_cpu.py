@@ -19,6 +19,14 @@ bf16 tensors (``--dtype bfloat16``) run the same fp32 arithmetic on their values
 fp32, and each output is rounded to bf16 once: a bf16 call's output is the fp32 call's output on
 the widened inputs, rounded (so the same invariance, and no bf16 rounding inside the softmax).
 
+The kernel keeps its own cache layout (:func:`cache_shapes`): per block, each KV head's keys
+transposed (``key_cache [num_blocks, num_kv_heads, head_dim, block_size]``) and its values in one
+run (``value_cache [num_blocks, num_kv_heads, block_size, head_dim]``), so a chunk's keys are
+copied into the score tiles as they lie instead of being transposed at every read (vLLM's CPU
+backend stores keys transposed too). Block copies and swaps move whole blocks and do not care;
+:func:`standard_views` shows such caches in the ``[num_blocks, block_size, num_kv_heads,
+head_dim]`` layout of the Triton kernels and the plain-torch twins, for tests and inspection.
+
 Chosen once per process (:func:`backend`): ``"compiled"`` where the C kernel builds and loads (see
 :mod:`kernels.c_build`: compiled with ``-fopenmp`` on first use, cached), else ``"torch"``, also
 forced by ``PAGEDSERVE_CPU_ATTENTION=torch`` (``=compiled`` makes a failed build an error).
@@ -72,6 +80,25 @@ def load_library(path: Path) -> ctypes.CDLL:
 
 _KERNEL = CKernel(_SOURCE, ENV_VAR, load_library, "the plain-torch attention (kernels.torch_ref)", _FLAGS)
 compile_kernel, build, _library, backend = _KERNEL.compile, _KERNEL.build, _KERNEL.library, _KERNEL.backend
+
+
+def cache_shapes(num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """The shapes of the key and value caches the kernel reads and writes (see the module docstring).
+
+    Returns:
+        ``((num_blocks, num_kv_heads, head_dim, block_size), (num_blocks, num_kv_heads, block_size, head_dim))``.
+    """
+    return (num_blocks, num_kv_heads, head_dim, block_size), (num_blocks, num_kv_heads, block_size, head_dim)
+
+
+def standard_views(key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of caches shaped by :func:`cache_shapes` as ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+
+    No copy: ``key[b, o, h]`` is the key stored at slot ``b * block_size + o`` for KV head ``h``, and
+    writing through a view writes the cache.
+    """
+    return key_cache.permute(0, 3, 1, 2), value_cache.permute(0, 2, 1, 3)
 
 
 def _check_index(name: str, t: torch.Tensor, ndim: int) -> None:
@@ -140,7 +167,8 @@ def paged_attention_cpu(
         query: ``[num_tokens, num_heads, head_dim]`` fp32 or bf16, stride 1 in ``head_dim`` (other
             strides free: a slice of a fused projection is read in place).
         key, value: ``[num_tokens, num_kv_heads, head_dim]``, the query's dtype, stride 1 in ``head_dim``.
-        key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``, the query's
+        key_cache: ``[num_blocks, num_kv_heads, head_dim, block_size]``, value_cache:
+            ``[num_blocks, num_kv_heads, block_size, head_dim]`` (:func:`cache_shapes`), the query's
             dtype, contiguous.
         layout: the step's :class:`StepLayout`.
         scale: softmax scale (``head_dim ** -0.5`` for Llama).
@@ -172,14 +200,14 @@ def paged_attention_cpu(
         raise ValueError(f"expected 3-D query/key/value and a 4-D cache, got {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}, {tuple(key_cache.shape)}")
     num_tokens, num_heads, head_dim = query.shape
-    num_blocks, block_size, num_kv_heads, cache_head_dim = cache_shape = key_cache.shape
+    num_blocks, num_kv_heads, cache_head_dim, block_size = key_cache.shape
     kv_shape = key.shape
-    if (value_cache.shape != cache_shape or kv_shape[0] != num_tokens or kv_shape[1] != num_kv_heads
-            or kv_shape[2] != head_dim or value.shape != kv_shape or cache_head_dim != head_dim
-            or num_tokens != layout.num_tokens):
+    if (value_cache.shape != (num_blocks, num_kv_heads, block_size, head_dim) or kv_shape[0] != num_tokens
+            or kv_shape[1] != num_kv_heads or kv_shape[2] != head_dim or value.shape != kv_shape
+            or cache_head_dim != head_dim or num_tokens != layout.num_tokens):
         raise ValueError(f"shapes do not match: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
                          f"{tuple(value.shape)}, caches {tuple(key_cache.shape)} / {tuple(value_cache.shape)}, "
-                         f"slot_mapping {layout.num_tokens}")
+                         f"slot_mapping {layout.num_tokens} (the caches are laid out as cache_shapes() gives)")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     qs, ks, vs = query.stride(), key.stride(), value.stride()

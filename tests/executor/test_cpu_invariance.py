@@ -8,7 +8,7 @@ tests/executor/test_cpu_paths.py runs this file again on each MKL / oneDNN code 
 import pytest
 import torch
 
-from executor.attention import AttentionMetadata, paged_attention
+from executor.attention import AttentionMetadata, allocate_kv_cache, paged_attention, standard_kv_views
 from executor.layers import RMSNorm
 from executor.linear import Linear
 from kernels import paged_attention_cpu
@@ -141,21 +141,28 @@ def cpu_attention(request, monkeypatch):
                                                       reason="no compiled CPU attention here")),
 ], indirect=True)
 def test_cache_write_through_the_dispatch(cpu_attention):
-    k_cache, v_cache, gen = _paged(num_blocks=8)
+    k_std, v_std, gen = _paged(num_blocks=8)
+    # The caches as the executor allocates them for this backend (the compiled kernel's own layout),
+    # holding the same entries; k_std / v_std become views of them in the standard layout.
+    [(k_cache, v_cache)] = allocate_kv_cache(1, 8, 16, 3, 64)
+    views = standard_kv_views(k_cache, v_cache)
+    for view, entries in zip(views, (k_std, v_std)):
+        view.copy_(entries)
+    k_std, v_std = views
     key, value = torch.randn(2, 2, 3, 64, generator=gen)  # 2 new tokens, 3 KV heads each
     meta = AttentionMetadata(slot_mapping=torch.tensor([17, 18]), block_table=torch.tensor([[0, 1]], dtype=torch.int32),
                              seq_lens=torch.tensor([19], dtype=torch.int32),
                              query_start_loc=torch.tensor([0, 2], dtype=torch.int32), max_query_len=2)
     query = torch.randn(2, 9, 64, generator=gen)
     out = paged_attention(query, key, value, k_cache, v_cache, meta, 0.125)
-    assert torch.equal(k_cache[1, 1], key[0]) and torch.equal(v_cache[1, 2], value[1])
+    assert torch.equal(k_std[1, 1], key[0]) and torch.equal(v_std[1, 2], value[1])
     if cpu_attention == "torch":
         assert meta.torch_plan is not None and meta.torch_plan.slots_valid
     else:
         assert isinstance(meta.torch_plan, StepLayout)
     # Either implementation gives the twin's values (not its bits: another order of summation).
-    expected = paged_extend_attention_torch(query, k_cache, v_cache, meta.block_table, meta.query_start_loc,
-                                            meta.seq_lens, 0.125)
+    expected = paged_extend_attention_torch(query, k_std.contiguous(), v_std.contiguous(), meta.block_table,
+                                            meta.query_start_loc, meta.seq_lens, 0.125)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -26,7 +26,7 @@ from torch.profiler import profile
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 from transformers import AutoModelForCausalLM
 
-from executor.attention import AttentionMetadata
+from executor.attention import AttentionMetadata, allocate_kv_cache
 from executor.layers import RMSNorm
 from executor.linear import ONEDNN_BF16_LINEAR, Linear
 from executor.model import LlamaForCausalLM
@@ -113,9 +113,9 @@ def model_pair(request, tmp_path_factory):
 
 
 def _empty_caches(model: LlamaForCausalLM) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    shape = (NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
     # NaN-filled: reading a slot nobody wrote would poison the output.
-    return [(torch.full(shape, float("nan")), torch.full(shape, float("nan"))) for _ in range(model.num_layers)]
+    return allocate_kv_cache(model.num_layers, NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim,
+                             fill=float("nan"))
 
 
 class PagedBatch:
@@ -293,8 +293,7 @@ def test_bfloat16_load(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     batch = PagedBatch(1)
     pos, meta = batch.step([5])
-    shape = (NUM_BLOCKS, BLOCK_SIZE, m.num_kv_heads, m.head_dim)
-    caches = [(torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)) for _ in range(m.num_layers)]
+    caches = allocate_kv_cache(m.num_layers, NUM_BLOCKS, BLOCK_SIZE, m.num_kv_heads, m.head_dim, dtype=torch.bfloat16)
     with torch.no_grad():
         logits = m.compute_logits(m(torch.arange(5), pos, caches, meta))
     assert logits.dtype == torch.float32
@@ -320,8 +319,8 @@ def test_bfloat16_load_packs_linears_for_onednn(tmp_path):
 
     def logits(model, dtype):
         batch = PagedBatch(2, seed=3)
-        shape = (NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
-        caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(model.num_layers)]
+        caches = allocate_kv_cache(model.num_layers, NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim,
+                                   dtype=dtype)
         out = []
         with torch.inference_mode():
             for counts, ids in (([5, 3], [1, 2, 3, 4, 5, 9, 8, 7]), ([1, 1], [6, 10])):

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from executor import model_loader
-from executor.attention import AttentionMetadata
+from executor.attention import AttentionMetadata, allocate_kv_cache
 from executor.model_config import UnsupportedModelError
 from executor.model_loader import (
     CACHE_DIR_ENV,
@@ -250,8 +250,8 @@ def test_smollm_logits_match_transformers(converted, our_smollm):
     ]
     seqs = [tok(p, add_special_tokens=False).input_ids for p in prompts]
     block_size, num_blocks = 16, 12
-    shape = (num_blocks, block_size, our_smollm.num_kv_heads, our_smollm.head_dim)
-    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(our_smollm.num_layers)]
+    caches = allocate_kv_cache(our_smollm.num_layers, num_blocks, block_size, our_smollm.num_kv_heads,
+                               our_smollm.head_dim)
     free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(3)).tolist()
     tables = [[free.pop() for _ in range(4)] for _ in seqs]  # 64 slots per sequence: plenty
 

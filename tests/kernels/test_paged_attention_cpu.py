@@ -29,7 +29,9 @@ class Batch:
     """Sequences with ``cached`` tokens already in a NaN-filled pool and ``new`` tokens to add.
 
     Each sequence's K/V and queries are drawn as contiguous tensors; the cached prefix is scattered
-    through shuffled block ids, and the new tokens' K/V are left for the kernel to write.
+    through shuffled block ids, and the new tokens' K/V are left for the kernel to write. ``blocked``
+    holds the caches in the kernel's layout; ``key_cache`` / ``value_cache`` are views of them in
+    the ``[num_blocks, block_size, num_kv_heads, head_dim]`` layout (``pa.standard_views``).
     """
 
     def __init__(self, pairs, block_size=16, heads=(9, 3), head_dim=64, seed=0, spare_blocks=3):
@@ -42,8 +44,9 @@ class Batch:
         self.q = [torch.randn(n, self.num_heads, head_dim, generator=gen) for n in lens]
         per_seq = [math.ceil(n / block_size) for n in lens]
         num_blocks = sum(per_seq) + spare_blocks
-        self.key_cache = torch.full((num_blocks, block_size, self.num_kv_heads, head_dim), float("nan"))
-        self.value_cache = torch.full_like(self.key_cache, float("nan"))
+        shapes = pa.cache_shapes(num_blocks, block_size, self.num_kv_heads, head_dim)
+        self.blocked = tuple(torch.full(shape, float("nan")) for shape in shapes)
+        self.key_cache, self.value_cache = pa.standard_views(*self.blocked)
         perm = torch.randperm(num_blocks, generator=gen).tolist()
         # Entries past a sequence's own blocks: a spare (NaN) block, never to be read.
         self.table = torch.full((len(pairs), max(per_seq, default=0) + 2), perm[-1], dtype=torch.int32)
@@ -83,7 +86,7 @@ class Batch:
 
     def run(self, seqs=None, new=None, **kw):
         query, key, value, layout = self.step(seqs, new)
-        return paged_attention_cpu(query, key, value, self.key_cache, self.value_cache, layout, SCALE, **kw)
+        return paged_attention_cpu(query, key, value, *self.blocked, layout, SCALE, **kw)
 
     def dense(self, i, start, stop):
         """float64 causal attention of sequence i's tokens start .. stop-1 over its keys 0 .. stop-1."""
@@ -139,7 +142,7 @@ def test_strided_inputs_are_read_in_place():
     assert not q.is_contiguous()
     expected = batch.run()
     batch2 = Batch([(20, 30), (0, 5)])
-    got = paged_attention_cpu(q, k, v, batch2.key_cache, batch2.value_cache, layout, SCALE)
+    got = paged_attention_cpu(q, k, v, *batch2.blocked, layout, SCALE)
     assert torch.equal(got, expected)
 
 
@@ -153,7 +156,7 @@ def test_padding_slots_and_tokens():
     padded = StepLayout(torch.cat([layout.slot_mapping, torch.full((pad,), -1)]), layout.block_table,
                         layout.query_start_loc, layout.seq_lens)
     before = batch.key_cache.clone()
-    out = paged_attention_cpu(query, key, value, batch.key_cache, batch.value_cache, padded, SCALE)
+    out = paged_attention_cpu(query, key, value, *batch.blocked, padded, SCALE)
     torch.testing.assert_close(out[:4].double(), batch.dense(0, 10, 14), rtol=1e-5, atol=1e-5)
     assert torch.equal(out[4:], torch.zeros(pad, 9, 64))
     changed = ~(batch.key_cache == before) & ~(before.isnan() & batch.key_cache.isnan())
@@ -172,7 +175,7 @@ def test_bf16_gives_the_fp32_outputs_rounded_once(block_size):
     the new K/V land in the bf16 cache as they came. Inputs are slices of one fused projection."""
     batch = Batch(PAIRS, block_size=block_size, seed=21)
     _round_to_bf16(batch)
-    key_cache, value_cache = batch.key_cache.bfloat16(), batch.value_cache.bfloat16()
+    key_cache, value_cache = (t.bfloat16() for t in batch.blocked)
     query, key, value, layout = batch.step()
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[2]
     fused = torch.cat([query.flatten(1), key.flatten(1), value.flatten(1)], 1).bfloat16()
@@ -183,8 +186,8 @@ def test_bf16_gives_the_fp32_outputs_rounded_once(block_size):
     expected = batch.run()  # fp32, writes the fp32 cache
     assert got.dtype is torch.bfloat16
     assert torch.equal(got, expected.bfloat16())
-    assert torch.equal(key_cache.float().nan_to_num(7.0), batch.key_cache.nan_to_num(7.0))
-    assert torch.equal(value_cache.float().nan_to_num(7.0), batch.value_cache.nan_to_num(7.0))
+    assert torch.equal(key_cache.float().nan_to_num(7.0), batch.blocked[0].nan_to_num(7.0))
+    assert torch.equal(value_cache.float().nan_to_num(7.0), batch.blocked[1].nan_to_num(7.0))
 
 
 def test_empty_step():
@@ -279,16 +282,19 @@ def test_bad_layout_entries_raise_before_writing(change, match):
     batch, query, key, value, layout = _bad(change)
     before = batch.key_cache.clone()
     with pytest.raises(ValueError, match=match):
-        paged_attention_cpu(query, key, value, batch.key_cache, batch.value_cache, layout, SCALE)
+        paged_attention_cpu(query, key, value, *batch.blocked, layout, SCALE)
     assert torch.equal(batch.key_cache.isnan(), before.isnan())
 
 
 def test_bad_tensors_raise():
     batch = Batch([(20, 3)])
     query, key, value, layout = batch.step()
-    kc, vc = batch.key_cache, batch.value_cache
+    kc, vc = batch.blocked
     with pytest.raises(ValueError, match="shapes do not match"):
         paged_attention_cpu(query[:2], key, value, kc, vc, layout, SCALE)
+    with pytest.raises(ValueError, match="shapes do not match.*cache_shapes"):  # the Triton kernels' layout
+        paged_attention_cpu(query, key, value, batch.key_cache.contiguous(), batch.value_cache.contiguous(),
+                            layout, SCALE)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         paged_attention_cpu(query[:, :8], key, value, kc, vc, layout, SCALE)
     with pytest.raises(ValueError, match="fp32 or bf16"):
@@ -365,7 +371,10 @@ def test_the_executor_dispatch_runs_the_kernel_for_fp32_and_bf16_caches(dtype, p
     batch = Batch([(20, 3), (40, 1)])
     query, key, value, layout = batch.step()
     meta = AttentionMetadata(layout.slot_mapping, layout.block_table, layout.seq_lens, layout.query_start_loc, 3)
-    kc, vc = batch.key_cache.to(dtype), batch.value_cache.to(dtype)
+    if plan == "StepLayout":  # the compiled kernel's layout; the torch twins read the standard one
+        kc, vc = (t.to(dtype) for t in batch.blocked)
+    else:
+        kc, vc = batch.key_cache.to(dtype).contiguous(), batch.value_cache.to(dtype).contiguous()
     out = paged_attention(query.to(dtype), key.to(dtype), value.to(dtype), kc, vc, meta, SCALE)
     assert type(meta.torch_plan).__name__ == plan
     expected = torch.cat([batch.dense(0, 20, 23), batch.dense(1, 40, 41)])
