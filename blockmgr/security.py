@@ -233,16 +233,19 @@ def keys_for(settings, name: str, binds: list[str | None] = ()) -> Keys | None:
     """
     if settings.keys_dir:
         try:
-            return Keys(settings.keys_dir, name)
+            keys = Keys(settings.keys_dir, name)
         except (KeysError, ValueError, OSError) as exc:
             raise ValueError(f"--keys-dir: {exc}") from None
+        log.info("%s: ZeroMQ links CURVE-authenticated and encrypted; keys from %s (--keys-dir / "
+                 "$PAGEDSERVE_KEYS_DIR): %d trusted public keys", name, keys.dir, len(keys.trusted))
+        return keys
     if not settings.insecure_local:
         raise ValueError("no CURVE keys: pass --keys-dir DIR (create it with `pagedserve keys --keys-dir DIR`), "
                          "or --insecure-local to run unauthenticated on loopback addresses only")
     for address in binds:
         if address and not is_loopback(address):
             raise ValueError(f"--insecure-local binds loopback addresses only, not {address}")
-    log.warning("%s runs WITHOUT authentication or encryption (--insecure-local)", name)
+    log.warning("%s: ZeroMQ links run WITHOUT authentication or encryption (--insecure-local)", name)
     return None
 
 

@@ -32,6 +32,14 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
     return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
 
 
+def scheduler_limits(engine: Engine) -> str:
+    """The limits ``engine`` schedules under, as the start-up log gives them (block geometry has its
+    own "KV cache" line): ``max_model_len`` after the model's default, the per-step caps."""
+    sched = engine.scheduler
+    return (f"max_model_len {engine.max_model_len} tokens, max_num_seqs {sched.max_num_seqs}, "
+            f"max_num_batched_tokens {sched.max_num_batched_tokens} (token budget per step)")
+
+
 SEND_HWM = 100_000  # output messages queued per gateway before a send fails (and is reported)
 HEARTBEAT_IVL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1500
@@ -282,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     engine = Engine(model, bm, config, eos_ids, executor_id=config.executor_id, device=device, dtype=dtype,
                     incarnation=incarnation)
+    log.info("%s: scheduler limits: %s", config.executor_id, scheduler_limits(engine))
     info = {
         "executor_id": config.executor_id,
         "incarnation": incarnation,

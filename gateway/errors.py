@@ -53,7 +53,28 @@ def unavailable(message: str, code: str, retry_after_s: int = 1) -> APIError:
     return APIError(503, message, "service_unavailable", None, code, headers={"Retry-After": str(retry_after_s)})
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+_NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _body_message(body, content_type: str | None) -> str:
+    """Why a request body that is not a JSON object was refused.
+
+    FastAPI parses the body as JSON only under a JSON ``Content-Type``; otherwise the route gets
+    the raw bytes, which is how a missing or other ``Content-Type`` shows here.
+    """
+    if isinstance(body, (bytes, bytearray)):
+        sent = f"Content-Type: {content_type[:100]}" if content_type else "no Content-Type"
+        return f"the request body must be JSON (Content-Type: application/json); this request has {sent}"
+    return f"the request body must be a JSON object, not {_JSON_TYPES.get(type(body), 'that')}"
+
+
+def _validation_message(exc: RequestValidationError, content_type: str | None = None) -> tuple[str, str | None]:
+    """The message and ``param`` of the first validation error.
+
+    Args:
+        content_type: the request's ``Content-Type`` header, named when the body was not JSON.
+    """
     errors = exc.errors()
     if not errors:
         return "invalid request", None
@@ -68,8 +89,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
     if first.get("type") == "missing" and not loc:
-        return "the request body is missing", None
-    return (f"{where}: {message}" if where else message), param
+        return "the request body is missing (send a JSON object with Content-Type: application/json)", None
+    if first.get("type") in _NOT_AN_OBJECT and not loc:
+        return _body_message(first.get("input"), content_type), None
+    # Our own checks name their field already ("max_tokens must be at least 1, got 0").
+    if where and not message.startswith(f"{where} "):
+        message = f"{where}: {message}"
+    return message, param
 
 
 def install_handlers(app) -> None:
@@ -80,8 +106,8 @@ def install_handlers(app) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
+    async def _validation(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc, request.headers.get("content-type"))
         return bad_request(message, param).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,8 +1,10 @@
 """Request and response bodies of the HTTP API, as in the OpenAI API reference plus vLLM's extras.
 
-Request models validate ranges (an out-of-range value is answered with HTTP 400, never 500);
-unknown fields are ignored, as OpenAI does. Response models document the replies in the OpenAPI
-schema (``/openapi.json``); the routes build plain dicts of exactly these shapes.
+Request models validate ranges (an out-of-range value is answered with HTTP 400, never 500).
+Unknown fields of a request body are ignored with one warning per request naming them, as vLLM
+does (the OpenAI API refuses them, but clients written for other servers often send a few).
+Response models document the replies in the OpenAPI schema (``/openapi.json``); the routes build
+plain dicts of exactly these shapes.
 
 Integers that travel to the executor are bounded so that they always fit msgpack's 64-bit
 encoding, and floats refuse NaN and infinity.
@@ -10,9 +12,12 @@ encoding, and floats refuse NaN and infinity.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+import logging
+from typing import Annotated, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+log = logging.getLogger("pagedserve.gateway")
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128  # most choices per prompt, as OpenAI allows
@@ -48,6 +53,46 @@ class _Base(BaseModel):
         return data
 
 
+def at_least_one(name: str, value, note: str = "") -> str:
+    """The message for a token count below 1, the same on every endpoint (vLLM's wording), with an
+    endpoint's ``note`` in parentheses after it."""
+    return f"{name} must be at least 1, got {value}" + (f" ({note})" if note else "")
+
+
+ECHO_ONLY = "0 is allowed only with echo"  # the completions endpoint's note on max_tokens
+
+
+def _count_below(value, minimum: int) -> bool:
+    """Whether ``value`` is a number (not a bool) below ``minimum``; other input is pydantic's to judge."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum
+
+
+_MAX_NAMED = 10  # unknown fields named in the warning, at most
+_NAME_CHARS = 40  # characters of each name shown, at most
+
+
+class RequestBody(_Base):
+    """A top-level HTTP request body: its unknown fields are logged (one warning line) and ignored.
+
+    ``endpoint`` names the route in that line. The names are client text: shown with ``repr`` (no
+    line breaks reach the log), cut to 40 characters, at most 10 of them.
+    """
+
+    endpoint: ClassVar[str] = "a request"
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _warn_unknown(cls, data, handler):
+        body = handler(data)
+        if isinstance(data, dict):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                shown = ", ".join(repr(k[:_NAME_CHARS]) for k in unknown[:_MAX_NAMED])
+                more = f" and {len(unknown) - _MAX_NAMED} more" if len(unknown) > _MAX_NAMED else ""
+                log.warning("%s: ignored unknown fields %s%s", cls.endpoint, shown, more)
+        return body
+
+
 # --------------------------------------------------------------------------------- requests
 class TextPart(_Base):
     """One part of a message's content; only text parts are supported."""
@@ -73,7 +118,7 @@ class StreamOptions(_Base):
     include_usage: bool = False
 
 
-class SamplingFields(_Base):
+class SamplingFields(RequestBody):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extra body)."""
 
     model: Optional[str] = None
@@ -122,16 +167,28 @@ class SamplingFields(_Base):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
+    endpoint: ClassVar[str] = "POST /v1/completions"
+
     prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
-    max_tokens: Optional[int] = Field(16, ge=0, le=2**31 - 1)
+    max_tokens: Optional[int] = Field(16, ge=0, le=2**31 - 1, description="0 only with echo (the prompt alone)")
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: Optional[int] = Field(None, ge=1, le=MAX_N, description="beam width with use_beam_search; else must equal n")
     suffix: Optional[str] = None
 
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _max_tokens(cls, value):
+        # 0 passes: it is valid with echo, which the route checks (echo is validated after this field).
+        if _count_below(value, 0):
+            raise ValueError(at_least_one("max_tokens", value, ECHO_ONLY))
+        return value
+
 
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
+
+    endpoint: ClassVar[str] = "POST /v1/chat/completions"
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1, le=2**31 - 1, description="deprecated alias of max_completion_tokens")
@@ -140,9 +197,19 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
 
+    @field_validator("max_tokens", "max_completion_tokens", mode="before")
+    @classmethod
+    def _at_least_one(cls, value, info: ValidationInfo):
+        # Before pydantic's own bound check, so that both endpoints word it alike.
+        if _count_below(value, 1):
+            raise ValueError(at_least_one(info.field_name, value))
+        return value
 
-class TokenizeRequest(_Base):
+
+class TokenizeRequest(RequestBody):
     """POST /tokenize: a prompt, or chat messages formatted with the model's template."""
+
+    endpoint: ClassVar[str] = "POST /tokenize"
 
     model: Optional[str] = None
     prompt: Optional[str] = None
@@ -152,8 +219,10 @@ class TokenizeRequest(_Base):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(_Base):
+class DetokenizeRequest(RequestBody):
     """POST /detokenize."""
+
+    endpoint: ClassVar[str] = "POST /detokenize"
 
     model: Optional[str] = None
     tokens: list[TokenId]

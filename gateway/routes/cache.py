@@ -17,7 +17,7 @@ client without these operations gives 501.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from blockmgr.client import BlockManagerRequestError
 from gateway.auth import require_admin
 from gateway.errors import APIError, bad_request
-from gateway.openai_protocol import ChatMessage, TokenId, _Base
+from gateway.openai_protocol import ChatMessage, RequestBody, TokenId, _Base
 from gateway.routes.common import errors
 from gateway.runtime import get_gateway
 from gateway.tokenization import chat_prompt, completion_prompts
@@ -39,7 +39,7 @@ _PAGE = Path(__file__).resolve().parent.parent / "static" / "cache.html"
 _ERRORS = errors(400, 401, 403, 501, 503)
 
 
-class PromptSpec(_Base):
+class PromptSpec(RequestBody):
     """A prompt as a completions ``prompt`` (text or token ids) or as chat ``messages``."""
 
     prompt: Optional[Union[str, list[TokenId]]] = Field(None, description="text, or token ids")
@@ -49,6 +49,8 @@ class PromptSpec(_Base):
 
 
 class LookupRequest(PromptSpec):
+    endpoint: ClassVar[str] = "POST /admin/cache/lookup"
+
     @model_validator(mode="after")
     def _one_prompt(self):
         if (self.prompt is None) == (self.messages is None):
@@ -57,6 +59,8 @@ class LookupRequest(PromptSpec):
 
 
 class PinRequest(PromptSpec):
+    endpoint: ClassVar[str] = "POST /admin/cache/pin"
+
     prefix_id: Optional[str] = Field(None, min_length=1, max_length=300,
                                      description="a prefix id from GET /admin/cache/prefixes, instead of a prompt")
     executor_id: Optional[str] = Field(None, min_length=1, max_length=300, description="pin only on this executor")

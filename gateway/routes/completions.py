@@ -20,7 +20,7 @@ from gateway.errors import bad_request
 from gateway.generation import Job, Run, close_runs, merged_deltas, start_runs, usage
 from gateway.limits import check_context
 from gateway.logprobs import completion_logprobs, merge_completion_logprobs, prompt_entries
-from gateway.openai_protocol import Completion, CompletionRequest
+from gateway.openai_protocol import ECHO_ONLY, Completion, CompletionRequest, at_least_one
 from gateway.routes.common import Generation, errors, now_s, start_generation, stream_doc
 from gateway.runtime import Gateway
 from gateway.settings import GatewaySettings
@@ -180,7 +180,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     gw, settings = g.gw, g.gw.settings
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
-        raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo)", "max_tokens")
+        raise bad_request(at_least_one("max_tokens", 0, ECHO_ONLY), "max_tokens")
     prompts = completion_prompts(gw.tokenizer, body.prompt)
     for p in prompts:
         check_context(settings, len(p.token_ids), max_tokens)

@@ -1,0 +1,14 @@
+"""The executor's start-up log gives the scheduler limits it runs with."""
+
+from executor.server import scheduler_limits
+
+
+def test_the_scheduler_limits_line_gives_what_the_engine_runs_with(make_engine, smollm):
+    engine, _ = make_engine(block_size=16, num_blocks=8, max_num_seqs=7, max_num_batched_tokens=300,
+                            max_model_len=512)
+    assert scheduler_limits(engine) == ("max_model_len 512 tokens, max_num_seqs 7, "
+                                        "max_num_batched_tokens 300 (token budget per step)")
+    # Without --max-model-len the model's own context length is the limit, and the line says it.
+    engine, _ = make_engine(block_size=16, num_blocks=8)
+    model, _ = smollm
+    assert scheduler_limits(engine).startswith(f"max_model_len {model.max_model_len} tokens, max_num_seqs 64, ")
