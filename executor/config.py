@@ -28,6 +28,21 @@ class ModelSettings(BaseModel):
                                               "model's max_position_embeddings)", ge=1)
 
 
+#: The default token budget per step, by device type. On the CPU a prefill is compute-bound from a
+#: few hundred tokens on: a bigger chunk gains no throughput and only delays the first token of every
+#: prompt in it (a burst of 16 x 128-token prompts: median TTFT halved at 512, throughput within
+#: run-to-run noise; README "Performance"). On a GPU bigger prefill batches pay more.
+DEFAULT_TOKEN_BUDGET = {"cpu": 512, "cuda": 2048}
+
+
+def token_budget(setting: int | None, device: str) -> int:
+    """``--max-num-batched-tokens`` when given, else :data:`DEFAULT_TOKEN_BUDGET` for ``device``
+    (``"cpu"``, ``"cuda"`` or ``"cuda:N"``; other types take the CUDA value)."""
+    if setting is not None:
+        return setting
+    return DEFAULT_TOKEN_BUDGET.get(str(device).split(":")[0], DEFAULT_TOKEN_BUDGET["cuda"])
+
+
 class ExecutorSettings(ZmqServiceSettings, ModelSettings, BlockManagerAddress):
     """``pagedserve executor``: one process per device, owning the model and the KV-cache tensors."""
 
@@ -43,7 +58,8 @@ class ExecutorSettings(ZmqServiceSettings, ModelSettings, BlockManagerAddress):
     swap_space: float = setting(0.5, "CPU swap space for preempted sequences, GiB (0 disables swapping)",
                                 env="PAGEDSERVE_SWAP_SPACE_GIB", ge=0)
     max_num_seqs: int = setting(64, "most sequences per step", ge=1)
-    max_num_batched_tokens: int = setting(2048, "token budget per step (decodes + prefill chunks)", ge=1)
+    max_num_batched_tokens: int | None = setting(
+        None, "token budget per step (decodes + prefill chunks); default 512 on the CPU, 2048 on CUDA", ge=1)
     attention_backend: Literal["auto", "triton", "torch"] = setting(
         "auto", "paged-attention kernels: triton (the CUDA path), torch (the CPU path), auto (triton on cuda, "
                 "torch on cpu); triton on the CPU needs TRITON_INTERPRET=1 and is a correctness check, not fast")

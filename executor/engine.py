@@ -23,6 +23,7 @@ import torch
 from executor.beam_search import BeamSearchGroup
 from executor.block_manager_link import BlockManagerLink
 from executor.config import ExecutorSettings as EngineConfig  # the engine reads the pool geometry from it
+from executor.config import token_budget
 from executor.model_runner import ModelRunner
 from executor.outputs import RequestOutput, StepRecord, output_of
 from executor.request import Request, SamplingParams, Status, build_request
@@ -75,7 +76,7 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.executor_id = executor_id
         self.max_model_len = config.max_model_len or model.max_model_len
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(config.max_num_seqs, token_budget(config.max_num_batched_tokens, device))
         self.requests: dict[str, Request] = {}
         self.pending_free: list[str] = []
         self.step_records: list[StepRecord] = []

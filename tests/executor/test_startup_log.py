@@ -11,4 +11,13 @@ def test_the_scheduler_limits_line_gives_what_the_engine_runs_with(make_engine, 
     # Without --max-model-len the model's own context length is the limit, and the line says it.
     engine, _ = make_engine(block_size=16, num_blocks=8)
     model, _ = smollm
-    assert scheduler_limits(engine).startswith(f"max_model_len {model.max_model_len} tokens, max_num_seqs 64, ")
+    assert scheduler_limits(engine) == (f"max_model_len {model.max_model_len} tokens, max_num_seqs 64, "
+                                        "max_num_batched_tokens 512 (token budget per step)")  # the CPU default
+
+
+def test_the_token_budget_defaults_by_device():
+    from executor.config import token_budget
+
+    assert token_budget(None, "cpu") == 512
+    assert token_budget(None, "cuda") == token_budget(None, "cuda:1") == 2048
+    assert token_budget(300, "cpu") == token_budget(300, "cuda") == 300  # the flag wins
