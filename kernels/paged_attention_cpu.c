@@ -122,8 +122,7 @@ struct workspace {
   float *s;          /* [rows][CHUNK]: scores, then probabilities */
   float *acc;        /* [rows][D] */
   float *m, *l, *alpha;
-  const float **vrow; /* [CHUNK]: each key's value row */
-  float *vw;          /* [CHUNK][D]: a bf16 chunk's values, widened to fp32 */
+  const void **vrow; /* [CHUNK]: each key's value row in the cache (fp32 or bf16) */
 };
 
 /* bf16 -> fp32 is exact: the bf16 bits are the fp32's upper half. */
@@ -213,23 +212,6 @@ INLINE void score_tile(int mr, int64_t D, const float *q, const float *kt, float
     for (int j = 0; j < NR; j++) s[r * CHUNK + j] = acc[r][j];
 }
 
-/* acc[r][d0 .. d0+NR-1] += p[r][k] * v_k[...] for keys k = 0 .. nk-1 in order, rows 0 .. mr-1. */
-INLINE void pv_tile(int mr, int64_t nk, int64_t D, const float *p, const float *const *vrow, int64_t d0,
-                    float *acc) {
-  float t[MR][NR];
-  for (int r = 0; r < mr; r++)
-    for (int j = 0; j < NR; j++) t[r][j] = acc[r * D + d0 + j];
-  for (int64_t k = 0; k < nk; k++) {
-    const float *v = vrow[k] + d0;
-    for (int r = 0; r < mr; r++) {
-      const float x = p[r * CHUNK + k];
-      for (int j = 0; j < NR; j++) t[r][j] = fmaf(x, v[j], t[r][j]);
-    }
-  }
-  for (int r = 0; r < mr; r++)
-    for (int j = 0; j < NR; j++) acc[r * D + d0 + j] = t[r][j];
-}
-
 #define BY_ROWS(mr, call)                     \
   switch (mr) {                               \
     case 4: { const int mr_ = 4; call; } break; \
@@ -237,6 +219,61 @@ INLINE void pv_tile(int mr, int64_t nk, int64_t D, const float *p, const float *
     case 2: { const int mr_ = 2; call; } break; \
     default: { const int mr_ = 1; call; } break; \
   }
+
+INLINE float f32_as_is(float x) { return x; }
+
+/* The probabilities times the values of one chunk, for element type T of the value cache (WIDEN:
+ * T -> float, exact): rows r0 .. rows-1 of sc (the chunk's probabilities) into acc, each row's
+ * visible keys in ascending order. vrow[k]: key k's value row, T elements. A bf16 row is widened
+ * as it is read: no widened copy of the chunk is written and read back. */
+#define DEFINE_PV(SUFFIX, T, WIDEN)                                                                    \
+  /* acc[r][d0 .. d0+NR-1] += p[r][k] * v_k[...] for keys k = 0 .. nk-1 in order, rows 0 .. mr-1. */ \
+  INLINE void pv_tile##SUFFIX(int mr, int64_t nk, int64_t D, const float *p, const void *const *vrow,  \
+                              int64_t d0, float *acc) {                                               \
+    float t[MR][NR];                                                                                  \
+    for (int r = 0; r < mr; r++)                                                                      \
+      for (int j = 0; j < NR; j++) t[r][j] = acc[r * D + d0 + j];                                     \
+    for (int64_t k = 0; k < nk; k++) {                                                                \
+      const T *v = (const T *)vrow[k] + d0;                                                           \
+      for (int r = 0; r < mr; r++) {                                                                  \
+        const float x = p[r * CHUNK + k];                                                             \
+        for (int j = 0; j < NR; j++) t[r][j] = fmaf(x, WIDEN(v[j]), t[r][j]);                         \
+      }                                                                                               \
+    }                                                                                                 \
+    for (int r = 0; r < mr; r++)                                                                      \
+      for (int j = 0; j < NR; j++) acc[r * D + d0 + j] = t[r][j];                                     \
+  }                                                                                                   \
+                                                                                                      \
+  INLINE void pv_rows##SUFFIX(const float *sc, const void *const *vrow, float *acc, int64_t r0,       \
+                              int64_t rows, int64_t first_pos, int64_t key0, int64_t G, int64_t D) {  \
+    for (int64_t r = r0; r < rows; r += MR) {                                                         \
+      const int mr = rows - r < MR ? (int)(rows - r) : MR;                                            \
+      /* Keys every row of the tile sees (rows are in token order, so the first sees fewest). */     \
+      const int64_t seen = first_pos + r / G + 1 - key0;                                              \
+      const int64_t common = seen < CHUNK ? seen : CHUNK;                                             \
+      int64_t d0 = 0;                                                                                 \
+      for (; d0 + NR <= D; d0 += NR)                                                                  \
+        BY_ROWS(mr, pv_tile##SUFFIX(mr_, common, D, sc + r * CHUNK, vrow, d0, acc + r * D));          \
+      for (int64_t i = 0; i < mr; i++) /* head-dim columns past the last whole tile */                \
+        for (int64_t k = 0; k < common; k++) {                                                        \
+          const float x = sc[(r + i) * CHUNK + k];                                                    \
+          const T *v = (const T *)vrow[k];                                                            \
+          for (int64_t d = d0; d < D; d++) acc[(r + i) * D + d] = fmaf(x, WIDEN(v[d]), acc[(r + i) * D + d]); \
+        }                                                                                             \
+      for (int64_t i = 0; i < mr; i++) { /* keys only the later rows of the tile see, in order */     \
+        const int64_t seen_i = first_pos + (r + i) / G + 1 - key0;                                    \
+        const int64_t nvis = seen_i < CHUNK ? seen_i : CHUNK;                                         \
+        for (int64_t k = common; k < nvis; k++) {                                                     \
+          const float x = sc[(r + i) * CHUNK + k];                                                    \
+          const T *v = (const T *)vrow[k];                                                            \
+          for (int64_t d = 0; d < D; d++) acc[(r + i) * D + d] = fmaf(x, WIDEN(v[d]), acc[(r + i) * D + d]); \
+        }                                                                                             \
+      }                                                                                               \
+    }                                                                                                 \
+  }
+
+DEFINE_PV(_f32, float, f32_as_is)
+DEFINE_PV(_bf16, uint16_t, bf16_to_f32)
 
 /* Asks for the cache lines of keys key0 .. key0+nk-1 of sequence s, KV head h, ahead of their use:
  * a chunk's runs are 4 KB apart or more, so the hardware prefetcher would start each one cold, and
@@ -267,7 +304,7 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, const st
   const int32_t *table = a->block_table + s * a->table_width;
   const float scale = (float)a->scale;
   float *kt = w->kt, *q = w->q, *sc = w->s, *acc = w->acc, *m = w->m, *l = w->l, *alpha = w->alpha;
-  const float **vrow = w->vrow;
+  const void **vrow = w->vrow;
 
   const int64_t bf16 = a->bf16;
   for (int64_t r = 0; r < rows; r++) {
@@ -293,7 +330,7 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, const st
     pf_nk = pf_nk < CHUNK ? pf_nk : CHUNK;
     prefetch_chunk(a, pf_seq, pf_head, pf_key0, pf_nk);
     /* Gather the chunk block by block: each block's run of keys is copied into kt at one d per
-     * row of the tile (widened from bf16), and its value rows pointed at (widened into vw). */
+     * row of the tile (widened from bf16), and its value rows pointed at. */
     for (int64_t j = 0; j < nk;) {
       const int64_t pos = key0 + j, blk = table[pos / bs], o = pos % bs;
       const int64_t len = bs - o < nk - j ? bs - o : nk - j;
@@ -302,9 +339,7 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, const st
         const uint16_t *k16 = (const uint16_t *)a->key_cache + kbase, *v16 = (const uint16_t *)a->value_cache + vbase;
         for (int64_t d = 0; d < D; d++)
           for (int64_t i = 0; i < len; i++) kt[d * CHUNK + j + i] = bf16_to_f32(k16[d * bs + i]);
-        float *vj = w->vw + j * D;
-        for (int64_t e = 0; e < len * D; e++) vj[e] = bf16_to_f32(v16[e]);
-        for (int64_t i = 0; i < len; i++) vrow[j + i] = vj + i * D;
+        for (int64_t i = 0; i < len; i++) vrow[j + i] = v16 + i * D;
       } else {
         const float *k32 = (const float *)a->key_cache + kbase, *v32 = (const float *)a->value_cache + vbase;
         for (int64_t d = 0; d < D; d++)
@@ -340,27 +375,10 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, const st
       }
       m[r] = m_new;
     }
-    for (int64_t r = r0; r < rows; r += MR) {
-      const int mr = rows - r < MR ? (int)(rows - r) : MR;
-      /* Keys every row of the tile sees (rows are in token order, so the first sees fewest). */
-      const int64_t seen = first_pos + r / G + 1 - key0;
-      const int64_t common = seen < CHUNK ? seen : CHUNK;
-      int64_t d0 = 0;
-      for (; d0 + NR <= D; d0 += NR) BY_ROWS(mr, pv_tile(mr_, common, D, sc + r * CHUNK, vrow, d0, acc + r * D));
-      for (int64_t i = 0; i < mr; i++) /* head-dim columns past the last whole tile */
-        for (int64_t k = 0; k < common; k++) {
-          const float x = sc[(r + i) * CHUNK + k];
-          for (int64_t d = d0; d < D; d++) acc[(r + i) * D + d] = fmaf(x, vrow[k][d], acc[(r + i) * D + d]);
-        }
-      for (int64_t i = 0; i < mr; i++) { /* keys only the later rows of the tile see, in order */
-        const int64_t seen_i = first_pos + (r + i) / G + 1 - key0;
-        const int64_t nvis = seen_i < CHUNK ? seen_i : CHUNK;
-        for (int64_t k = common; k < nvis; k++) {
-          const float x = sc[(r + i) * CHUNK + k];
-          for (int64_t d = 0; d < D; d++) acc[(r + i) * D + d] = fmaf(x, vrow[k][d], acc[(r + i) * D + d]);
-        }
-      }
-    }
+    if (bf16)
+      pv_rows_bf16(sc, vrow, acc, r0, rows, first_pos, key0, G, D);
+    else
+      pv_rows_f32(sc, vrow, acc, r0, rows, first_pos, key0, G, D);
   }
   for (int64_t r = 0; r < rows; r++) {
     const int64_t dst = ((q_start + it->t0 + r / G) * H + h * G + r % G) * D;
@@ -476,7 +494,7 @@ int64_t paged_attention_cpu(struct pa_args *a) {
   bounds[threads] = num_items;
 
   const int64_t rows = tokens_per_item * G;
-  const size_t floats = D * CHUNK + 2 * rows * D + rows * CHUNK + 3 * rows + (a->bf16 ? CHUNK * D : 0);
+  const size_t floats = D * CHUNK + 2 * rows * D + rows * CHUNK + 3 * rows;
   const size_t per_thread = (CHUNK * sizeof(float *) + floats * sizeof(float) + 63) / 64 * 64;
   char *mem = aligned_alloc(64, per_thread * threads);
   if (!mem) {
@@ -495,7 +513,7 @@ int64_t paged_attention_cpu(struct pa_args *a) {
     /* If the runtime gave fewer threads than asked, a thread runs several ranges. */
     for (int64_t part = tid; part < threads; part += team) {
       struct workspace w;
-      w.vrow = (const float **)(mem + part * per_thread);
+      w.vrow = (const void **)(mem + part * per_thread);
       w.kt = (float *)(w.vrow + CHUNK);
       w.q = w.kt + D * CHUNK;
       w.acc = w.q + rows * D;
@@ -503,7 +521,6 @@ int64_t paged_attention_cpu(struct pa_args *a) {
       w.m = w.s + rows * CHUNK;
       w.l = w.m + rows;
       w.alpha = w.l + rows;
-      w.vw = w.alpha + rows;
       run_items(a, items, bounds[part], bounds[part + 1], &w);
     }
   }
