@@ -140,9 +140,11 @@ class LlamaForCausalLM(nn.Module):
         Args:
             input_ids: ``[num_tokens]`` int64, the new tokens of all sequences back to back.
             positions: ``[num_tokens]`` int64, each token's absolute position in its sequence.
-            kv_caches: one ``(key_cache, value_cache)`` per layer, each
-                ``[num_blocks, block_size, num_kv_heads, head_dim]`` in the model's dtype; this
-                step's K/V are written at ``meta.slot_mapping``.
+            kv_caches: one ``(key_cache, value_cache)`` per layer in the model's dtype, shaped by
+                :func:`executor.attention.kv_cache_shapes` (``[num_blocks, block_size, num_kv_heads,
+                head_dim]``, or the compiled CPU kernel's blocked layout; allocate them with
+                :func:`executor.attention.allocate_kv_cache`); this step's K/V are written at
+                ``meta.slot_mapping``.
             meta: the step's batch layout (see :class:`~executor.attention.AttentionMetadata`).
 
         Returns:
