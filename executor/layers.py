@@ -40,7 +40,7 @@ from executor.linear import Linear
 from executor.model_config import UnsupportedModelError, config_value
 from kernels.fused_cpu import add_rms_norm, rope_rotate_, silu_and_mul
 
-#: One layer's ``(key_cache, value_cache)``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+#: One layer's ``(key_cache, value_cache)``, shaped by :func:`executor.attention.kv_cache_shapes`.
 KVPair = tuple[torch.Tensor, torch.Tensor]
 #: ``(cos, signed_sin)``, each ``[num_tokens, 1, head_dim]``, from :meth:`RotaryEmbedding.cos_sin`
 #: and :meth:`RotaryEmbedding.signed_sin`; computed once per step and shared by every layer.

@@ -396,7 +396,9 @@ def copy_blocks_torch(
     """Copy whole blocks within each layer's cache (copy-on-write), in place.
 
     Args:
-        key_caches, value_caches: one ``[num_blocks, block_size, num_kv_heads, head_dim]`` per layer.
+        key_caches, value_caches: one ``[num_blocks, ...]`` tensor per layer, block index first (the
+            standard ``[num_blocks, block_size, num_kv_heads, head_dim]`` or the compiled CPU
+            kernel's layout: a block is one slab either way).
         block_mapping: ``[num_pairs, 2]`` int64 of ``(src_block, dst_block)``.
     """
     if block_mapping.numel() == 0:
@@ -410,7 +412,8 @@ def swap_blocks_torch(src_cache: torch.Tensor, dst_cache: torch.Tensor, block_ma
     """Copy blocks between two caches, possibly on different devices (swap-out / swap-in).
 
     Args:
-        src_cache, dst_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``, same dtype.
+        src_cache, dst_cache: ``[num_blocks, ...]``, block index first, the same layout and dtype
+            (see :func:`copy_blocks_torch`).
         block_mapping: ``[num_pairs, 2]`` int64 of ``(src_block, dst_block)``.
     """
     if block_mapping.numel() == 0:
