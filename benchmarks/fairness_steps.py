@@ -150,7 +150,7 @@ class FairnessBenchSettings(BenchmarkSettings):
     num_blocks: int = setting(1456, "device KV blocks (1456: what 1 GiB holds for SmolLM2-135M in fp32)", ge=1)
     block_size: int = reuse(ExecutorSettings, "block_size")
     max_num_seqs: int = reuse(ExecutorSettings, "max_num_seqs")
-    max_num_batched_tokens: int = reuse(ExecutorSettings, "max_num_batched_tokens")
+    max_num_batched_tokens: int | None = reuse(ExecutorSettings, "max_num_batched_tokens")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,7 +69,7 @@ class ThroughputSettings(BenchSettings):
     num_blocks: int = reuse(ExecutorSettings, "num_blocks")
     kv_cache_gib: float = reuse(ExecutorSettings, "kv_cache_gib")
     max_num_seqs: int = reuse(ExecutorSettings, "max_num_seqs")
-    max_num_batched_tokens: int = reuse(ExecutorSettings, "max_num_batched_tokens")
+    max_num_batched_tokens: int | None = reuse(ExecutorSettings, "max_num_batched_tokens")
     prefix_caching: bool = reuse(BlockManagerSettings, "prefix_caching")
     prefix_ttft_samples: int = setting(3, "shared-prefix: requests timed cold and (others) warm", ge=1)
 

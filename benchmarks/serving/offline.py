@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from blockmgr.client import InProcessBlockManager
 from blockmgr.manager import BlockManager, blocks_for
+from executor.config import token_budget
 from executor.engine import Engine, EngineConfig
 from executor.request import SamplingParams
 from benchmarks.serving.workloads import BenchRequest, Workload
@@ -75,9 +76,10 @@ class OfflineConfig:
 
     def summary(self) -> dict:
         """What the results file records of it."""
-        fields = ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
-        return {**{f: getattr(self.engine, f) for f in fields}, "prefix_caching": self.prefix_caching,
-                "device": self.device, "dtype": str(self.dtype)}
+        fields = ("block_size", "num_blocks", "max_num_seqs", "max_model_len")
+        return {**{f: getattr(self.engine, f) for f in fields},
+                "max_num_batched_tokens": token_budget(self.engine.max_num_batched_tokens, self.device),
+                "prefix_caching": self.prefix_caching, "device": self.device, "dtype": str(self.dtype)}
 
 
 def make_engine(model, eos_ids: set[int], cfg: OfflineConfig) -> tuple[Engine, InProcessBlockManager]:
