@@ -335,15 +335,25 @@ INLINE void attend_item(const struct pa_args *a, const struct item *it, const st
       const int64_t pos = key0 + j, blk = table[pos / bs], o = pos % bs;
       const int64_t len = bs - o < nk - j ? bs - o : nk - j;
       const int64_t kbase = (blk * KVH + h) * D * bs + o, vbase = ((blk * KVH + h) * bs + o) * D;
+      /* A run of 16 keys (a whole block of the default size) is one vector per d: spelled out
+       * so that the compiler emits exactly that rather than a loop of unknown length. */
       if (bf16) {
         const uint16_t *k16 = (const uint16_t *)a->key_cache + kbase, *v16 = (const uint16_t *)a->value_cache + vbase;
-        for (int64_t d = 0; d < D; d++)
-          for (int64_t i = 0; i < len; i++) kt[d * CHUNK + j + i] = bf16_to_f32(k16[d * bs + i]);
+        if (len == 16)
+          for (int64_t d = 0; d < D; d++)
+            for (int i = 0; i < 16; i++) kt[d * CHUNK + j + i] = bf16_to_f32(k16[d * bs + i]);
+        else
+          for (int64_t d = 0; d < D; d++)
+            for (int64_t i = 0; i < len; i++) kt[d * CHUNK + j + i] = bf16_to_f32(k16[d * bs + i]);
         for (int64_t i = 0; i < len; i++) vrow[j + i] = v16 + i * D;
       } else {
         const float *k32 = (const float *)a->key_cache + kbase, *v32 = (const float *)a->value_cache + vbase;
-        for (int64_t d = 0; d < D; d++)
-          for (int64_t i = 0; i < len; i++) kt[d * CHUNK + j + i] = k32[d * bs + i];
+        if (len == 16)
+          for (int64_t d = 0; d < D; d++)
+            for (int i = 0; i < 16; i++) kt[d * CHUNK + j + i] = k32[d * bs + i];
+        else
+          for (int64_t d = 0; d < D; d++)
+            for (int64_t i = 0; i < len; i++) kt[d * CHUNK + j + i] = k32[d * bs + i];
         for (int64_t i = 0; i < len; i++) vrow[j + i] = v32 + i * D;
       }
       j += len;
