@@ -76,7 +76,7 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.executor_id = executor_id
         self.max_model_len = config.max_model_len or model.max_model_len
-        self.scheduler = Scheduler(config.max_num_seqs, token_budget(config.max_num_batched_tokens, device))
+        self.scheduler = Scheduler(config.max_num_seqs, token_budget(config.max_num_batched_tokens, device, dtype))
         self.requests: dict[str, Request] = {}
         self.pending_free: list[str] = []
         self.step_records: list[StepRecord] = []

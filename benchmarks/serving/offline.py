@@ -78,7 +78,7 @@ class OfflineConfig:
         """What the results file records of it."""
         fields = ("block_size", "num_blocks", "max_num_seqs", "max_model_len")
         return {**{f: getattr(self.engine, f) for f in fields},
-                "max_num_batched_tokens": token_budget(self.engine.max_num_batched_tokens, self.device),
+                "max_num_batched_tokens": token_budget(self.engine.max_num_batched_tokens, self.device, self.dtype),
                 "prefix_caching": self.prefix_caching, "device": self.device, "dtype": str(self.dtype)}
 
 

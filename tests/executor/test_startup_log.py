@@ -15,9 +15,12 @@ def test_the_scheduler_limits_line_gives_what_the_engine_runs_with(make_engine, 
                                         "max_num_batched_tokens 512 (token budget per step)")  # the CPU default
 
 
-def test_the_token_budget_defaults_by_device():
+def test_the_token_budget_defaults_by_device_and_dtype():
+    import torch
+
     from executor.config import token_budget
 
-    assert token_budget(None, "cpu") == 512
-    assert token_budget(None, "cuda") == token_budget(None, "cuda:1") == 2048
-    assert token_budget(300, "cpu") == token_budget(300, "cuda") == 300  # the flag wins
+    assert token_budget(None, "cpu", torch.float32) == 512
+    assert token_budget(None, "cpu", torch.bfloat16) == 2048
+    assert token_budget(None, "cuda", torch.float32) == token_budget(None, "cuda:1", torch.bfloat16) == 2048
+    assert token_budget(300, "cpu", torch.float32) == token_budget(300, "cuda", torch.bfloat16) == 300  # the flag wins

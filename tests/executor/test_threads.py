@@ -1,6 +1,9 @@
 """Default torch threads: the affinity mask's cores, split among executors, logged with the reason."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +31,22 @@ def test_without_sched_getaffinity_counts_the_machine(monkeypatch):
 def test_zero_executors_is_an_error():
     with pytest.raises(ValueError, match="num_executors"):
         threads.default_num_threads(0)
+
+
+@pytest.mark.parametrize("env, expected", [({}, "10000000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
+                                           ({"OMP_WAIT_POLICY": "PASSIVE"}, None)])
+def test_the_executor_keeps_its_openmp_team_spinning_through_a_step(env, expected):
+    """``python -m executor`` sets libgomp's spin count before torch loads (unless the operator set
+    the spin count or a wait policy)."""
+    child = ("import os, runpy, sys\n"
+             "sys.argv = ['executor', '--help']\n"
+             "try:\n"
+             "    runpy.run_module('executor', run_name='__main__')\n"
+             "except SystemExit:\n"
+             "    pass\n"
+             "print(os.environ.get('GOMP_SPINCOUNT'))\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    proc = subprocess.run([sys.executable, "-c", child], env={**base, **env}, capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == str(expected)
