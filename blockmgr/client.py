@@ -156,6 +156,9 @@ class BlockManagerClient(_Api):
 
     def _connect(self):
         sock = security.limit(self._ctx.socket(zmq.DEALER))
+        # A send has the same deadline as the reply: a DEALER whose only peer is gone (or refused
+        # the CURVE handshake, so its pipe was torn down) blocks in send, not in the poll below.
+        sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
         if self.keys is not None:
             self.keys.connect(sock, security.BLOCKMGR)
         sock.connect(self.address)
@@ -165,7 +168,15 @@ class BlockManagerClient(_Api):
         with self._lock:
             if self._sock is None:
                 self._sock = self._connect()
-            self._sock.send_multipart([b"", protocol.encode(message)])
+            try:
+                self._sock.send_multipart([b"", protocol.encode(message)])
+            except zmq.Again:
+                self._sock.close()
+                self._sock = None
+                raise BlockManagerUnavailable(
+                    f"block manager at {self.address} did not take {message.get('op')!r} "
+                    f"within {self.timeout_ms / 1000:.1f}s (no connection: is it running, and do the CURVE keys match?)"
+                ) from None
             if not self._sock.poll(self.timeout_ms):
                 # A late reply would be read as the answer to the next request: start afresh.
                 self._sock.close()

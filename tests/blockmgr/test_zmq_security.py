@@ -148,6 +148,28 @@ def test_unauthenticated_or_unknown_peers_get_nothing(blockmgr, keys_dir, strang
     assert "executor-0" not in manager.executors or manager.executors["executor-0"].device.num_blocks != 1
 
 
+def test_a_send_that_cannot_leave_raises_within_the_deadline():
+    """A client's send has the reply's deadline (SNDTIMEO): a DEALER without a live pipe blocks in
+    send, which once hung a caller whose CURVE handshake had been refused."""
+    client = BlockManagerClient(f"tcp://127.0.0.1:{_free_port()}", timeout_s=0.3)
+    sock = client._connect()
+    assert sock.getsockopt(zmq.SNDTIMEO) == 300
+    sock.close()
+
+    class Stuck:  # a socket whose send times out, as a mute DEALER's does
+        def send_multipart(self, frames):
+            raise zmq.Again()
+
+        def close(self):
+            self.closed = True
+
+    client._sock = stuck = Stuck()
+    with pytest.raises(BlockManagerUnavailable, match="did not take 'register' within 0.3s"):
+        client.register("executor-0", 1, 1)
+    assert stuck.closed and client._sock is None  # the next call starts on a fresh socket
+    client.close()
+
+
 def test_an_executor_acts_only_on_its_own_sequences(blockmgr, keys_dir):
     addr, manager = blockmgr
     ex0 = BlockManagerClient(addr, 5, keys(keys_dir, "executor-0"))
