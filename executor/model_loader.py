@@ -232,7 +232,8 @@ def _iter_safetensors(files: list[Path], progress: bool) -> Iterator[tuple[str, 
         with safe_open(str(f), framework="pt", device="cpu") as fh:
             keys_per_file.append(list(fh.keys()))
     total = sum(len(k) for k in keys_per_file)
-    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress) as bar:
+    # disable=None: no bar when stderr is not a terminal (a service log), where it only garbles lines.
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=None if progress else True) as bar:
         for f, keys in zip(files, keys_per_file):
             with safe_open(str(f), framework="pt", device="cpu") as fh:
                 for key in keys:

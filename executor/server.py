@@ -21,7 +21,7 @@ from blockmgr.settings import load
 from executor import protocol
 from executor.config import ExecutorSettings
 from executor.engine import Engine, RequestOutput
-from executor.threads import default_num_threads, usable_cores
+from executor.threads import THREADS_REASON_ENV, default_num_threads, usable_cores
 
 log = logging.getLogger("pagedserve.executor")
 
@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     if settings.num_threads is None:
         num_threads, why = default_num_threads(1)
     else:
-        # serve hands its own choice down this way too (and logs why it chose it).
-        why = f"set by --num-threads / $PAGEDSERVE_NUM_THREADS; {usable_cores()} usable cores"
+        # serve hands its own choice down this way too, with its reason.
+        why = os.environ.get(THREADS_REASON_ENV) or (
+            f"set by --num-threads / $PAGEDSERVE_NUM_THREADS; {usable_cores()} usable cores")
         num_threads = settings.num_threads
     torch.set_num_threads(num_threads)
     log.info("%s: %d torch threads (%s)", settings.executor_id, num_threads, why)
@@ -281,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(model_dir, dtype=dtype, device=device)
     per_block = kv_bytes_per_block(model, settings.block_size, dtype)
     config = settings.with_pool_sizes(per_block)
-    log.info("KV cache: %d blocks x %d tokens, %s (%.1f MiB)", config.num_blocks, config.block_size,
-             settings.dtype, config.num_blocks * per_block / 2**20)
+    log.info("%s: KV cache: %d blocks x %d tokens, %s (%.1f MiB)", settings.executor_id, config.num_blocks,
+             config.block_size, settings.dtype, config.num_blocks * per_block / 2**20)
     # One per process: the block manager drops whatever an earlier process of this id held.
     incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
     bm = connect_block_manager(config.blockmgr, config.executor_id, config.num_blocks, config.block_size, keys=keys)

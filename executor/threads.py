@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import os
 
+#: Set by ``pagedserve serve`` for its executors: why it gave them the thread count it did (their
+#: own start-up log repeats it rather than crediting a flag nobody passed).
+THREADS_REASON_ENV = "PAGEDSERVE_THREADS_REASON"
+
 
 def usable_cores() -> int:
     """The number of CPUs this process may run on (its affinity mask), at least 1."""

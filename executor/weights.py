@@ -60,7 +60,8 @@ def save_safetensors(
     raw += b" " * (-len(raw) % 8)
 
     with open(path, "wb") as f, tqdm(
-        total=offset, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress
+        total=offset, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+        disable=None if progress else True,  # None: no bar when stderr is not a terminal (a log file)
     ) as bar:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)

@@ -42,9 +42,9 @@ def serve(argv: list[str]) -> int:
 
     settings, parser = parse_serve(argv)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.executor.num_threads is None:
-        from executor.threads import default_num_threads
+    from executor.threads import THREADS_REASON_ENV, default_num_threads
 
+    if settings.executor.num_threads is None:
         num_threads, why = default_num_threads(settings.num_executors)
     else:
         num_threads, why = settings.executor.num_threads, "--num-threads"
@@ -78,7 +78,10 @@ def serve(argv: list[str]) -> int:
     model_dir = str(resolve_model_dir(model or default_model_path()))
     children = []
     for name, module, child in settings.processes(model_dir, num_threads):
-        children.append(Child(name, ["-m", module], env=environment_for(child, dict(os.environ))))
+        env = environment_for(child, dict(os.environ))
+        if module == "executor":  # so that its own log says who chose its thread count, and why
+            env[THREADS_REASON_ENV] = f"chosen by pagedserve serve: {why}"
+        children.append(Child(name, ["-m", module], env=env))
         if module == "executor":
             log.info("%s: %d torch threads (%s)", name, num_threads, why)
     return supervise(children)

@@ -96,7 +96,12 @@ def test_three_service_processes(stack):
     cores = len(os.sched_getaffinity(0))
     per = max(1, cores // 2)
     for i in range(2):
-        assert f"executor-{i}: {per} torch threads ({cores} usable cores, 2 executors)" in stack["log"].read_text()
+        log = stack["log"].read_text()
+        assert f"executor-{i}: {per} torch threads ({cores} usable cores, 2 executors)" in log
+        # ...and the executor's own line gives serve's reason, not a flag nobody passed.
+        assert (f"executor-{i}: {per} torch threads (chosen by pagedserve serve: {cores} usable cores, "
+                "2 executors)") in log
+        assert f"executor-{i}: KV cache: " in log
         ex = next(pid for pid in procfs.children(stack["proc"].pid)
                   if procfs.environ(pid).get("PAGEDSERVE_EXECUTOR_ID") == f"executor-{i}")
         assert procfs.environ(ex)["PAGEDSERVE_NUM_THREADS"] == str(per)
