@@ -24,7 +24,6 @@ import kernels
 from executor.attention import (
     AttentionMetadata,
     allocate_kv_cache,
-    kv_cache_shapes,
     resolve_backend,
     runs_compiled_cpu_attention,
 )
@@ -81,16 +80,12 @@ class KVCache:
                  device: torch.device, dtype: torch.dtype, backend: str = "torch") -> KVCache:
         """Zeroed pools for ``model`` (its ``num_layers``, ``num_kv_heads`` and ``head_dim``), shaped
         for the kernels that read them (:func:`executor.attention.kv_cache_shapes`)."""
-        key_shape, value_shape = kv_cache_shapes(backend, device, dtype, num_blocks, block_size,
-                                                 model.num_kv_heads, model.head_dim)
-        pin = device.type == "cuda"
-
         layers = allocate_kv_cache(model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
                                    dtype=dtype, device=device, backend=backend)
         # The swap pool holds blocks in the device pool's layout, whatever its own device.
-        cpu_layers = [(torch.zeros((num_cpu_blocks, *key_shape[1:]), dtype=dtype, pin_memory=pin),
-                       torch.zeros((num_cpu_blocks, *value_shape[1:]), dtype=dtype, pin_memory=pin))
-                      for _ in range(model.num_layers if num_cpu_blocks else 0)]
+        pin = device.type == "cuda"
+        cpu_layers = [tuple(torch.zeros((num_cpu_blocks, *t.shape[1:]), dtype=dtype, pin_memory=pin) for t in pair)
+                      for pair in layers] if num_cpu_blocks else []
         return cls(device, layers, cpu_layers, backend)
 
     @property

@@ -79,11 +79,11 @@ def serve(argv: list[str]) -> int:
     children = []
     for name, module, child in settings.processes(model_dir, num_threads):
         env = environment_for(child, dict(os.environ))
-        if module == "executor":  # so that its own log says who chose its thread count, and why
-            env[THREADS_REASON_ENV] = f"chosen by pagedserve serve: {why}"
-        children.append(Child(name, ["-m", module], env=env))
         if module == "executor":
             log.info("%s: %d torch threads (%s)", name, num_threads, why)
+            # so that the executor's own log says who chose its thread count, and why
+            env[THREADS_REASON_ENV] = f"chosen by pagedserve serve: {why}"
+        children.append(Child(name, ["-m", module], env=env))
     return supervise(children)
 
 
