@@ -1,8 +1,8 @@
-"""The linear layers: fp32 on our own batch-invariant kernel, bf16 on oneDNN, with each weight packed once.
+"""The linear layers: fp32 on our own batch-invariant kernel, bf16 on our AMX kernel and oneDNN, weights packed once.
 
 See :class:`Linear` and docs/batch-invariance.md for why a token's hidden state must not depend on
 how many other tokens share its step, and how the tests check it; docs/kernels.md for the fp32
-kernel (:mod:`kernels.linear_cpu`); docs/bf16.md for the bf16 path.
+kernel (:mod:`kernels.linear_cpu`); docs/bf16.md for the bf16 path (:mod:`kernels.linear_bf16_cpu`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import linear_cpu
+from kernels import linear_bf16_cpu, linear_cpu
 
 
 def _onednn_linear_available() -> bool:
@@ -43,6 +43,11 @@ ONEDNN_BF16_LINEAR = (
 #: :func:`fp32_kernel` says which), and bf16 where :data:`ONEDNN_BF16_LINEAR`.
 PACKED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if ONEDNN_BF16_LINEAR else ())
 _LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default if ONEDNN_LINEAR else None
+#: bf16 calls of this many rows or more run on oneDNN's packed product where the AMX kernel runs the
+#: smaller ones. All 121 linear layers of a SmolLM2-135M step in a row, cold weights, 2 threads
+#: (docs/bf16.md): the AMX kernel takes 0.78x oneDNN's time at 1 row, 0.80x at 16, 0.94x at 64,
+#: 0.95x at 96, 1.01x at 128 and 1.13x at 256.
+BF16_ONEDNN_ROWS = 128
 
 
 @lru_cache(maxsize=1)
@@ -57,6 +62,14 @@ def fp32_kernel() -> str | None:
     return "onednn" if ONEDNN_LINEAR else None
 
 
+@lru_cache(maxsize=1)
+def bf16_amx_kernel() -> bool:
+    """Whether bf16 calls of fewer than :data:`BF16_ONEDNN_ROWS` rows run on :mod:`kernels.linear_bf16_cpu`
+    (a CPU with AMX-BF16 where oneDNN's bf16 path runs too, the kernel built, not turned off by
+    ``PAGEDSERVE_LINEAR_BF16_CPU=torch``). Decided on first call (which builds the kernel if needed)."""
+    return ONEDNN_BF16_LINEAR and linear_bf16_cpu.available()
+
+
 def linear_path(dtype: torch.dtype) -> str:
     """How :class:`Linear` multiplies ``dtype`` activations on this CPU, in words (for logs and benchmarks)."""
     if dtype is torch.float32:
@@ -67,6 +80,9 @@ def linear_path(dtype: torch.dtype) -> str:
             return "oneDNN fp32, packed weights (batch-invariant rows)"
     if dtype not in PACKED_DTYPES or dtype is torch.float32:
         return "F.linear (no packed path for this dtype on this CPU)"
+    if bf16_amx_kernel():
+        return (f"kernels.linear_bf16_cpu on AMX below {BF16_ONEDNN_ROWS} rows, oneDNN bf16 from there, "
+                f"packed weights")
     # What the CPU has; oneDNN uses it unless ONEDNN_MAX_CPU_ISA caps it lower.
     isa = "AMX" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "AVX512-BF16"
     return f"oneDNN bf16 (the CPU has {isa}), packed weights"
@@ -96,13 +112,18 @@ class Linear(nn.Linear):
     the weight again, unless :meth:`drop_plain_weight` frees the original (what
     :func:`executor.model_loader.load_model` does for every weight not shared with another module).
 
-    **bf16**, on a CPU with AVX512-BF16 or AMX (:data:`ONEDNN_BF16_LINEAR`): oneDNN's packed
-    product on its bf16 kernels (fp32 accumulation, bf16 output). ``F.linear`` in
-    bf16 reaches oneDNN's bf16 matmul too, but on the plain weight, which the kernel copies into
-    its blocked layout on every call; packing once saves that (a call of 1-64 rows takes 0.5-0.75x
-    the time of ``F.linear`` on SmolLM2's shapes, on a Xeon with AMX).
-    Its rows are not batch-invariant (oneDNN's AMX kernels round differently by the number of
-    rows), so no one-row expand either; bf16 makes no such claim (docs/bf16.md).
+    **bf16**, on a CPU with AVX512-BF16 or AMX (:data:`ONEDNN_BF16_LINEAR`): fp32 accumulation,
+    bf16 output. With AMX (:func:`bf16_amx_kernel`) a call of fewer than :data:`BF16_ONEDNN_ROWS`
+    rows (a decode step, a short prefill) runs on :mod:`kernels.linear_bf16_cpu`'s packed weight,
+    larger calls on oneDNN's (``torch.ops.mkldnn._linear_pointwise``), so such a layer keeps both
+    packs, unless ``pack_for_prefill`` is False (the LM head, which sees one row per sequence: the
+    AMX pack alone). Without AMX, oneDNN's packed product for every call (AVX512-BF16).
+    ``F.linear`` in bf16 reaches oneDNN's bf16 matmul too, but on the plain weight, which the kernel
+    copies into its blocked layout on every call; packing once saves that (a call of 1-64 rows takes
+    0.5-0.75x the time of ``F.linear`` on SmolLM2's shapes, on a Xeon with AMX).
+    Rows are not batch-invariant in bf16 (the two kernels sum in different orders, and oneDNN's AMX
+    kernels round differently by the number of rows), so no one-row expand either; bf16 makes no
+    such claim (docs/bf16.md).
 
     Elsewhere (CUDA, fp16, bf16 on a CPU without bf16 instructions, gradients, an input whose
     dtype is not the weight's) it is ``F.linear`` (on a weight unpacked for the call when the
@@ -111,8 +132,13 @@ class Linear(nn.Linear):
     Not safe to call from two threads at once (a packed fp32 weight reuses one argument struct).
     """
 
-    _pack: torch.Tensor | linear_cpu.PackedWeight | None = None
+    _pack: torch.Tensor | linear_cpu.PackedWeight | linear_bf16_cpu.PackedWeight | None = None
+    #: oneDNN's pack of a bf16 weight beside the AMX kernel's, for calls of BF16_ONEDNN_ROWS rows or more.
+    _pack_large: torch.Tensor | None = None
     _pack_key: tuple | None = None
+    #: Whether large (prefill-sized) calls are expected: False keeps a bf16 weight in the AMX
+    #: kernel's pack alone (see the class doc).
+    pack_for_prefill: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -124,8 +150,13 @@ class Linear(nn.Linear):
                 pack = self._repack()
             rows = x.shape[0]
             if pack is not None and rows > 0:
-                if type(pack) is linear_cpu.PackedWeight:
+                kind = type(pack)
+                if kind is linear_cpu.PackedWeight:
                     return linear_cpu.linear(x, pack, self.bias)
+                if kind is linear_bf16_cpu.PackedWeight:
+                    if rows < BF16_ONEDNN_ROWS or self._pack_large is None:
+                        return linear_bf16_cpu.linear(x, pack, self.bias)
+                    return _LINEAR_POINTWISE(x, self._pack_large, self.bias, "none", [], "")
                 if rows == 1 and dtype is torch.float32:
                     return _LINEAR_POINTWISE(x.expand(2, -1), pack, self.bias, "none", [], "")[:1]
                 return _LINEAR_POINTWISE(x, pack, self.bias, "none", [], "")
@@ -135,7 +166,9 @@ class Linear(nn.Linear):
         """The ``[out_features, in_features]`` weight; unpacked into a new tensor when it was dropped."""
         if not self.weight.is_meta:
             return self.weight
-        return self._pack.unpack() if type(self._pack) is linear_cpu.PackedWeight else self._pack.to_dense()
+        if type(self._pack) in (linear_cpu.PackedWeight, linear_bf16_cpu.PackedWeight):
+            return self._pack.unpack()
+        return self._pack.to_dense()
 
     def drop_plain_weight(self) -> bool:
         """Free the original weight and keep only the packed one; returns whether it did.
@@ -165,18 +198,25 @@ class Linear(nn.Linear):
         self.restore_plain_weight()  # copying into a meta tensor would silently do nothing
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _repack(self) -> torch.Tensor | linear_cpu.PackedWeight | None:
+    def _repack(self) -> torch.Tensor | linear_cpu.PackedWeight | linear_bf16_cpu.PackedWeight | None:
         """Pack the weight (None when it is not a CPU tensor of a dtype this CPU packs, see :class:`Linear`)."""
         w = self.weight
         if w.is_meta:
             return self._pack
         self._pack_key = (w.data_ptr(), w._version)
-        self._pack = None
+        self._pack = self._pack_large = None
         if w.dtype in PACKED_DTYPES and w.is_cpu and (self.bias is None or self.bias.dtype is w.dtype):
-            kernel = fp32_kernel() if w.dtype is torch.float32 else "onednn"
+            if w.dtype is torch.float32:
+                kernel = fp32_kernel()
+            else:
+                kernel = "linear_bf16_cpu" if bf16_amx_kernel() else "onednn"
             with torch.no_grad():
                 if kernel == "linear_cpu":
                     self._pack = linear_cpu.PackedWeight(w.detach().contiguous())
+                elif kernel == "linear_bf16_cpu":
+                    self._pack = linear_bf16_cpu.PackedWeight(w.detach().contiguous())
+                    if self.pack_for_prefill:
+                        self._pack_large = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 2)
                 elif kernel == "onednn":
                     self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 2)
         return self._pack

@@ -83,14 +83,16 @@ class LlamaForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(self.hidden_size, float(config_value(config, "rms_norm_eps", 1e-6)))
         self.lm_head = Linear(self.hidden_size, self.vocab_size, bias=False)
+        # It sees one row per sequence that samples (a decode batch), not a prefill's rows.
+        self.lm_head.pack_for_prefill = False
         self.tie_weights()
 
     def pack_weights(self, keep_plain: bool = True) -> int:
         """Pack every CPU linear weight now; returns how many.
 
         Which dtypes are packed, and for which kernel: :data:`executor.linear.PACKED_DTYPES` (fp32
-        for :mod:`kernels.linear_cpu`; bf16 for oneDNN on CPUs with AVX512-BF16 or AMX); see
-        :class:`Linear`.
+        for :mod:`kernels.linear_cpu`; bf16 for :mod:`kernels.linear_bf16_cpu` and oneDNN on CPUs
+        with AMX, for oneDNN on CPUs with AVX512-BF16 alone); see :class:`Linear`.
 
         Otherwise each is packed on its first use, in the first forward pass. Packing again after
         the weights change happens by itself.

@@ -179,16 +179,20 @@ INLINE float exp_sum_chunk(float *p, int64_t nvis, float m) {
   return (t[0] + t[2]) + (t[1] + t[3]);
 }
 
-/* The largest of p[0 .. nvis-1] (nvis >= 1); max is exact, so the lanes' order does not matter.
- * Written as 16 lanes over the chunk's four quarters so that it vectorises (a loop with j % 16
- * stayed scalar and took a fifth of a prefill's attention). */
+/* The largest of p[0 .. nvis-1] (nvis >= 1; p has CHUNK floats, all of them loaded); max is exact,
+ * so the lanes' order does not matter. Written as 16 lanes over the chunk's four quarters, the keys
+ * past nvis as -inf, with unconditional loads: GCC vectorises that (a select between two loads of
+ * p stayed a scalar loop with a branch per key). */
 INLINE float max_visible(const float *p, int64_t nvis) {
   float t[16];
   for (int i = 0; i < 16; i++) {
-    const float a = i < nvis ? p[i] : p[0], b = i + 16 < nvis ? p[i + 16] : p[0];
-    const float c = i + 32 < nvis ? p[i + 32] : p[0], d = i + 48 < nvis ? p[i + 48] : p[0];
-    const float ab = a > b ? a : b, cd = c > d ? c : d;
-    t[i] = ab > cd ? ab : cd;
+    float best = -INFINITY;
+    for (int quarter = 0; quarter < 4; quarter++) {
+      const float v = p[quarter * 16 + i];
+      const float w = quarter * 16 + i < nvis ? v : -INFINITY;
+      best = w > best ? w : best;
+    }
+    t[i] = best;
   }
   for (int i = 0; i < 8; i++) t[i] = t[i + 8] > t[i] ? t[i + 8] : t[i];
   float m = t[0];

@@ -1,8 +1,10 @@
-"""bf16 linear layers on oneDNN's AVX512-BF16 / AMX kernels, with a weight packed once.
+"""bf16 linear layers on packed weights: our AMX kernel for small calls and oneDNN's for large ones (or
+oneDNN's for all, on a CPU with AVX512-BF16 but no AMX).
 
 Which CPUs take the path (``cpu_has_native_bf16`` against the kernel's CPU flags), and on those
-that do: the packed product is the one that runs (operator counts), it is never repacked per
-call, it matches ``F.linear``, and the plain weight can be dropped and restored bit for bit.
+that do: the packed products are the ones that run (operator counts, by number of rows), nothing
+is repacked per call, they match ``F.linear``, and the plain weight can be dropped and restored bit
+for bit.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from executor.linear import ONEDNN_BF16_LINEAR, ONEDNN_LINEAR, PACKED_DTYPES, Linear, cpu_has_native_bf16, linear_path
+from executor.linear import (BF16_ONEDNN_ROWS, ONEDNN_BF16_LINEAR, ONEDNN_LINEAR, PACKED_DTYPES, Linear,
+                             bf16_amx_kernel, cpu_has_native_bf16, linear_path)
+from kernels import linear_bf16_cpu
 
 NO_BF16_PATH = ("no packed oneDNN bf16 path: the CPU lacks AVX512-BF16 and AMX, ONEDNN_MAX_CPU_ISA caps oneDNN at "
                 "AVX2, or torch lacks oneDNN")
@@ -30,7 +34,7 @@ def _bf16_linear(in_f: int, out_f: int, bias: bool, seed: int) -> tuple[Linear, 
         lin.weight.copy_(torch.randn(out_f, in_f, generator=gen) * 0.05)
         if bias:
             lin.bias.copy_(torch.randn(out_f, generator=gen) * 0.1)
-    return lin, torch.randn(70, in_f, generator=gen).to(torch.bfloat16)
+    return lin, torch.randn(2 * BF16_ONEDNN_ROWS, in_f, generator=gen).to(torch.bfloat16)
 
 
 def _op_counts(fn) -> dict[str, int]:
@@ -53,7 +57,9 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags():
     onednn_takes_bf16 = ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # False under an AVX2 cap
     assert (torch.bfloat16 in PACKED_DTYPES) == ONEDNN_BF16_LINEAR == (onednn_takes_bf16 and cpu_has_native_bf16())
     assert linear_path(torch.float16).startswith("F.linear")
-    assert linear_path(torch.bfloat16).startswith("oneDNN bf16" if ONEDNN_BF16_LINEAR else "F.linear")
+    assert bf16_amx_kernel() == (ONEDNN_BF16_LINEAR and linear_bf16_cpu.available())
+    expected = "kernels.linear_bf16_cpu on AMX" if bf16_amx_kernel() else "oneDNN bf16" if ONEDNN_BF16_LINEAR else "F.linear"
+    assert linear_path(torch.bfloat16).startswith(expected)
 
 
 @NEEDS_BF16
@@ -61,25 +67,49 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags():
 def test_packed_bf16_matches_f_linear(in_f, out_f, bias):
     lin, x = _bf16_linear(in_f, out_f, bias, seed=in_f + out_f)
     with torch.inference_mode():
-        for rows in (1, 2, 16, 70):
+        for rows in (1, 2, 16, 70, BF16_ONEDNN_ROWS, 2 * BF16_ONEDNN_ROWS):
             got = lin(x[:rows])
             assert got.dtype == torch.bfloat16 and got.shape == (rows, out_f)
             # One bf16 rounding of the fp32 sum apart at most (same kernels, other blocking).
             torch.testing.assert_close(got, F.linear(x[:rows], lin.weight, lin.bias), rtol=1.6e-2, atol=1e-2)
-    assert lin._pack is not None and lin._pack.dtype == torch.bfloat16
+    if bf16_amx_kernel():
+        assert type(lin._pack) is linear_bf16_cpu.PackedWeight and lin._pack_large.dtype == torch.bfloat16
+    else:
+        assert lin._pack is not None and lin._pack.dtype == torch.bfloat16 and lin._pack_large is None
 
 
 @NEEDS_BF16
-def test_packed_bf16_runs_onednn_without_a_reorder_per_call():
+def test_packed_bf16_runs_without_a_reorder_per_call():
+    """Calls below BF16_ONEDNN_ROWS rows run on the AMX kernel (no torch operator) where it runs."""
     lin, x = _bf16_linear(576, 960, True, seed=3)
+    sizes = (1, 2, 16, 70, BF16_ONEDNN_ROWS - 1, BF16_ONEDNN_ROWS, 2 * BF16_ONEDNN_ROWS)
     with torch.inference_mode():
         lin(x[:2])  # packs
-        pack = lin._pack
-        counts = _op_counts(lambda: [lin(x[:rows]) for rows in (1, 2, 16, 70)])
-    assert counts.get("mkldnn::_linear_pointwise", 0) == 4
+        packs = lin._pack, lin._pack_large
+        small = [lin(x[:rows]) for rows in sizes]
+        counts = _op_counts(lambda: [lin(x[:rows]) for rows in sizes])
+        if bf16_amx_kernel():
+            assert torch.equal(small[0], linear_bf16_cpu.linear(x[:1], lin._pack, lin.bias))
+    onednn_calls = sum(rows >= BF16_ONEDNN_ROWS for rows in sizes) if bf16_amx_kernel() else len(sizes)
+    assert counts.get("mkldnn::_linear_pointwise", 0) == onednn_calls
     for op in ("mkldnn::_reorder_linear_weight", "aten::linear", "aten::addmm", "aten::mm", "aten::to_dense"):
         assert counts.get(op, 0) == 0, (op, counts)
-    assert lin._pack is pack
+    assert (lin._pack, lin._pack_large) == packs
+
+
+@NEEDS_BF16
+def test_a_layer_without_prefill_calls_keeps_one_pack():
+    """The LM head (``pack_for_prefill = False``) keeps the AMX pack alone and runs every call on it."""
+    lin, x = _bf16_linear(576, 960, False, seed=4)
+    lin.pack_for_prefill = False
+    with torch.inference_mode():
+        got = lin(x)
+        counts = _op_counts(lambda: lin(x))
+    assert lin._pack_large is None
+    if bf16_amx_kernel():
+        assert counts.get("mkldnn::_linear_pointwise", 0) == 0
+        assert torch.equal(got, linear_bf16_cpu.linear(x, lin._pack))
+    torch.testing.assert_close(got, F.linear(x, lin.plain_weight()), rtol=1.6e-2, atol=1e-2)
 
 
 @NEEDS_BF16

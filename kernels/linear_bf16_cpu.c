@@ -1,0 +1,259 @@
+/* bf16 linear layer y = x @ W^T (+ b) on AMX tiles, for the rows of a decode or a short prefill.
+ *
+ * Built and loaded by kernels/linear_bf16_cpu.py (see there for the arguments and when it runs).
+ *
+ *   out[m][n] = bf16(sum over k of x[m][k] * W[n][k]  (+ bias[n]))
+ *
+ * Products of two bf16 numbers are exact in fp32 and are summed in fp32 by TDPBF16PS (Intel
+ * Architecture Instruction Set Extensions Programming Reference, the AMX chapter: pairs of
+ * products added into fp32 accumulators, bf16 denormals flushed to zero), then the bias is added
+ * and the sum rounded to bf16 once (round to nearest even, VCVTNEPS2BF16).
+ *
+ * The weight is packed once (linear_bf16_pack) into panels of NP = 32 output columns, each
+ * [K2][NP][2]: row kk of a panel holds, for each column, the pair W[n][2kk], W[n][2kk + 1] (the
+ * pair layout of AMX's B operand), K2 = ceil(K / 2) rounded up to a multiple of KT = 16 pairs (one
+ * tile's depth) and the padding zero. One panel row is 128 bytes: the same row of two B tiles of 16
+ * columns each, read with a row stride of 128 bytes.
+ *
+ * x is copied into a zero-padded [Mp][2 * K2] buffer (A tiles of 16 rows x 32 values) and each
+ * block of 32 rows x 32 columns accumulates in four 16 x 16 fp32 tiles over the panel's K2 / 16 tile
+ * steps. Threads split the panels (whole output columns each) through OpenMP. A process must ask
+ * Linux for the AMX tile state before its first tile instruction (arch_prctl, done once here).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define NP 32
+#define KT 16
+#define MAX_THREADS 256
+/* Fewest multiply-adds worth a thread of its own. */
+#define MIN_MACS_PER_THREAD (1 << 17)
+/* Rows of x per block (a multiple of 32): 256 rows of K = 1536 are 768 KiB, in L2. */
+#define MB 256
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+struct linear_bf16_args {
+  int64_t m, k, n;      /* x is [m, k], W is [n, k], out is [m, n] */
+  int64_t x_row;        /* elements between rows of x (stride 1 within a row) */
+  int64_t out_row;      /* elements between rows of out */
+  int64_t threads;      /* at most this many threads */
+  const uint16_t *x, *w; /* w: the packed weight */
+  const uint16_t *bias; /* [n] bf16 or NULL */
+  uint16_t *out;
+};
+
+static int64_t pairs_padded(int64_t k) { return ((k + 1) / 2 + KT - 1) / KT * KT; }
+
+/* Pack w [n, k] bf16 (row stride w_row elements) into [ceil(n / NP)][K2][NP][2], zero-padded. */
+void linear_bf16_pack(const uint16_t *w, int64_t n, int64_t k, int64_t w_row, uint16_t *packed) {
+  const int64_t panels = (n + NP - 1) / NP, k2 = pairs_padded(k);
+  for (int64_t p = 0; p < panels; p++)
+    for (int64_t kk = 0; kk < k2; kk++) {
+      uint16_t *dst = packed + (p * k2 + kk) * NP * 2;
+      for (int64_t j = 0; j < NP; j++) {
+        const int64_t col = p * NP + j;
+        for (int64_t h = 0; h < 2; h++) {
+          const int64_t kx = 2 * kk + h;
+          dst[2 * j + h] = col < n && kx < k ? w[col * w_row + kx] : 0;
+        }
+      }
+    }
+}
+
+/* The inverse of linear_bf16_pack: w [n, k] contiguous. */
+void linear_bf16_unpack(const uint16_t *packed, int64_t n, int64_t k, uint16_t *w) {
+  const int64_t k2 = pairs_padded(k);
+  for (int64_t col = 0; col < n; col++)
+    for (int64_t kx = 0; kx < k; kx++)
+      w[col * k + kx] = packed[(((col / NP) * k2 + kx / 2) * NP + col % NP) * 2 + kx % 2];
+}
+
+int64_t linear_bf16_panel_width(void) { return NP; }
+int64_t linear_bf16_packed_pairs(int64_t k) { return pairs_padded(k); }
+
+/* 1 when the CPU has AMX-BF16 (and the AVX512-BF16 conversions used beside it) and Linux granted
+ * this process the AMX tile state; else 0. */
+int64_t linear_bf16_available(void) {
+  static int64_t available = -1;
+  if (available >= 0) return available;
+  int64_t ok = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("amx-tile") &&
+       __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#endif
+  available = ok;
+  return ok;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+/* fp32 accumulators (+ bias) -> bf16, the first ncols of 32 columns of one row. */
+BF16_TARGET static inline void store_row(__m512 lo, __m512 hi, const uint16_t *bias, int64_t ncols, uint16_t *O) {
+  if (bias) {
+    const __mmask16 mlo = ncols >= 16 ? 0xffff : (__mmask16)((1u << ncols) - 1);
+    const __mmask16 mhi = ncols >= 32 ? 0xffff : ncols <= 16 ? 0 : (__mmask16)((1u << (ncols - 16)) - 1);
+    /* bf16 -> fp32 is a 16-bit shift. */
+    lo = _mm512_add_ps(lo, _mm512_castsi512_ps(_mm512_slli_epi32(
+                               _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mlo, bias)), 16)));
+    hi = _mm512_add_ps(hi, _mm512_castsi512_ps(_mm512_slli_epi32(
+                               _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mhi, bias + 16)), 16)));
+  }
+  const __m256i blo = (__m256i)_mm512_cvtneps_pbh(lo), bhi = (__m256i)_mm512_cvtneps_pbh(hi);
+  if (ncols == NP) {
+    _mm256_storeu_si256((__m256i *)O, blo);
+    _mm256_storeu_si256((__m256i *)(O + 16), bhi);
+  } else {
+    const __mmask16 mlo = ncols >= 16 ? 0xffff : (__mmask16)((1u << ncols) - 1);
+    const __mmask16 mhi = ncols <= 16 ? 0 : (__mmask16)((1u << (ncols - 16)) - 1);
+    _mm256_mask_storeu_epi16(O, mlo, blo);
+    _mm256_mask_storeu_epi16(O + 16, mhi, bhi);
+  }
+}
+
+struct tile_config {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+/* Tiles 0-3: C (rows r0-15 / 16-31 x columns 0-15 / 16-31, fp32); 4, 5: A (x's two row blocks,
+ * 32 bf16 of k); 6, 7: B (16 pairs of k x 16 columns each). Every tile is 16 rows of 64 bytes. */
+AMX_TARGET static void amx_configure(void) {
+  struct tile_config cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; t++) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+/* Panels p0 .. p1-1 for every row, x from xp ([mp][2 * k2] bf16, zero-padded). Rows go in blocks of
+ * MB, panels inside: a block of x (MB x 2 * k2 bf16) stays in L2 while the thread's panels stream
+ * past it; within a block, each pair of B tiles serves two row tiles. */
+AMX_TARGET static void amx_panels(const struct linear_bf16_args *a, const uint16_t *xp, int64_t p0, int64_t p1) {
+  const int64_t k2 = pairs_padded(a->k), ldx = 2 * k2 * 2 /* bytes */;
+  float c[32 * 32] __attribute__((aligned(64)));
+  amx_configure();
+  for (int64_t mb = 0; mb < a->m; mb += MB) {
+    const int64_t me = a->m - mb < MB ? a->m : mb + MB;
+    for (int64_t p = p0; p < p1; p++) {
+      const int64_t n0 = p * NP, ncols = a->n - n0 < NP ? a->n - n0 : NP;
+      const uint16_t *W = a->w + p * k2 * NP * 2;
+      const uint16_t *bias = a->bias ? a->bias + n0 : 0;
+      for (int64_t m0 = mb; m0 < me; m0 += 32) {
+        const uint16_t *X = xp + m0 * 2 * k2;
+        const int two = me - m0 > 16;
+        _tile_zero(0);
+        _tile_zero(1);
+        if (two) {
+          _tile_zero(2);
+          _tile_zero(3);
+        }
+        for (int64_t kk = 0; kk < k2; kk += KT) {
+          _tile_loadd(6, W + kk * NP * 2, NP * 2 * 2);
+          _tile_loadd(7, W + kk * NP * 2 + 32, NP * 2 * 2);
+          _tile_loadd(4, X + 2 * kk, ldx);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {
+            _tile_loadd(5, X + 16 * 2 * k2 + 2 * kk, ldx);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, c, 32 * 4);
+        _tile_stored(1, c + 16, 32 * 4);
+        if (two) {
+          _tile_stored(2, c + 16 * 32, 32 * 4);
+          _tile_stored(3, c + 16 * 32 + 16, 32 * 4);
+        }
+        const int64_t rows = me - m0 < 32 ? me - m0 : 32;
+        for (int64_t r = 0; r < rows; r++)
+          store_row(_mm512_load_ps(c + r * 32), _mm512_load_ps(c + r * 32 + 16), bias, ncols,
+                    a->out + (m0 + r) * a->out_row + n0);
+      }
+    }
+  }
+  _tile_release();
+}
+
+/* Rows r0 .. r1-1 of x into xp ([mp][2 * k2], zero beyond k and beyond m). */
+static void copy_x(const struct linear_bf16_args *a, uint16_t *xp, int64_t r0, int64_t r1) {
+  const int64_t width = 2 * pairs_padded(a->k);
+  for (int64_t r = r0; r < r1; r++) {
+    uint16_t *dst = xp + r * width;
+    if (r < a->m) {
+      memcpy(dst, a->x + r * a->x_row, a->k * 2);
+      memset(dst + a->k, 0, (width - a->k) * 2);
+    } else {
+      memset(dst, 0, width * 2);
+    }
+  }
+}
+
+/* Runs the product on up to a->threads threads. Returns 0; 1 when AMX is not available here (nothing
+ * is computed); 2 when memory for the copy of x ran out. */
+int64_t linear_bf16(const struct linear_bf16_args *a) {
+  if (!linear_bf16_available()) return 1;
+  const int64_t panels = (a->n + NP - 1) / NP;
+  if (a->m <= 0 || panels <= 0) return 0;
+  int64_t threads = a->m * panels * NP * a->k / MIN_MACS_PER_THREAD;
+  if (threads > a->threads) threads = a->threads;
+  if (threads > panels) threads = panels;
+  if (threads > MAX_THREADS) threads = MAX_THREADS;
+  if (threads < 1) threads = 1;
+  /* A 32-row block reads its second A tile only when it has rows there. */
+  const int64_t mp = (a->m + 15) / 16 * 16;
+  /* The copy of x lives in one buffer kept between calls: a fresh one above malloc's mmap threshold
+   * (128 KiB: 64 rows of K = 1536) would be new zero-filled pages, faulted in on every call. The
+   * caller never runs two products at once (kernels/linear_bf16_cpu.py). */
+  static uint16_t *xp = 0;
+  static size_t xp_bytes = 0;
+  const size_t need = ((size_t)mp * 2 * pairs_padded(a->k) * 2 + 63) / 64 * 64;
+  if (need > xp_bytes) {
+    free(xp);
+    xp_bytes = 0;
+    xp = aligned_alloc(64, need);
+    if (!xp) return 2;
+    xp_bytes = need;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+  {
+#ifdef _OPENMP
+    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+    const int64_t tid = 0, team = 1;
+#endif
+    copy_x(a, xp, mp * tid / team, mp * (tid + 1) / team);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+    /* If the runtime gave fewer threads than asked, a thread runs several ranges. */
+    for (int64_t part = tid; part < threads; part += team)
+      amx_panels(a, xp, panels * part / threads, panels * (part + 1) / threads);
+  }
+  return 0;
+}
+#else
+int64_t linear_bf16(const struct linear_bf16_args *a) {
+  (void)a;
+  return 1;
+}
+#endif

@@ -1,0 +1,164 @@
+"""bf16 linear layers on AMX tiles: ``y = x @ W^T (+ b)``, fp32 sums rounded to bf16 once.
+
+``kernels/linear_bf16_cpu.c`` (built, cached and loaded as :mod:`kernels.c_build` describes, with
+``-fopenmp``) multiplies bf16 ``x`` by a bf16 weight packed once (:class:`PackedWeight`) with AMX
+tile dot products (``TDPBF16PS``). Every product of two bf16 numbers is exact in fp32; they are
+summed in fp32 (two at a time, as the instruction does; bf16 denormals flushed to zero), the bias
+added, and the result rounded to bf16 once (round to nearest even): the rounding points of
+``F.linear`` in bf16, in another order of summation. Each output is summed in one order whatever the
+number of rows, the row's position or the number of threads (rows are batch-invariant).
+
+Why not oneDNN's packed bf16 product alone (:mod:`executor.linear` keeps it for large calls): at
+decode sizes it streams the weight at well below the memory's speed and costs ~30 us per call;
+this kernel runs a decode step's linear layers in 0.78-0.95x oneDNN's time at 1-96 rows, even at
+128, and loses from 256 rows on (1.13x; 1.35x at 2048), where oneDNN's blocking for large products
+wins (docs/bf16.md has the measurements).
+
+The weight layout, ``[ceil(N / 32), K2, 32, 2]``: panels of 32 output columns; row ``kk`` of a panel
+holds each column's pair ``W[n, 2kk], W[n, 2kk + 1]`` (AMX's B-operand pair layout);
+``K2 = ceil(K / 2)`` rounded up to a multiple of 16 (one tile's depth), zero-padded.
+
+Runs where the CPU has AMX-BF16 (with AVX512-BF16, which every such CPU has), Linux grants the
+process the AMX tile state, and the kernel builds (:func:`available`);
+``PAGEDSERVE_LINEAR_BF16_CPU=torch`` turns it off, and :mod:`executor.linear` keeps oneDNN's path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from kernels.c_build import CKernel
+
+ENV_VAR = "PAGEDSERVE_LINEAR_BF16_CPU"
+_SOURCE = Path(__file__).with_name("linear_bf16_cpu.c")
+_FLAGS = ("-fopenmp",)
+#: Output columns per packed panel (``NP`` in the C file).
+PANEL = 32
+
+__all__ = ["PANEL", "PackedWeight", "available", "backend", "build", "linear"]
+
+
+class _Args(ctypes.Structure):
+    """``struct linear_bf16_args`` of the C file, field for field."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("m", "k", "n", "x_row", "out_row", "threads")] + [
+        (name, ctypes.c_void_p) for name in ("x", "w", "bias", "out")]
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """Load a compiled kernel and declare its signatures."""
+    lib = ctypes.CDLL(str(path))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.linear_bf16.restype = i64
+    lib.linear_bf16.argtypes = [ctypes.POINTER(_Args)]
+    lib.linear_bf16_pack.restype = None
+    lib.linear_bf16_pack.argtypes = [p, i64, i64, i64, p]
+    lib.linear_bf16_unpack.restype = None
+    lib.linear_bf16_unpack.argtypes = [p, i64, i64, p]
+    for name in ("linear_bf16_panel_width", "linear_bf16_available"):
+        getattr(lib, name).restype = i64
+        getattr(lib, name).argtypes = []
+    lib.linear_bf16_packed_pairs.restype = i64
+    lib.linear_bf16_packed_pairs.argtypes = [i64]
+    if lib.linear_bf16_panel_width() != PANEL:
+        raise OSError(f"{path} packs panels of {lib.linear_bf16_panel_width()} columns, not {PANEL}")
+    return lib
+
+
+_KERNEL = CKernel(_SOURCE, ENV_VAR, load_library, "oneDNN's bf16 linear", _FLAGS)
+build, _library, backend = _KERNEL.build, _KERNEL.library, _KERNEL.backend
+
+
+@lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether :func:`linear` runs here: the kernel built (and is not turned off), the CPU has AMX-BF16
+    and Linux granted the tile state (decided on first call, which builds the kernel if needed)."""
+    lib = _library()
+    return lib is not None and bool(lib.linear_bf16_available())
+
+
+class PackedWeight:
+    """A ``[N, K]`` bf16 weight packed for :func:`linear` (``[ceil(N/32), K2, 32, 2]``, see the module doc).
+
+    Args:
+        weight: ``[N, K]`` bf16 CPU tensor, stride 1 in ``K`` (read once; not kept).
+
+    Attributes:
+        out_features, in_features: ``N`` and ``K``.
+        panels: the packed tensor (``N`` rounded up to 32 columns, ``K`` to 32).
+
+    Raises:
+        ValueError: not a non-empty 2-D bf16 CPU tensor with stride 1 in its last dimension.
+        RuntimeError: the kernel does not run here (:func:`available`).
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        if weight.dim() != 2 or weight.dtype is not torch.bfloat16 or not weight.is_cpu:
+            raise ValueError(f"weight must be a 2-D bf16 CPU tensor, got {tuple(weight.shape)} {weight.dtype} "
+                             f"{weight.device}")
+        n, k = weight.shape
+        if n == 0 or k == 0:
+            raise ValueError(f"weight must not be empty, got {tuple(weight.shape)}")
+        if k > 1 and weight.stride(1) != 1:
+            raise ValueError(f"weight needs stride 1 in its last dimension, got strides {weight.stride()}")
+        if not available():
+            raise RuntimeError(f"the bf16 AMX linear kernel does not run here (no AMX-BF16, no C compiler, "
+                               f"or {ENV_VAR}=torch)")
+        self.library = _library()
+        self.out_features, self.in_features = n, k
+        pairs = self.library.linear_bf16_packed_pairs(k)
+        self.panels = torch.empty(((n + PANEL - 1) // PANEL, pairs, PANEL, 2), dtype=torch.bfloat16)
+        self.library.linear_bf16_pack(weight.data_ptr(), n, k, weight.stride(0), self.panels.data_ptr())
+        self._args = _Args(k=k, n=n, w=self.panels.data_ptr())
+
+    def unpack(self) -> torch.Tensor:
+        """The ``[N, K]`` weight, in a new contiguous tensor (the same bits as the one packed)."""
+        w = torch.empty((self.out_features, self.in_features), dtype=torch.bfloat16)
+        self.library.linear_bf16_unpack(self.panels.data_ptr(), self.out_features, self.in_features, w.data_ptr())
+        return w
+
+
+def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` in bf16 with fp32 sums (see the module doc).
+
+    Args:
+        x: ``[M, K]`` bf16 CPU tensor, stride 1 in ``K`` (any row stride).
+        weight: the packed ``[N, K]`` weight.
+        bias: ``[N]`` bf16 contiguous CPU tensor, or None.
+
+    Returns:
+        ``[M, N]`` bf16, contiguous. Threads: up to ``torch.get_num_threads()`` (one for a small product).
+
+    Raises:
+        ValueError: shapes, dtypes, devices or strides other than the above.
+        MemoryError: no memory for the padded copy of ``x`` the tiles read.
+    """
+    # Runs for every linear layer of every step: kept to cheap attribute reads.
+    if x.dtype is not torch.bfloat16 or not x.is_cpu or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D bf16 CPU tensor, got {tuple(x.shape)} {x.dtype} {x.device}")
+    m, k = x.shape
+    n = weight.out_features
+    if k != weight.in_features:
+        raise ValueError(f"x has {k} features, the weight {weight.in_features}")
+    if k > 1 and x.stride(1) != 1:
+        raise ValueError(f"x needs stride 1 in its last dimension, got strides {x.stride()}")
+    a = weight._args
+    if bias is not None:
+        if bias.dtype is not torch.bfloat16 or not bias.is_cpu or bias.shape != (n,) or (n > 1 and bias.stride(0) != 1):
+            raise ValueError(f"bias must be a contiguous [{n}] bf16 CPU tensor, got {tuple(bias.shape)} {bias.dtype}")
+        a.bias = bias.data_ptr()
+    else:
+        a.bias = None
+    out = torch.empty((m, n), dtype=torch.bfloat16)
+    a.m, a.x_row, a.out_row, a.threads = m, x.stride(0), n, torch.get_num_threads()
+    a.x, a.out = x.data_ptr(), out.data_ptr()
+    status = weight.library.linear_bf16(ctypes.byref(a))
+    if status == 2:
+        raise MemoryError(f"linear_bf16: no memory for a copy of x ({m} x {k} bf16)")
+    if status:
+        raise RuntimeError("linear_bf16: AMX is not available here")
+    return out
