@@ -6,8 +6,9 @@ block manager, fills it with ``B`` requests of ``--prompt-len`` random prompt to
 reach steady decoding, then
 
 1. times ``--steps`` decode steps without a profiler (the step times to quote), and
-2. profiles as many steps with ``torch.profiler`` and splits each step's time into exclusive
-   parts: the code under each of these ranges, which the script marks with ``record_function``
+2. profiles as many steps with ``torch.profiler`` (through the Python layer loop: the compiled one
+   of :mod:`executor.decoder_cpu`, which the timed steps use, makes the same kernel calls from C,
+   out of the profiler's sight) and splits each step's time into exclusive parts: the code under each of these ranges, which the script marks with ``record_function``
    (monkeypatched, so the engine itself carries no profiling code):
 
    - ``matmul``: every linear layer (q/k/v, o, gate/up, down) and the LM head;
@@ -121,6 +122,13 @@ def instrument(engine):
     wrap(engine_mod.Engine, "_sample_and_append", "ps:sampling")
     wrap(engine.bm, "step", "ps:block_manager")
     wrap(engine, "step", "ps:step")
+    try:  # the compiled layer loop would hide the parts: profile the same kernel calls made from Python
+        import executor.decoder_cpu as decoder_mod
+    except ImportError:  # an older checkout (see --repo)
+        decoder_mod = None
+    if decoder_mod is not None:
+        saved.append((decoder_mod, "for_step", decoder_mod.for_step))
+        decoder_mod.for_step = lambda *args: None
 
     def undo():
         for owner, name, own in reversed(saved):
@@ -265,6 +273,8 @@ def hollow_step_times(config, args) -> dict[int, float]:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     model = LlamaForCausalLM(cfg).to(dtype).eval()
+    if hasattr(model, "pack_weights"):  # as load_model leaves a model: packed, plain weights dropped
+        model.pack_weights(keep_plain=False)
     out = {}
     for batch in args.batch_sizes:
         try:

@@ -139,6 +139,9 @@ class Linear(nn.Linear):
     #: Whether large (prefill-sized) calls are expected: False keeps a bf16 weight in the AMX
     #: kernel's pack alone (see the class doc).
     pack_for_prefill: bool = True
+    #: Bumped whenever any Linear packs, drops or restores a weight: whoever holds pointers into
+    #: packs (:mod:`executor.decoder_cpu`) rebuilds when it changes.
+    generation: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -182,12 +185,14 @@ class Linear(nn.Linear):
         if self.weight.is_meta or self._repack() is None:
             return False
         self.weight = nn.Parameter(torch.empty_like(self.weight, device="meta"), self.weight.requires_grad)
+        Linear.generation += 1
         return True
 
     def restore_plain_weight(self) -> None:
         """Undo :meth:`drop_plain_weight` (the pack is rebuilt on the next use); else no-op."""
         if self.weight.is_meta:
             self.weight = nn.Parameter(self.plain_weight(), self.weight.requires_grad)
+            Linear.generation += 1
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -205,6 +210,7 @@ class Linear(nn.Linear):
             return self._pack
         self._pack_key = (w.data_ptr(), w._version)
         self._pack = self._pack_large = None
+        Linear.generation += 1
         if w.dtype in PACKED_DTYPES and w.is_cpu and (self.bias is None or self.bias.dtype is w.dtype):
             if w.dtype is torch.float32:
                 kernel = fp32_kernel()

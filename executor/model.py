@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from executor import decoder_cpu
 from executor.attention import AttentionMetadata
 from executor.layers import DecoderLayer, KVPair, RMSNorm
 from executor.linear import Linear
@@ -154,6 +155,10 @@ class LlamaForCausalLM(nn.Module):
         """
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} (key_cache, value_cache) pairs, got {len(kv_caches)}")
+        compiled = decoder_cpu.for_step(self, kv_caches, self.embed_tokens.weight.dtype, meta.backend, input_ids.shape[0])
+        if compiled is not None:  # the same kernel calls as the loop below, made from C
+            hidden_states, residual = compiled.forward(self, input_ids, positions, kv_caches, meta)
+            return self.norm.add_and_norm(hidden_states, residual)[0]
         hidden_states = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions, hidden_states.dtype)
         rope = (cos, RotaryEmbedding.signed_sin(sin))
