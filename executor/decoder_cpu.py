@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from executor.model import LlamaForCausalLM
 
 _PACKS = {torch.float32: linear_cpu.PackedWeight, torch.bfloat16: linear_bf16_cpu.PackedWeight}
-_ATTENTION_ARGS = paged_attention_cpu._Args
 
 
 class CompiledLayers:
@@ -53,12 +52,12 @@ class CompiledLayers:
         if not self.usable:
             return
         lib = decoder_cpu.library()
-        fused = fused_cpu._KERNEL.library()
+        fused = fused_cpu.library()
         suffix = "" if dtype is torch.float32 else "_bf16"
         if dtype is torch.float32:
-            linear = linear_cpu._library().linear_cpu
+            linear = linear_cpu.library().linear_cpu
         else:
-            linear = linear_bf16_cpu._library().linear_bf16
+            linear = linear_bf16_cpu.library().linear_bf16
         self._lib = lib
         layers = (decoder_cpu.Layer * model.num_layers)()
         keep = []  # every tensor whose memory the structs point at
@@ -86,8 +85,8 @@ class CompiledLayers:
         a.norm = decoder_cpu.function_pointer(getattr(fused, "add_rms_norm" + suffix))
         a.rope = decoder_cpu.function_pointer(getattr(fused, "rope_rotate" + suffix))
         a.silu = decoder_cpu.function_pointer(getattr(fused, "silu_and_mul" + suffix))
-        a.attention = decoder_cpu.function_pointer(paged_attention_cpu._library().paged_attention_cpu)
-        a.key_cache_offset, a.value_cache_offset = _ATTENTION_ARGS.key_cache.offset, _ATTENTION_ARGS.value_cache.offset
+        a.attention = decoder_cpu.function_pointer(paged_attention_cpu.library().paged_attention_cpu)
+        a.key_cache_offset, a.value_cache_offset = paged_attention_cpu.cache_pointer_offsets()
         self._cache_shape = kv_caches[0][0].shape
         self.scale = first.self_attn.scale
 
@@ -175,9 +174,7 @@ class CompiledLayers:
         if err:
             if err >= 1000:
                 raise MemoryError(f"layer {a.failed_layer}: a linear kernel could not allocate its copy of x")
-            if err in paged_attention_cpu._ERRORS:
-                raise ValueError(paged_attention_cpu._ERRORS[err].format(pa.error_index))
-            raise RuntimeError(f"layer {a.failed_layer}: paged_attention_cpu failed with code {err} (out of memory)")
+            raise paged_attention_cpu.error(err, pa.error_index)
         return d, e
 
 

@@ -51,7 +51,7 @@ _ENV = "PAGEDSERVE_FUSED_CPU"
 #: -fopenmp: large calls split their rows between torch's threads.
 EXTRA_FLAGS = ("-fno-trapping-math", "-fopenmp")
 
-__all__ = ["add_rms_norm", "backend", "build", "load_library", "rope_rotate_", "silu_and_mul"]
+__all__ = ["add_rms_norm", "backend", "build", "library", "load_library", "rope_rotate_", "silu_and_mul"]
 
 #: The dtypes the kernels handle, and the suffix of their C functions for each.
 _SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}
@@ -72,7 +72,7 @@ def load_library(path: Path) -> ctypes.CDLL:
 
 
 _KERNEL = CKernel(_SOURCE, _ENV, load_library, "the torch formulas", EXTRA_FLAGS)
-build, backend = _KERNEL.build, _KERNEL.backend
+build, backend, library = _KERNEL.build, _KERNEL.backend, _KERNEL.library
 
 
 def _kernel(name: str, t: torch.Tensor) -> Callable[..., None] | None:

@@ -39,7 +39,7 @@ _FLAGS = ("-fopenmp",)
 #: Output columns per packed panel (``NP`` in the C file).
 PANEL = 32
 
-__all__ = ["PANEL", "PackedWeight", "available", "backend", "build", "linear"]
+__all__ = ["PANEL", "PackedWeight", "available", "backend", "build", "library", "linear"]
 
 
 class _Args(ctypes.Structure):
@@ -71,6 +71,8 @@ def load_library(path: Path) -> ctypes.CDLL:
 
 _KERNEL = CKernel(_SOURCE, ENV_VAR, load_library, "oneDNN's bf16 linear", _FLAGS)
 build, _library, backend = _KERNEL.build, _KERNEL.library, _KERNEL.backend
+#: The loaded library, or None where oneDNN runs instead.
+library = _library
 
 
 @lru_cache(maxsize=1)

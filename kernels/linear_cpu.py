@@ -32,7 +32,7 @@ _FLAGS = ("-fopenmp",)
 #: Output columns per packed panel (``NP`` in the C file).
 PANEL = 32
 
-__all__ = ["PANEL", "PackedWeight", "backend", "build", "compile_kernel", "linear", "load_library"]
+__all__ = ["PANEL", "PackedWeight", "backend", "build", "compile_kernel", "library", "linear", "load_library"]
 
 
 class _Args(ctypes.Structure):
@@ -61,6 +61,8 @@ def load_library(path: Path) -> ctypes.CDLL:
 
 _KERNEL = CKernel(_SOURCE, ENV_VAR, load_library, "oneDNN's packed fp32 linear", _FLAGS)
 compile_kernel, build, _library, backend = _KERNEL.compile, _KERNEL.build, _KERNEL.library, _KERNEL.backend
+#: The loaded library, or None where the fallback runs.
+library = _library
 
 
 def _need_library(library: ctypes.CDLL | None) -> ctypes.CDLL:

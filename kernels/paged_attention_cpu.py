@@ -80,6 +80,23 @@ def load_library(path: Path) -> ctypes.CDLL:
 
 _KERNEL = CKernel(_SOURCE, ENV_VAR, load_library, "the plain-torch attention (kernels.torch_ref)", _FLAGS)
 compile_kernel, build, _library, backend = _KERNEL.compile, _KERNEL.build, _KERNEL.library, _KERNEL.backend
+#: The loaded library, or None where the plain-torch attention runs.
+library = _library
+
+
+def cache_pointer_offsets() -> tuple[int, int]:
+    """Byte offsets of ``key_cache`` and ``value_cache`` in the kernel's argument struct (a
+    :class:`StepLayout`'s ``args``), for a caller that swaps the caches between calls from C
+    (:mod:`kernels.decoder_cpu`)."""
+    return _Args.key_cache.offset, _Args.value_cache.offset
+
+
+def error(code: int, index: int) -> Exception:
+    """The exception for a nonzero return code of the C kernel: ValueError naming the bad entry of
+    the step layout (``index``: its sequence or token), or RuntimeError (out of memory)."""
+    if code in _ERRORS:
+        return ValueError(_ERRORS[code].format(index))
+    return RuntimeError(f"paged_attention_cpu failed with code {code} (out of memory)")
 
 
 def cache_shapes(num_blocks: int, block_size: int, num_kv_heads: int,
@@ -223,7 +240,5 @@ def paged_attention_cpu(
     a.key_cache, a.value_cache, a.out = key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr()
     err = lib.paged_attention_cpu(ctypes.byref(a))
     if err:
-        if err in _ERRORS:
-            raise ValueError(_ERRORS[err].format(a.error_index))
-        raise RuntimeError(f"paged_attention_cpu failed with code {err} (out of memory)")
+        raise error(err, a.error_index)
     return out
