@@ -19,20 +19,13 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+from kernels._packed_linear import LinearArgs
 from kernels.c_build import CKernel
 
 ENV_VAR = "PAGEDSERVE_DECODER_CPU"
 _SOURCE = Path(__file__).with_name("decoder_cpu.c")
 
-__all__ = ["DecoderArgs", "Layer", "LinearArgs", "backend", "build", "function_pointer", "library"]
-
-
-class LinearArgs(ctypes.Structure):
-    """``struct linear_args`` of the C file: the layout of both :mod:`kernels.linear_cpu`'s and
-    :mod:`kernels.linear_bf16_cpu`'s argument structs (checked by the tests)."""
-
-    _fields_ = [(name, ctypes.c_int64) for name in ("m", "k", "n", "x_row", "out_row", "threads")] + [
-        (name, ctypes.c_void_p) for name in ("x", "w", "bias", "out")]
+__all__ = ["DecoderArgs", "Layer", "backend", "build", "function_pointer", "library"]
 
 
 class Layer(ctypes.Structure):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from kernels._packed_linear import LinearArgs, check_weight, prepare_call
 from kernels.c_build import CKernel
 
 ENV_VAR = "PAGEDSERVE_LINEAR_BF16_CPU"
@@ -42,19 +43,12 @@ PANEL = 32
 __all__ = ["PANEL", "PackedWeight", "available", "backend", "build", "library", "linear"]
 
 
-class _Args(ctypes.Structure):
-    """``struct linear_bf16_args`` of the C file, field for field."""
-
-    _fields_ = [(name, ctypes.c_int64) for name in ("m", "k", "n", "x_row", "out_row", "threads")] + [
-        (name, ctypes.c_void_p) for name in ("x", "w", "bias", "out")]
-
-
 def load_library(path: Path) -> ctypes.CDLL:
     """Load a compiled kernel and declare its signatures."""
     lib = ctypes.CDLL(str(path))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.linear_bf16.restype = i64
-    lib.linear_bf16.argtypes = [ctypes.POINTER(_Args)]
+    lib.linear_bf16.argtypes = [ctypes.POINTER(LinearArgs)]
     lib.linear_bf16_pack.restype = None
     lib.linear_bf16_pack.argtypes = [p, i64, i64, i64, p]
     lib.linear_bf16_unpack.restype = None
@@ -99,14 +93,7 @@ class PackedWeight:
     """
 
     def __init__(self, weight: torch.Tensor):
-        if weight.dim() != 2 or weight.dtype is not torch.bfloat16 or not weight.is_cpu:
-            raise ValueError(f"weight must be a 2-D bf16 CPU tensor, got {tuple(weight.shape)} {weight.dtype} "
-                             f"{weight.device}")
-        n, k = weight.shape
-        if n == 0 or k == 0:
-            raise ValueError(f"weight must not be empty, got {tuple(weight.shape)}")
-        if k > 1 and weight.stride(1) != 1:
-            raise ValueError(f"weight needs stride 1 in its last dimension, got strides {weight.stride()}")
+        n, k = check_weight(weight, torch.bfloat16)
         if not available():
             raise RuntimeError(f"the bf16 AMX linear kernel does not run here (no AMX-BF16, no C compiler, "
                                f"or {ENV_VAR}=torch)")
@@ -115,7 +102,7 @@ class PackedWeight:
         pairs = self.library.linear_bf16_packed_pairs(k)
         self.panels = torch.empty(((n + PANEL - 1) // PANEL, pairs, PANEL, 2), dtype=torch.bfloat16)
         self.library.linear_bf16_pack(weight.data_ptr(), n, k, weight.stride(0), self.panels.data_ptr())
-        self._args = _Args(k=k, n=n, w=self.panels.data_ptr())
+        self._args = LinearArgs(k=k, n=n, w=self.panels.data_ptr())
 
     def unpack(self) -> torch.Tensor:
         """The ``[N, K]`` weight, in a new contiguous tensor (the same bits as the one packed)."""
@@ -139,28 +126,10 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
         ValueError: shapes, dtypes, devices or strides other than the above.
         MemoryError: no memory for the padded copy of ``x`` the tiles read.
     """
-    # Runs for every linear layer of every step: kept to cheap attribute reads.
-    if x.dtype is not torch.bfloat16 or not x.is_cpu or x.dim() != 2:
-        raise ValueError(f"x must be a 2-D bf16 CPU tensor, got {tuple(x.shape)} {x.dtype} {x.device}")
-    m, k = x.shape
-    n = weight.out_features
-    if k != weight.in_features:
-        raise ValueError(f"x has {k} features, the weight {weight.in_features}")
-    if k > 1 and x.stride(1) != 1:
-        raise ValueError(f"x needs stride 1 in its last dimension, got strides {x.stride()}")
-    a = weight._args
-    if bias is not None:
-        if bias.dtype is not torch.bfloat16 or not bias.is_cpu or bias.shape != (n,) or (n > 1 and bias.stride(0) != 1):
-            raise ValueError(f"bias must be a contiguous [{n}] bf16 CPU tensor, got {tuple(bias.shape)} {bias.dtype}")
-        a.bias = bias.data_ptr()
-    else:
-        a.bias = None
-    out = torch.empty((m, n), dtype=torch.bfloat16)
-    a.m, a.x_row, a.out_row, a.threads = m, x.stride(0), n, torch.get_num_threads()
-    a.x, a.out = x.data_ptr(), out.data_ptr()
+    a, out = prepare_call(x, weight, bias, torch.bfloat16)
     status = weight.library.linear_bf16(ctypes.byref(a))
     if status == 2:
-        raise MemoryError(f"linear_bf16: no memory for a copy of x ({m} x {k} bf16)")
+        raise MemoryError(f"linear_bf16: no memory for a copy of x ({a.m} x {a.k} bf16)")
     if status:
         raise RuntimeError("linear_bf16: AMX is not available here")
     return out

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kernels._packed_linear import LinearArgs, check_weight, prepare_call
 from kernels.c_build import CKernel
 
 ENV_VAR = "PAGEDSERVE_LINEAR_CPU"
@@ -35,19 +36,12 @@ PANEL = 32
 __all__ = ["PANEL", "PackedWeight", "backend", "build", "compile_kernel", "library", "linear", "load_library"]
 
 
-class _Args(ctypes.Structure):
-    """``struct linear_args`` of the C file, field for field."""
-
-    _fields_ = [(name, ctypes.c_int64) for name in ("m", "k", "n", "x_row", "out_row", "threads")] + [
-        (name, ctypes.c_void_p) for name in ("x", "w", "bias", "out")]
-
-
 def load_library(path: Path) -> ctypes.CDLL:
     """Load a compiled kernel (from :func:`compile_kernel`) and declare its signatures."""
     lib = ctypes.CDLL(str(path))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.linear_cpu.restype = i64
-    lib.linear_cpu.argtypes = [ctypes.POINTER(_Args)]
+    lib.linear_cpu.argtypes = [ctypes.POINTER(LinearArgs)]
     lib.linear_cpu_pack.restype = None
     lib.linear_cpu_pack.argtypes = [p, i64, i64, i64, p]
     lib.linear_cpu_unpack.restype = None
@@ -90,19 +84,12 @@ class PackedWeight:
     """
 
     def __init__(self, weight: torch.Tensor, library: ctypes.CDLL | None = None):
-        if weight.dim() != 2 or weight.dtype is not torch.float32 or not weight.is_cpu:
-            raise ValueError(f"weight must be a 2-D fp32 CPU tensor, got {tuple(weight.shape)} {weight.dtype} "
-                             f"{weight.device}")
-        n, k = weight.shape
-        if n == 0 or k == 0:
-            raise ValueError(f"weight must not be empty, got {tuple(weight.shape)}")
-        if k > 1 and weight.stride(1) != 1:
-            raise ValueError(f"weight needs stride 1 in its last dimension, got strides {weight.stride()}")
+        n, k = check_weight(weight, torch.float32)
         self.library = _need_library(library)
         self.out_features, self.in_features = n, k
         self.panels = torch.empty(((n + PANEL - 1) // PANEL, k, PANEL), dtype=torch.float32)
         self.library.linear_cpu_pack(weight.data_ptr(), n, k, weight.stride(0), self.panels.data_ptr())
-        self._args = _Args(k=k, n=n, w=self.panels.data_ptr())
+        self._args = LinearArgs(k=k, n=n, w=self.panels.data_ptr())
 
     def unpack(self) -> torch.Tensor:
         """The ``[N, K]`` weight, in a new contiguous tensor (the same bits as the one packed)."""
@@ -126,25 +113,7 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
     Raises:
         ValueError: shapes, dtypes, devices or strides other than the above.
     """
-    # Runs for every linear layer of every step: kept to cheap attribute reads.
-    if x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 2:
-        raise ValueError(f"x must be a 2-D fp32 CPU tensor, got {tuple(x.shape)} {x.dtype} {x.device}")
-    m, k = x.shape
-    n = weight.out_features
-    if k != weight.in_features:
-        raise ValueError(f"x has {k} features, the weight {weight.in_features}")
-    if k > 1 and x.stride(1) != 1:
-        raise ValueError(f"x needs stride 1 in its last dimension, got strides {x.stride()}")
-    a = weight._args
-    if bias is not None:
-        if bias.dtype is not torch.float32 or not bias.is_cpu or bias.shape != (n,) or (n > 1 and bias.stride(0) != 1):
-            raise ValueError(f"bias must be a contiguous [{n}] fp32 CPU tensor, got {tuple(bias.shape)} {bias.dtype}")
-        a.bias = bias.data_ptr()
-    else:
-        a.bias = None
-    out = torch.empty((m, n), dtype=torch.float32)
-    a.m, a.x_row, a.out_row, a.threads = m, x.stride(0), n, torch.get_num_threads()
-    a.x, a.out = x.data_ptr(), out.data_ptr()
+    a, out = prepare_call(x, weight, bias, torch.float32)
     if weight.library.linear_cpu(ctypes.byref(a)):
-        raise MemoryError(f"linear_cpu: no memory for a copy of x ({m} x {k} fp32)")
+        raise MemoryError(f"linear_cpu: no memory for a copy of x ({a.m} x {a.k} fp32)")
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from executor.attention import allocate_kv_cache
 from executor.linear import BF16_ONEDNN_ROWS, Linear, bf16_amx_kernel
 from executor.model_loader import load_model
 from kernels import decoder_cpu as decoder_kernel
-from kernels import linear_bf16_cpu, linear_cpu
+from kernels import linear_cpu
 from tests.executor.test_model import BLOCK_SIZE, NUM_BLOCKS, PagedBatch, _configs, _randomize
 
 pytestmark = pytest.mark.skipif(decoder_kernel.backend() != "compiled" or linear_cpu.backend() != "compiled",
@@ -126,9 +127,20 @@ def test_a_bad_layout_is_refused_before_any_write(checkpoint):
     assert all(torch.equal(k, s) for (k, _), s in zip(caches, snapshot))
 
 
+def _struct_fields(source: str, name: str) -> list[str]:
+    text = (REPO / "kernels" / source).read_text()
+    body = re.search(r"struct " + name + r" \{(.*?)\};", text, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    return re.findall(r"[\w ]+?\**\s*\b(\w+)\s*[,;]", body.replace(",", ";"))
+
+
 def test_the_driver_structs_match_the_kernels():
-    fields = [(name, kind) for name, kind in decoder_kernel.LinearArgs._fields_]
-    assert fields == list(linear_cpu._Args._fields_) == list(linear_bf16_cpu._Args._fields_)
+    """decoder_cpu.c declares struct linear_args again (the three C files are built apart): the
+    same fields in the same order as both linear kernels, and as the one ctypes Structure."""
+    fields = _struct_fields("decoder_cpu.c", "linear_args")
+    assert fields == _struct_fields("linear_cpu.c", "linear_args") == _struct_fields("linear_bf16_cpu.c",
+                                                                                    "linear_bf16_args")
+    assert fields == [name for name, _ in decoder_kernel.Layer._fields_[0][1]._fields_]
 
 
 def test_environment_variable_turns_it_off():
