@@ -20,6 +20,7 @@ When it runs (else the model runs its Python loop, unchanged):
 from __future__ import annotations
 
 import ctypes
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from executor.layers import KVPair
     from executor.model import LlamaForCausalLM
 
+logger = logging.getLogger("pagedserve.executor")
 _PACKS = {torch.float32: linear_cpu.PackedWeight, torch.bfloat16: linear_bf16_cpu.PackedWeight}
 
 
@@ -92,38 +94,52 @@ class CompiledLayers:
 
     @staticmethod
     def _usable(model: LlamaForCausalLM, kv_caches: list[KVPair], dtype: torch.dtype, backend: str) -> bool:
+        reason = CompiledLayers._why_not(model, kv_caches, dtype, backend)
+        if kv_caches and kv_caches[0][0].is_cpu:  # a GPU executor has no use for this line
+            if reason is None:
+                logger.info("CPU forward pass: %s decoder layers in one C call per step (kernels/decoder_cpu.c)", dtype)
+            else:
+                logger.info("CPU forward pass: %s decoder layers through the Python loop (%s)", dtype, reason)
+        return reason is None
+
+    @staticmethod
+    def _why_not(model: LlamaForCausalLM, kv_caches: list[KVPair], dtype: torch.dtype, backend: str) -> str | None:
+        """None when the driver can run these layers (the module doc's conditions), else why not."""
         if dtype not in _PACKS or len(kv_caches) != model.num_layers:
-            return False
+            return f"{dtype} has no compiled linear kernel" if dtype not in _PACKS else "one cache pair per layer needed"
         key_cache = kv_caches[0][0]
         if not (key_cache.is_cpu and key_cache.dtype is dtype
                 and runs_compiled_cpu_attention(backend, key_cache.device, dtype)):
-            return False
+            return "the compiled CPU attention does not run here"
         # The caches must be laid out as the compiled attention reads them.
         num_blocks, _, _, block_size = key_cache.shape
         shapes = paged_attention_cpu.cache_shapes(num_blocks, block_size, model.num_kv_heads, model.head_dim)
         for k, v in kv_caches:
             if ((tuple(k.shape), tuple(v.shape)) != shapes or k.dtype is not dtype or v.dtype is not dtype
                     or not (k.is_contiguous() and v.is_contiguous())):
-                return False
+                return "the KV caches are not in the compiled attention's layout"
         if fused_cpu.backend() != "compiled" or decoder_cpu.backend() != "compiled":
-            return False
+            return "kernels.fused_cpu or kernels.decoder_cpu is not compiled (PAGEDSERVE_*_CPU=torch, or no C compiler)"
         if model.embed_tokens.weight.dtype is not dtype:
-            return False
+            return "the embedding is in another dtype"
         eps = {layer.input_layernorm.eps for layer in model.layers} | {
             layer.post_attention_layernorm.eps for layer in model.layers}
         if len(eps) != 1:
-            return False
+            return "the norms' eps differ"
         pack_type = _PACKS[dtype]
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                if not lin.weight.is_meta or type(lin._pack) is not pack_type or (
-                        lin.bias is not None and (lin.bias.dtype is not dtype or not lin.bias.is_contiguous())):
-                    return False
+                if not lin.weight.is_meta:
+                    return "a linear layer keeps its plain weight (packs could go stale)"
+                if type(lin._pack) is not pack_type:
+                    return "a linear layer is not packed for our kernel"
+                if lin.bias is not None and (lin.bias.dtype is not dtype or not lin.bias.is_contiguous()):
+                    return "a bias in another dtype or layout"
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 if norm.weight.dtype is not dtype or not norm.weight.is_contiguous():
-                    return False
-        return True
+                    return "a norm weight in another dtype or layout"
+        return None
 
     def forward(self, model: LlamaForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVPair], meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

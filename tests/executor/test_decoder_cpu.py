@@ -148,3 +148,16 @@ def test_environment_variable_turns_it_off():
     env = {**os.environ, decoder_kernel.ENV_VAR: "torch"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "torch"
+
+
+def test_the_executor_log_says_which_loop_runs(checkpoint, caplog):
+    model = load_model(checkpoint, dtype=torch.float32, progress=False)
+    caches = allocate_kv_cache(model.num_layers, NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
+    with caplog.at_level("INFO", logger="pagedserve.executor"), torch.inference_mode():
+        decoder_cpu.for_step(model, caches, torch.float32, "torch", 4)
+        model.layers[0].mlp.down_proj.restore_plain_weight()
+        decoder_cpu.for_step(model, caches, torch.float32, "torch", 4)
+    lines = [r.getMessage() for r in caplog.records if "CPU forward pass" in r.getMessage()]
+    assert lines == ["CPU forward pass: torch.float32 decoder layers in one C call per step (kernels/decoder_cpu.c)",
+                     "CPU forward pass: torch.float32 decoder layers through the Python loop (a linear layer keeps "
+                     "its plain weight (packs could go stale))"]
