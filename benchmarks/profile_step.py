@@ -184,8 +184,14 @@ def main(argv=None) -> int:
         path = linear_path(dtype)
     except ImportError:  # an older checkout (see --repo)
         path = "this checkout's Linear"
+    try:
+        from kernels import decoder_cpu
+        loop = ("one C call per step (kernels.decoder_cpu) where it runs, else the Python loop"
+                if decoder_cpu.backend() == "compiled" else "the Python loop (PAGEDSERVE_DECODER_CPU=torch)")
+    except ImportError:  # an older checkout (see --repo)
+        loop = "the Python loop"
     print(f"# SmolLM2 decode step on the CPU: torch {torch.__version__}, {args.dtype} (linear layers: {path}), "
-          f"{args.num_threads} thread(s), prompt {args.prompt_len} tokens, block size {args.block_size}, "
+          f"decoder layers: {loop}; {args.num_threads} thread(s), prompt {args.prompt_len} tokens, block size {args.block_size}, "
           f"{os.cpu_count()} cores seen, code from {args.repo}")
     gen = torch.Generator().manual_seed(0)
     results = []

@@ -118,8 +118,9 @@ class CompiledLayers:
             if ((tuple(k.shape), tuple(v.shape)) != shapes or k.dtype is not dtype or v.dtype is not dtype
                     or not (k.is_contiguous() and v.is_contiguous())):
                 return "the KV caches are not in the compiled attention's layout"
-        if fused_cpu.backend() != "compiled" or decoder_cpu.backend() != "compiled":
-            return "kernels.fused_cpu or kernels.decoder_cpu is not compiled (PAGEDSERVE_*_CPU=torch, or no C compiler)"
+        for module, variable in ((fused_cpu, "PAGEDSERVE_FUSED_CPU"), (decoder_cpu, decoder_cpu.ENV_VAR)):
+            if module.backend() != "compiled":
+                return f"{module.__name__} is off: {variable}=torch, or its C build failed (logged above)"
         if model.embed_tokens.weight.dtype is not dtype:
             return "the embedding is in another dtype"
         eps = {layer.input_layernorm.eps for layer in model.layers} | {
