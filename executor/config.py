@@ -33,7 +33,7 @@ class ModelSettings(BaseModel):
 #: compute-bound from a few hundred tokens on (fp32: about 1,000 tokens/s on 2 cores), so a bigger
 #: chunk gains no throughput and only delays the first token of every prompt in it: under a burst
 #: of 16 x 128-token prompts 512 halves the median TTFT at the same throughput. bf16 prefills on
-#: AMX run about 4x faster, and there 2048 gave 6-13% more throughput at 64 requests than 512 or
+#: AMX run about 4x faster, and there 2048 gave 6-14% more throughput at 64 requests than 512 or
 #: 1024 (README "Performance"); on a GPU bigger prefill batches pay more.
 CPU_SLOW_PREFILL_TOKEN_BUDGET = 512
 TOKEN_BUDGET = 2048

@@ -219,19 +219,20 @@ int64_t linear_bf16(const struct linear_bf16_args *a) {
   if (threads < 1) threads = 1;
   /* A 32-row block reads its second A tile only when it has rows there. */
   const int64_t mp = (a->m + 15) / 16 * 16;
-  /* The copy of x lives in one buffer kept between calls: a fresh one above malloc's mmap threshold
-   * (128 KiB: 64 rows of K = 1536) would be new zero-filled pages, faulted in on every call. The
-   * caller never runs two products at once (kernels/linear_bf16_cpu.py). */
-  static uint16_t *xp = 0;
-  static size_t xp_bytes = 0;
+  /* The copy of x lives in a buffer kept between calls, one per calling thread: a fresh one above
+   * malloc's mmap threshold (128 KiB: 64 rows of K = 1536) would be new zero-filled pages, faulted
+   * in on every call. The team below reads it through `xp` (its own thread-locals are empty). */
+  static __thread uint16_t *buffer = 0;
+  static __thread size_t buffer_bytes = 0;
   const size_t need = ((size_t)mp * 2 * pairs_padded(a->k) * 2 + 63) / 64 * 64;
-  if (need > xp_bytes) {
-    free(xp);
-    xp_bytes = 0;
-    xp = aligned_alloc(64, need);
-    if (!xp) return 2;
-    xp_bytes = need;
+  if (need > buffer_bytes) {
+    free(buffer);
+    buffer_bytes = 0;
+    buffer = aligned_alloc(64, need);
+    if (!buffer) return 2;
+    buffer_bytes = need;
   }
+  uint16_t *const xp = buffer;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif

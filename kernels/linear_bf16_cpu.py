@@ -121,6 +121,7 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
 
     Returns:
         ``[M, N]`` bf16, contiguous. Threads: up to ``torch.get_num_threads()`` (one for a small product).
+        Not safe to call with one ``weight`` from two threads at once (its argument struct is reused).
 
     Raises:
         ValueError: shapes, dtypes, devices or strides other than the above.

@@ -131,3 +131,27 @@ def test_bad_input_is_refused():
         PackedWeight(w.float())
     with pytest.raises(ValueError, match="empty"):
         PackedWeight(torch.zeros(0, 4, dtype=torch.bfloat16))
+
+
+@needs_amx
+def test_two_threads_with_their_own_weights_do_not_share_a_buffer():
+    """Each calling thread copies x into its own buffer (ctypes releases the GIL during the call)."""
+    import threading
+
+    cases = [_operands(64 + 16 * i, 576, 256, seed=i) for i in range(2)]
+    packs = [PackedWeight(w) for _, w, _ in cases]
+    want = [linear(x, p) for (x, _, _), p in zip(cases, packs)]
+    bad = []
+
+    def run(i):
+        for _ in range(200):
+            if not torch.equal(linear(cases[i][0], packs[i]), want[i]):
+                bad.append(i)
+                return
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
