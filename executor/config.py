@@ -28,33 +28,34 @@ class ModelSettings(BaseModel):
                                               "model's max_position_embeddings)", ge=1)
 
 
-#: The default token budget per step: 2048, except 512 on a CPU without a fast bf16 path for the
-#: dtype (fp32; fp16; bf16 where oneDNN has no AVX512-BF16/AMX kernels). Such a prefill is
-#: compute-bound from a few hundred tokens on (fp32: about 1,000 tokens/s on 2 cores), so a bigger
-#: chunk gains no throughput and only delays the first token of every prompt in it: under a burst
-#: of 16 x 128-token prompts 512 halves the median TTFT at the same throughput. bf16 prefills on
-#: AMX run about 4x faster, and there 2048 gave 6-14% more throughput at 64 requests than 512 or
-#: 1024 (README "Performance"); on a GPU bigger prefill batches pay more.
-CPU_SLOW_PREFILL_TOKEN_BUDGET = 512
+#: The default token budget per step: 2048 on a GPU, 512 on a CPU. A CPU prefill is compute-bound
+#: from a few hundred tokens on (fp32: about 1,000 tokens/s on 2 cores; bf16 on our AMX kernel
+#: about 4x that), so a bigger chunk gains no throughput and only delays the first token of every
+#: prompt in it: under a burst of 16 x 128-token prompts 512 halves the median TTFT against 2048 at
+#: the same throughput, in fp32 and in bf16 on AMX alike (bf16, 3 runs each: 512 against 1024
+#: within +-3% on throughput at 16 and 64 requests, median TTFT 0.7x at 16; 2048 slower at 64;
+#: docs/bf16.md). bf16 on oneDNN without AMX (AVX512-BF16) keeps 2048, where it was measured best
+#: before our AMX kernel existed; on a GPU bigger prefill batches pay more.
+CPU_TOKEN_BUDGET = 512
 TOKEN_BUDGET = 2048
 
 
 def token_budget(setting: int | None, device: object, dtype: object) -> int:
     """``--max-num-batched-tokens`` when given, else the default for ``device`` (``"cpu"``,
     ``"cuda:0"`` or a ``torch.device``) and ``dtype`` (a ``torch.dtype`` or its name):
-    :data:`TOKEN_BUDGET`, or :data:`CPU_SLOW_PREFILL_TOKEN_BUDGET` on a CPU unless the dtype is
-    bf16 and the CPU runs bf16 linear layers on oneDNN (``executor.linear.ONEDNN_BF16_LINEAR``;
-    imported only then, so that the settings do not import torch)."""
+    :data:`TOKEN_BUDGET`, or on a CPU :data:`CPU_TOKEN_BUDGET` unless the dtype is bf16 and its
+    linear layers run on oneDNN rather than our AMX kernel (``executor.linear``; imported only
+    for bf16, so that the settings do not import torch)."""
     if setting is not None:
         return setting
     if str(device).split(":")[0] != "cpu":
         return TOKEN_BUDGET
     if str(dtype).removeprefix("torch.") == "bfloat16":
-        from executor.linear import ONEDNN_BF16_LINEAR
+        from executor.linear import ONEDNN_BF16_LINEAR, bf16_amx_kernel
 
-        if ONEDNN_BF16_LINEAR:
+        if ONEDNN_BF16_LINEAR and not bf16_amx_kernel():
             return TOKEN_BUDGET
-    return CPU_SLOW_PREFILL_TOKEN_BUDGET
+    return CPU_TOKEN_BUDGET
 
 
 class ExecutorSettings(ZmqServiceSettings, ModelSettings, BlockManagerAddress):
@@ -73,8 +74,8 @@ class ExecutorSettings(ZmqServiceSettings, ModelSettings, BlockManagerAddress):
                                 env="PAGEDSERVE_SWAP_SPACE_GIB", ge=0)
     max_num_seqs: int = setting(64, "most sequences per step", ge=1)
     max_num_batched_tokens: int | None = setting(
-        None, "token budget per step (decodes + prefill chunks); default 2048, or 512 on a CPU unless bf16 runs on "
-              "AVX512-BF16/AMX there", ge=1)
+        None, "token budget per step (decodes + prefill chunks); default 512 on a CPU (2048 for bf16 on "
+              "AVX512-BF16 without AMX), 2048 on a GPU", ge=1)
     attention_backend: Literal["auto", "triton", "torch"] = setting(
         "auto", "paged-attention kernels: triton (the CUDA path), torch (the CPU path), auto (triton on cuda, "
                 "torch on cpu); triton on the CPU needs TRITON_INTERPRET=1 and is a correctness check, not fast")

@@ -12,8 +12,7 @@ When it runs (else the model runs its Python loop, unchanged):
   (``PAGEDSERVE_DECODER_CPU`` not ``torch``);
 - every linear layer of every layer packed for our own kernel with its plain weight dropped (as
   :func:`executor.model_loader.load_model` leaves them: the packs then cannot change under it):
-  fp32 on :mod:`kernels.linear_cpu`, or bf16 on :mod:`kernels.linear_bf16_cpu` for a step of fewer
-  than :data:`executor.linear.BF16_ONEDNN_ROWS` tokens (larger bf16 steps go to oneDNN, from Python);
+  fp32 on :mod:`kernels.linear_cpu`, or bf16 on :mod:`kernels.linear_bf16_cpu`;
 - no autograd.
 """
 
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from executor.attention import AttentionMetadata, runs_compiled_cpu_attention
-from executor.linear import BF16_ONEDNN_ROWS, Linear
+from executor.linear import Linear
 from kernels import decoder_cpu, fused_cpu, linear_bf16_cpu, linear_cpu, paged_attention_cpu
 from kernels.paged_attention_cpu import StepLayout
 
@@ -195,12 +194,12 @@ class CompiledLayers:
         return d, e
 
 
-def for_step(model: LlamaForCausalLM, kv_caches: list[KVPair], dtype: torch.dtype, backend: str,
-             num_tokens: int) -> CompiledLayers | None:
+def for_step(model: LlamaForCausalLM, kv_caches: list[KVPair], dtype: torch.dtype,
+             backend: str) -> CompiledLayers | None:
     """The model's :class:`CompiledLayers` for this step (built or rebuilt as needed), or None when
     the step runs the Python loop (the module doc's conditions). Cheap when nothing changed: a few
     attribute reads."""
-    if torch.is_grad_enabled() or (dtype is torch.bfloat16 and num_tokens >= BF16_ONEDNN_ROWS):
+    if torch.is_grad_enabled():
         return None
     runner = model.__dict__.get("_compiled_layers")
     if (runner is None or runner.dtype is not dtype or runner.kv_caches is not kv_caches

@@ -1,4 +1,4 @@
-"""The linear layers: fp32 on our own batch-invariant kernel, bf16 on our AMX kernel and oneDNN, weights packed once.
+"""The linear layers: fp32 on our own batch-invariant kernel, bf16 on our AMX kernel (else oneDNN), weights packed once.
 
 See :class:`Linear` and docs/batch-invariance.md for why a token's hidden state must not depend on
 how many other tokens share its step, and how the tests check it; docs/kernels.md for the fp32
@@ -43,11 +43,6 @@ ONEDNN_BF16_LINEAR = (
 #: :func:`fp32_kernel` says which), and bf16 where :data:`ONEDNN_BF16_LINEAR`.
 PACKED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if ONEDNN_BF16_LINEAR else ())
 _LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default if ONEDNN_LINEAR else None
-#: bf16 calls of this many rows or more run on oneDNN's packed product where the AMX kernel runs the
-#: smaller ones. All 121 linear layers of a SmolLM2-135M step in a row, cold weights, 2 threads
-#: (docs/bf16.md): the AMX kernel takes 0.78x oneDNN's time at 1 row, 0.80x at 16, 0.94x at 64,
-#: 0.95x at 96, 1.01x at 128 and 1.13x at 256.
-BF16_ONEDNN_ROWS = 128
 
 
 @lru_cache(maxsize=1)
@@ -64,9 +59,9 @@ def fp32_kernel() -> str | None:
 
 @lru_cache(maxsize=1)
 def bf16_amx_kernel() -> bool:
-    """Whether bf16 calls of fewer than :data:`BF16_ONEDNN_ROWS` rows run on :mod:`kernels.linear_bf16_cpu`
-    (a CPU with AMX-BF16 where oneDNN's bf16 path runs too, the kernel built, not turned off by
-    ``PAGEDSERVE_LINEAR_BF16_CPU=torch``). Decided on first call (which builds the kernel if needed)."""
+    """Whether bf16 calls run on :mod:`kernels.linear_bf16_cpu` (a CPU with AMX-BF16 where oneDNN's
+    bf16 path runs too, the kernel built, not turned off by ``PAGEDSERVE_LINEAR_BF16_CPU=torch``).
+    Decided on first call (which builds the kernel if needed)."""
     return ONEDNN_BF16_LINEAR and linear_bf16_cpu.available()
 
 
@@ -81,8 +76,7 @@ def linear_path(dtype: torch.dtype) -> str:
     if dtype not in PACKED_DTYPES or dtype is torch.float32:
         return "F.linear (no packed path for this dtype on this CPU)"
     if bf16_amx_kernel():
-        return (f"kernels.linear_bf16_cpu on AMX below {BF16_ONEDNN_ROWS} rows, oneDNN bf16 from there, "
-                f"packed weights")
+        return "kernels.linear_bf16_cpu on AMX, packed weights"
     # What the CPU has; oneDNN uses it unless ONEDNN_MAX_CPU_ISA caps it lower.
     isa = "AMX" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "AVX512-BF16"
     return f"oneDNN bf16 (the CPU has {isa}), packed weights"
@@ -113,17 +107,18 @@ class Linear(nn.Linear):
     :func:`executor.model_loader.load_model` does for every weight not shared with another module).
 
     **bf16**, on a CPU with AVX512-BF16 or AMX (:data:`ONEDNN_BF16_LINEAR`): fp32 accumulation,
-    bf16 output. With AMX (:func:`bf16_amx_kernel`) a call of fewer than :data:`BF16_ONEDNN_ROWS`
-    rows (a decode step, a short prefill) runs on :mod:`kernels.linear_bf16_cpu`'s packed weight,
-    larger calls on oneDNN's (``torch.ops.mkldnn._linear_pointwise``), so such a layer keeps both
-    packs, unless ``pack_for_prefill`` is False (the LM head, which sees one row per sequence: the
-    AMX pack alone). Without AMX, oneDNN's packed product for every call (AVX512-BF16).
+    bf16 output. With AMX (:func:`bf16_amx_kernel`) every call runs on :mod:`kernels.linear_bf16_cpu`'s
+    packed weight, the only copy kept. oneDNN's AMX product is faster on its own from about 1,500
+    rows (1.5x at 2,048 rows per layer), but whole steps of up to 1,024 tokens run faster on ours
+    (0.71x oneDNN's step time at 128 tokens, 0.88x at 1,024; 1.16x at 2,048; docs/bf16.md), the
+    default CPU token budget is 512, and keeping oneDNN's pack beside ours for larger steps would
+    hold every weight twice. Without AMX, oneDNN's packed product (``torch.ops.mkldnn._linear_pointwise``) for
+    every call (AVX512-BF16).
     ``F.linear`` in bf16 reaches oneDNN's bf16 matmul too, but on the plain weight, which the kernel
     copies into its blocked layout on every call; packing once saves that (a call of 1-64 rows takes
     0.5-0.75x the time of ``F.linear`` on SmolLM2's shapes, on a Xeon with AMX).
-    Rows are not batch-invariant in bf16 (the two kernels sum in different orders, and oneDNN's AMX
-    kernels round differently by the number of rows), so no one-row expand either; bf16 makes no
-    such claim (docs/bf16.md).
+    Rows are not claimed batch-invariant in bf16 (oneDNN's kernels round differently by the number
+    of rows), so no one-row expand either; bf16 makes no such claim (docs/bf16.md).
 
     Elsewhere (CUDA, fp16, bf16 on a CPU without bf16 instructions, gradients, an input whose
     dtype is not the weight's) it is ``F.linear`` (on a weight unpacked for the call when the
@@ -133,12 +128,7 @@ class Linear(nn.Linear):
     """
 
     _pack: torch.Tensor | linear_cpu.PackedWeight | linear_bf16_cpu.PackedWeight | None = None
-    #: oneDNN's pack of a bf16 weight beside the AMX kernel's, for calls of BF16_ONEDNN_ROWS rows or more.
-    _pack_large: torch.Tensor | None = None
     _pack_key: tuple | None = None
-    #: Whether large (prefill-sized) calls are expected: False keeps a bf16 weight in the AMX
-    #: kernel's pack alone (see the class doc).
-    pack_for_prefill: bool = True
     #: Bumped whenever any Linear packs, drops or restores a weight: whoever holds pointers into
     #: packs (:mod:`executor.decoder_cpu`) rebuilds when it changes.
     generation: int = 0
@@ -157,9 +147,7 @@ class Linear(nn.Linear):
                 if kind is linear_cpu.PackedWeight:
                     return linear_cpu.linear(x, pack, self.bias)
                 if kind is linear_bf16_cpu.PackedWeight:
-                    if rows < BF16_ONEDNN_ROWS or self._pack_large is None:
-                        return linear_bf16_cpu.linear(x, pack, self.bias)
-                    return _LINEAR_POINTWISE(x, self._pack_large, self.bias, "none", [], "")
+                    return linear_bf16_cpu.linear(x, pack, self.bias)
                 if rows == 1 and dtype is torch.float32:
                     return _LINEAR_POINTWISE(x.expand(2, -1), pack, self.bias, "none", [], "")[:1]
                 return _LINEAR_POINTWISE(x, pack, self.bias, "none", [], "")
@@ -209,7 +197,7 @@ class Linear(nn.Linear):
         if w.is_meta:
             return self._pack
         self._pack_key = (w.data_ptr(), w._version)
-        self._pack = self._pack_large = None
+        self._pack = None
         Linear.generation += 1
         if w.dtype in PACKED_DTYPES and w.is_cpu and (self.bias is None or self.bias.dtype is w.dtype):
             if w.dtype is torch.float32:
@@ -221,8 +209,6 @@ class Linear(nn.Linear):
                     self._pack = linear_cpu.PackedWeight(w.detach().contiguous())
                 elif kernel == "linear_bf16_cpu":
                     self._pack = linear_bf16_cpu.PackedWeight(w.detach().contiguous())
-                    if self.pack_for_prefill:
-                        self._pack_large = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 2)
                 elif kernel == "onednn":
                     self._pack = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 2)
         return self._pack

@@ -84,8 +84,6 @@ class LlamaForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(self.hidden_size, float(config_value(config, "rms_norm_eps", 1e-6)))
         self.lm_head = Linear(self.hidden_size, self.vocab_size, bias=False)
-        # It sees one row per sequence that samples (a decode batch), not a prefill's rows.
-        self.lm_head.pack_for_prefill = False
         self.tie_weights()
 
     def pack_weights(self, keep_plain: bool = True) -> int:
@@ -155,7 +153,7 @@ class LlamaForCausalLM(nn.Module):
         """
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} (key_cache, value_cache) pairs, got {len(kv_caches)}")
-        compiled = decoder_cpu.for_step(self, kv_caches, self.embed_tokens.weight.dtype, meta.backend, input_ids.shape[0])
+        compiled = decoder_cpu.for_step(self, kv_caches, self.embed_tokens.weight.dtype, meta.backend)
         if compiled is not None:  # the same kernel calls as the loop below, made from C
             hidden_states, residual = compiled.forward(self, input_ids, positions, kv_caches, meta)
             return self.norm.add_and_norm(hidden_states, residual)[0]

@@ -14,6 +14,8 @@ import torch
 from blockmgr.client import InProcessBlockManager
 from blockmgr.manager import BlockManager
 from executor.engine import Engine, EngineConfig
+from executor.linear import bf16_amx_kernel
+from executor.model_loader import load_model
 from executor.request import SamplingParams
 
 BS = 16
@@ -25,12 +27,12 @@ TOP = 3
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_engine(smollm, **cfg):
+def make_engine(smollm, dtype=torch.float32, **cfg):
     model, tok = smollm
     cfg.setdefault("block_size", BS)
     cfg.setdefault("num_blocks", 1024)
     bm = InProcessBlockManager(BlockManager(enable_prefix_caching=False))
-    return Engine(model, bm, EngineConfig(**cfg), {tok.eos_token_id})
+    return Engine(model, bm, EngineConfig(**cfg), {tok.eos_token_id}, dtype=dtype)
 
 
 def run(engine, prompts, params, record=False):
@@ -182,3 +184,21 @@ def test_long_prompt_never_stalls_running_decodes(smollm):
         steps = [r.step for r in engine.step_records if d in r.scheduled]
         # Scheduled in every step from its first to its last: it never waited a step.
         assert steps == list(range(steps[0], steps[-1] + 1)), f"{d} skipped a step"
+
+
+@pytest.mark.skipif(not bf16_amx_kernel(), reason="bf16 rows are batch-invariant on our AMX kernel only")
+def test_bf16_on_amx_alone_and_chunked_equal_among_32(smollm_dir, tok, workload):
+    """bf16 where every linear layer runs on the AMX kernel: each of its outputs is summed in one order
+    whatever the number of rows, and the attention and fused operators are fp32 inside, so bf16 keeps
+    the same guarantee (docs/bf16.md)."""
+    prompts, params = workload
+    model = (load_model(smollm_dir, dtype=torch.bfloat16), tok)
+    picked = [0, 1, 2, 3, 5, 13]
+    together = run(make_engine(model, dtype=torch.bfloat16), prompts, params)
+    engine = make_engine(model, dtype=torch.bfloat16)
+    for i in picked:
+        assert run(engine, [prompts[i]], [params[i]])[0] == together[i], f"request {i} differs alone and among 32"
+    chunked = run(make_engine(model, dtype=torch.bfloat16, max_num_batched_tokens=23),
+                  [prompts[i] for i in picked], [params[i] for i in picked])
+    for k, i in enumerate(picked):
+        assert chunked[k] == together[i], f"request {i} differs under chunked prefill"

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from executor import decoder_cpu
 from executor.attention import allocate_kv_cache
-from executor.linear import BF16_ONEDNN_ROWS, Linear, bf16_amx_kernel
+from executor.linear import Linear, bf16_amx_kernel
 from executor.model_loader import load_model
 from kernels import decoder_cpu as decoder_kernel
 from kernels import linear_cpu
@@ -23,6 +23,8 @@ from tests.executor.test_model import BLOCK_SIZE, NUM_BLOCKS, PagedBatch, _confi
 pytestmark = pytest.mark.skipif(decoder_kernel.backend() != "compiled" or linear_cpu.backend() != "compiled",
                                 reason="the compiled CPU kernels cannot run here (no C compiler)")
 REPO = Path(__file__).resolve().parents[2]
+#: Cache blocks of _run_steps: room for a prefill-sized step.
+STEP_BLOCKS = 96
 DTYPES = [torch.float32] + ([torch.bfloat16] if bf16_amx_kernel() else [])
 
 
@@ -38,9 +40,9 @@ def checkpoint(request, tmp_path_factory):
 
 def _run_steps(model, dtype, compiled: bool, steps) -> list[torch.Tensor]:
     """Hidden states of each step (a mixed prefill / decode batch), through the driver or the loop."""
-    caches = allocate_kv_cache(model.num_layers, NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim,
+    caches = allocate_kv_cache(model.num_layers, STEP_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim,
                                dtype=dtype, fill=float("nan"))
-    batch = PagedBatch(3, seed=5)
+    batch = PagedBatch(3, seed=5, num_blocks=STEP_BLOCKS)
     g = torch.Generator().manual_seed(3)
     outs, used = [], []
     real = decoder_cpu.for_step
@@ -51,7 +53,7 @@ def _run_steps(model, dtype, compiled: bool, steps) -> list[torch.Tensor]:
             positions, meta = batch.step(counts)
             ids = torch.randint(0, model.vocab_size, (sum(counts),), generator=g)
             with torch.inference_mode():
-                used.append(real(model, caches, dtype, meta.backend, len(ids)) is not None)
+                used.append(real(model, caches, dtype, meta.backend) is not None)
                 outs.append(model(ids, positions, caches, meta))
     finally:
         decoder_cpu.for_step = real
@@ -61,7 +63,8 @@ def _run_steps(model, dtype, compiled: bool, steps) -> list[torch.Tensor]:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_same_bits_as_the_python_loop(checkpoint, dtype):
     model = load_model(checkpoint, dtype=dtype, progress=False)
-    steps = [[5, 11, 1], [1, 1, 1], [3, 1, 2], [1, 1, 1]]
+    # The third step is a prefill-sized one: past the AMX kernel's 256-row blocks.
+    steps = [[5, 11, 1], [1, 1, 1], [140, 1, 150], [3, 1, 2], [1, 1, 1]]
     got, used = _run_steps(model, dtype, True, steps)
     want, _ = _run_steps(model, dtype, False, steps)
     assert all(used)
@@ -73,32 +76,31 @@ def test_not_used_where_the_loop_must_run(checkpoint):
     model = load_model(checkpoint, dtype=torch.float32, progress=False)
     caches = allocate_kv_cache(model.num_layers, NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
     with torch.inference_mode():
-        assert decoder_cpu.for_step(model, caches, torch.float32, "torch", 4) is not None
+        assert decoder_cpu.for_step(model, caches, torch.float32, "torch") is not None
     with torch.enable_grad():
-        assert decoder_cpu.for_step(model, caches, torch.float32, "torch", 4) is None  # autograd
+        assert decoder_cpu.for_step(model, caches, torch.float32, "torch") is None  # autograd
     if bf16_amx_kernel():
         m16 = load_model(checkpoint, dtype=torch.bfloat16, progress=False)
         c16 = allocate_kv_cache(m16.num_layers, NUM_BLOCKS, BLOCK_SIZE, m16.num_kv_heads, m16.head_dim,
                                 dtype=torch.bfloat16)
         with torch.inference_mode():
-            assert decoder_cpu.for_step(m16, c16, torch.bfloat16, "torch", BF16_ONEDNN_ROWS - 1) is not None
-            assert decoder_cpu.for_step(m16, c16, torch.bfloat16, "torch", BF16_ONEDNN_ROWS) is None  # oneDNN's calls
+            assert decoder_cpu.for_step(m16, c16, torch.bfloat16, "torch") is not None
     # Weights not dropped (they could change under the packs): the loop, which repacks as needed.
     for module in model.modules():
         if isinstance(module, Linear):
             module.restore_plain_weight()
     with torch.inference_mode():
-        assert decoder_cpu.for_step(model, caches, torch.float32, "torch", 4) is None
+        assert decoder_cpu.for_step(model, caches, torch.float32, "torch") is None
         model.pack_weights(keep_plain=False)
-        runner = decoder_cpu.for_step(model, caches, torch.float32, "torch", 4)
+        runner = decoder_cpu.for_step(model, caches, torch.float32, "torch")
         assert runner is not None and runner.generation == Linear.generation
-        assert decoder_cpu.for_step(model, caches, torch.float32, "torch", 4) is runner  # cached while nothing changes
+        assert decoder_cpu.for_step(model, caches, torch.float32, "torch") is runner  # cached while nothing changes
         other = [(k.clone(), v.clone()) for k, v in caches]
-        assert decoder_cpu.for_step(model, other, torch.float32, "torch", 4) is not runner  # other caches: rebuilt
+        assert decoder_cpu.for_step(model, other, torch.float32, "torch") is not runner  # other caches: rebuilt
         # The Triton path (its own cache layout) and caches in the standard layout never take it.
-        assert decoder_cpu.for_step(model, other, torch.float32, "triton", 4) is None
+        assert decoder_cpu.for_step(model, other, torch.float32, "triton") is None
         standard = [(k.permute(0, 3, 1, 2).contiguous(), v.permute(0, 2, 1, 3).contiguous()) for k, v in caches]
-        assert decoder_cpu.for_step(model, standard, torch.float32, "torch", 4) is None
+        assert decoder_cpu.for_step(model, standard, torch.float32, "torch") is None
 
 
 def test_new_weights_are_used_after_reloading(checkpoint, tmp_path):
@@ -154,9 +156,9 @@ def test_the_executor_log_says_which_loop_runs(checkpoint, caplog):
     model = load_model(checkpoint, dtype=torch.float32, progress=False)
     caches = allocate_kv_cache(model.num_layers, NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
     with caplog.at_level("INFO", logger="pagedserve.executor"), torch.inference_mode():
-        decoder_cpu.for_step(model, caches, torch.float32, "torch", 4)
+        decoder_cpu.for_step(model, caches, torch.float32, "torch")
         model.layers[0].mlp.down_proj.restore_plain_weight()
-        decoder_cpu.for_step(model, caches, torch.float32, "torch", 4)
+        decoder_cpu.for_step(model, caches, torch.float32, "torch")
     lines = [r.getMessage() for r in caplog.records if "CPU forward pass" in r.getMessage()]
     assert lines == ["CPU forward pass: torch.float32 decoder layers in one C call per step (kernels/decoder_cpu.c)",
                      "CPU forward pass: torch.float32 decoder layers through the Python loop (a linear layer keeps "

@@ -1,5 +1,5 @@
-"""bf16 linear layers on packed weights: our AMX kernel for small calls and oneDNN's for large ones (or
-oneDNN's for all, on a CPU with AVX512-BF16 but no AMX).
+"""bf16 linear layers on packed weights: our AMX kernel for every call (or oneDNN's, on a CPU with
+AVX512-BF16 but no AMX), one pack per weight.
 
 Which CPUs take the path (``cpu_has_native_bf16`` against the kernel's CPU flags), and on those
 that do: the packed products are the ones that run (operator counts, by number of rows), nothing
@@ -17,14 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from executor.linear import (BF16_ONEDNN_ROWS, ONEDNN_BF16_LINEAR, ONEDNN_LINEAR, PACKED_DTYPES, Linear,
-                             bf16_amx_kernel, cpu_has_native_bf16, linear_path)
+from executor.linear import (ONEDNN_BF16_LINEAR, ONEDNN_LINEAR, PACKED_DTYPES, Linear, bf16_amx_kernel,
+                             cpu_has_native_bf16, linear_path)
 from kernels import linear_bf16_cpu
 
 NO_BF16_PATH = ("no packed oneDNN bf16 path: the CPU lacks AVX512-BF16 and AMX, ONEDNN_MAX_CPU_ISA caps oneDNN at "
                 "AVX2, or torch lacks oneDNN")
 NEEDS_BF16 = pytest.mark.skipif(not ONEDNN_BF16_LINEAR, reason=NO_BF16_PATH)
 CPUINFO = Path("/proc/cpuinfo")
+#: Rows of the largest call: above the kernel's 256-row blocks, as a prefill chunk is.
+ROWS = 300
 
 
 def _bf16_linear(in_f: int, out_f: int, bias: bool, seed: int) -> tuple[Linear, torch.Tensor]:
@@ -34,7 +36,7 @@ def _bf16_linear(in_f: int, out_f: int, bias: bool, seed: int) -> tuple[Linear, 
         lin.weight.copy_(torch.randn(out_f, in_f, generator=gen) * 0.05)
         if bias:
             lin.bias.copy_(torch.randn(out_f, generator=gen) * 0.1)
-    return lin, torch.randn(2 * BF16_ONEDNN_ROWS, in_f, generator=gen).to(torch.bfloat16)
+    return lin, torch.randn(ROWS, in_f, generator=gen).to(torch.bfloat16)
 
 
 def _op_counts(fn) -> dict[str, int]:
@@ -67,49 +69,35 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags():
 def test_packed_bf16_matches_f_linear(in_f, out_f, bias):
     lin, x = _bf16_linear(in_f, out_f, bias, seed=in_f + out_f)
     with torch.inference_mode():
-        for rows in (1, 2, 16, 70, BF16_ONEDNN_ROWS, 2 * BF16_ONEDNN_ROWS):
+        for rows in (1, 2, 16, 70, 128, ROWS):
             got = lin(x[:rows])
             assert got.dtype == torch.bfloat16 and got.shape == (rows, out_f)
             # One bf16 rounding of the fp32 sum apart at most (same kernels, other blocking).
             torch.testing.assert_close(got, F.linear(x[:rows], lin.weight, lin.bias), rtol=1.6e-2, atol=1e-2)
     if bf16_amx_kernel():
-        assert type(lin._pack) is linear_bf16_cpu.PackedWeight and lin._pack_large.dtype == torch.bfloat16
+        assert type(lin._pack) is linear_bf16_cpu.PackedWeight
     else:
-        assert lin._pack is not None and lin._pack.dtype == torch.bfloat16 and lin._pack_large is None
+        assert lin._pack is not None and lin._pack.dtype == torch.bfloat16
+    assert not any(isinstance(v, torch.Tensor) and v.is_mkldnn for v in vars(lin).values())  # one pack only
 
 
 @NEEDS_BF16
 def test_packed_bf16_runs_without_a_reorder_per_call():
-    """Calls below BF16_ONEDNN_ROWS rows run on the AMX kernel (no torch operator) where it runs."""
+    """Every call runs on the AMX kernel (no torch operator) where it runs, else on oneDNN's pack."""
     lin, x = _bf16_linear(576, 960, True, seed=3)
-    sizes = (1, 2, 16, 70, BF16_ONEDNN_ROWS - 1, BF16_ONEDNN_ROWS, 2 * BF16_ONEDNN_ROWS)
+    sizes = (1, 2, 16, 70, 127, 128, ROWS)
     with torch.inference_mode():
         lin(x[:2])  # packs
-        packs = lin._pack, lin._pack_large
-        small = [lin(x[:rows]) for rows in sizes]
+        pack = lin._pack
+        got = [lin(x[:rows]) for rows in sizes]
         counts = _op_counts(lambda: [lin(x[:rows]) for rows in sizes])
         if bf16_amx_kernel():
-            assert torch.equal(small[0], linear_bf16_cpu.linear(x[:1], lin._pack, lin.bias))
-    onednn_calls = sum(rows >= BF16_ONEDNN_ROWS for rows in sizes) if bf16_amx_kernel() else len(sizes)
-    assert counts.get("mkldnn::_linear_pointwise", 0) == onednn_calls
+            for rows, g in zip(sizes, got):
+                assert torch.equal(g, linear_bf16_cpu.linear(x[:rows], lin._pack, lin.bias))
+    assert counts.get("mkldnn::_linear_pointwise", 0) == (0 if bf16_amx_kernel() else len(sizes))
     for op in ("mkldnn::_reorder_linear_weight", "aten::linear", "aten::addmm", "aten::mm", "aten::to_dense"):
         assert counts.get(op, 0) == 0, (op, counts)
-    assert (lin._pack, lin._pack_large) == packs
-
-
-@NEEDS_BF16
-def test_a_layer_without_prefill_calls_keeps_one_pack():
-    """The LM head (``pack_for_prefill = False``) keeps the AMX pack alone and runs every call on it."""
-    lin, x = _bf16_linear(576, 960, False, seed=4)
-    lin.pack_for_prefill = False
-    with torch.inference_mode():
-        got = lin(x)
-        counts = _op_counts(lambda: lin(x))
-    assert lin._pack_large is None
-    if bf16_amx_kernel():
-        assert counts.get("mkldnn::_linear_pointwise", 0) == 0
-        assert torch.equal(got, linear_bf16_cpu.linear(x, lin._pack))
-    torch.testing.assert_close(got, F.linear(x, lin.plain_weight()), rtol=1.6e-2, atol=1e-2)
+    assert lin._pack is pack
 
 
 @NEEDS_BF16

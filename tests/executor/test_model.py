@@ -121,9 +121,9 @@ def _empty_caches(model: LlamaForCausalLM) -> list[tuple[torch.Tensor, torch.Ten
 class PagedBatch:
     """Hand-built block tables and metadata for a few sequences on shuffled physical blocks."""
 
-    def __init__(self, num_seqs: int, seed: int = 0) -> None:
+    def __init__(self, num_seqs: int, seed: int = 0, num_blocks: int = NUM_BLOCKS) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.free = torch.randperm(NUM_BLOCKS, generator=g).tolist()
+        self.free = torch.randperm(num_blocks, generator=g).tolist()
         self.blocks: list[list[int]] = [[] for _ in range(num_seqs)]
         self.lens = [0] * num_seqs
 
