@@ -307,7 +307,6 @@ def run_decode_bench(torch, kernels, device, dtype, batches, contexts, t_start, 
         copy_gbs = 2 * n * elsize / (copy_ms * 1e-3) / 1e9
         print(f"{batch:>6} {ctx:>8} {'split' if auto else 'single':>7} {parts:>5} {gbs[False]:>12.1f} "
               f"{gbs[True]:>11.1f} {copy_gbs:>10.1f} {gbs[auto] / copy_gbs:>9.0%} {ms[auto] * 1e3:>9.1f}")
-    del key_pool, value_pool, copy_src, copy_dst
 
 
 def run_extend_bench(torch, kernels, device, dtype, small: bool) -> None:
