@@ -33,9 +33,10 @@ class ModelSettings(BaseModel):
 #: about 4x that), so a bigger chunk gains no throughput and only delays the first token of every
 #: prompt in it: under a burst of 16 x 128-token prompts 512 halves the median TTFT against 2048 at
 #: the same throughput, in fp32 and in bf16 on AMX alike (bf16, 3 runs each: 512 against 1024
-#: within +-3% on throughput at 16 and 64 requests, median TTFT 0.7x at 16; 2048 slower at 64;
-#: docs/bf16.md). bf16 on oneDNN without AMX (AVX512-BF16) keeps 2048, where it was measured best
-#: before our AMX kernel existed; on a GPU bigger prefill batches pay more.
+#: within +-3% on throughput at 16 and 64 requests, median TTFT 0.7x at 16; 2048 a higher median
+#: TTFT at both; docs/bf16.md). bf16 on oneDNN (no AMX, or our AMX kernel off or unbuildable) keeps
+#: 2048, which was measured best when oneDNN ran bf16's prefills on AMX; on a GPU bigger prefill
+#: batches pay more.
 CPU_TOKEN_BUDGET = 512
 TOKEN_BUDGET = 2048
 
@@ -74,8 +75,8 @@ class ExecutorSettings(ZmqServiceSettings, ModelSettings, BlockManagerAddress):
                                 env="PAGEDSERVE_SWAP_SPACE_GIB", ge=0)
     max_num_seqs: int = setting(64, "most sequences per step", ge=1)
     max_num_batched_tokens: int | None = setting(
-        None, "token budget per step (decodes + prefill chunks); default 512 on a CPU (2048 for bf16 on "
-              "AVX512-BF16 without AMX), 2048 on a GPU", ge=1)
+        None, "token budget per step (decodes + prefill chunks); default 512 on a CPU (2048 for bf16 when "
+              "oneDNN runs its linear layers: no AMX, or PAGEDSERVE_LINEAR_BF16_CPU=torch), 2048 on a GPU", ge=1)
     attention_backend: Literal["auto", "triton", "torch"] = setting(
         "auto", "paged-attention kernels: triton (the CUDA path), torch (the CPU path), auto (triton on cuda, "
                 "torch on cpu); triton on the CPU needs TRITON_INTERPRET=1 and is a correctness check, not fast")

@@ -117,8 +117,9 @@ class Linear(nn.Linear):
     ``F.linear`` in bf16 reaches oneDNN's bf16 matmul too, but on the plain weight, which the kernel
     copies into its blocked layout on every call; packing once saves that (a call of 1-64 rows takes
     0.5-0.75x the time of ``F.linear`` on SmolLM2's shapes, on a Xeon with AMX).
-    Rows are not claimed batch-invariant in bf16 (oneDNN's kernels round differently by the number
-    of rows), so no one-row expand either; bf16 makes no such claim (docs/bf16.md).
+    On the AMX kernel bf16 rows are batch-invariant (each output summed in one order for any number
+    of rows); oneDNN's kernels round differently by the number of rows, so there bf16 makes no such
+    claim and gets no one-row expand either (docs/bf16.md).
 
     Elsewhere (CUDA, fp16, bf16 on a CPU without bf16 instructions, gradients, an input whose
     dtype is not the weight's) it is ``F.linear`` (on a weight unpacked for the call when the

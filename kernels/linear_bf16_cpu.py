@@ -8,11 +8,12 @@ added, and the result rounded to bf16 once (round to nearest even): the rounding
 ``F.linear`` in bf16, in another order of summation. Each output is summed in one order whatever the
 number of rows, the row's position or the number of threads (rows are batch-invariant).
 
-Why not oneDNN's packed bf16 product alone (:mod:`executor.linear` keeps it for large calls): at
-decode sizes it streams the weight at well below the memory's speed and costs ~30 us per call;
-this kernel runs a decode step's linear layers in 0.78-0.95x oneDNN's time at 1-96 rows, even at
-128, and loses from 256 rows on (1.13x; 1.35x at 2048), where oneDNN's blocking for large products
-wins (docs/bf16.md has the measurements).
+Why not oneDNN's packed bf16 product (what :mod:`executor.linear` uses where this kernel cannot
+run): at decode sizes it streams the weight at well below the memory's speed and costs ~30 us per
+call; this kernel runs a decode step's linear layers in 0.78-0.95x oneDNN's time at 1-96 rows, and
+whole prefill steps of up to 1,024 tokens faster too. oneDNN's blocking wins on the products alone
+from about 1,500 rows (1.52x at 2,048), but keeping its pack for such steps would hold every
+weight twice (docs/bf16.md has the measurements).
 
 The weight layout, ``[ceil(N / 32), K2, 32, 2]``: panels of 32 output columns; row ``kk`` of a panel
 holds each column's pair ``W[n, 2kk], W[n, 2kk + 1]`` (AMX's B-operand pair layout);

@@ -78,7 +78,8 @@ def test_packed_bf16_matches_f_linear(in_f, out_f, bias):
         assert type(lin._pack) is linear_bf16_cpu.PackedWeight
     else:
         assert lin._pack is not None and lin._pack.dtype == torch.bfloat16
-    assert not any(isinstance(v, torch.Tensor) and v.is_mkldnn for v in vars(lin).values())  # one pack only
+    others = [k for k, v in vars(lin).items() if k != "_pack" and isinstance(v, torch.Tensor) and v.is_mkldnn]
+    assert not others, others  # one pack only
 
 
 @NEEDS_BF16
