@@ -194,7 +194,8 @@ class ModelRunner:
         Returns:
             ``(finishing, logits)``: the indices into ``batch`` of the sequences whose whole prompt
             is in the cache after this step (only they get a next token), and their next-token
-            logits ``[len(finishing), vocab_size]`` fp32 on the CPU (None when there are none).
+            logits ``[len(finishing), vocab_size]`` on the CPU in the model's dtype (None when there
+            are none; the sampler and beam search widen them to fp32, exactly, where they need to).
         """
         inputs = self.prepare_inputs(batch)
         q_starts = inputs.query_starts
@@ -204,7 +205,7 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv.layers, inputs.meta)
             if finishing:
                 last_rows = torch.tensor([q_starts[i + 1] - 1 for i in finishing], device=self.device)
-                logits = self.model.compute_logits(hidden[last_rows]).float().cpu()
+                logits = self.model.compute_logits(hidden[last_rows]).cpu()
             self._collect_prompt_logprobs(batch, hidden, q_starts)
         return finishing, logits
 

@@ -100,21 +100,27 @@ def sample_with_logprobs(
     """
     if logits.dim() != 2 or logits.shape[0] != len(requests):
         raise ValueError(f"expected logits [{len(requests)}, vocab], got {tuple(logits.shape)}")
-    raw = logits.float()
     num_rows = len(requests)
     entries: list[dict | None] = [None] * num_rows
     want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    adjusted = any(_penalized(r.params) or r.params.logit_bias or len(r.output_token_ids) < r.params.min_tokens
+                   for r in requests)
+    greedy = [i for i, r in enumerate(requests) if r.params.temperature < GREEDY_BELOW]
+    if not want and not adjusted and len(greedy) == num_rows:
+        # Widening bf16 logits to fp32 is exact and keeps their order, so the first maximum of the
+        # logits as they come is the fp32 path's, without writing and reading an fp32 copy (for
+        # 64 x 49,152 bf16 logits, 1.4 against 3.0 ms measured alone; 0.95x a batch-16 step).
+        return SamplerOutput(logits.max(dim=-1).indices.tolist(), entries)
+    raw = logits.float()
     if want:
         raw_logprobs = torch.log_softmax(raw if len(want) == num_rows else raw[want], dim=-1)
 
     work = raw
-    if any(_penalized(r.params) or r.params.logit_bias or len(r.output_token_ids) < r.params.min_tokens
-           for r in requests):
+    if adjusted:
         work = raw.clone()
         _apply_penalties(work, requests)
         _apply_logit_bias(work, requests)
         _apply_min_tokens(work, requests, eos_token_ids)
-    greedy = [i for i, r in enumerate(requests) if r.params.temperature < GREEDY_BELOW]
     if len(greedy) == num_rows:
         # max's indices are argmax's (the first maximum), and max is the faster kernel.
         token_list = work.max(dim=-1).indices.tolist()

@@ -33,6 +33,20 @@ def test_greedy_is_argmax_lowest_id_on_ties():
     assert sample(logits, [req(temperature=0), req(temperature=0)]) == [7, 3]
 
 
+def test_greedy_on_bf16_logits_is_the_fp32_argmax():
+    """An all-greedy batch without logprobs takes the maximum of bf16 logits as they come (no fp32
+    copy); a batch that needs fp32 (logprobs) picks the same tokens, ties to the lowest id."""
+    logits = (torch.randn(6, V, generator=torch.Generator().manual_seed(3)) * 3).to(torch.bfloat16)
+    logits[0, 7] = logits[0, 9] = 20.0  # a tie
+    logits[1, 4] = logits[1, 40] = 20.0
+    fp32 = logits.float()
+    plain = sample_with_logprobs(logits, [req(temperature=0) for _ in range(6)])
+    with_logprobs = sample_with_logprobs(logits, [req(temperature=0, logprobs=1) for _ in range(6)])
+    assert plain.token_ids == with_logprobs.token_ids == fp32.max(dim=-1).indices.tolist()
+    assert plain.token_ids[:2] == [7, 4]
+    assert plain.logprobs == [None] * 6
+
+
 def test_sampling_follows_the_softmax():
     logits = logits_row(1)
     probs = torch.softmax(logits[0] / 0.7, -1)
