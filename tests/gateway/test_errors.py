@@ -49,6 +49,11 @@ BAD_COMPLETIONS = [
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 1000}, "max_tokens"),  # fits the context, never the KV pool
+    # JSON types as the OpenAI API takes them: no string, boolean or float where an integer goes.
+    ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "hi", "n": 2.0}, "n"),
+    ({"prompt": "hi", "stream": "false"}, "stream"),
     ({"prompt": "hi", "max_tokens": 100, "n": 8}, "max_tokens"),  # 8 children need too many blocks
     ({"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
     ({"prompt": "hi", "n": 3, "best_of": 2}, "best_of"),
@@ -74,6 +79,8 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"messages": MSG, "max_tokens": 0}, "max_tokens"),
     ({"messages": MSG, "max_completion_tokens": -3}, "max_completion_tokens"),
+    ({"messages": MSG, "max_completion_tokens": "7"}, "max_completion_tokens"),
+    ({"messages": MSG, "logprobs": "yes"}, "logprobs"),
     ({"messages": MSG, "max_tokens": 100000}, "max_tokens"),
     ({"messages": MSG, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": MSG, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
