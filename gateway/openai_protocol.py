@@ -106,6 +106,14 @@ class ChatMessage(_Base):
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
 
+    @model_validator(mode="after")
+    def _content_unless_assistant(self):
+        # As the OpenAI API: only an assistant turn may come without content (a misspelt
+        # "content" key would otherwise pass as an empty message).
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
+
     def text(self) -> str:
         if self.content is None:
             return ""

@@ -76,6 +76,8 @@ BAD_CHATS = [
     ({"messages": []}, "messages"),
     ({"messages": "not a list"}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages"),
+    ({"messages": [{"role": "user", "contnet": "hi"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"messages": MSG, "max_tokens": 0}, "max_tokens"),
     ({"messages": MSG, "max_completion_tokens": -3}, "max_completion_tokens"),
