@@ -106,12 +106,10 @@ def sample_with_logprobs(
     adjusted = any(_penalized(r.params) or r.params.logit_bias or len(r.output_token_ids) < r.params.min_tokens
                    for r in requests)
     greedy = [i for i, r in enumerate(requests) if r.params.temperature < GREEDY_BELOW]
-    if not want and not adjusted and len(greedy) == num_rows:
-        # Widening bf16 logits to fp32 is exact and keeps their order, so the first maximum of the
-        # logits as they come is the fp32 path's, without writing and reading an fp32 copy (for
-        # 64 x 49,152 bf16 logits, 1.4 against 3.0 ms measured alone; 0.95x a batch-16 step).
-        return SamplerOutput(logits.max(dim=-1).indices.tolist(), entries)
-    raw = logits.float()
+    # Widening bf16 logits to fp32 is exact and keeps their order, so a batch that only takes each
+    # row's first maximum reads the logits as they come, without writing and reading an fp32 copy
+    # (for 64 x 49,152 bf16 logits, 1.4 against 3.0 ms measured alone; 0.95x a batch-16 step).
+    raw = logits if not want and not adjusted and len(greedy) == num_rows else logits.float()
     if want:
         raw_logprobs = torch.log_softmax(raw if len(want) == num_rows else raw[want], dim=-1)
 

@@ -65,16 +65,15 @@ def load_library(path: Path) -> ctypes.CDLL:
 
 
 _KERNEL = CKernel(_SOURCE, ENV_VAR, load_library, "oneDNN's bf16 linear", _FLAGS)
-build, _library, backend = _KERNEL.build, _KERNEL.library, _KERNEL.backend
-#: The loaded library, or None where oneDNN runs instead.
-library = _library
+#: ``library()``: the loaded library, or None where oneDNN runs instead.
+build, library, backend = _KERNEL.build, _KERNEL.library, _KERNEL.backend
 
 
 @lru_cache(maxsize=1)
 def available() -> bool:
     """Whether :func:`linear` runs here: the kernel built (and is not turned off), the CPU has AMX-BF16
     and Linux granted the tile state (decided on first call, which builds the kernel if needed)."""
-    lib = _library()
+    lib = library()
     return lib is not None and bool(lib.linear_bf16_available())
 
 
@@ -98,7 +97,7 @@ class PackedWeight:
         if not available():
             raise RuntimeError(f"the bf16 AMX linear kernel does not run here (no AMX-BF16, no C compiler, "
                                f"or {ENV_VAR}=torch)")
-        self.library = _library()
+        self.library = library()
         self.out_features, self.in_features = n, k
         pairs = self.library.linear_bf16_packed_pairs(k)
         self.panels = torch.empty(((n + PANEL - 1) // PANEL, pairs, PANEL, 2), dtype=torch.bfloat16)
