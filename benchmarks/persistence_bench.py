@@ -73,7 +73,7 @@ def measure(num_blocks: int, args, url: str) -> dict:
     store.record(manager, {"op": "register", "executor_id": EX})  # the starting snapshot
     apply_s, old_s, old_b, new_s, new_b = [], [], [], [], []
 
-    def one_step(k: int) -> bytes:
+    def one_step(k: int) -> None:
         message = {"op": "step", "executor_id": EX, "step_id": k + 2, "incarnation": "bench",
                    "grow": [[sid, n + 1, [k]] for sid, n in lengths.items()]}
         payload = protocol.encode(message)
@@ -87,10 +87,9 @@ def measure(num_blocks: int, args, url: str) -> dict:
         assert store.record(manager, message, payload)
         new_s.append(time.perf_counter() - t0)
         new_b.append(len(payload))
-        return message
 
     for k in range(args.steps):
-        message = one_step(k)
+        one_step(k)
         if k < args.old_steps:
             t0 = time.perf_counter()
             snap = msgpack.packb(manager.snapshot(EX), use_bin_type=True)

@@ -231,6 +231,14 @@ def environment_for(settings: BaseSettings, base: dict[str, str]) -> dict[str, s
     return {**{k: v for k, v in base.items() if k not in own}, **to_env(settings)}
 
 
+class _ConciseParser(argparse.ArgumentParser):
+    """argparse, but an error prints one line and a pointer to ``--help`` instead of the whole usage
+    (``pagedserve serve``'s runs to two dozen lines above the one line that says what is wrong)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the flags)\n")
+
+
 class SettingsParser:
     """The ``argparse`` parser of one or more settings classes, and the objects built from it.
 
@@ -246,7 +254,7 @@ class SettingsParser:
     """
 
     def __init__(self, prog: str, description: str):
-        self.parser = argparse.ArgumentParser(prog=prog, description=description)
+        self.parser = _ConciseParser(prog=prog, description=description)
         self.flags: dict[str, str] = {}  # field name -> its flag
 
     def add(self, cls: type[BaseSettings], title: str | None = None, skip: set[str] | frozenset = frozenset()) -> None:
@@ -282,7 +290,7 @@ class SettingsParser:
         return vars(self.parser.parse_args(sys.argv[1:] if argv is None else argv))
 
     def error(self, message: str) -> typing.NoReturn:
-        """Print usage and ``message`` and exit with status 2."""
+        """Print ``message`` (and where to find the flags) and exit with status 2."""
         self.parser.error(message)
 
     def build(self, cls: type[BaseSettings], given: dict[str, Any], **fixed: Any):

@@ -38,11 +38,12 @@
 /* Rows of x per block (a multiple of 32): 256 rows of K = 1536 are 768 KiB, in L2. */
 #define MB 256
 /* While a panel is multiplied, one cache line in every NEXT_TOUCH_BYTES of the next panel is fetched
- * into L2 (four per 2 KiB tile step). Why sparse: the L2's own prefetcher then streams the rest of
- * each touched 4 KiB page from memory without holding the L1 fill buffers that the tile loads wait
- * on; prefetching every line, or into L1, was slower (1.1-1.2x). The 121 linear calls of a
- * SmolLM2-135M step, cold weights, median of 15 alternated runs: 0.86x the time at 1 row, 0.87x at
- * 16, 0.92x at 64, 0.96x at 512. */
+ * into L2 (four per 2 KiB tile step). Why sparse (our reading of the measurements): the L2's own
+ * prefetcher then streams the rest of each touched 4 KiB page from memory without holding the L1
+ * fill buffers that the tile loads wait on. Touching every line was slower (1.08x the time of one
+ * in eight), and so was prefetching the next tile step's A and B into L1 (1.1-1.2x the time
+ * without it). The 121 linear calls of a SmolLM2-135M step, cold weights, median of 15 alternated
+ * runs: 0.86x the time at 1 row, 0.87x at 16, 0.92x at 64, 0.96x at 512. */
 #define NEXT_TOUCH_BYTES 512
 
 #define ARCH_REQ_XCOMP_PERM 0x1023

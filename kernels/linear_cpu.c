@@ -91,9 +91,9 @@ static inline __attribute__((always_inline)) void tile(int mr, const char *pf, i
 /* Panels p0 .. p1-1 for every row, in tiles of up to MR rows, and in blocks of KB values of k: a
  * block of the panel (KB * NP * 4 bytes) stays in L1 while every row tile uses it, and the next
  * block (of this panel, else the next panel's first) is prefetched into L2 meanwhile, each row tile
- * fetching its share. Why shared and into L2: when only the first tile prefetched (into L1), memory
- * sat idle while the other tiles computed, and L1 prefetches hold the fill buffers the tiles' own
- * loads need. The 121 linear calls of a SmolLM2-135M step, cold weights, median of 9 alternated
+ * fetching its share. Why shared: when only the first tile prefetched, memory sat idle while the
+ * other tiles computed. Why L2: the same sharing into L1 was slower (0.87x the old time at 64 rows,
+ * against 0.80x). The 121 linear calls of a SmolLM2-135M step, cold weights, median of 9 alternated
  * runs, 2 threads: 0.86-0.90x the time at 1 row, 0.82x at 16, 0.80x at 64, 0.92x at 512. Rows go in blocks of about X_BLOCK_FLOATS / K, so that the rows of x
  * that every panel reads again stay in L2. With more than PACK_X_TILES tiles, x comes copied tile
  * by tile ([tiles][K][MR], xp, by pack_x): a tile's broadcasts then read one contiguous stream

@@ -118,6 +118,16 @@ def test_a_setting_with_its_own_variable_is_read_under_that_name_only(monkeypatc
     assert ExecutorSettings(swap_space=2).swap_space == 2  # by field name in code still works
 
 
+@pytest.mark.parametrize("argv", [["--block-size", "0"], ["--no-such-flag"]])
+def test_an_error_is_one_line_and_a_pointer_to_help_not_the_whole_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        load(ExecutorSettings, argv, "pagedserve executor", "x")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "usage:" not in err, err
+    assert err.splitlines() == [err.splitlines()[0], "(`pagedserve executor --help` lists the flags)"], err
+    assert err.startswith("pagedserve executor: error: "), err
+
+
 def test_a_bad_variable_exits_2_naming_it(monkeypatch, capsys):
     monkeypatch.setenv("PAGEDSERVE_WATERMARK", "2")
     with pytest.raises(SystemExit) as exc:
