@@ -55,10 +55,10 @@ struct linear_args {
  * and the bias is added once the chain is complete. Only the first ncols columns are stored (the
  * rest of the panel is padding). Meanwhile it prefetches pf_lines cache lines from pf into L2,
  * spread evenly over its k. */
-static inline __attribute__((always_inline)) void tile(int mr, const char *pf, int64_t pf_lines, int64_t k0,
-                                                       int64_t k1, int64_t K, const float *X, int64_t xr,
-                                                       int64_t xk, const float *W,
-                                                       float *O, int64_t os, const float *bias, int64_t ncols) {
+static inline __attribute__((always_inline)) void tile(int mr, const char *pf, int64_t pf_lines,
+                                                       int64_t k0, int64_t k1, int64_t K, const float *X,
+                                                       int64_t xr, int64_t xk, const float *W, float *O,
+                                                       int64_t os, const float *bias, int64_t ncols) {
   float acc[MR_MAX][NP];
   int64_t credit = 0;
   if (k0 == 0 || ncols < NP) {
@@ -94,11 +94,11 @@ static inline __attribute__((always_inline)) void tile(int mr, const char *pf, i
  * fetching its share. Why shared: when only the first tile prefetched, memory sat idle while the
  * other tiles computed. Why L2: the same sharing into L1 was slower (0.87x the old time at 64 rows,
  * against 0.80x). The 121 linear calls of a SmolLM2-135M step, cold weights, median of 9 alternated
- * runs, 2 threads: 0.86-0.90x the time at 1 row, 0.82x at 16, 0.80x at 64, 0.92x at 512. Rows go in blocks of about X_BLOCK_FLOATS / K, so that the rows of x
- * that every panel reads again stay in L2. With more than PACK_X_TILES tiles, x comes copied tile
- * by tile ([tiles][K][MR], xp, by pack_x): a tile's broadcasts then read one contiguous stream
- * instead of MR rows far apart (whose addresses, at a row stride that is a multiple of 4 KiB,
- * would compete for the same L1 sets).
+ * runs, 2 threads: 0.86-0.90x the time at 1 row, 0.82x at 16, 0.80x at 64, 0.92x at 512. Rows go in
+ * blocks of about X_BLOCK_FLOATS / K, so that the rows of x that every panel reads again stay in L2.
+ * With more than PACK_X_TILES tiles, x comes copied tile by tile ([tiles][K][MR], xp, by pack_x): a
+ * tile's broadcasts then read one contiguous stream instead of MR rows far apart (whose addresses,
+ * at a row stride that is a multiple of 4 KiB, would compete for the same L1 sets).
  * Which tiles run as which row count changes no bits: every output is its own chain. */
 #define TILE(mr, ...) tile(mr, pf, pf_lines, __VA_ARGS__)
 #define DEFINE_LEVEL(name, attr, MR)                                                                       \
