@@ -15,7 +15,8 @@
  * tile's depth) and the padding zero. One panel row is 128 bytes: the same row of two B tiles of 16
  * columns each, read with a row stride of 128 bytes.
  *
- * x is copied into a zero-padded [Mp][2 * K2] buffer (A tiles of 16 rows x 32 values) and each
+ * The A tiles (16 rows x 32 values) read x in place where K is a multiple of 32, else a zero-padded
+ * [Mp][2 * K2] copy of it (a last partial 16-row tile always from a copy padded with zero rows); each
  * block of 32 rows x 32 columns accumulates in four 16 x 16 fp32 tiles over the panel's K2 / 16 tile
  * steps. Threads split the panels (whole output columns each) through OpenMP. A process must ask
  * Linux for the AMX tile state before its first tile instruction (arch_prctl, done once here).
@@ -150,11 +151,30 @@ AMX_TARGET static void amx_configure(void) {
   _tile_loadconfig(&cfg);
 }
 
-/* Panels p0 .. p1-1 for every row, x from xp ([mp][2 * k2] bf16, zero-padded). Rows go in blocks of
- * MB, panels inside: a block of x (MB x 2 * k2 bf16) stays in L2 while the thread's panels stream
- * past it; within a block, each pair of B tiles serves two row tiles. */
-AMX_TARGET static void amx_panels(const struct linear_bf16_args *a, const uint16_t *xp, int64_t p0, int64_t p1) {
-  const int64_t k2 = pairs_padded(a->k), ldx = 2 * k2 * 2 /* bytes */;
+/* Where the A tiles read x: rows below `direct` straight from x (row stride a->x_row), the rest
+ * from `copy` (rows direct .. mp-1, row stride 2 * k2, zero-padded). */
+struct x_source {
+  int64_t direct;
+  const uint16_t *copy;
+};
+
+/* The 16-row A tile that starts at row r: its first element and its row stride in bytes. */
+static inline const uint16_t *a_tile(const struct linear_bf16_args *a, const struct x_source *xs, int64_t k2,
+                                     int64_t r, int64_t *stride) {
+  if (r + 16 <= xs->direct) {
+    *stride = a->x_row * 2;
+    return a->x + r * a->x_row;
+  }
+  *stride = 2 * k2 * 2;
+  return xs->copy + (r - xs->direct) * 2 * k2;
+}
+
+/* Panels p0 .. p1-1 for every row. Rows go in blocks of MB, panels inside: a block of x (MB x K
+ * bf16) stays in L2 while the thread's panels stream past it; within a block, each pair of B tiles
+ * serves two row tiles. */
+AMX_TARGET static void amx_panels(const struct linear_bf16_args *a, const struct x_source *xs, int64_t p0,
+                                  int64_t p1) {
+  const int64_t k2 = pairs_padded(a->k);
   float c[32 * 32] __attribute__((aligned(64)));
   amx_configure();
   for (int64_t mb = 0; mb < a->m; mb += MB) {
@@ -165,8 +185,9 @@ AMX_TARGET static void amx_panels(const struct linear_bf16_args *a, const uint16
       const uint16_t *bias = a->bias ? a->bias + n0 : 0;
       const char *next = p + 1 < p1 ? (const char *)(W + k2 * NP * 2) : 0;
       for (int64_t m0 = mb; m0 < me; m0 += 32) {
-        const uint16_t *X = xp + m0 * 2 * k2;
         const int two = me - m0 > 16;
+        int64_t ld0, ld1 = 0;
+        const uint16_t *X0 = a_tile(a, xs, k2, m0, &ld0), *X1 = two ? a_tile(a, xs, k2, m0 + 16, &ld1) : 0;
         _tile_zero(0);
         _tile_zero(1);
         if (two) {
@@ -178,11 +199,11 @@ AMX_TARGET static void amx_panels(const struct linear_bf16_args *a, const uint16
             for (int i = 0; i < 4; i++) _mm_prefetch(next + kk * NP * 2 * 2 + i * NEXT_TOUCH_BYTES, _MM_HINT_T2);
           _tile_loadd(6, W + kk * NP * 2, NP * 2 * 2);
           _tile_loadd(7, W + kk * NP * 2 + 32, NP * 2 * 2);
-          _tile_loadd(4, X + 2 * kk, ldx);
+          _tile_loadd(4, X0 + 2 * kk, ld0);
           _tile_dpbf16ps(0, 4, 6);
           _tile_dpbf16ps(1, 4, 7);
           if (two) {
-            _tile_loadd(5, X + 16 * 2 * k2 + 2 * kk, ldx);
+            _tile_loadd(5, X1 + 2 * kk, ld1);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
           }
@@ -203,11 +224,11 @@ AMX_TARGET static void amx_panels(const struct linear_bf16_args *a, const uint16
   _tile_release();
 }
 
-/* Rows r0 .. r1-1 of x into xp ([mp][2 * k2], zero beyond k and beyond m). */
-static void copy_x(const struct linear_bf16_args *a, uint16_t *xp, int64_t r0, int64_t r1) {
+/* Rows r0 .. r1-1 of x into xp, as its rows r0 - first .. ([][2 * k2], zero beyond k and beyond m). */
+static void copy_x(const struct linear_bf16_args *a, uint16_t *xp, int64_t first, int64_t r0, int64_t r1) {
   const int64_t width = 2 * pairs_padded(a->k);
   for (int64_t r = r0; r < r1; r++) {
-    uint16_t *dst = xp + r * width;
+    uint16_t *dst = xp + (r - first) * width;
     if (r < a->m) {
       memcpy(dst, a->x + r * a->x_row, a->k * 2);
       memset(dst + a->k, 0, (width - a->k) * 2);
@@ -230,20 +251,25 @@ int64_t linear_bf16(const struct linear_bf16_args *a) {
   if (threads < 1) threads = 1;
   /* A 32-row block reads its second A tile only when it has rows there. */
   const int64_t mp = (a->m + 15) / 16 * 16;
-  /* The copy of x lives in a buffer kept between calls, one per calling thread: a fresh one above
+  /* The tiles read x in place when its rows need no padding in k (K a multiple of 32, as in every
+   * layer of SmolLM2), all but a last partial 16-row tile, which is copied with zero rows below
+   * (copying all of x cost about a tenth of a 512-row product). Otherwise all of x is copied. */
+  const int64_t direct = a->k == 2 * pairs_padded(a->k) ? a->m / 16 * 16 : 0;
+  /* The copy lives in a buffer kept between calls, one per calling thread: a fresh one above
    * malloc's mmap threshold (128 KiB: 64 rows of K = 1536) would be new zero-filled pages, faulted
-   * in on every call. The team below reads it through `xp` (its own thread-locals are empty). */
+   * in on every call. The team below reaches it through `copy` (its own thread-locals are empty). */
   static __thread uint16_t *buffer = 0;
   static __thread size_t buffer_bytes = 0;
-  const size_t need = ((size_t)mp * 2 * pairs_padded(a->k) * 2 + 63) / 64 * 64;
-  if (need > buffer_bytes) {
+  const size_t need = ((size_t)(mp - direct) * 2 * pairs_padded(a->k) * 2 + 63) / 64 * 64;
+  if (need > 0 && need > buffer_bytes) {
     free(buffer);
     buffer_bytes = 0;
     buffer = aligned_alloc(64, need);
     if (!buffer) return 2;
     buffer_bytes = need;
   }
-  uint16_t *const xp = buffer;
+  uint16_t *const copy = buffer;
+  const struct x_source xs = {direct, copy};
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
@@ -253,13 +279,14 @@ int64_t linear_bf16(const struct linear_bf16_args *a) {
 #else
     const int64_t tid = 0, team = 1;
 #endif
-    copy_x(a, xp, mp * tid / team, mp * (tid + 1) / team);
+    const int64_t rows = mp - direct;
+    copy_x(a, copy, direct, direct + rows * tid / team, direct + rows * (tid + 1) / team);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
     /* If the runtime gave fewer threads than asked, a thread runs several ranges. */
     for (int64_t part = tid; part < threads; part += team)
-      amx_panels(a, xp, panels * part / threads, panels * (part + 1) / threads);
+      amx_panels(a, &xs, panels * part / threads, panels * (part + 1) / threads);
   }
   return 0;
 }

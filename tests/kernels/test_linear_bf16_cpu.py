@@ -90,6 +90,8 @@ def test_pack_round_trips_and_pads_with_zeros():
 @needs_amx
 @pytest.mark.parametrize("k, n", [(576, 960), (1536, 576)])
 def test_a_row_has_the_same_bits_in_any_batch_and_with_any_threads(k, n):
+    """70 rows: four 16-row tiles read in place and a last one of 6 rows copied, by a team of two
+    OpenMP threads (the suite otherwise runs torch on one thread, which never forms a team)."""
     x, w, b = _operands(70, k, n, seed=k, bias=True)
     packed = PackedWeight(w)
     full = linear(x, packed, b)
@@ -97,8 +99,10 @@ def test_a_row_has_the_same_bits_in_any_batch_and_with_any_threads(k, n):
     assert torch.equal(alone, full)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        assert torch.equal(linear(x, packed, b), full)
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            assert torch.equal(linear(x, packed, b), full)
+            assert torch.equal(torch.cat([linear(x[i:i + 1], packed, b) for i in range(3)]), full[:3])
     finally:
         torch.set_num_threads(threads)
 
