@@ -125,12 +125,12 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
 
     Raises:
         ValueError: shapes, dtypes, devices or strides other than the above.
-        MemoryError: no memory for the padded copy of ``x`` the tiles read.
+        MemoryError: no memory for the zero-padded copy of (a tail of) ``x`` the tiles read.
     """
     a, out = prepare_call(x, weight, bias, torch.bfloat16)
     status = weight.library.linear_bf16(ctypes.byref(a))
     if status == 2:
-        raise MemoryError(f"linear_bf16: no memory for a copy of x ({a.m} x {a.k} bf16)")
+        raise MemoryError(f"linear_bf16: no memory for a zero-padded copy of x (up to {a.m} x {a.k} bf16)")
     if status:
         raise RuntimeError("linear_bf16: AMX is not available here")
     return out
