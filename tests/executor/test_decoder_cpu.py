@@ -72,6 +72,24 @@ def test_same_bits_as_the_python_loop(checkpoint, dtype):
         assert a.dtype == dtype and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_same_bits_with_any_number_of_threads(checkpoint, dtype):
+    """The layer loop's kernels split rows, columns and heads between OpenMP threads (a team forms
+    only with 2+ threads, which the suite's one torch thread never gives): no bit may change."""
+    model = load_model(checkpoint, dtype=dtype, progress=False)
+    steps = [[5, 11, 1], [1, 1, 1], [140, 1, 150], [3, 1, 2]]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):  # more threads than cores is fine: only the split changes
+            torch.set_num_threads(threads)
+            results.append(_run_steps(model, dtype, True, steps)[0])
+    finally:
+        torch.set_num_threads(before)
+    for outs in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs, results[0]))
+
+
 def test_not_used_where_the_loop_must_run(checkpoint):
     model = load_model(checkpoint, dtype=torch.float32, progress=False)
     caches = allocate_kv_cache(model.num_layers, NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
