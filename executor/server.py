@@ -258,7 +258,10 @@ def connect_block_manager(address: str, executor_id: str, num_blocks: int, block
 def main(argv: list[str] | None = None) -> None:
     """``pagedserve executor``: settings from flags and ``PAGEDSERVE_*`` variables (:class:`ExecutorSettings`)."""
     settings, parser = load(ExecutorSettings, argv, "pagedserve executor", "Run one executor process.")
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Every line names the executor (its loader's, the engine's, the kernels'): with several
+    # executors on one terminal, a line without it could be any of them.
+    tag = settings.executor_id.replace("%", "%%")
+    logging.basicConfig(level=settings.log_level, format=f"%(asctime)s %(levelname)s %(name)s [{tag}]: %(message)s")
     # The executor id is its principal: the block manager lets it act on that executor only.
     try:
         keys = security.keys_for(settings, settings.executor_id, [settings.bind])
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             f"set by --num-threads / $PAGEDSERVE_NUM_THREADS; {usable_cores()} usable cores")
         num_threads = settings.num_threads
     torch.set_num_threads(num_threads)
-    log.info("%s: %d torch threads (%s)", settings.executor_id, num_threads, why)
+    log.info("%d torch threads (%s)", num_threads, why)
 
     from executor.model_loader import default_model_path, load_model, resolve_model_dir
 
@@ -282,8 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(model_dir, dtype=dtype, device=device)
     per_block = kv_bytes_per_block(model, settings.block_size, dtype)
     config = settings.with_pool_sizes(per_block)
-    log.info("%s: KV cache: %d blocks x %d tokens, %s (%.1f MiB)", settings.executor_id, config.num_blocks,
-             config.block_size, settings.dtype, config.num_blocks * per_block / 2**20)
+    log.info("KV cache: %d blocks x %d tokens, %s (%.1f MiB)", config.num_blocks, config.block_size,
+             settings.dtype, config.num_blocks * per_block / 2**20)
     # One per process: the block manager drops whatever an earlier process of this id held.
     incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
     bm = connect_block_manager(config.blockmgr, config.executor_id, config.num_blocks, config.block_size, keys=keys)
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     engine = Engine(model, bm, config, eos_ids, executor_id=config.executor_id, device=device, dtype=dtype,
                     incarnation=incarnation)
-    log.info("%s: scheduler limits: %s", config.executor_id, scheduler_limits(engine))
+    log.info("scheduler limits: %s", scheduler_limits(engine))
     info = {
         "executor_id": config.executor_id,
         "incarnation": incarnation,
@@ -304,10 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     server = ExecutorServer(engine, config.bind, info, keys, config.max_message_bytes)
 
     def stop(signum, _frame):
-        log.info("executor %s stopping on signal %d", config.executor_id, signum)
+        log.info("stopping on signal %d", signum)
         server.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("executor %s serving on %s", config.executor_id, config.bind)
+    log.info("serving on %s", config.bind)
     server.serve_forever()

@@ -99,9 +99,12 @@ def test_three_service_processes(stack):
         log = stack["log"].read_text()
         assert f"executor-{i}: {per} torch threads ({cores} usable cores, 2 executors)" in log
         # ...and the executor's own line gives serve's reason, not a flag nobody passed.
-        assert (f"executor-{i}: {per} torch threads (chosen by pagedserve serve: {cores} usable cores, "
+        assert (f"[executor-{i}]: {per} torch threads (chosen by pagedserve serve: {cores} usable cores, "
                 "2 executors)") in log
-        assert f"executor-{i}: KV cache: " in log
+        # Every line of an executor names it, its loader's too.
+        assert f"[executor-{i}]: KV cache: " in log
+        loaded = [line for line in log.splitlines() if " loaded " in line and " layers, " in line]
+        assert len(loaded) == 2 and any(f"[executor-{i}]: loaded " in line for line in loaded), loaded
         ex = next(pid for pid in procfs.children(stack["proc"].pid)
                   if procfs.environ(pid).get("PAGEDSERVE_EXECUTOR_ID") == f"executor-{i}")
         assert procfs.environ(ex)["PAGEDSERVE_NUM_THREADS"] == str(per)
