@@ -145,21 +145,34 @@ class ExecutorClient:
             except ValueError as exc:
                 log.warning("executor %s sent a malformed frame: %s", self.address, exc)
                 continue
-            if msg.get("op") == "output":
-                queue = self._queues.get(msg.get("request_id"))
-                if queue is not None:
-                    queue.put_nowait(msg)
-                elif not msg.get("finished"):
-                    self.abort(str(msg.get("request_id")))
-            elif msg.get("op") == "reply":
+            op = msg.get("op")
+            if op == "output":
+                self._route_output(msg)
+            elif op == "outputs":
+                outputs = msg.get("outputs")
+                if not isinstance(outputs, list):
+                    log.warning("executor %s sent an outputs message without a list of outputs", self.address)
+                    continue
+                for out in outputs:
+                    if isinstance(out, dict):
+                        out["op"] = "output"
+                        self._route_output(out)
+            elif op == "reply":
                 fut = self._replies.pop(msg.get("nonce"), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
-            elif msg.get("op") == "error":
+            elif op == "error":
                 log.warning("executor %s refused a message: %s", self.address, msg.get("error"))
                 fut = self._replies.pop(msg.get("nonce"), None) if "nonce" in msg else None
                 if fut is not None and not fut.done():
                     fut.set_exception(ExecutorUnavailable(f"executor at {self.address} refused: {msg.get('error')}"))
+
+    def _route_output(self, msg: dict[str, Any]) -> None:
+        queue = self._queues.get(msg.get("request_id"))
+        if queue is not None:
+            queue.put_nowait(msg)
+        elif not msg.get("finished"):  # a request we no longer wait for: stop it there
+            self.abort(str(msg.get("request_id")))
 
     def _send_nowait(self, message: dict[str, Any]) -> None:
         """Queue a message on the socket without awaiting (safe inside a cancelled task)."""

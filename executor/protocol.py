@@ -31,6 +31,9 @@ Executor -> gateway:
   (``top`` with ``params.prompt_logprobs`` tokens). Both are natural-log probabilities of the
   model's raw next-token distribution, before penalties, temperature and top-k/top-p/min-p
   filtering (vLLM's default); see :mod:`executor.sampler`.
+- ``{"op": "outputs", "outputs": [output, ...]}``: one step's outputs for one gateway, each an
+  ``output`` message's fields without ``op`` (one message per step rather than per sequence); an
+  output with ``prompt_logprobs`` comes alone as an ``output`` message.
 - ``{"op": "reply", "nonce", ...fields}``.
 - ``{"op": "error", "error": str, "nonce"?}``: a message the executor refused (undecodable,
   unknown op, a malformed field, or one its sender may not send); ``nonce`` when it had one.

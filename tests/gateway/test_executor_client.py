@@ -70,6 +70,35 @@ def test_n_children_finish_the_request_only_when_all_have(address):
     run(main())
 
 
+def test_a_step_batch_reaches_each_request_and_a_malformed_one_is_skipped(address):
+    async def main():
+        ex = ScriptedExecutor(address)
+        client = ExecutorClient(address)
+        await client.start()
+        gens = {rid: client.generate(rid, [1, 2, 3], {"max_tokens": 2}) for rid in ("b1", "b2")}
+        nexts = {rid: asyncio.ensure_future(g.__anext__()) for rid, g in gens.items()}
+        assert {(await ex.recv())["request_id"] for _ in gens} == {"b1", "b2"}
+
+        def out(rid, token, finished):
+            return {"request_id": rid, "index": 0, "token_ids": [token], "finished": finished,
+                    "finish_reason": "length" if finished else None, "error": None,
+                    "num_prompt_tokens": 3, "num_cached_tokens": 0}
+
+        await ex.send(op="outputs", outputs=[out("b1", 7, False), out("b2", 8, False)])
+        first = {rid: await n for rid, n in nexts.items()}
+        assert {rid: (m["op"], m["token_ids"]) for rid, m in first.items()} == {
+            "b1": ("output", [7]), "b2": ("output", [8])}
+        await ex.send(op="outputs", outputs="not a list")  # logged and skipped
+        await ex.send(op="outputs", outputs=[out("b1", 9, True), "not a map", out("b2", 10, True)])
+        rest = {rid: [m["token_ids"] async for m in g] for rid, g in gens.items()}
+        assert rest == {"b1": [[9]], "b2": [[10]]}
+        assert client.num_active == 0
+        await client.close()
+        ex.close()
+
+    run(main())
+
+
 def test_stopping_early_sends_abort_even_when_cancelled(address):
     async def main():
         ex = ScriptedExecutor(address)
