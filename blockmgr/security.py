@@ -9,7 +9,8 @@ Each process of the stack is a *principal* with one CURVE key pair, kept in a ke
 The principals are ``blockmgr`` (the block manager and its KV-event publisher), ``gateway`` and
 one per executor, named by its executor id. ``pagedserve keys --keys-dir DIR`` (and ``pagedserve
 serve`` on its first start) creates them. Every service accepts exactly the public keys found in
-the directory and knows each peer by the file's name: its ZAP handler (pyzmq's
+the directory (read again at a new connection when a ``.key`` file was added, removed or
+replaced, so deleting one revokes it without a restart) and knows each peer by the file's name: its ZAP handler (pyzmq's
 :class:`zmq.auth.thread.ThreadAuthenticator`) sets that name as the connection's ``User-Id``,
 which :func:`peer_name` reads off each received frame. Services use it to authorize: an executor
 may only act on its own state. CURVE also encrypts every message (Bernstein's CurveCP handshake,
@@ -93,6 +94,13 @@ def create_keys(keys_dir: str | os.PathLike, names: list[str]) -> list[str]:
     return created
 
 
+def other_executor_keys(keys_dir: str | os.PathLike, names: list[str]) -> list[str]:
+    """Principals named ``executor-*`` whose public key is in ``keys_dir`` but not in ``names``
+    (the stack being started): keys every service trusts that no executor of this stack uses."""
+    found = {p.stem for p in Path(keys_dir).glob("executor-*.key")}
+    return sorted(found - set(names), key=lambda n: (len(n), n))
+
+
 class Keys:
     """One principal's key pair and the public keys it trusts, loaded from a keys directory.
 
@@ -121,10 +129,45 @@ class Keys:
         if not self.secret:
             raise KeysError(f"{secret_path} holds no secret key")
         self.trusted: dict[bytes, str] = {}  # z85 public key -> principal name
+        self.by_name: dict[str, bytes] = {}
+        self._listing: tuple = ()
+        self.reload()
+
+    def _key_files(self) -> tuple:
+        """``(name, mtime_ns, size)`` of every ``.key`` file: what :meth:`reload` compares."""
+        files = []
         for path in sorted(self.dir.glob("*.key")):
-            public, _ = zmq.auth.load_certificate(path)
-            self.trusted[public] = path.stem
-        self.by_name = {n: k for k, n in self.trusted.items()}
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # removed while we listed
+                continue
+            files.append((path.name, st.st_mtime_ns, st.st_size))
+        return tuple(files)
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """Read the trusted public keys again if a ``.key`` file was added, removed or replaced.
+
+        Returns:
+            ``(added, removed)``: principal names whose key is new (or replaced), and names whose
+            key is no longer trusted (removed or replaced); both empty when nothing changed.
+        """
+        listing = self._key_files()
+        if listing == self._listing:
+            return [], []
+        trusted: dict[bytes, str] = {}
+        for name, _, _ in listing:
+            path = self.dir / name
+            try:
+                public, _ = zmq.auth.load_certificate(path)
+            except (OSError, ValueError) as exc:  # half-written or malformed: not trusted
+                log.warning("ignoring %s: %s", path, exc)
+                continue
+            trusted[public] = path.stem
+        old = self.trusted
+        self.trusted, self.by_name, self._listing = trusted, {n: k for k, n in trusted.items()}, listing
+        added = sorted(n for k, n in trusted.items() if k not in old)
+        removed = sorted(n for k, n in old.items() if k not in trusted)
+        return added, removed
 
     def public_key(self, name: str) -> bytes:
         """The z85 public key of principal ``name``; raises KeysError if the directory lacks it."""
@@ -149,13 +192,35 @@ class Keys:
 
 
 class _NamingAuthenticator(ThreadAuthenticator):
-    """Accepts the trusted keys and names each connection by its key's principal."""
+    """Accepts the trusted keys and names each connection by its key's principal.
+
+    The keys directories are read again at each handshake whose directory changed (a listing and
+    a ``stat`` per ``.key`` file otherwise), so removing a ``NAME.key`` revokes it for every new
+    connection and adding one admits it, without a restart. Connections already open stay: CURVE
+    checks a key once, at the handshake.
+    """
 
     def __init__(self, context: zmq.Context):
         super().__init__(context, log=logging.getLogger("pagedserve.zap"))
+        self.keys: list[Keys] = []
         self.trusted: dict[bytes, str] = {}
 
+    def refresh(self) -> None:
+        changed = False
+        for keys in self.keys:
+            added, removed = keys.reload()
+            if added or removed:
+                changed = True
+                log.warning("trusted public keys in %s changed: now trusting %s; no longer trusting %s",
+                            keys.dir, ", ".join(added) or "no new key", ", ".join(removed) or "none dropped")
+        if changed or not self.trusted:
+            trusted: dict[bytes, str] = {}
+            for keys in self.keys:
+                trusted.update(keys.trusted)
+            self.trusted = trusted
+
     def callback(self, domain: str, z85_key: bytes) -> bool:
+        self.refresh()
         if z85_key in self.trusted:
             return True
         log.warning("refused a CURVE client with an unknown public key %s", z85_key.decode("ascii", "replace"))
@@ -181,7 +246,9 @@ def _authenticator(ctx: zmq.Context, keys: Keys) -> _NamingAuthenticator:
             auth.start()
             auth.configure_curve_callback(ZAP_DOMAIN.decode(), credentials_provider=auth)
             _authenticators[id(ctx)] = auth
-        auth.trusted.update(keys.trusted)
+        if all(k.dir != keys.dir for k in auth.keys):
+            auth.keys.append(keys)
+            auth.trusted.update(keys.trusted)
         return auth
 
 

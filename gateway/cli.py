@@ -73,6 +73,12 @@ def serve(argv: list[str]) -> int:
         created = security.create_keys(keys_dir, names)
         if created:
             log.info("created CURVE keys for %s in %s", ", ".join(created), keys_dir)
+        others = security.other_executor_keys(keys_dir, names)
+        if others:
+            log.warning("%s trusts the keys of %s, which this stack does not run (left by a stack with more "
+                        "executors?); if nothing of yours uses them, delete %s: a service re-reads the "
+                        "directory at each new connection", keys_dir, ", ".join(others),
+                        " ".join(str(Path(keys_dir) / f"{n}.key") for n in others))
         settings = settings.model_copy(update={"keys_dir": keys_dir})
 
     model_dir = str(resolve_model_dir(model or default_model_path()))

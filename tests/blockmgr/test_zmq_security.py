@@ -9,6 +9,7 @@ mutated messages to each service: it keeps answering and its books stay balanced
 
 import contextlib
 import copy
+import logging
 import os
 import shutil
 import subprocess
@@ -565,3 +566,45 @@ def test_gateway_client_talks_curve_and_surfaces_refusals(executor, keys_dir):
             await client.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_removed_key_is_refused_and_an_added_one_accepted_without_a_restart(tmp_path, caplog):
+    """Revoking a key is deleting its ``.key`` file: the next handshake with it is refused; a key
+    added later is accepted; both are logged. No restart of the service."""
+    import blockmgr.server as server_mod
+
+    d = tmp_path / "keys"
+    security.create_keys(d, ["blockmgr", "gateway", "executor-0", "executor-1"])
+    addr = f"tcp://127.0.0.1:{_free_port()}"
+    original, server_mod.signal.signal = server_mod.signal.signal, lambda *a: None  # main thread only
+    try:
+        threading.Thread(target=server_mod.serve, args=(addr, BlockManager(watermark=0), None, keys(d, "blockmgr"),
+                                                        LIMIT), daemon=True).start()
+        BlockManagerClient(addr, 5, keys(d, "gateway")).ping()
+    finally:
+        server_mod.signal.signal = original
+
+    def can_ping(name: str, timeout_s: float = 2) -> bool:
+        client = BlockManagerClient(addr, timeout_s=timeout_s, keys=keys(d, name))
+        try:
+            client.ping()
+            return True
+        except BlockManagerUnavailable:
+            return False
+        finally:
+            client.close()
+
+    assert can_ping("executor-1")
+    executor_1 = keys(d, "executor-1")  # its holder keeps the key pair after we revoke it
+    (d / "executor-1.key").unlink()
+    with caplog.at_level(logging.WARNING, logger="pagedserve.security"):
+        client = BlockManagerClient(addr, timeout_s=1, keys=executor_1)
+        with pytest.raises(BlockManagerUnavailable):
+            client.ping()
+        client.close()
+        assert can_ping("executor-0")
+        security.create_keys(d, ["executor-2"])
+        assert can_ping("executor-2", timeout_s=5)
+    changes = [r.getMessage() for r in caplog.records if "changed" in r.getMessage()]
+    assert any("no longer trusting executor-1" in m for m in changes), changes
+    assert any("now trusting executor-2" in m for m in changes), changes

@@ -1,6 +1,7 @@
 """`pagedserve serve`'s settings: every service's flags once, in one section per service, and each
 child's settings derived from the same objects (handed over as PAGEDSERVE_ variables)."""
 
+import logging
 import os
 import re
 
@@ -114,3 +115,25 @@ def test_the_default_served_name_is_the_models_whoever_starts_the_gateway(tmp_pa
     assert default_served_name(tmp_path) == tmp_path.name  # a Hugging Face directory
     (tmp_path / "pagedserve-source.json").write_text(json.dumps({"name": gguf}))
     assert default_served_name(tmp_path) == name
+
+
+def test_serve_warns_of_executor_keys_it_does_not_run(tmp_path, smollm_dir, monkeypatch, caplog, free_port):
+    """Keys left by an earlier stack with more executors stay trusted; serve names them and how
+    to drop them."""
+    import gateway.launcher
+    from blockmgr import security
+    from gateway.cli import serve
+
+    keys_dir = tmp_path / "keys"
+    security.create_keys(keys_dir, ["blockmgr", "gateway", "executor-0", "executor-1", "executor-10", "kv-reader"])
+    started = []
+    monkeypatch.setattr(gateway.launcher, "supervise", lambda children: started.extend(children) or 0)
+    with caplog.at_level(logging.WARNING, logger="pagedserve"):
+        assert serve(["--keys-dir", str(keys_dir), "--model", str(smollm_dir), "--port", str(free_port()),
+                      "--blockmgr-port", str(free_port()), "--executor-base-port", str(free_port())]) == 0
+    assert started  # the stack would have started: a warning, not a refusal
+    warnings = [r.getMessage() for r in caplog.records if "does not run" in r.getMessage()]
+    assert warnings == [f"{keys_dir} trusts the keys of executor-1, executor-10, which this stack does not run "
+                        f"(left by a stack with more executors?); if nothing of yours uses them, delete "
+                        f"{keys_dir / 'executor-1.key'} {keys_dir / 'executor-10.key'}: a service re-reads the "
+                        f"directory at each new connection"]
