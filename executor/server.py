@@ -21,7 +21,7 @@ from blockmgr.settings import load
 from executor import protocol
 from executor.config import ExecutorSettings
 from executor.engine import Engine, RequestOutput
-from executor.threads import THREADS_REASON_ENV, default_num_threads, usable_cores
+from executor.threads import THREADS_REASON_ENV, default_num_threads, thread_placement, usable_cores
 
 log = logging.getLogger("pagedserve.executor")
 
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             f"set by --num-threads / $PAGEDSERVE_NUM_THREADS; {usable_cores()} usable cores")
         num_threads = settings.num_threads
     torch.set_num_threads(num_threads)
-    log.info("%d torch threads (%s)", num_threads, why)
+    log.info("%d torch threads (%s), %s", num_threads, why, thread_placement())
 
     from executor.model_loader import default_model_path, load_model, resolve_model_dir
 

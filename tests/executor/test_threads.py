@@ -50,3 +50,13 @@ def test_the_executor_keeps_its_openmp_team_spinning_through_a_step(env, expecte
                           timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == str(expected)
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, "not pinned to cores"),
+    ({"OMP_PROC_BIND": "false", "OMP_PLACES": "cores"}, "not pinned to cores"),
+    ({"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}, "placed by OMP_PROC_BIND=close OMP_PLACES=cores"),
+    ({"GOMP_CPU_AFFINITY": "0-1"}, "placed by GOMP_CPU_AFFINITY=0-1"),
+])
+def test_the_log_says_whether_threads_are_pinned(environ, expected):
+    assert threads.thread_placement(environ) == expected
