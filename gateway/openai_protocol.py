@@ -71,8 +71,27 @@ _MAX_NAMED = 10  # unknown fields named in the warning, at most
 _NAME_CHARS = 40  # characters of each name shown, at most
 
 
+def _unknown_fields(model: BaseModel, data, prefix: str = "") -> list[str]:
+    """Paths of the keys of ``data`` (the JSON that validated into ``model``) that no field of
+    ``model`` or of its nested models took: ``foo``, ``stream_options.foo``, ``messages[2].foo``."""
+    if not isinstance(data, dict):
+        return []
+    fields = type(model).model_fields
+    unknown = [f"{prefix}{k}" for k in data if k not in fields]
+    for name in fields:
+        value, raw = getattr(model, name, None), data.get(name)
+        if isinstance(value, BaseModel):
+            unknown += _unknown_fields(value, raw, f"{prefix}{name}.")
+        elif isinstance(value, list) and isinstance(raw, list):
+            for i, (item, raw_item) in enumerate(zip(value, raw)):
+                if isinstance(item, BaseModel):
+                    unknown += _unknown_fields(item, raw_item, f"{prefix}{name}[{i}].")
+    return unknown
+
+
 class RequestBody(_Base):
-    """A top-level HTTP request body: its unknown fields are logged (one warning line) and ignored.
+    """A top-level HTTP request body: its unknown fields, nested ones included
+    (``messages[0].foo``), are logged (one warning line) and ignored.
 
     ``endpoint`` names the route in that line. The names are client text: shown with ``repr`` (no
     line breaks reach the log), cut to 40 characters, at most 10 of them.
@@ -85,7 +104,7 @@ class RequestBody(_Base):
     def _warn_unknown(cls, data, handler):
         body = handler(data)
         if isinstance(data, dict):
-            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            unknown = sorted(str(k) for k in _unknown_fields(body, data))
             if unknown:
                 shown = ", ".join(repr(k[:_NAME_CHARS]) for k in unknown[:_MAX_NAMED])
                 more = f" and {len(unknown) - _MAX_NAMED} more" if len(unknown) > _MAX_NAMED else ""

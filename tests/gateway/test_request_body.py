@@ -100,6 +100,22 @@ def test_unknown_fields_are_served_with_one_warning_naming_them(base, caplog, pa
     assert lines == [f"POST {path}: ignored unknown fields 'bar\\nbaz', 'foo'"]
 
 
+def test_unknown_fields_of_nested_objects_are_named_with_their_path(base, caplog):
+    with caplog.at_level(logging.WARNING, logger="pagedserve.gateway"):
+        r = httpx.post(base + CHAT, json={"messages": [{"role": "system", "content": "Be brief."},
+                                                       {"role": "user", "content": "hi", "mood": "curious"}],
+                                          "max_tokens": 2, "stream": True,
+                                          "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+                       timeout=10)
+        assert r.status_code == 200, r.text
+        r = httpx.post(base + CHAT, json={"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}], "max_tokens": 2}, timeout=10)
+        assert r.status_code == 200, r.text
+    assert _unknown_field_lines(caplog) == [
+        f"POST {CHAT}: ignored unknown fields 'messages[1].mood', 'stream_options.continuous_usage_stats'",
+        f"POST {CHAT}: ignored unknown fields 'messages[0].content[0].cache_control'"]
+
+
 def test_the_warning_names_at_most_ten_fields(base, caplog):
     extra = {f"field_{i:02d}_{'x' * 60}": i for i in range(13)}
     with caplog.at_level(logging.WARNING, logger="pagedserve.gateway"):
