@@ -69,8 +69,9 @@ def default_keys_dir() -> Path:
 def create_keys(keys_dir: str | os.PathLike, names: list[str]) -> list[str]:
     """Create the key pairs of ``names`` that ``keys_dir`` does not hold yet; returns those created.
 
-    The directory is made (and kept) mode 0700 and secret files 0600. Safe to run concurrently:
-    creation is serialized by a lock file in the directory.
+    A name whose public ``NAME.key`` is gone (deleted to revoke it) gets a new pair: its old secret
+    is replaced, never trusted again. The directory is made (and kept) mode 0700 and secret files
+    0600. Safe to run concurrently: creation is serialized by a lock file in the directory.
     """
     keys_dir = Path(keys_dir)
     for name in names:
@@ -81,7 +82,7 @@ def create_keys(keys_dir: str | os.PathLike, names: list[str]) -> list[str]:
     with open(keys_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for name in names:
-            if (keys_dir / f"{name}.key_secret").exists():
+            if (keys_dir / f"{name}.key_secret").exists() and (keys_dir / f"{name}.key").exists():
                 continue
             with tempfile.TemporaryDirectory(dir=keys_dir) as tmp:
                 public, secret = zmq.auth.create_certificates(tmp, name)
@@ -99,6 +100,59 @@ def other_executor_keys(keys_dir: str | os.PathLike, names: list[str]) -> list[s
     (the stack being started): keys every service trusts that no executor of this stack uses."""
     found = {p.stem for p in Path(keys_dir).glob("executor-*.key")}
     return sorted(found - set(names), key=lambda n: (len(n), n))
+
+
+class TrustedKeys:
+    """The public keys of a keys directory (``NAME.key`` -> principal ``NAME``), re-read on demand.
+
+    Only well-formed keys count (40 z85 characters); a file that cannot be read or parsed is
+    skipped with a warning (a key half copied in is not trusted until it is whole).
+    """
+
+    def __init__(self, keys_dir: str | os.PathLike):
+        self.dir = Path(keys_dir)
+        self.trusted: dict[bytes, str] = {}
+        self._listing: tuple | None = None
+        self.refresh()
+
+    def _key_files(self) -> tuple:
+        """``(name, inode, size, mtime_ns, ctime_ns)`` of every ``.key`` file: a replaced or
+        rewritten file changes at least its inode or ctime."""
+        files = []
+        for path in sorted(self.dir.glob("*.key")):
+            try:
+                st = path.stat()
+            except OSError:  # removed while we listed, a dangling link: not a key
+                continue
+            files.append((path.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(files)
+
+    def refresh(self) -> tuple[list[str], list[str]]:
+        """Read the directory again if a ``.key`` file was added, removed or replaced.
+
+        Returns:
+            ``(added, removed)``: principal names whose key is new (or replaced), and names whose
+            key is no longer trusted (removed or replaced); both empty when nothing changed.
+        """
+        listing = self._key_files()
+        if listing == self._listing:
+            return [], []
+        trusted: dict[bytes, str] = {}
+        for name, *_ in listing:
+            path = self.dir / name
+            try:
+                public, _ = zmq.auth.load_certificate(path)
+                if public is None or len(public) != 40:
+                    raise ValueError(f"not a CURVE public key ({0 if public is None else len(public)} characters)")
+                zmq.utils.z85.decode(public)
+            except Exception as exc:  # unreadable, half written, not z85
+                log.warning("not trusting %s: %s", path, exc)
+                continue
+            trusted[public] = path.stem
+        old, self.trusted, self._listing = self.trusted, trusted, listing
+        added = sorted(n for k, n in trusted.items() if k not in old)
+        removed = sorted(n for k, n in old.items() if k not in trusted)
+        return added, removed
 
 
 class Keys:
@@ -128,46 +182,10 @@ class Keys:
         self.public, self.secret = zmq.auth.load_certificate(secret_path)
         if not self.secret:
             raise KeysError(f"{secret_path} holds no secret key")
-        self.trusted: dict[bytes, str] = {}  # z85 public key -> principal name
-        self.by_name: dict[str, bytes] = {}
-        self._listing: tuple = ()
-        self.reload()
-
-    def _key_files(self) -> tuple:
-        """``(name, mtime_ns, size)`` of every ``.key`` file: what :meth:`reload` compares."""
-        files = []
-        for path in sorted(self.dir.glob("*.key")):
-            try:
-                st = path.stat()
-            except FileNotFoundError:  # removed while we listed
-                continue
-            files.append((path.name, st.st_mtime_ns, st.st_size))
-        return tuple(files)
-
-    def reload(self) -> tuple[list[str], list[str]]:
-        """Read the trusted public keys again if a ``.key`` file was added, removed or replaced.
-
-        Returns:
-            ``(added, removed)``: principal names whose key is new (or replaced), and names whose
-            key is no longer trusted (removed or replaced); both empty when nothing changed.
-        """
-        listing = self._key_files()
-        if listing == self._listing:
-            return [], []
-        trusted: dict[bytes, str] = {}
-        for name, _, _ in listing:
-            path = self.dir / name
-            try:
-                public, _ = zmq.auth.load_certificate(path)
-            except (OSError, ValueError) as exc:  # half-written or malformed: not trusted
-                log.warning("ignoring %s: %s", path, exc)
-                continue
-            trusted[public] = path.stem
-        old = self.trusted
-        self.trusted, self.by_name, self._listing = trusted, {n: k for k, n in trusted.items()}, listing
-        added = sorted(n for k, n in trusted.items() if k not in old)
-        removed = sorted(n for k, n in old.items() if k not in trusted)
-        return added, removed
+        # As loaded at start-up: the keys this process connects with (public_key) never change
+        # under it; what its servers accept is re-read by their ZAP handler (TrustedKeys).
+        self.trusted: dict[bytes, str] = TrustedKeys(self.dir).trusted  # z85 public key -> principal
+        self.by_name = {n: k for k, n in self.trusted.items()}
 
     def public_key(self, name: str) -> bytes:
         """The z85 public key of principal ``name``; raises KeysError if the directory lacks it."""
@@ -202,22 +220,33 @@ class _NamingAuthenticator(ThreadAuthenticator):
 
     def __init__(self, context: zmq.Context):
         super().__init__(context, log=logging.getLogger("pagedserve.zap"))
-        self.keys: list[Keys] = []
+        self._lock = threading.Lock()
+        self.dirs: dict[Path, TrustedKeys] = {}
         self.trusted: dict[bytes, str] = {}
 
+    def add_dir(self, keys_dir: Path) -> None:
+        with self._lock:
+            if keys_dir not in self.dirs:
+                self.dirs[keys_dir] = TrustedKeys(keys_dir)
+                self.trusted = {k: n for d in self.dirs.values() for k, n in d.trusted.items()}
+
     def refresh(self) -> None:
-        changed = False
-        for keys in self.keys:
-            added, removed = keys.reload()
-            if added or removed:
-                changed = True
-                log.warning("trusted public keys in %s changed: now trusting %s; no longer trusting %s",
-                            keys.dir, ", ".join(added) or "no new key", ", ".join(removed) or "none dropped")
-        if changed or not self.trusted:
-            trusted: dict[bytes, str] = {}
-            for keys in self.keys:
-                trusted.update(keys.trusted)
-            self.trusted = trusted
+        """Re-read the directories that changed; on any error keep the table as it was (this runs in
+        the ZAP thread, whose death would stall every later handshake)."""
+        with self._lock:
+            try:
+                changed = False
+                for trusted_dir in self.dirs.values():
+                    added, removed = trusted_dir.refresh()
+                    if added or removed:
+                        changed = True
+                        log.warning("trusted public keys in %s changed: now trusting %s; no longer trusting %s",
+                                    trusted_dir.dir, ", ".join(added) or "no new key",
+                                    ", ".join(removed) or "none dropped")
+                if changed:
+                    self.trusted = {k: n for d in self.dirs.values() for k, n in d.trusted.items()}
+            except Exception:
+                log.exception("could not re-read the trusted keys; keeping the previous ones")
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
         self.refresh()
@@ -246,9 +275,7 @@ def _authenticator(ctx: zmq.Context, keys: Keys) -> _NamingAuthenticator:
             auth.start()
             auth.configure_curve_callback(ZAP_DOMAIN.decode(), credentials_provider=auth)
             _authenticators[id(ctx)] = auth
-        if all(k.dir != keys.dir for k in auth.keys):
-            auth.keys.append(keys)
-            auth.trusted.update(keys.trusted)
+        auth.add_dir(keys.dir)
         return auth
 
 

@@ -45,7 +45,7 @@ def expected_outputs(params: dict[str, Any]) -> int:
 
 
 SEND_HWM = 10_000  # messages queued to the executor before a send fails (reported, never dropped)
-RECV_HWM = 100_000  # outputs queued from the executor; beyond it the executor's send fails and it aborts
+RECV_HWM = 100_000  # messages (a step's outputs each) queued from the executor; beyond it its send fails and it aborts
 HEARTBEAT_IVL_MS = 500  # ZMTP heartbeats: a dead or unreachable executor is noticed within
 HEARTBEAT_TIMEOUT_MS = 1500  # about 1.5 s even when no TCP reset arrives
 
@@ -168,11 +168,15 @@ class ExecutorClient:
                     fut.set_exception(ExecutorUnavailable(f"executor at {self.address} refused: {msg.get('error')}"))
 
     def _route_output(self, msg: dict[str, Any]) -> None:
-        queue = self._queues.get(msg.get("request_id"))
+        rid = msg.get("request_id")
+        if not isinstance(rid, str):  # a map or list would not even hash
+            log.warning("executor %s sent an output without a request id", self.address)
+            return
+        queue = self._queues.get(rid)
         if queue is not None:
             queue.put_nowait(msg)
         elif not msg.get("finished"):  # a request we no longer wait for: stop it there
-            self.abort(str(msg.get("request_id")))
+            self.abort(rid)
 
     def _send_nowait(self, message: dict[str, Any]) -> None:
         """Queue a message on the socket without awaiting (safe inside a cancelled task)."""

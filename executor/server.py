@@ -40,7 +40,7 @@ def scheduler_limits(engine: Engine) -> str:
             f"max_num_batched_tokens {sched.max_num_batched_tokens} (token budget per step)")
 
 
-SEND_HWM = 100_000  # output messages queued per gateway before a send fails (and is reported)
+SEND_HWM = 100_000  # messages (a step's outputs each) queued per gateway before a send fails (and is reported)
 HEARTBEAT_IVL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1500
 STEP_DECAY = 0.99  # per step: the longest step reported forgets a past one within a few hundred steps

@@ -78,7 +78,7 @@ def serve(argv: list[str]) -> int:
             log.warning("%s trusts the keys of %s, which this stack does not run (left by a stack with more "
                         "executors?); if nothing of yours uses them, delete %s: a service re-reads the "
                         "directory at each new connection", keys_dir, ", ".join(others),
-                        " ".join(str(Path(keys_dir) / f"{n}.key") for n in others))
+                        " ".join(str(Path(keys_dir) / f"{n}.{ext}") for n in others for ext in ("key", "key_secret")))
         settings = settings.model_copy(update={"keys_dir": keys_dir})
 
     model_dir = str(resolve_model_dir(model or default_model_path()))

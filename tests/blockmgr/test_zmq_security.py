@@ -596,6 +596,7 @@ def test_a_removed_key_is_refused_and_an_added_one_accepted_without_a_restart(tm
 
     assert can_ping("executor-1")
     executor_1 = keys(d, "executor-1")  # its holder keeps the key pair after we revoke it
+    gateway = keys(d, "gateway")
     (d / "executor-1.key").unlink()
     with caplog.at_level(logging.WARNING, logger="pagedserve.security"):
         client = BlockManagerClient(addr, timeout_s=1, keys=executor_1)
@@ -605,6 +606,19 @@ def test_a_removed_key_is_refused_and_an_added_one_accepted_without_a_restart(tm
         assert can_ping("executor-0")
         security.create_keys(d, ["executor-2"])
         assert can_ping("executor-2", timeout_s=5)
+        # A half-copied key file is not trusted, and the handler that read it keeps answering.
+        (d / "stranger.key").write_text('metadata\ncurve\n    public-key = "abc"\n')
+        assert can_ping("executor-0", timeout_s=5)
+        # Running the revoked name again gives it a new pair; the old one stays refused.
+        assert security.create_keys(d, ["executor-1"]) == ["executor-1"]
+        assert can_ping("executor-1", timeout_s=5)
+        client = BlockManagerClient(addr, timeout_s=1, keys=executor_1)
+        with pytest.raises(BlockManagerUnavailable):
+            client.ping()
+        client.close()
     changes = [r.getMessage() for r in caplog.records if "changed" in r.getMessage()]
     assert any("no longer trusting executor-1" in m for m in changes), changes
     assert any("now trusting executor-2" in m for m in changes), changes
+    assert any(r.getMessage().startswith(f"not trusting {d / 'stranger.key'}") for r in caplog.records)
+    # What a process connects with stays as loaded at its start, whatever its handler re-reads.
+    assert gateway.public_key("executor-1") == executor_1.public

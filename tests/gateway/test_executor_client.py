@@ -89,7 +89,8 @@ def test_a_step_batch_reaches_each_request_and_a_malformed_one_is_skipped(addres
         assert {rid: (m["op"], m["token_ids"]) for rid, m in first.items()} == {
             "b1": ("output", [7]), "b2": ("output", [8])}
         await ex.send(op="outputs", outputs="not a list")  # logged and skipped
-        await ex.send(op="outputs", outputs=[out("b1", 9, True), "not a map", out("b2", 10, True)])
+        await ex.send(op="outputs", outputs=[out("b1", 9, True), "not a map", {**out("b1", 0, False), "request_id": ["x"]},
+                                             out("b2", 10, True)])
         rest = {rid: [m["token_ids"] async for m in g] for rid, g in gens.items()}
         assert rest == {"b1": [[9]], "b2": [[10]]}
         assert client.num_active == 0

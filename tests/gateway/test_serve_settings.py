@@ -135,5 +135,6 @@ def test_serve_warns_of_executor_keys_it_does_not_run(tmp_path, smollm_dir, monk
     warnings = [r.getMessage() for r in caplog.records if "does not run" in r.getMessage()]
     assert warnings == [f"{keys_dir} trusts the keys of executor-1, executor-10, which this stack does not run "
                         f"(left by a stack with more executors?); if nothing of yours uses them, delete "
-                        f"{keys_dir / 'executor-1.key'} {keys_dir / 'executor-10.key'}: a service re-reads the "
+                        f"{keys_dir / 'executor-1.key'} {keys_dir / 'executor-1.key_secret'} "
+                        f"{keys_dir / 'executor-10.key'} {keys_dir / 'executor-10.key_secret'}: a service re-reads the "
                         f"directory at each new connection"]
