@@ -10,11 +10,11 @@ The principals are ``blockmgr`` (the block manager and its KV-event publisher), 
 one per executor, named by its executor id. ``pagedserve keys --keys-dir DIR`` (and ``pagedserve
 serve`` on its first start) creates them. Every service accepts exactly the public keys found in
 the directory (read again at a new connection when a ``.key`` file was added, removed or
-replaced, so deleting one revokes it without a restart) and knows each peer by the file's name: its ZAP handler (pyzmq's
-:class:`zmq.auth.thread.ThreadAuthenticator`) sets that name as the connection's ``User-Id``,
-which :func:`peer_name` reads off each received frame. Services use it to authorize: an executor
-may only act on its own state. CURVE also encrypts every message (Bernstein's CurveCP handshake,
-as specified by ZeroMQ RFC 26/CURVEZMQ).
+replaced, so deleting one revokes it without a restart) and knows each peer by the file's name:
+its ZAP handler (pyzmq's :class:`zmq.auth.thread.ThreadAuthenticator`) sets that name as the
+connection's ``User-Id``, which :func:`peer_name` reads off each received frame. Services use it
+to authorize: an executor may only act on its own state. CURVE also encrypts every message
+(Bernstein's CurveCP handshake, as specified by ZeroMQ RFC 26/CURVEZMQ).
 
 Without a keys directory a service refuses to start unless told ``--insecure-local``; it then
 runs without authentication or encryption and binds loopback addresses only.
