@@ -91,13 +91,14 @@ class ExecutorServer:
         # step here can take, decayed so one old giant step does not excuse a hang forever.
         self.longest_step_s = 0.0
 
-    def _send(self, identity: bytes, message: dict, what: str) -> bool:
-        """Send to one gateway; returns False (logged, naming ``what``) when it cannot be delivered."""
+    def _send(self, identity: bytes, message: dict, what) -> bool:
+        """Send to one gateway; returns False (logged, naming ``what``: a string, or a function
+        that makes it, called only then) when it cannot be delivered."""
         try:
             self.sock.send_multipart([identity, protocol.encode(message)], flags=zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH: gateway gone; EAGAIN: at the high-water mark
-            log.warning("cannot deliver %s to its gateway (%s)", what, exc.strerror)
+            log.warning("cannot deliver %s to its gateway (%s)", what() if callable(what) else what, exc.strerror)
             return False
 
     def _send_outputs(self, outputs: list[RequestOutput]) -> None:
@@ -127,12 +128,14 @@ class ExecutorServer:
     def _deliver(self, identity: bytes, batch: list[RequestOutput]) -> None:
         if len(batch) == 1:
             message = {"op": "output", **_output_fields(batch[0])}
-            what = f"an output of request {batch[0].request_id}"
         else:
             message = {"op": "outputs", "outputs": [_output_fields(out) for out in batch]}
+
+        def what() -> str:
             rids = sorted({out.request_id for out in batch})
             more = f" and {len(rids) - 3} more" if len(rids) > 3 else ""
-            what = f"{len(batch)} outputs (requests {', '.join(rids[:3])}{more})"
+            return f"{len(batch)} output(s) of request(s) {', '.join(rids[:3])}{more}"
+
         if self._send(identity, message, what):
             return
         for out in batch:

@@ -1,6 +1,7 @@
 """The executor sends a step's outputs as one ``outputs`` message per gateway (executor/server.py),
 each gateway only its own requests', an output with prompt logprobs on its own."""
 
+import logging
 import threading
 import time
 from types import SimpleNamespace
@@ -105,7 +106,7 @@ def test_one_message_per_step_and_gateway_each_with_its_own_requests(free_port):
     assert server.owner == {} and engine.aborted == []
 
 
-def test_a_batch_that_cannot_be_delivered_aborts_its_unfinished_requests(free_port):
+def test_a_batch_that_cannot_be_delivered_aborts_its_unfinished_requests(free_port, caplog):
     address = f"tcp://127.0.0.1:{free_port()}"
     engine = ScriptedEngine(steps=3)
     server = ExecutorServer(engine, address, {"executor_id": "executor-0"})
@@ -113,8 +114,11 @@ def test_a_batch_that_cannot_be_delivered_aborts_its_unfinished_requests(free_po
     engine.requests = {"r1": 0, "r2": 0, "r3": 2}
     try:
         # r3 finishes in this step; r1 and r2 would go on. No gateway has identity b"gone".
-        server._send_outputs(engine.step())
+        with caplog.at_level(logging.WARNING, logger="pagedserve.executor"):
+            server._send_outputs(engine.step())
     finally:
         server.sock.close()
     assert sorted(engine.aborted) == ["r1", "r2"]
     assert server.owner == {}
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("cannot deliver 3 output(s) of request(s) r1, r2, r3 to its gateway (")
