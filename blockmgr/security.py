@@ -224,11 +224,14 @@ class _NamingAuthenticator(ThreadAuthenticator):
         self.dirs: dict[Path, TrustedKeys] = {}
         self.trusted: dict[bytes, str] = {}
 
+    def _merge(self) -> None:
+        self.trusted = {k: n for d in self.dirs.values() for k, n in d.trusted.items()}
+
     def add_dir(self, keys_dir: Path) -> None:
         with self._lock:
             if keys_dir not in self.dirs:
                 self.dirs[keys_dir] = TrustedKeys(keys_dir)
-                self.trusted = {k: n for d in self.dirs.values() for k, n in d.trusted.items()}
+                self._merge()
 
     def refresh(self) -> None:
         """Re-read the directories that changed; on any error keep the table as it was (this runs in
@@ -244,7 +247,7 @@ class _NamingAuthenticator(ThreadAuthenticator):
                                     trusted_dir.dir, ", ".join(added) or "no new key",
                                     ", ".join(removed) or "none dropped")
                 if changed:
-                    self.trusted = {k: n for d in self.dirs.values() for k, n in d.trusted.items()}
+                    self._merge()
             except Exception:
                 log.exception("could not re-read the trusted keys; keeping the previous ones")
 
