@@ -168,8 +168,12 @@ class LlamaForCausalLM(nn.Module):
         return self.norm.add_and_norm(hidden_states, residual)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``hidden_states [n, hidden_size]`` -> logits ``[n, vocab_size]`` in fp32."""
-        return self.lm_head(hidden_states).float()
+        """``hidden_states [n, hidden_size]`` -> logits ``[n, vocab_size]`` in the model's dtype.
+
+        Callers widen bf16 logits to fp32 (exact) where they need to: an all-greedy batch's argmax
+        reads them as they are.
+        """
+        return self.lm_head(hidden_states)
 
     # -- weights --------------------------------------------------------------------------------
 
