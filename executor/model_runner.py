@@ -30,7 +30,7 @@ from executor.attention import (
 from executor.cost_probe import measure_cost_model
 from executor.request import Request
 from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries
-from kernels import fused_cpu
+from kernels import argmax_cpu, fused_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class ModelRunner:
         self.cost = measure_cost_model(model, self.device, self.kv.bytes_per_block) if num_cpu_blocks else {}
         if self.device.type == "cpu":
             fused_cpu.backend()  # builds the layers' C library now, not in the first request
+            argmax_cpu.backend()  # and greedy sampling's
 
     def prepare_inputs(self, batch: list[ScheduledSeq]) -> ModelInputs:
         """The model's inputs for ``batch`` (see :class:`ModelInputs`).

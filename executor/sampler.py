@@ -18,8 +18,9 @@ Per row (the raw fp32 logits of one sequence's next token), in this order:
 3. **min_tokens**: while the output is shorter than ``min_tokens``, EOS (unless ``ignore_eos``)
    and ``stop_token_ids`` get ``-inf``.
 4. **Selection**: a temperature below :data:`GREEDY_BELOW` (0 included) takes the argmax (the
-   lowest id among equal maxima): dividing by a tinier one overflows the logits to inf and the
-   softmax to NaN.
+   lowest id among equal maxima, ``torch.max``'s answer, computed by
+   :func:`kernels.argmax_cpu.argmax_rows`): dividing by a tinier one overflows the logits to inf
+   and the softmax to NaN.
    Otherwise the logits are divided by the temperature and filtered in HF's warper order:
    ``top_k`` (keep the k largest), ``top_p`` (keep the smallest set of most likely tokens whose
    probability mass reaches top_p; the most likely token always stays; Holtzman et al., ICLR
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from executor.request import Request
+from kernels.argmax_cpu import argmax_rows
 
 #: Rows of prompt positions whose logits are computed at once for prompt log-probabilities.
 PROMPT_LOGPROB_ROWS = 256
@@ -120,13 +122,12 @@ def sample_with_logprobs(
         _apply_logit_bias(work, requests)
         _apply_min_tokens(work, requests, eos_token_ids)
     if len(greedy) == num_rows:
-        # max's indices are argmax's (the first maximum), and max is the faster kernel.
-        token_list = work.max(dim=-1).indices.tolist()
+        token_list = argmax_rows(work)
     else:
         tokens = torch.empty(num_rows, dtype=torch.int64)
         rand = [i for i, r in enumerate(requests) if r.params.temperature >= GREEDY_BELOW]
         if greedy:
-            tokens[greedy] = work[greedy].max(dim=-1).indices
+            tokens[greedy] = torch.tensor(argmax_rows(work[greedy]), dtype=torch.int64)
         # _sample_random works in place: on a copy unless ``work`` is already one.
         sub = work[rand] if (greedy or work is raw) else work
         tokens[rand] = _sample_random(sub, [requests[i] for i in rand])
