@@ -22,6 +22,29 @@ text.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
+
+
+def _backend_decode(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str] | None:
+    """The Rust ``tokenizers`` decode of a fast tokenizer where transformers' ``decode`` adds nothing
+    to it, else None.
+
+    transformers' fast-tokenizer ``decode`` is ``backend_tokenizer.decode(ids, skip_special_tokens)``
+    plus ``clean_up_tokenization_spaces`` when the tokenizer sets it, behind Python wrappers that
+    cost more than the decode itself (a stream decodes twice per token). So a tokenizer with
+    ``clean_up_tokenization_spaces`` off whose class keeps transformers' own ``_decode`` is decoded by
+    its backend directly, with the same text: SmolLM2's, 6.5 -> 3 us per streamed token.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True) is not False:
+        return None
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: keep its decode
+        return None
+    if not isinstance(tokenizer, TokenizersBackend) or type(tokenizer)._decode is not TokenizersBackend._decode:
+        return None
+    return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def _failure(pattern: str) -> list[int]:
@@ -58,6 +81,7 @@ class TextStream:
         self._fail = [_failure(s) for s in self.stop]
         self._state = [0] * len(self.stop)
         self.skip_special_tokens = skip_special_tokens
+        self._backend_decode = _backend_decode(tokenizer, skip_special_tokens)
         self.token_ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -68,6 +92,8 @@ class TextStream:
         self.chars_scanned = 0
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _new_text(self, final: bool) -> str:

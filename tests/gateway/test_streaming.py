@@ -69,6 +69,27 @@ def test_any_split_gives_the_reference_text(tok, text, stops, splits):
     assert not any("\ufffd" in d for d in deltas)
 
 
+def test_a_fast_tokenizer_is_decoded_by_its_backend_with_the_same_text(tok, monkeypatch):
+    """SmolLM2's tokenizer (no clean-up of spaces) skips transformers' decode wrappers; one that
+    cleans up spaces, or whose class decodes its own way, keeps transformers' decode."""
+    ids = tok.encode(TEXTS[0] + TEXTS[1])
+    fast = TextStream(tok, ["STOP"])
+    assert fast._backend_decode is not None
+    calls = []
+    monkeypatch.setattr(type(tok), "decode", lambda self, *a, **k: calls.append(a) or "")
+    assert "".join(fast.push([i]) for i in ids) + fast.finish() == TEXTS[0] + TEXTS[1]
+    assert calls == []  # transformers' decode was never called
+    monkeypatch.undo()
+
+    monkeypatch.setattr(tok, "clean_up_tokenization_spaces", True)
+    assert TextStream(tok)._backend_decode is None
+    monkeypatch.undo()
+    custom = type("CustomDecode", (type(tok),), {"_decode": lambda self, ids, **kw: "custom"})
+    monkeypatch.setattr(tok, "__class__", custom)
+    assert TextStream(tok)._backend_decode is None
+    assert TextStream(object())._backend_decode is None  # not a fast tokenizer at all
+
+
 # ----------------------------------------------------------------------------- over HTTP
 @pytest.fixture(scope="module")
 def server(tok):
