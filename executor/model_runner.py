@@ -154,7 +154,7 @@ class ModelRunner:
         self.cost = measure_cost_model(model, self.device, self.kv.bytes_per_block) if num_cpu_blocks else {}
         if self.device.type == "cpu":
             fused_cpu.backend()  # builds the layers' C library now, not in the first request
-            argmax_cpu.backend()  # and greedy sampling's
+        argmax_cpu.backend()  # greedy sampling's too (it runs on the CPU for every device)
 
     def prepare_inputs(self, batch: list[ScheduledSeq]) -> ModelInputs:
         """The model's inputs for ``batch`` (see :class:`ModelInputs`).

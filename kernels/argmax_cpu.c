@@ -3,9 +3,10 @@
  * The answer is torch.max(x, dim=-1).indices' exactly: the first index of the row's maximum, where
  * equal values (+0 and -0 included) keep the earlier index and a NaN beats every number (the
  * first NaN wins). torch's kernel walks a row one element at a time (about 1.3 ms for 64 rows of
- * 49,152 bf16 logits on one core); here each of 16 lanes keeps its own running maximum and the
- * index where it was first reached, a compare and two selects per vector that the compiler
- * vectorises, and the lanes are merged at the end of the row (largest value, then smallest index).
+ * 49,152 bf16 logits with 2 threads, 2.5 ms with one); here each of 16 lanes keeps its own running
+ * maximum and the index where it was first reached (a compare and two selects per vector, written
+ * with GCC's vector extensions), and the lanes are merged at the end of the row (largest value,
+ * then smallest index).
  * A row holding a NaN is walked again for its first NaN, which never happens in a healthy model.
  *
  * Rows are split between OpenMP threads when there are enough of them; each row is one thread's,

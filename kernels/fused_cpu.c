@@ -37,7 +37,7 @@
  * [lo, hi] = EXP_BOUNDS, where 2^n stays a normal float. The bounds are read from a volatile: with
  * constants, GCC evaluated the clamped branch of silu_and_mul separately for every lane
  * (g / (1 + exp(80)), a second division per vector, then a select); reading them at run time
- * leaves one division (the same bits, SiLU * up 0.82-0.88x the time for 64-512 bf16 rows).
+ * leaves one division (the same bits, SiLU * up 0.83-0.89x the time for 64-512 bf16 rows).
  * The upper bound is 80, not 88: near 88 that second quotient was subnormal for ordinary g, which
  * cost a microcode assist per vector, and it stays 80 so the bits stay. For silu it changes nothing
  * that matters: at g = -80, g * exp(g) is already below 1e-33. */

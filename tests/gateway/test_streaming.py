@@ -80,6 +80,13 @@ def test_a_fast_tokenizer_is_decoded_by_its_backend_with_the_same_text(tok, monk
     assert "".join(fast.push([i]) for i in ids) + fast.finish() == TEXTS[0] + TEXTS[1]
     assert calls == []  # transformers' decode was never called
     monkeypatch.undo()
+    with_special = tok.encode("Hi") + [tok.eos_token_id] + tok.encode(" there")
+    for skip in (True, False):
+        ts = TextStream(tok, skip_special_tokens=skip)
+        assert ts._backend_decode is not None
+        streamed = "".join(ts.push([i]) for i in with_special) + ts.finish()
+        assert streamed == tok.decode(with_special, skip_special_tokens=skip)
+        assert (tok.eos_token in streamed) is not skip
 
     monkeypatch.setattr(tok, "clean_up_tokenization_spaces", True)
     assert TextStream(tok)._backend_decode is None
