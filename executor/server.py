@@ -21,6 +21,7 @@ from blockmgr.settings import load
 from executor import protocol
 from executor.config import ExecutorSettings
 from executor.engine import Engine, RequestOutput
+from executor.startup_heap import freeze_startup_heap
 from executor.threads import THREADS_REASON_ENV, default_num_threads, thread_placement, usable_cores
 
 log = logging.getLogger("pagedserve.executor")
@@ -340,5 +341,6 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    freeze_startup_heap(log)
     log.info("serving on %s", config.bind)
     server.serve_forever()

@@ -11,6 +11,7 @@ import uvicorn
 from blockmgr import security
 from blockmgr.settings import load
 from executor.client import split_address
+from executor.startup_heap import freeze_startup_heap
 from gateway.app import create_app
 from gateway.settings import GatewaySettings, default_served_name
 
@@ -40,4 +41,6 @@ def main(argv: list[str] | None = None) -> None:
         "served_model_name": settings.served_model_name or default_served_name(Path(settings.model)),
         "max_model_len": settings.max_model_len or int(config.get("max_position_embeddings", 2048)),
     }).with_keys(keys)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    app = create_app(settings)
+    freeze_startup_heap(logging.getLogger("pagedserve.gateway"))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
