@@ -1,5 +1,6 @@
 import os
 import socket
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -19,6 +20,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free ports (``serve --executor-base-port`` takes base..base+n-1).
+
+    A lone free port's neighbours may be any connection's ephemeral ports.
+    """
+    while True:
+        base = _free_port()
+        if base + n > 65536:
+            continue
+        try:
+            with ExitStack() as held:
+                for port in range(base, base + n):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
 
 
 @pytest.fixture

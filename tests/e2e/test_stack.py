@@ -23,21 +23,22 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def _start_stack(smollm_dir, log_path: Path) -> dict:
-    from tests.conftest import _free_port
+    from tests.conftest import _free_port, _free_ports
 
     port = _free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-c", "from gateway.cli import main; main()", "serve", "--port", str(port),
-         "--blockmgr-port", str(_free_port()), "--executor-base-port", str(_free_port()),
+         "--blockmgr-port", str(_free_port()), "--executor-base-port", str(_free_ports(2)),
          "--num-blocks", "256", "--device", "cpu", "--num-executors", "2", "--max-model-len", "512"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
-    while True:
+    while True:  # until both executors answer: /health is 200 from the first one on
         try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+            health = httpx.get(f"{base}/health", timeout=2)
+            if health.status_code == 200 and health.json()["executors"] == 2:
                 break
         except httpx.HTTPError:
             pass
