@@ -20,6 +20,7 @@ from blockmgr.config import BlockManagerSettings
 from blockmgr.manager import BlockManager, BlockManagerError, StaleIncarnationError, UnknownExecutorError
 from blockmgr.security import OPERATORS
 from blockmgr.settings import load
+from blockmgr.startup_heap import freeze_startup_heap
 
 log = logging.getLogger("pagedserve.blockmgr")
 
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         keys = security.keys_for(settings, security.BLOCKMGR, [settings.bind, settings.kv_events_bind])
     except ValueError as exc:
         parser.error(str(exc))
+    # Frozen before the manager exists: its sequences and blocks come and go and stay collectable.
+    freeze_startup_heap(log)
     publisher = KVEventPublisher(settings.kv_events_bind, keys) if settings.kv_events_bind else None
     manager = BlockManager(settings.watermark, settings.prefix_caching, on_events=publisher,
                            eviction=settings.eviction, pin_share=settings.pin_share)

@@ -21,7 +21,7 @@ from blockmgr.settings import load
 from executor import protocol
 from executor.config import ExecutorSettings
 from executor.engine import Engine, RequestOutput
-from executor.startup_heap import freeze_startup_heap
+from blockmgr.startup_heap import freeze_startup_heap
 from executor.threads import THREADS_REASON_ENV, default_num_threads, thread_placement, usable_cores
 
 log = logging.getLogger("pagedserve.executor")

@@ -1,5 +1,6 @@
 """Start-up objects are frozen out of garbage collection, in a child process (freezing in the test
-process would keep its objects forever), and the gateway freezes its heap before serving."""
+process would keep its objects forever), and the gateway and the block manager freeze their heaps
+before serving."""
 
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 CHILD = """
 import gc, logging, sys, weakref
 import torch, transformers  # a service's start-up heap
-from executor.startup_heap import freeze_startup_heap
+from blockmgr.startup_heap import freeze_startup_heap
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 frozen = freeze_startup_heap(logging.getLogger("t"))
 print("count", frozen, gc.get_freeze_count())
@@ -43,3 +44,14 @@ def test_the_gateway_freezes_its_heap_after_building_the_app(smollm_dir, monkeyp
     monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: calls.append(("run", app)))
     server.main(["--model", str(smollm_dir), "--executor", "tcp://127.0.0.1:5999", "--insecure-local"])
     assert calls == ["app", "freeze", ("run", "APP")]
+
+
+def test_the_block_manager_freezes_its_heap_before_its_state_exists(monkeypatch):
+    import blockmgr.server as server
+
+    calls = []
+    monkeypatch.setattr(server, "freeze_startup_heap", lambda log: calls.append("freeze"))
+    monkeypatch.setattr(server, "BlockManager", lambda *a, **kw: calls.append("manager") or "MANAGER")
+    monkeypatch.setattr(server, "serve", lambda bind, manager, *rest: calls.append(("serve", manager)))
+    server.main(["--insecure-local", "--bind", "tcp://127.0.0.1:5998"])
+    assert calls == ["freeze", "manager", ("serve", "MANAGER")]
