@@ -168,36 +168,75 @@ INLINE float exp_nonpos(float x) {
   return p * scale;
 }
 
+/* Vectors of 16, 8 and 4 floats (GCC's vector extensions: one register each on AVX-512, and split
+ * by the compiler on narrower clones). The reductions below are written on them rather than on
+ * arrays: a loop that stored a float[16] as one vector and read halves of it back stalled on store
+ * forwarding, and a scalar tail ran as one long dependency chain; the two reductions took as long
+ * as the chunk's scores in a 512-token prefill. The same operations in the same order, so the same
+ * bits. */
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+/* mask ? a : b lane by lane (a comparison's lanes are all ones or all zeros); C has no vector ?:. */
+#define SELECT(vf, vi, mask, a, b) ((vf)(((mask) & (vi)(a)) | (~(mask) & (vi)(b))))
+
+/* dst = the 16 floats at p (unaligned); the low and the high half of vector v (the compiler keeps
+ * both in registers). Macros: a function returning a vector warns of the ABI on the clones without
+ * AVX-512, even inlined. */
+#define LOAD16(dst, p) memcpy(&(dst), (p), sizeof(v16f))
+#define LOW_HALF(dst, v) memcpy(&(dst), &(v), sizeof(dst))
+#define HIGH_HALF(dst, v) memcpy(&(dst), (const char *)&(v) + sizeof(dst), sizeof(dst))
+
 /* p[j] = exp(p[j] - m) for the nvis visible keys, 0 for the rest; returns their sum, added in one
- * fixed tree: four strided partial sums per lane, then halving. */
+ * fixed tree: t[i] = (p[i] + p[i+16]) + (p[i+32] + p[i+48]), then t[i] + t[i+8], then t[i] + t[i+4],
+ * then (t[0] + t[2]) + (t[1] + t[3]). */
 INLINE float exp_sum_chunk(float *p, int64_t nvis, float m) {
   for (int j = 0; j < CHUNK; j++) p[j] = j < nvis ? exp_nonpos(p[j] - m) : 0.0f;
-  float t[16];
-  for (int i = 0; i < 16; i++) t[i] = (p[i] + p[i + 16]) + (p[i + 32] + p[i + 48]);
-  for (int i = 0; i < 8; i++) t[i] = t[i] + t[i + 8];
-  for (int i = 0; i < 4; i++) t[i] = t[i] + t[i + 4];
-  return (t[0] + t[2]) + (t[1] + t[3]);
+  v16f q0, q1, q2, q3;
+  LOAD16(q0, p);
+  LOAD16(q1, p + 16);
+  LOAD16(q2, p + 32);
+  LOAD16(q3, p + 48);
+  const v16f t = (q0 + q1) + (q2 + q3);
+  v8f lo8, hi8;
+  LOW_HALF(lo8, t);
+  HIGH_HALF(hi8, t);
+  const v8f t8 = lo8 + hi8;
+  v4f lo4, hi4;
+  LOW_HALF(lo4, t8);
+  HIGH_HALF(hi4, t8);
+  const v4f t4 = lo4 + hi4;
+  return (t4[0] + t4[2]) + (t4[1] + t4[3]);
 }
 
-/* The largest of p[0 .. nvis-1] (nvis >= 1; p has CHUNK floats, all of them loaded); max is exact,
- * so the lanes' order does not matter. Written as 16 lanes over the chunk's four quarters, the keys
- * past nvis as -inf, with unconditional loads: GCC vectorises that (a select between two loads of
- * p stayed a scalar loop with a branch per key). */
+/* The largest of p[0 .. nvis-1] (nvis >= 1; p has CHUNK floats, all of them loaded), the keys past
+ * nvis taken as -inf. max is exact, so the order of the comparisons does not matter (a NaN never
+ * wins a `>`; of +0 and -0 either may come out, and every use of the maximum, exp(s - max) and
+ * exp(m - max), gives the same bits for both). */
 INLINE float max_visible(const float *p, int64_t nvis) {
-  float t[16];
-  for (int i = 0; i < 16; i++) {
-    float best = -INFINITY;
-    for (int quarter = 0; quarter < 4; quarter++) {
-      const float v = p[quarter * 16 + i];
-      const float w = quarter * 16 + i < nvis ? v : -INFINITY;
-      best = w > best ? w : best;
-    }
-    t[i] = best;
+  const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const v16f ninf = (v16f){} - INFINITY;
+  v16f best = ninf;
+  for (int quarter = 0; quarter < 4; quarter++) {
+    v16f v;
+    LOAD16(v, p + quarter * 16);
+    const v16f w = SELECT(v16f, v16i, lane + quarter * 16 < (int32_t)nvis, v, ninf);
+    best = SELECT(v16f, v16i, w > best, w, best);
   }
-  for (int i = 0; i < 8; i++) t[i] = t[i + 8] > t[i] ? t[i + 8] : t[i];
-  float m = t[0];
-  for (int i = 1; i < 8; i++) m = t[i] > m ? t[i] : m;
-  return m;
+  v8f lo8, hi8;
+  LOW_HALF(lo8, best);
+  HIGH_HALF(hi8, best);
+  const v8f b8 = SELECT(v8f, v8i, hi8 > lo8, hi8, lo8);
+  v4f lo4, hi4;
+  LOW_HALF(lo4, b8);
+  HIGH_HALF(hi4, b8);
+  const v4f b4 = SELECT(v4f, v4i, hi4 > lo4, hi4, lo4);
+  const float a = b4[1] > b4[0] ? b4[1] : b4[0], b = b4[3] > b4[2] ? b4[3] : b4[2];
+  return b > a ? b : a;
 }
 
 /* Scores of rows 0 .. mr-1 (q: [mr][D]) against keys j0 .. j0+NR-1 of the transposed chunk. */

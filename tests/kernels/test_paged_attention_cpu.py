@@ -34,14 +34,15 @@ class Batch:
     the ``[num_blocks, block_size, num_kv_heads, head_dim]`` layout (``pa.standard_views``).
     """
 
-    def __init__(self, pairs, block_size=16, heads=(9, 3), head_dim=64, seed=0, spare_blocks=3):
+    def __init__(self, pairs, block_size=16, heads=(9, 3), head_dim=64, seed=0, spare_blocks=3, draw=None):
         gen = torch.Generator().manual_seed(seed)
+        draw = draw or (lambda *shape: torch.randn(*shape, generator=gen))
         self.pairs, self.block_size = pairs, block_size
         self.num_heads, self.num_kv_heads = heads
         lens = [c + n for c, n in pairs]
-        self.k = [torch.randn(n, self.num_kv_heads, head_dim, generator=gen) for n in lens]
-        self.v = [torch.randn(n, self.num_kv_heads, head_dim, generator=gen) for n in lens]
-        self.q = [torch.randn(n, self.num_heads, head_dim, generator=gen) for n in lens]
+        self.k = [draw(n, self.num_kv_heads, head_dim) for n in lens]
+        self.v = [draw(n, self.num_kv_heads, head_dim) for n in lens]
+        self.q = [draw(n, self.num_heads, head_dim) for n in lens]
         per_seq = [math.ceil(n / block_size) for n in lens]
         num_blocks = sum(per_seq) + spare_blocks
         shapes = pa.cache_shapes(num_blocks, block_size, self.num_kv_heads, head_dim)
@@ -242,6 +243,36 @@ def test_threads_change_no_bits():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+#: sha256 of the outputs of :func:`_pinned_outputs`, fp32 then bf16. The kernel promises the same bits on
+#: every x86-64 CPU, level and thread count, so these hold anywhere; a change that reorders any sum
+#: or product changes them (and every cached greedy answer with them): only then update them.
+PINNED_SHA256 = ("bda8fb64b9444e466305eb005015be04985545a8da103c193d4831f3e1940bf6",
+                 "12161f277c5abaadfb66bf2dd283241ebbfa7a18efcdbef462f82096e9eb76bc")
+
+
+def _pinned_outputs(dtype):
+    """Outputs for inputs every machine draws alike: integers from torch's generator, scaled exactly."""
+    gen = torch.Generator().manual_seed(1234)
+
+    def draw(*shape):
+        return torch.randint(-512, 512, shape, generator=gen, dtype=torch.int32).float() / 128
+
+    batch = Batch(PAIRS, block_size=16, draw=draw)
+    if dtype is torch.bfloat16:
+        _round_to_bf16(batch)
+    query, key, value, layout = batch.step()
+    caches = tuple(c.to(dtype) for c in batch.blocked)
+    return paged_attention_cpu(query.to(dtype), key.to(dtype), value.to(dtype), *caches, layout, SCALE)
+
+
+def test_the_bits_are_pinned():
+    import hashlib
+
+    digests = tuple(hashlib.sha256(_pinned_outputs(dt).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                    for dt in (torch.float32, torch.bfloat16))
+    assert digests == PINNED_SHA256
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction-set levels only")
