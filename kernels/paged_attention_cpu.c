@@ -162,7 +162,9 @@ INLINE float exp_nonpos(float x) {
   p = fmaf(p, r, 1.0f);
   int32_t bits;
   memcpy(&bits, &t, sizeof bits);
-  bits = (bits - 0x4B400000 + 127) << 23; /* n + 127 in the exponent field: 2^n, n >= -126 */
+  /* n + 127 in the exponent field: 2^n, n >= -126. Unsigned: for a NaN x the value is negative, and
+   * a left shift of a negative int is undefined in C (the result is unused then: p is NaN). */
+  bits = (int32_t)((uint32_t)(bits - 0x4B400000 + 127) << 23);
   float scale;
   memcpy(&scale, &bits, sizeof scale);
   return p * scale;

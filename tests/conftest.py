@@ -1,6 +1,8 @@
 import os
+import random
 import socket
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,11 +27,22 @@ def _free_port() -> int:
 def _free_ports(n: int) -> int:
     """The first of ``n`` consecutive free ports (``serve --executor-base-port`` takes base..base+n-1).
 
-    A lone free port's neighbours may be any connection's ephemeral ports.
+    Drawn below the kernel's ephemeral range, where neither ``bind(0)`` nor an outgoing connection
+    takes a port: the neighbour of a port ``bind(0)`` gave is one connections draw from, and a
+    service binds it only after its model has loaded.
     """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
     while True:
-        base = _free_port()
-        if base + n > 65536:
+        base = random.randrange(10_000, max(10_001, low - n))
+        try:
+            with ExitStack() as held:
+                for port in range(base, base + n):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            return base
+        except OSError:
             continue
         try:
             with ExitStack() as held:
