@@ -221,7 +221,7 @@ INLINE float exp_sum_chunk(float *p, int64_t nvis, float m) {
  * exp(m - max), gives the same bits for both). */
 INLINE float max_visible(const float *p, int64_t nvis) {
   const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const v16f ninf = (v16f){} - INFINITY;
+  const v16f ninf = (v16f){0} - INFINITY;
   v16f best = ninf;
   for (int quarter = 0; quarter < 4; quarter++) {
     v16f v;
