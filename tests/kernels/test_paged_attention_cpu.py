@@ -6,6 +6,7 @@ in batches of any size and order, in any prefill chunk, with 1 to 3 threads and 
 level. The paged pool is NaN everywhere the sequences do not own, so a stray read poisons outputs.
 """
 
+import hashlib
 import math
 import os
 import platform
@@ -270,8 +271,6 @@ def _pinned_outputs(dtype):
 
 
 def test_the_bits_are_pinned():
-    import hashlib
-
     digests = tuple(hashlib.sha256(_pinned_outputs(dt).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
                     for dt in (torch.float32, torch.bfloat16))
     assert digests == PINNED_SHA256
