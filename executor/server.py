@@ -18,10 +18,10 @@ import zmq
 from blockmgr import security
 from blockmgr.client import BlockManagerClient, BlockManagerUnavailable, StaleIncarnation
 from blockmgr.settings import load
+from blockmgr.startup_heap import freeze_startup_heap
 from executor import protocol
 from executor.config import ExecutorSettings
 from executor.engine import Engine, RequestOutput
-from blockmgr.startup_heap import freeze_startup_heap
 from executor.threads import THREADS_REASON_ENV, default_num_threads, thread_placement, usable_cores
 
 log = logging.getLogger("pagedserve.executor")

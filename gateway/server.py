@@ -10,8 +10,8 @@ import uvicorn
 
 from blockmgr import security
 from blockmgr.settings import load
-from executor.client import split_address
 from blockmgr.startup_heap import freeze_startup_heap
+from executor.client import split_address
 from gateway.app import create_app
 from gateway.settings import GatewaySettings, default_served_name
 
