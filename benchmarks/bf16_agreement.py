@@ -3,8 +3,8 @@
 
 Runs SmolLM2-135M-Instruct (or ``--model``) in an :class:`executor.engine.Engine` with an
 in-process block manager, once with fp32 weights and KV cache and once with bf16 ones (on a CPU
-with AMX the bf16 linear layers run our AMX kernel, with AVX512-BF16 alone oneDNN's bf16 kernels,
-on packed weights: see executor/linear.py), on :data:`PROMPTS` (each wrapped in the model's chat template), all prompts
+with AMX or AVX512-BF16 the bf16 linear layers run our kernel, with PAGEDSERVE_LINEAR_BF16_CPU=torch
+oneDNN's bf16 kernels, on packed weights: see executor/linear.py), on :data:`PROMPTS` (each wrapped in the model's chat template), all prompts
 in one batch, ``--max-tokens`` greedy tokens each (``ignore_eos``), and prints:
 
 - the CPU model, torch version, threads, and the path each dtype's linear layers take;

@@ -30,11 +30,11 @@ class ModelSettings(BaseModel):
 
 #: The default token budget per step: 2048 on a GPU, 512 on a CPU. A CPU prefill is compute-bound
 #: from a few hundred tokens on (fp32: about 1,000 tokens/s on 2 cores; bf16 on our AMX kernel
-#: about 4x that), so a bigger chunk gains no throughput and only delays the first token of every
+#: about 4x that, on our AVX512-BF16 one about 2x), so a bigger chunk gains no throughput and only delays the first token of every
 #: prompt in it: under a burst of 16 x 128-token prompts 512 halves the median TTFT against 2048 at
 #: the same throughput, in fp32 and in bf16 on AMX alike (bf16, 3 runs each: 512 against 1024
 #: within +-3% on throughput at 16 and 64 requests, median TTFT 0.7x at 16; 2048 a higher median
-#: TTFT at both; docs/bf16.md). bf16 on oneDNN (no AMX, or our AMX kernel off or unbuildable) keeps
+#: TTFT at both; docs/bf16.md). bf16 on oneDNN (our kernel off or unbuildable) keeps
 #: 2048, which was measured best when oneDNN ran bf16's prefills on AMX; on a GPU bigger prefill
 #: batches pay more.
 CPU_TOKEN_BUDGET = 512
@@ -45,16 +45,16 @@ def token_budget(setting: int | None, device: object, dtype: object) -> int:
     """``--max-num-batched-tokens`` when given, else the default for ``device`` (``"cpu"``,
     ``"cuda:0"`` or a ``torch.device``) and ``dtype`` (a ``torch.dtype`` or its name):
     :data:`TOKEN_BUDGET`, or on a CPU :data:`CPU_TOKEN_BUDGET` unless the dtype is bf16 and its
-    linear layers run on oneDNN rather than our AMX kernel (``executor.linear``; imported only
+    linear layers run on oneDNN rather than our own kernel (``executor.linear``; imported only
     for bf16, so that the settings do not import torch)."""
     if setting is not None:
         return setting
     if str(device).split(":")[0] != "cpu":
         return TOKEN_BUDGET
     if str(dtype).removeprefix("torch.") == "bfloat16":
-        from executor.linear import ONEDNN_BF16_LINEAR, bf16_amx_kernel
+        from executor.linear import ONEDNN_BF16_LINEAR, bf16_own_kernel
 
-        if ONEDNN_BF16_LINEAR and not bf16_amx_kernel():
+        if ONEDNN_BF16_LINEAR and not bf16_own_kernel():
             return TOKEN_BUDGET
     return CPU_TOKEN_BUDGET
 

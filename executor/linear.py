@@ -1,4 +1,4 @@
-"""The linear layers: fp32 on our own batch-invariant kernel, bf16 on our AMX kernel (else oneDNN), weights packed once.
+"""The linear layers: fp32 on our own batch-invariant kernel, bf16 on our AMX / AVX512-BF16 kernel (else oneDNN), weights packed once.
 
 See :class:`Linear` and docs/batch-invariance.md for why a token's hidden state must not depend on
 how many other tokens share its step, and how the tests check it; docs/kernels.md for the fp32
@@ -58,9 +58,9 @@ def fp32_kernel() -> str | None:
 
 
 @lru_cache(maxsize=1)
-def bf16_amx_kernel() -> bool:
-    """Whether bf16 calls run on :mod:`kernels.linear_bf16_cpu` (a CPU with AMX-BF16 where oneDNN's
-    bf16 path runs too, the kernel built, not turned off by ``PAGEDSERVE_LINEAR_BF16_CPU=torch``).
+def bf16_own_kernel() -> bool:
+    """Whether bf16 calls run on :mod:`kernels.linear_bf16_cpu` (a CPU with AMX-BF16 or AVX512-BF16 where
+    oneDNN's bf16 path runs too, the kernel built, not turned off by ``PAGEDSERVE_LINEAR_BF16_CPU=torch``).
     Decided on first call (which builds the kernel if needed)."""
     return ONEDNN_BF16_LINEAR and linear_bf16_cpu.available()
 
@@ -75,8 +75,8 @@ def linear_path(dtype: torch.dtype) -> str:
             return "oneDNN fp32, packed weights (batch-invariant rows)"
     if dtype not in PACKED_DTYPES or dtype is torch.float32:
         return "F.linear (no packed path for this dtype on this CPU)"
-    if bf16_amx_kernel():
-        return "kernels.linear_bf16_cpu on AMX, packed weights"
+    if bf16_own_kernel():
+        return f"kernels.linear_bf16_cpu on {linear_bf16_cpu.isa()}, packed weights (batch-invariant rows)"
     # What the CPU has; oneDNN uses it unless ONEDNN_MAX_CPU_ISA caps it lower.
     isa = "AMX" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "AVX512-BF16"
     return f"oneDNN bf16 (the CPU has {isa}), packed weights"
@@ -107,18 +107,19 @@ class Linear(nn.Linear):
     :func:`executor.model_loader.load_model` does for every weight not shared with another module).
 
     **bf16**, on a CPU with AVX512-BF16 or AMX (:data:`ONEDNN_BF16_LINEAR`): fp32 accumulation,
-    bf16 output. With AMX (:func:`bf16_amx_kernel`) every call runs on :mod:`kernels.linear_bf16_cpu`'s
+    bf16 output. Where our kernel runs (:func:`bf16_own_kernel`: AMX tiles, or AVX512-BF16's
+    VDPBF16PS on a CPU without AMX) every call runs on :mod:`kernels.linear_bf16_cpu`'s
     packed weight, the only copy kept. oneDNN's AMX product is faster on its own from about 1,500
     rows (1.5x at 2,048 rows per layer), but whole steps of up to 1,024 tokens run faster on ours
     (0.71x oneDNN's step time at 128 tokens, 0.88x at 1,024; 1.16x at 2,048; docs/bf16.md), the
     default CPU token budget is 512, and keeping oneDNN's pack beside ours for larger steps would
-    hold every weight twice. Without AMX, oneDNN's packed product (``torch.ops.mkldnn._linear_pointwise``) for
-    every call (AVX512-BF16).
+    hold every weight twice. Where our kernel does not run (turned off, no compiler), oneDNN's packed
+    product (``torch.ops.mkldnn._linear_pointwise``) for every call.
     ``F.linear`` in bf16 reaches oneDNN's bf16 matmul too, but on the plain weight, which the kernel
     copies into its blocked layout on every call; packing once saves that (a call of 1-64 rows takes
     0.5-0.75x the time of ``F.linear`` on SmolLM2's shapes, on a Xeon with AMX).
-    On the AMX kernel bf16 rows are batch-invariant (each output summed in one order for any number
-    of rows); oneDNN's kernels round differently by the number of rows, so there bf16 makes no such
+    On our kernel bf16 rows are batch-invariant (each output summed in one order for any number
+    of rows, on either instruction set); oneDNN's kernels round differently by the number of rows, so there bf16 makes no such
     claim and gets no one-row expand either (docs/bf16.md).
 
     Elsewhere (CUDA, fp16, bf16 on a CPU without bf16 instructions, gradients, an input whose
@@ -204,7 +205,7 @@ class Linear(nn.Linear):
             if w.dtype is torch.float32:
                 kernel = fp32_kernel()
             else:
-                kernel = "linear_bf16_cpu" if bf16_amx_kernel() else "onednn"
+                kernel = "linear_bf16_cpu" if bf16_own_kernel() else "onednn"
             with torch.no_grad():
                 if kernel == "linear_cpu":
                     self._pack = linear_cpu.PackedWeight(w.detach().contiguous())

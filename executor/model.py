@@ -90,8 +90,8 @@ class LlamaForCausalLM(nn.Module):
         """Pack every CPU linear weight now; returns how many.
 
         Which dtypes are packed, and for which kernel: :data:`executor.linear.PACKED_DTYPES` (fp32
-        for :mod:`kernels.linear_cpu`; bf16 for :mod:`kernels.linear_bf16_cpu` and oneDNN on CPUs
-        with AMX, for oneDNN on CPUs with AVX512-BF16 alone); see :class:`Linear`.
+        for :mod:`kernels.linear_cpu`; bf16 for :mod:`kernels.linear_bf16_cpu` on CPUs with AMX or
+        AVX512-BF16, for oneDNN where that kernel is off); see :class:`Linear`.
 
         Otherwise each is packed on its first use, in the first forward pass. Packing again after
         the weights change happens by itself.

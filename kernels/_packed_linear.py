@@ -1,6 +1,6 @@
 """What the two packed CPU linear kernels share: their argument struct and the checks around a call.
 
-:mod:`kernels.linear_cpu` (fp32) and :mod:`kernels.linear_bf16_cpu` (bf16 on AMX) take the same
+:mod:`kernels.linear_cpu` (fp32) and :mod:`kernels.linear_bf16_cpu` (bf16 on AMX or AVX512-BF16) take the same
 ``struct linear_args`` and the same shapes; only the dtype, the packing and the C entry point differ.
 """
 

@@ -1,4 +1,5 @@
-/* bf16 linear layer y = x @ W^T (+ b) on AMX tiles, for the rows of a decode or a short prefill.
+/* bf16 linear layer y = x @ W^T (+ b) on AMX tiles, or AVX512-BF16 where the CPU has no AMX, for the rows
+ * of a decode or a short prefill.
  *
  * Built and loaded by kernels/linear_bf16_cpu.py (see there for the arguments and when it runs).
  *
@@ -6,8 +7,9 @@
  *
  * Products of two bf16 numbers are exact in fp32 and are summed in fp32 by TDPBF16PS (Intel
  * Architecture Instruction Set Extensions Programming Reference, the AMX chapter: pairs of
- * products added into fp32 accumulators, bf16 denormals flushed to zero), then the bias is added
- * and the sum rounded to bf16 once (round to nearest even, VCVTNEPS2BF16).
+ * products added into fp32 accumulators, bf16 denormals flushed to zero), or by VDPBF16PS on a CPU
+ * without AMX (dp_panels below), then the bias is added and the sum rounded to bf16 once (round to
+ * nearest even, VCVTNEPS2BF16).
  *
  * The weight is packed once (linear_bf16_pack) into panels of NP = 32 output columns, each
  * [K2][NP][2]: row kk of a panel holds, for each column, the pair W[n][2kk], W[n][2kk + 1] (the
@@ -89,21 +91,44 @@ void linear_bf16_unpack(const uint16_t *packed, int64_t n, int64_t k, uint16_t *
 int64_t linear_bf16_panel_width(void) { return NP; }
 int64_t linear_bf16_packed_pairs(int64_t k) { return pairs_padded(k); }
 
-/* 1 when the CPU has AMX-BF16 (and the AVX512-BF16 conversions used beside it) and Linux granted
- * this process the AMX tile state; else 0. */
-int64_t linear_bf16_available(void) {
-  static int64_t available = -1;
-  if (available >= 0) return available;
-  int64_t ok = 0;
+/* The instructions linear_bf16 multiplies with (linear_bf16_isa). */
+enum { ISA_NONE = 0, ISA_AMX = 1, ISA_AVX512_BF16 = 2 };
+
+static int64_t detect_isa(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
-  ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("amx-tile") &&
-       __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  if (!(__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")))
+    return ISA_NONE;
+  if (__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+      syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0)
+    return ISA_AMX;
+  return ISA_AVX512_BF16;
+#else
+  return ISA_NONE;
 #endif
-  available = ok;
-  return ok;
 }
+
+static int64_t isa_in_use = -1, isa_best = -1;
+
+/* ISA_AMX where the CPU has AMX-BF16 and Linux granted this process the AMX tile state, else
+ * ISA_AVX512_BF16 where the CPU has AVX512-BF16 (VDPBF16PS), else ISA_NONE (linear_bf16 refuses). */
+int64_t linear_bf16_isa(void) {
+  if (isa_in_use < 0) isa_in_use = isa_best = detect_isa();
+  return isa_in_use;
+}
+
+/* Makes linear_bf16 use `isa` (ISA_AMX or ISA_AVX512_BF16) from now on, in this process: for tests
+ * and measurements of the AVX512-BF16 path on a CPU with AMX. Returns the ISA in use afterwards
+ * (unchanged when this CPU cannot run `isa`: AMX implies AVX512-BF16, not the reverse). */
+int64_t linear_bf16_use_isa(int64_t isa) {
+  linear_bf16_isa();
+  if ((isa == ISA_AMX && isa_best == ISA_AMX) || (isa == ISA_AVX512_BF16 && isa_best != ISA_NONE)) isa_in_use = isa;
+  return isa_in_use;
+}
+
+/* Kept for callers that only ask whether the kernel runs: nonzero when it does. */
+int64_t linear_bf16_available(void) { return linear_bf16_isa() != ISA_NONE; }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -224,6 +249,75 @@ AMX_TARGET static void amx_panels(const struct linear_bf16_args *a, const struct
   _tile_release();
 }
 
+/* Without AMX (AMD Zen 4/5, Intel Cooper Lake): the same packed panels through VDPBF16PS (Intel SDM,
+ * "VDPBF16PS": in each fp32 lane, acc += the two products of a pair of bf16 values, denormal
+ * inputs taken as zero, rounded to nearest even). One panel row [32 columns][2] is two vectors of
+ * 16 column pairs, so a register tile of R rows x 32 columns takes, per pair of k, two loads of the
+ * weight and one broadcast of each row's pair of x. Each output is summed pair after pair of k in
+ * ascending order whatever its row, the number of rows or the threads (rows stay batch-invariant;
+ * the AMX path sums in another order, so the two differ in the last bits). */
+#define DP_ROWS 12 /* 24 accumulators, two weight vectors and a broadcast: 27 of the 32 registers */
+
+/* The pair x[2kk], x[2kk + 1] of one row as a 32-bit lane (the high half 0 past k). */
+static inline int32_t x_pair(const uint16_t *row, int64_t kk, int64_t k) {
+  const uint32_t lo = row[2 * kk], hi = 2 * kk + 1 < k ? row[2 * kk + 1] : 0;
+  return (int32_t)(lo | hi << 16);
+}
+
+BF16_TARGET static inline __attribute__((always_inline)) void dp_tile(const struct linear_bf16_args *a, int R,
+                                                                        int64_t m0, const uint16_t *W, int64_t n0,
+                                                                        int64_t ncols) {
+  __m512 acc[DP_ROWS][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const uint16_t *X = a->x + m0 * a->x_row;
+  const int64_t k = a->k, full = k / 2, pairs = (k + 1) / 2;
+  for (int64_t kk = 0; kk < full; kk++) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(W + kk * NP * 2);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(W + kk * NP * 2 + 32);
+    for (int r = 0; r < R; r++) {
+      int32_t pair;
+      memcpy(&pair, X + r * a->x_row + 2 * kk, sizeof pair);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
+    }
+  }
+  for (int64_t kk = full; kk < pairs; kk++) { /* an odd k's last value, with a zero partner */
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(W + kk * NP * 2);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(W + kk * NP * 2 + 32);
+    for (int r = 0; r < R; r++) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(x_pair(X + r * a->x_row, kk, k));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
+    }
+  }
+  const uint16_t *bias = a->bias ? a->bias + n0 : 0;
+  for (int r = 0; r < R; r++) store_row(acc[r][0], acc[r][1], bias, ncols, a->out + (m0 + r) * a->out_row + n0);
+}
+
+/* Panels p0 .. p1-1 for every row: rows in blocks of MB (x's block stays in L2), panels inside,
+ * tiles of DP_ROWS rows inside (the panel stays in L1 or L2 while the block's tiles pass over it). */
+BF16_TARGET static void dp_panels(const struct linear_bf16_args *a, int64_t p0, int64_t p1) {
+  const int64_t k2 = pairs_padded(a->k);
+  for (int64_t mb = 0; mb < a->m; mb += MB) {
+    const int64_t me = a->m - mb < MB ? a->m : mb + MB;
+    for (int64_t p = p0; p < p1; p++) {
+      const int64_t n0 = p * NP, ncols = a->n - n0 < NP ? a->n - n0 : NP;
+      const uint16_t *W = a->w + p * k2 * NP * 2;
+      for (int64_t m0 = mb; m0 < me; m0 += DP_ROWS) {
+        const int rows = me - m0 < DP_ROWS ? (int)(me - m0) : DP_ROWS;
+        /* One instance per row count, so that each keeps its accumulators in registers. */
+        switch (rows) {
+#define DP_CASE(R) case R: dp_tile(a, R, m0, W, n0, ncols); break;
+          DP_CASE(1) DP_CASE(2) DP_CASE(3) DP_CASE(4) DP_CASE(5) DP_CASE(6)
+          DP_CASE(7) DP_CASE(8) DP_CASE(9) DP_CASE(10) DP_CASE(11) DP_CASE(12)
+#undef DP_CASE
+        }
+      }
+    }
+  }
+}
+
 /* Rows r0 .. r1-1 of x into xp, as its rows r0 - first .. ([][2 * k2], zero beyond k and beyond m). */
 static void copy_x(const struct linear_bf16_args *a, uint16_t *xp, int64_t first, int64_t r0, int64_t r1) {
   const int64_t width = 2 * pairs_padded(a->k);
@@ -241,7 +335,8 @@ static void copy_x(const struct linear_bf16_args *a, uint16_t *xp, int64_t first
 /* Runs the product on up to a->threads threads. Returns 0; 1 when AMX is not available here (nothing
  * is computed); 2 when memory for the copy of x ran out. */
 int64_t linear_bf16(const struct linear_bf16_args *a) {
-  if (!linear_bf16_available()) return 1;
+  const int64_t isa = linear_bf16_isa();
+  if (isa == ISA_NONE) return 1;
   const int64_t panels = (a->n + NP - 1) / NP;
   if (a->m <= 0 || panels <= 0) return 0;
   int64_t threads = a->m * panels * NP * a->k / MIN_MACS_PER_THREAD;
@@ -249,6 +344,21 @@ int64_t linear_bf16(const struct linear_bf16_args *a) {
   if (threads > panels) threads = panels;
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   if (threads < 1) threads = 1;
+  if (isa == ISA_AVX512_BF16) { /* reads x in place: no copy */
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+    {
+#ifdef _OPENMP
+      const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+      const int64_t tid = 0, team = 1;
+#endif
+      for (int64_t part = tid; part < threads; part += team)
+        dp_panels(a, panels * part / threads, panels * (part + 1) / threads);
+    }
+    return 0;
+  }
   /* A 32-row block reads its second A tile only when it has rows there. */
   const int64_t mp = (a->m + 15) / 16 * 16;
   /* The tiles read x in place when its rows need no padding in k (K a multiple of 32, as in every

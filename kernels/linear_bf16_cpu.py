@@ -1,8 +1,9 @@
-"""bf16 linear layers on AMX tiles: ``y = x @ W^T (+ b)``, fp32 sums rounded to bf16 once.
+"""bf16 linear layers on AMX tiles or AVX512-BF16: ``y = x @ W^T (+ b)``, fp32 sums rounded to bf16 once.
 
 ``kernels/linear_bf16_cpu.c`` (built, cached and loaded as :mod:`kernels.c_build` describes, with
 ``-fopenmp``) multiplies bf16 ``x`` by a bf16 weight packed once (:class:`PackedWeight`) with AMX
-tile dot products (``TDPBF16PS``). Every product of two bf16 numbers is exact in fp32; they are
+tile dot products (``TDPBF16PS``), or on a CPU without AMX (AMD Zen 4 and 5, Intel Cooper Lake) with
+AVX512-BF16's ``VDPBF16PS`` on the same packed weight (:func:`isa` says which). Every product of two bf16 numbers is exact in fp32; they are
 summed in fp32 (two at a time, as the instruction does; bf16 denormals flushed to zero), the bias
 added, and the result rounded to bf16 once (round to nearest even): the rounding points of
 ``F.linear`` in bf16, in another order of summation. Each output is summed in one order whatever the
@@ -19,8 +20,9 @@ The weight layout, ``[ceil(N / 32), K2, 32, 2]``: panels of 32 output columns; r
 holds each column's pair ``W[n, 2kk], W[n, 2kk + 1]`` (AMX's B-operand pair layout);
 ``K2 = ceil(K / 2)`` rounded up to a multiple of 16 (one tile's depth), zero-padded.
 
-Runs where the CPU has AMX-BF16 (with AVX512-BF16, which every such CPU has), Linux grants the
-process the AMX tile state, and the kernel builds (:func:`available`);
+Runs where the CPU has AVX512-BF16 and the kernel builds (:func:`available`), on AMX where the CPU has
+AMX-BF16 and Linux grants the process the AMX tile state. The two instruction sets sum each pair of
+products in their own way, so their outputs may differ in the last bit; each is batch-invariant.
 ``PAGEDSERVE_LINEAR_BF16_CPU=torch`` turns it off, and :mod:`executor.linear` keeps oneDNN's path.
 """
 
@@ -41,7 +43,7 @@ _FLAGS = ("-fopenmp",)
 #: Output columns per packed panel (``NP`` in the C file).
 PANEL = 32
 
-__all__ = ["PANEL", "PackedWeight", "available", "backend", "build", "library", "linear"]
+__all__ = ["ISAS", "PANEL", "PackedWeight", "available", "backend", "build", "isa", "library", "linear", "use_isa"]
 
 
 def load_library(path: Path) -> ctypes.CDLL:
@@ -54,9 +56,11 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.linear_bf16_pack.argtypes = [p, i64, i64, i64, p]
     lib.linear_bf16_unpack.restype = None
     lib.linear_bf16_unpack.argtypes = [p, i64, i64, p]
-    for name in ("linear_bf16_panel_width", "linear_bf16_available"):
+    for name in ("linear_bf16_panel_width", "linear_bf16_available", "linear_bf16_isa"):
         getattr(lib, name).restype = i64
         getattr(lib, name).argtypes = []
+    lib.linear_bf16_use_isa.restype = i64
+    lib.linear_bf16_use_isa.argtypes = [i64]
     lib.linear_bf16_packed_pairs.restype = i64
     lib.linear_bf16_packed_pairs.argtypes = [i64]
     if lib.linear_bf16_panel_width() != PANEL:
@@ -71,10 +75,29 @@ build, library, backend = _KERNEL.build, _KERNEL.library, _KERNEL.backend
 
 @lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether :func:`linear` runs here: the kernel built (and is not turned off), the CPU has AMX-BF16
-    and Linux granted the tile state (decided on first call, which builds the kernel if needed)."""
+    """Whether :func:`linear` runs here: the kernel built (and is not turned off) and the CPU has
+    AVX512-BF16 (decided on first call, which builds the kernel if needed)."""
     lib = library()
     return lib is not None and bool(lib.linear_bf16_available())
+
+
+#: The instruction sets of :func:`isa`, by the C file's ISA_* codes.
+ISAS = {1: "AMX", 2: "AVX512-BF16"}
+
+
+def isa() -> str | None:
+    """``"AMX"`` (tiles, where the CPU has AMX-BF16 and Linux grants the tile state), ``"AVX512-BF16"``
+    (elsewhere with AVX512-BF16), or None where :func:`linear` does not run."""
+    return ISAS.get(library().linear_bf16_isa()) if available() else None
+
+
+def use_isa(name: str) -> str | None:
+    """Make this process's calls run on ``name`` (a value of :data:`ISAS`) where the CPU can; returns
+    :func:`isa` afterwards. For tests and measurements of the AVX512-BF16 path on a CPU with AMX
+    (results may differ in the last bit from the AMX path's, so do not switch mid-run)."""
+    if available():
+        library().linear_bf16_use_isa({v: k for k, v in ISAS.items()}[name])
+    return isa()
 
 
 class PackedWeight:
@@ -95,7 +118,7 @@ class PackedWeight:
     def __init__(self, weight: torch.Tensor):
         n, k = check_weight(weight, torch.bfloat16)
         if not available():
-            raise RuntimeError(f"the bf16 AMX linear kernel does not run here (no AMX-BF16, no C compiler, "
+            raise RuntimeError(f"the bf16 linear kernel does not run here (no AVX512-BF16, no C compiler, "
                                f"or {ENV_VAR}=torch)")
         self.library = library()
         self.out_features, self.in_features = n, k
@@ -132,5 +155,5 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
     if status == 2:
         raise MemoryError(f"linear_bf16: no memory for a zero-padded copy of x (up to {a.m} x {a.k} bf16)")
     if status:
-        raise RuntimeError("linear_bf16: AMX is not available here")
+        raise RuntimeError("linear_bf16: neither AMX nor AVX512-BF16 is available here")
     return out

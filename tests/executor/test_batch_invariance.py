@@ -1,4 +1,4 @@
-"""Outputs that batching does not change, on SmolLM2-135M in fp32 on the CPU (and bf16 on AMX, last test).
+"""Outputs that batching does not change, on SmolLM2-135M in fp32 on the CPU (and bf16 on our kernel, last test).
 
 Every comparison is exact: token ids and the log-probabilities of every generated token (with its
 top alternatives) must be bit-for-bit equal whether a request runs alone, among 32 concurrent
@@ -14,7 +14,7 @@ import torch
 from blockmgr.client import InProcessBlockManager
 from blockmgr.manager import BlockManager
 from executor.engine import Engine, EngineConfig
-from executor.linear import bf16_amx_kernel
+from executor.linear import bf16_own_kernel
 from executor.model_loader import load_model
 from executor.request import SamplingParams
 
@@ -186,9 +186,9 @@ def test_long_prompt_never_stalls_running_decodes(smollm):
         assert steps == list(range(steps[0], steps[-1] + 1)), f"{d} skipped a step"
 
 
-@pytest.mark.skipif(not bf16_amx_kernel(), reason="bf16 rows are batch-invariant on our AMX kernel only")
-def test_bf16_on_amx_alone_and_chunked_equal_among_32(smollm_dir, tok, workload):
-    """bf16 where every linear layer runs on the AMX kernel: each of its outputs is summed in one order
+@pytest.mark.skipif(not bf16_own_kernel(), reason="bf16 rows are batch-invariant on our own kernel only (AMX or AVX512-BF16)")
+def test_bf16_on_our_kernel_alone_and_chunked_equal_among_32(smollm_dir, tok, workload):
+    """bf16 where every linear layer runs on our kernel (AMX or AVX512-BF16): each output is summed in one order
     whatever the number of rows, and the attention and fused operators are fp32 inside, so bf16 keeps
     the same guarantee (docs/bf16.md)."""
     prompts, params = workload

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from executor import decoder_cpu
 from executor.attention import allocate_kv_cache
-from executor.linear import Linear, bf16_amx_kernel
+from executor.linear import Linear, bf16_own_kernel
 from executor.model_loader import load_model
 from kernels import decoder_cpu as decoder_kernel
 from kernels import linear_cpu
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(decoder_kernel.backend() != "compiled" or linear
 REPO = Path(__file__).resolve().parents[2]
 #: Cache blocks of _run_steps: room for a prefill-sized step.
 STEP_BLOCKS = 96
-DTYPES = [torch.float32] + ([torch.bfloat16] if bf16_amx_kernel() else [])
+DTYPES = [torch.float32] + ([torch.bfloat16] if bf16_own_kernel() else [])
 
 
 @pytest.fixture(scope="module", params=["llama", "llama-tied-bias", "qwen2", "mistral"])
@@ -97,7 +97,7 @@ def test_not_used_where_the_loop_must_run(checkpoint):
         assert decoder_cpu.for_step(model, caches, torch.float32, "torch") is not None
     with torch.enable_grad():
         assert decoder_cpu.for_step(model, caches, torch.float32, "torch") is None  # autograd
-    if bf16_amx_kernel():
+    if bf16_own_kernel():
         m16 = load_model(checkpoint, dtype=torch.bfloat16, progress=False)
         c16 = allocate_kv_cache(m16.num_layers, NUM_BLOCKS, BLOCK_SIZE, m16.num_kv_heads, m16.head_dim,
                                 dtype=torch.bfloat16)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from executor.linear import (ONEDNN_BF16_LINEAR, ONEDNN_LINEAR, PACKED_DTYPES, Linear, bf16_amx_kernel,
+from executor.linear import (ONEDNN_BF16_LINEAR, ONEDNN_LINEAR, PACKED_DTYPES, Linear, bf16_own_kernel,
                              cpu_has_native_bf16, linear_path)
 from kernels import linear_bf16_cpu
 
@@ -59,8 +59,8 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags():
     onednn_takes_bf16 = ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # False under an AVX2 cap
     assert (torch.bfloat16 in PACKED_DTYPES) == ONEDNN_BF16_LINEAR == (onednn_takes_bf16 and cpu_has_native_bf16())
     assert linear_path(torch.float16).startswith("F.linear")
-    assert bf16_amx_kernel() == (ONEDNN_BF16_LINEAR and linear_bf16_cpu.available())
-    expected = "kernels.linear_bf16_cpu on AMX" if bf16_amx_kernel() else "oneDNN bf16" if ONEDNN_BF16_LINEAR else "F.linear"
+    assert bf16_own_kernel() == (ONEDNN_BF16_LINEAR and linear_bf16_cpu.available())
+    expected = f"kernels.linear_bf16_cpu on {linear_bf16_cpu.isa()}" if bf16_own_kernel() else "oneDNN bf16" if ONEDNN_BF16_LINEAR else "F.linear"
     assert linear_path(torch.bfloat16).startswith(expected)
 
 
@@ -74,7 +74,7 @@ def test_packed_bf16_matches_f_linear(in_f, out_f, bias):
             assert got.dtype == torch.bfloat16 and got.shape == (rows, out_f)
             # One bf16 rounding of the fp32 sum apart at most (same kernels, other blocking).
             torch.testing.assert_close(got, F.linear(x[:rows], lin.weight, lin.bias), rtol=1.6e-2, atol=1e-2)
-    if bf16_amx_kernel():
+    if bf16_own_kernel():
         assert type(lin._pack) is linear_bf16_cpu.PackedWeight
     else:
         assert lin._pack is not None and lin._pack.dtype == torch.bfloat16
@@ -92,10 +92,10 @@ def test_packed_bf16_runs_without_a_reorder_per_call():
         pack = lin._pack
         got = [lin(x[:rows]) for rows in sizes]
         counts = _op_counts(lambda: [lin(x[:rows]) for rows in sizes])
-        if bf16_amx_kernel():
+        if bf16_own_kernel():
             for rows, g in zip(sizes, got):
                 assert torch.equal(g, linear_bf16_cpu.linear(x[:rows], lin._pack, lin.bias))
-    assert counts.get("mkldnn::_linear_pointwise", 0) == (0 if bf16_amx_kernel() else len(sizes))
+    assert counts.get("mkldnn::_linear_pointwise", 0) == (0 if bf16_own_kernel() else len(sizes))
     for op in ("mkldnn::_reorder_linear_weight", "aten::linear", "aten::addmm", "aten::mm", "aten::to_dense"):
         assert counts.get(op, 0) == 0, (op, counts)
     assert lin._pack is pack

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 
 from executor.attention import AttentionMetadata, allocate_kv_cache
 from executor.layers import RMSNorm
-from executor.linear import ONEDNN_BF16_LINEAR, Linear, bf16_amx_kernel
+from executor.linear import ONEDNN_BF16_LINEAR, Linear, bf16_own_kernel
 from executor.model import LlamaForCausalLM
 from executor.model_config import UnsupportedModelError
 from executor.rotary import rope_inv_freq
@@ -318,7 +318,7 @@ def test_bfloat16_load_packs_linears_for_onednn(tmp_path):
     for mod in linears:
         assert mod.weight.is_meta and mod.weight.dtype == torch.bfloat16
         assert mod._pack is not None
-        assert mod._pack.panels.dtype == torch.bfloat16 if bf16_amx_kernel() else mod._pack.dtype == torch.bfloat16
+        assert mod._pack.panels.dtype == torch.bfloat16 if bf16_own_kernel() else mod._pack.dtype == torch.bfloat16
 
     def logits(model, dtype):
         batch = PagedBatch(2, seed=3)
@@ -334,7 +334,7 @@ def test_bfloat16_load_packs_linears_for_onednn(tmp_path):
     with profile() as prof:
         got = logits(m16, torch.bfloat16)
     names = [ev.name for ev in prof.events()]
-    assert names.count("mkldnn::_linear_pointwise") == (0 if bf16_amx_kernel() else 2 * len(linears))  # two steps
+    assert names.count("mkldnn::_linear_pointwise") == (0 if bf16_own_kernel() else 2 * len(linears))  # two steps
     for op in ("mkldnn::_reorder_linear_weight", "aten::linear", "aten::addmm", "aten::mm"):
         assert op not in names, op
     ref = logits(m32, torch.float32)

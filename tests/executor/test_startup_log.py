@@ -20,9 +20,9 @@ def test_the_token_budget_defaults_by_device_and_dtype():
 
     from executor.config import token_budget
 
-    from executor.linear import ONEDNN_BF16_LINEAR, bf16_amx_kernel
+    from executor.linear import ONEDNN_BF16_LINEAR, bf16_own_kernel
 
     assert token_budget(None, "cpu", torch.float32) == token_budget(None, "cpu", torch.float16) == 512
-    assert token_budget(None, "cpu", torch.bfloat16) == (2048 if ONEDNN_BF16_LINEAR and not bf16_amx_kernel() else 512)
+    assert token_budget(None, "cpu", torch.bfloat16) == (2048 if ONEDNN_BF16_LINEAR and not bf16_own_kernel() else 512)
     assert token_budget(None, "cuda", torch.float32) == token_budget(None, "cuda:1", torch.bfloat16) == 2048
     assert token_budget(300, "cpu", torch.float32) == token_budget(300, "cuda", torch.bfloat16) == 300  # the flag wins

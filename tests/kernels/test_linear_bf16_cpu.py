@@ -1,4 +1,8 @@
-"""kernels.linear_bf16_cpu: the bf16 linear layer on AMX tiles (fp32 sums, one bf16 rounding)."""
+"""kernels.linear_bf16_cpu: the bf16 linear layer on AMX tiles or AVX512-BF16 (fp32 sums, one bf16 rounding).
+
+The tests that multiply run once per instruction set this CPU has (both on a CPU with AMX: the
+AVX512-BF16 path is forced there through ``use_isa``).
+"""
 
 import os
 import subprocess
@@ -12,8 +16,19 @@ from kernels import linear_bf16_cpu
 from kernels.linear_bf16_cpu import PANEL, PackedWeight, linear
 
 CPUINFO = Path("/proc/cpuinfo")
-needs_amx = pytest.mark.skipif(not linear_bf16_cpu.available(),
-                               reason="no AMX-BF16 here (or no C compiler): the kernel does not run")
+
+
+@pytest.fixture(params=["AMX", "AVX512-BF16"])
+def isa(request):
+    """Runs the test on one instruction set (skipped where this CPU lacks it), then restores the best."""
+    if not linear_bf16_cpu.available():
+        pytest.skip("no AVX512-BF16 here (or no C compiler): the kernel does not run")
+    best = linear_bf16_cpu.isa()
+    if request.param == "AMX" and best != "AMX":
+        pytest.skip("no AMX-BF16 here")
+    assert linear_bf16_cpu.use_isa(request.param) == request.param
+    yield request.param
+    linear_bf16_cpu.use_isa(best)
 
 
 def _operands(m, k, n, seed=0, bias=False):
@@ -25,17 +40,27 @@ def _operands(m, k, n, seed=0, bias=False):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not CPUINFO.is_file(), reason="needs /proc/cpuinfo")
-def test_available_where_the_cpu_has_amx_bf16():
+def test_available_where_the_cpu_has_avx512_bf16_and_on_amx_where_it_has_that():
     flags = set()
     for line in CPUINFO.read_text().splitlines():
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
-    has_amx = {"amx_bf16", "amx_tile", "avx512_bf16"} <= flags
+    has_bf16 = {"avx512_bf16", "avx512bw", "avx512vl"} <= flags
+    # Linux may still refuse the AMX tile state (an old kernel): then AVX512-BF16.
     if linear_bf16_cpu.backend() == "compiled":
-        assert linear_bf16_cpu.available() == has_amx
+        assert linear_bf16_cpu.available() == has_bf16
+        if has_bf16:
+            assert linear_bf16_cpu.isa() == "AMX" or linear_bf16_cpu.isa() == "AVX512-BF16"
+            if linear_bf16_cpu.isa() == "AMX":
+                assert {"amx_bf16", "amx_tile"} <= flags
     else:
         assert not linear_bf16_cpu.available()
+    if not has_bf16:
+        assert linear_bf16_cpu.isa() is None
+    elif "amx_tile" not in flags:
+        assert linear_bf16_cpu.isa() == "AVX512-BF16"
+        assert linear_bf16_cpu.use_isa("AMX") == "AVX512-BF16"  # cannot be forced onto a CPU without it
     if not linear_bf16_cpu.available():
         with pytest.raises(RuntimeError, match="does not run here"):
             PackedWeight(torch.zeros(4, 4, dtype=torch.bfloat16))
@@ -49,11 +74,10 @@ def test_environment_variable_turns_it_off():
     assert out.stdout.split() == ["torch", "False"]
 
 
-@needs_amx
 @pytest.mark.parametrize("m, k, n", [(1, 576, 960), (5, 576, 576), (16, 1536, 576), (17, 576, 3072), (70, 200, 33),
-                                     (9, 1, 1), (3, 37, 100), (300, 64, 40), (33, 70, 40)])
+                                     (9, 1, 1), (3, 37, 100), (300, 64, 40), (33, 70, 40), (13, 577, 70)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_values_are_the_product_rounded_once(m, k, n, bias):
+def test_values_are_the_product_rounded_once(isa, m, k, n, bias):
     """Shapes off the panel width (32 columns), the tile depth (32 values of k), odd k, row tails."""
     x, w, b = _operands(m, k, n, seed=m + k + n, bias=bias)
     got = linear(x, PackedWeight(w), b)
@@ -65,8 +89,7 @@ def test_values_are_the_product_rounded_once(m, k, n, bias):
     assert (got != exact.to(torch.bfloat16)).float().mean() < 0.01
 
 
-@needs_amx
-def test_bias_is_added_before_the_rounding():
+def test_bias_is_added_before_the_rounding(isa):
     x, w, b = _operands(7, 64, 70, bias=True)
     exact = x.double() @ w.double().T + b.double()
     got = linear(x, PackedWeight(w), b)
@@ -74,8 +97,7 @@ def test_bias_is_added_before_the_rounding():
     assert torch.equal(got, exact.to(torch.bfloat16))
 
 
-@needs_amx
-def test_pack_round_trips_and_pads_with_zeros():
+def test_pack_round_trips_and_pads_with_zeros(isa):
     _, w, _ = _operands(1, 77, 45)
     packed = PackedWeight(w)
     assert packed.panels.shape == (2, 48, PANEL, 2)  # ceil(77 / 2) = 39 pairs, up to a multiple of 16
@@ -87,11 +109,11 @@ def test_pack_round_trips_and_pads_with_zeros():
     assert torch.equal(PackedWeight(wide[:, :77]).panels, packed.panels)
 
 
-@needs_amx
-@pytest.mark.parametrize("k, n", [(576, 960), (1536, 576)])
-def test_a_row_has_the_same_bits_in_any_batch_and_with_any_threads(k, n):
-    """70 rows: four 16-row tiles read in place and a last one of 6 rows copied, by a team of two
-    OpenMP threads (the suite otherwise runs torch on one thread, which never forms a team)."""
+@pytest.mark.parametrize("k, n", [(576, 960), (1536, 576), (577, 70)])
+def test_a_row_has_the_same_bits_in_any_batch_and_with_any_threads(isa, k, n):
+    """70 rows (AMX: four 16-row tiles read in place and a last one of 6 rows copied; AVX512-BF16:
+    five tiles of 12 rows and one of 10), by a team of two OpenMP threads (the suite otherwise runs
+    torch on one thread, which never forms a team); an odd k has a last pair with a zero partner."""
     x, w, b = _operands(70, k, n, seed=k, bias=True)
     packed = PackedWeight(w)
     full = linear(x, packed, b)
@@ -107,8 +129,7 @@ def test_a_row_has_the_same_bits_in_any_batch_and_with_any_threads(k, n):
         torch.set_num_threads(threads)
 
 
-@needs_amx
-def test_rows_with_a_stride_and_large_calls():
+def test_rows_with_a_stride_and_large_calls(isa):
     x, w, _ = _operands(600, 96, 64, seed=4)
     wide = torch.zeros(600, 200, dtype=torch.bfloat16)
     wide[:, 10:106] = x
@@ -119,8 +140,7 @@ def test_rows_with_a_stride_and_large_calls():
     assert torch.equal(got[512:], linear(x[512:], packed))
 
 
-@needs_amx
-def test_bad_input_is_refused():
+def test_bad_input_is_refused(isa):
     x, w, _ = _operands(3, 64, 32)
     packed = PackedWeight(w)
     with pytest.raises(ValueError, match="bf16"):
@@ -137,8 +157,7 @@ def test_bad_input_is_refused():
         PackedWeight(torch.zeros(0, 4, dtype=torch.bfloat16))
 
 
-@needs_amx
-def test_two_threads_with_their_own_weights_do_not_share_a_buffer():
+def test_two_threads_with_their_own_weights_do_not_share_a_buffer(isa):
     """Each calling thread copies x into its own buffer (ctypes releases the GIL during the call)."""
     import threading
 
