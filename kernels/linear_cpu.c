@@ -32,7 +32,10 @@
 #define KB 128
 /* Rows of x per row block: about this many floats (512 KiB, in L2 with room to spare). */
 #define X_BLOCK_FLOATS (128 * 1024)
-/* x is copied tile by tile when it has more tiles than this (see DEFINE_LEVEL). */
+/* x is copied tile by tile when it has more tiles than this (see DEFINE_LEVEL), on Intel. On AMD
+ * never: a Zen 5 ran SmolLM2's four layer shapes at 512 rows in 0.87x the time reading x in place
+ * (7.6 against 8.7 ms, 2 threads; copying cost up to a fifth of a 576-column product, and even the
+ * largest, 3,072 columns, ran 0.95x the time without it). */
 #define PACK_X_TILES 8
 /* Most rows in a register tile. */
 #define MR_MAX 12
@@ -96,7 +99,7 @@ static inline __attribute__((always_inline)) void tile(int mr, const char *pf, i
  * against 0.80x). The 121 linear calls of a SmolLM2-135M step, cold weights, median of 9 alternated
  * runs, 2 threads: 0.86-0.90x the time at 1 row, 0.82x at 16, 0.80x at 64, 0.92x at 512. Rows go in
  * blocks of about X_BLOCK_FLOATS / K, so that the rows of x that every panel reads again stay in L2.
- * With more than PACK_X_TILES tiles, x comes copied tile by tile ([tiles][K][MR], xp, by pack_x): a
+ * With more than PACK_X_TILES tiles (on Intel), x comes copied tile by tile ([tiles][K][MR], xp, by pack_x): a
  * tile's broadcasts then read one contiguous stream instead of MR rows far apart (whose addresses,
  * at a row stride that is a multiple of 4 KiB, would compete for the same L1 sets).
  * Which tiles run as which row count changes no bits: every output is its own chain. */
@@ -211,9 +214,28 @@ int64_t linear_cpu_panel_width(void) { return NP; }
 /* Runs the product on up to a->threads threads, each on a contiguous range of panels (after each
  * packed a share of x's tiles, when there are more than PACK_X_TILES). Returns 0, or 1 when memory for the
  * packed x ran out (nothing is computed then). */
+static int64_t pack_x_tiles = -1;
+
+static int64_t default_pack_x_tiles(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("amd")) return INT64_MAX;
+#endif
+  return PACK_X_TILES;
+}
+
+/* Copy x when a call has more than `tiles` register tiles of rows (a negative value: this CPU's
+ * default, see PACK_X_TILES); returns the threshold in use. For tests, which run both paths on any
+ * CPU: which path runs changes no bits. */
+int64_t linear_cpu_pack_x_tiles(int64_t tiles) {
+  pack_x_tiles = tiles < 0 ? default_pack_x_tiles() : tiles;
+  return pack_x_tiles;
+}
+
 int64_t linear_cpu(const struct linear_args *a) {
   static const struct level *lv = 0;
   if (!lv) lv = pick(); /* idempotent: a race writes the same pointer */
+  if (pack_x_tiles < 0) pack_x_tiles = default_pack_x_tiles();
   const int64_t panels = (a->n + NP - 1) / NP, tiles = (a->m + lv->mr - 1) / lv->mr;
   if (a->m <= 0 || panels <= 0) return 0;
   int64_t threads = a->m * panels * NP * a->k / MIN_FMAS_PER_THREAD;
@@ -222,7 +244,7 @@ int64_t linear_cpu(const struct linear_args *a) {
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   if (threads < 1) threads = 1;
   float *xp = 0;
-  if (tiles > PACK_X_TILES) {
+  if (tiles > pack_x_tiles) {
     xp = aligned_alloc(64, ((size_t)tiles * lv->mr * a->k * sizeof(float) + 63) / 64 * 64);
     if (!xp) return 1;
   }

@@ -48,6 +48,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.linear_cpu_unpack.argtypes = [p, i64, i64, p]
     lib.linear_cpu_panel_width.restype = i64
     lib.linear_cpu_panel_width.argtypes = []
+    lib.linear_cpu_pack_x_tiles.restype = i64
+    lib.linear_cpu_pack_x_tiles.argtypes = [i64]
     if lib.linear_cpu_panel_width() != PANEL:
         raise OSError(f"{path} packs panels of {lib.linear_cpu_panel_width()} columns, not {PANEL}")
     return lib

@@ -23,7 +23,7 @@ def _operands(m, k, n, seed=0, bias=False):
 @pytest.mark.parametrize("m, k, n", [(1, 576, 960), (5, 576, 576), (16, 1536, 576), (70, 200, 33), (9, 1, 1),
                                      (3, 130, 100), (300, 64, 40)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_values_are_the_product(m, k, n, bias):
+def test_values_are_the_product(x_path, m, k, n, bias):
     """Shapes off the panel width (32 columns) and the k block (128) included."""
     x, w, b = _operands(m, k, n, seed=m + k + n, bias=bias)
     got = linear(x, PackedWeight(w), b)
@@ -50,8 +50,31 @@ def test_pack_round_trips_and_pads_with_zeros():
     assert torch.equal(PackedWeight(wide[:, :77]).panels, packed.panels)
 
 
+@pytest.fixture(params=["x copied", "x in place"])
+def x_path(request):
+    """Runs a test with x copied tile by tile from 2 tiles on (Intel's path for large calls) or never
+    (AMD's), whichever this CPU defaults to; restores the default."""
+    lib = linear_cpu.library()
+    lib.linear_cpu_pack_x_tiles(1 if request.param == "x copied" else 2 ** 62)
+    yield request.param
+    lib.linear_cpu_pack_x_tiles(-1)
+
+
+def test_copying_x_changes_no_bits():
+    x, w, b = _operands(300, 576, 100, seed=3, bias=True)
+    packed = PackedWeight(w)
+    lib = linear_cpu.library()
+    try:
+        lib.linear_cpu_pack_x_tiles(1)
+        copied = linear(x, packed, b)
+        lib.linear_cpu_pack_x_tiles(2 ** 62)
+        assert torch.equal(linear(x, packed, b), copied)
+    finally:
+        lib.linear_cpu_pack_x_tiles(-1)
+
+
 @pytest.mark.parametrize("k, n", [(576, 960), (1536, 576), (200, 70)])
-def test_a_row_has_the_same_bits_in_any_batch(k, n):
+def test_a_row_has_the_same_bits_in_any_batch(x_path, k, n):
     """Rows 1..70 at every position give the bits of the row alone (and of the full batch)."""
     x, w, b = _operands(70, k, n, seed=k, bias=True)
     packed = PackedWeight(w)
