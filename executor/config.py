@@ -76,7 +76,7 @@ class ExecutorSettings(ZmqServiceSettings, ModelSettings, BlockManagerAddress):
     max_num_seqs: int = setting(64, "most sequences per step", ge=1)
     max_num_batched_tokens: int | None = setting(
         None, "token budget per step (decodes + prefill chunks); default 512 on a CPU (2048 for bf16 when "
-              "oneDNN runs its linear layers: no AMX, or PAGEDSERVE_LINEAR_BF16_CPU=torch), 2048 on a GPU", ge=1)
+              "oneDNN runs its linear layers: PAGEDSERVE_LINEAR_BF16_CPU=torch, or no C compiler), 2048 on a GPU", ge=1)
     attention_backend: Literal["auto", "triton", "torch"] = setting(
         "auto", "paged-attention kernels: triton (the CUDA path), torch (the CPU path), auto (triton on cuda, "
                 "torch on cpu); triton on the CPU needs TRITON_INTERPRET=1 and is a correctness check, not fast")

@@ -109,13 +109,21 @@ static int64_t detect_isa(void) {
 #endif
 }
 
+/* -1 until the first call detects the CPU. isa_best is published before isa_in_use (release /
+ * acquire), so whoever sees isa_in_use set sees isa_best too. */
 static int64_t isa_in_use = -1, isa_best = -1;
 
 /* ISA_AMX where the CPU has AMX-BF16 and Linux granted this process the AMX tile state, else
  * ISA_AVX512_BF16 where the CPU has AVX512-BF16 (VDPBF16PS), else ISA_NONE (linear_bf16 refuses). */
 int64_t linear_bf16_isa(void) {
-  if (isa_in_use < 0) isa_in_use = isa_best = detect_isa();
-  return isa_in_use;
+  int64_t isa = __atomic_load_n(&isa_in_use, __ATOMIC_ACQUIRE);
+  if (isa >= 0) return isa;
+  isa = detect_isa(); /* the same answer in every thread */
+  __atomic_store_n(&isa_best, isa, __ATOMIC_RELAXED);
+  int64_t undecided = -1;
+  if (!__atomic_compare_exchange_n(&isa_in_use, &undecided, isa, 0, __ATOMIC_RELEASE, __ATOMIC_ACQUIRE))
+    return undecided; /* another thread decided (or use_isa chose) first */
+  return isa;
 }
 
 /* Makes linear_bf16 use `isa` (ISA_AMX or ISA_AVX512_BF16) from now on, in this process: for tests
@@ -123,8 +131,10 @@ int64_t linear_bf16_isa(void) {
  * (unchanged when this CPU cannot run `isa`: AMX implies AVX512-BF16, not the reverse). */
 int64_t linear_bf16_use_isa(int64_t isa) {
   linear_bf16_isa();
-  if ((isa == ISA_AMX && isa_best == ISA_AMX) || (isa == ISA_AVX512_BF16 && isa_best != ISA_NONE)) isa_in_use = isa;
-  return isa_in_use;
+  const int64_t best = __atomic_load_n(&isa_best, __ATOMIC_RELAXED);
+  if ((isa == ISA_AMX && best == ISA_AMX) || (isa == ISA_AVX512_BF16 && best != ISA_NONE))
+    __atomic_store_n(&isa_in_use, isa, __ATOMIC_RELEASE);
+  return __atomic_load_n(&isa_in_use, __ATOMIC_ACQUIRE);
 }
 
 /* Kept for callers that only ask whether the kernel runs: nonzero when it does. */
@@ -332,8 +342,8 @@ static void copy_x(const struct linear_bf16_args *a, uint16_t *xp, int64_t first
   }
 }
 
-/* Runs the product on up to a->threads threads. Returns 0; 1 when AMX is not available here (nothing
- * is computed); 2 when memory for the copy of x ran out. */
+/* Runs the product on up to a->threads threads. Returns 0; 1 when neither AMX nor AVX512-BF16 is
+ * available here (nothing is computed); 2 when memory for the copy of x (AMX only) ran out. */
 int64_t linear_bf16(const struct linear_bf16_args *a) {
   const int64_t isa = linear_bf16_isa();
   if (isa == ISA_NONE) return 1;

@@ -148,7 +148,7 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
 
     Raises:
         ValueError: shapes, dtypes, devices or strides other than the above.
-        MemoryError: no memory for the zero-padded copy of (a tail of) ``x`` the tiles read.
+        MemoryError: no memory for the zero-padded copy of (a tail of) ``x`` that AMX's tiles read.
     """
     a, out = prepare_call(x, weight, bias, torch.bfloat16)
     status = weight.library.linear_bf16(ctypes.byref(a))

@@ -211,9 +211,8 @@ void linear_cpu_unpack(const float *packed, int64_t n, int64_t k, float *w) {
 
 int64_t linear_cpu_panel_width(void) { return NP; }
 
-/* Runs the product on up to a->threads threads, each on a contiguous range of panels (after each
- * packed a share of x's tiles, when there are more than PACK_X_TILES). Returns 0, or 1 when memory for the
- * packed x ran out (nothing is computed then). */
+/* x is copied for calls of more tiles than this; -1 until the first call decides (by vendor). Read
+ * and written atomically: a test may set it while another thread multiplies. */
 static int64_t pack_x_tiles = -1;
 
 static int64_t default_pack_x_tiles(void) {
@@ -228,14 +227,23 @@ static int64_t default_pack_x_tiles(void) {
  * default, see PACK_X_TILES); returns the threshold in use. For tests, which run both paths on any
  * CPU: which path runs changes no bits. */
 int64_t linear_cpu_pack_x_tiles(int64_t tiles) {
-  pack_x_tiles = tiles < 0 ? default_pack_x_tiles() : tiles;
-  return pack_x_tiles;
+  const int64_t value = tiles < 0 ? default_pack_x_tiles() : tiles;
+  __atomic_store_n(&pack_x_tiles, value, __ATOMIC_RELAXED);
+  return value;
 }
 
+/* Runs the product on up to a->threads threads, each on a contiguous range of panels (after each
+ * copied a share of x's tiles, when there are more than pack_x_tiles). Returns 0, or 1 when memory
+ * for the copy of x ran out (nothing is computed then). */
 int64_t linear_cpu(const struct linear_args *a) {
   static const struct level *lv = 0;
   if (!lv) lv = pick(); /* idempotent: a race writes the same pointer */
-  if (pack_x_tiles < 0) pack_x_tiles = default_pack_x_tiles();
+  int64_t copy_above = __atomic_load_n(&pack_x_tiles, __ATOMIC_RELAXED);
+  if (copy_above < 0) { /* first call: decide, unless a setter got there first */
+    int64_t undecided = -1;
+    copy_above = default_pack_x_tiles();
+    __atomic_compare_exchange_n(&pack_x_tiles, &undecided, copy_above, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+  }
   const int64_t panels = (a->n + NP - 1) / NP, tiles = (a->m + lv->mr - 1) / lv->mr;
   if (a->m <= 0 || panels <= 0) return 0;
   int64_t threads = a->m * panels * NP * a->k / MIN_FMAS_PER_THREAD;
@@ -244,7 +252,7 @@ int64_t linear_cpu(const struct linear_args *a) {
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   if (threads < 1) threads = 1;
   float *xp = 0;
-  if (tiles > pack_x_tiles) {
+  if (tiles > copy_above) {
     xp = aligned_alloc(64, ((size_t)tiles * lv->mr * a->k * sizeof(float) + 63) / 64 * 64);
     if (!xp) return 1;
   }

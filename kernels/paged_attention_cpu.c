@@ -517,13 +517,15 @@ static void write_cache(const struct pa_args *a) {
 
 /* The entry point: see the top of the file. Returns PA_OK or a PA_* error (nothing written then). */
 int64_t paged_attention_cpu(struct pa_args *a) {
-  if (prefetch_nta < 0) {
+  int nta = __atomic_load_n(&prefetch_nta, __ATOMIC_RELAXED);
+  if (nta < 0) { /* every thread that races here stores the same value */
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    prefetch_nta = __builtin_cpu_is("amd");
+    nta = __builtin_cpu_is("amd") ? 1 : 0;
 #else
-    prefetch_nta = 0;
+    nta = 0;
 #endif
+    __atomic_store_n(&prefetch_nta, nta, __ATOMIC_RELAXED);
   }
   int64_t err = check(a);
   if (err != PA_OK) return err;
@@ -596,7 +598,7 @@ int64_t paged_attention_cpu(struct pa_args *a) {
       w.m = w.s + rows * CHUNK;
       w.l = w.m + rows;
       w.alpha = w.l + rows;
-      (prefetch_nta ? run_items_nta : run_items_t1)(a, items, bounds[part], bounds[part + 1], &w);
+      (nta ? run_items_nta : run_items_t1)(a, items, bounds[part], bounds[part + 1], &w);
     }
   }
   free(mem);

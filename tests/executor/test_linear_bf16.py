@@ -1,5 +1,5 @@
-"""bf16 linear layers on packed weights: our AMX kernel for every call (or oneDNN's, on a CPU with
-AVX512-BF16 but no AMX), one pack per weight.
+"""bf16 linear layers on packed weights: our kernel for every call, on AMX or AVX512-BF16 (oneDNN's
+with PAGEDSERVE_LINEAR_BF16_CPU=torch), one pack per weight.
 
 Which CPUs take the path (``cpu_has_native_bf16`` against the kernel's CPU flags), and on those
 that do: the packed products are the ones that run (operator counts, by number of rows), nothing
@@ -84,7 +84,7 @@ def test_packed_bf16_matches_f_linear(in_f, out_f, bias):
 
 @NEEDS_BF16
 def test_packed_bf16_runs_without_a_reorder_per_call():
-    """Every call runs on the AMX kernel (no torch operator) where it runs, else on oneDNN's pack."""
+    """Every call runs on our kernel (no torch operator) where it runs, else on oneDNN's pack."""
     lin, x = _bf16_linear(576, 960, True, seed=3)
     sizes = (1, 2, 16, 70, 127, 128, ROWS)
     with torch.inference_mode():

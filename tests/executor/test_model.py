@@ -305,7 +305,7 @@ def test_bfloat16_load(tmp_path):
 @pytest.mark.skipif(not ONEDNN_BF16_LINEAR, reason="no packed oneDNN bf16 path (see tests/executor/test_linear_bf16.py)")
 def test_bfloat16_load_packs_linears_for_onednn(tmp_path):
     """On a CPU with bf16 instructions a bf16 model keeps only packed linear weights, runs every
-    linear layer of the forward pass as one packed call (these small steps on the AMX kernel where
+    linear layer of the forward pass as one packed call (these small steps on our kernel where
     it runs, no torch operator; else oneDNN), and stays close to fp32."""
     cfg = LlamaConfig(**_COMMON, tie_word_embeddings=False)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
