@@ -94,9 +94,16 @@ def isa() -> str | None:
 def use_isa(name: str) -> str | None:
     """Make this process's calls run on ``name`` (a value of :data:`ISAS`) where the CPU can; returns
     :func:`isa` afterwards. For tests and measurements of the AVX512-BF16 path on a CPU with AMX
-    (results may differ in the last bit from the AMX path's, so do not switch mid-run)."""
+    (results may differ in the last bit from the AMX path's, so do not switch mid-run).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`ISAS`'s values.
+    """
+    codes = {v: k for k, v in ISAS.items()}
+    if name not in codes:
+        raise ValueError(f"unknown instruction set {name!r}: expected one of {sorted(codes)}")
     if available():
-        library().linear_bf16_use_isa({v: k for k, v in ISAS.items()}[name])
+        library().linear_bf16_use_isa(codes[name])
     return isa()
 
 

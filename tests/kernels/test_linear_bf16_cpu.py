@@ -61,6 +61,8 @@ def test_available_where_the_cpu_has_avx512_bf16_and_on_amx_where_it_has_that():
     elif "amx_tile" not in flags:
         assert linear_bf16_cpu.isa() == "AVX512-BF16"
         assert linear_bf16_cpu.use_isa("AMX") == "AVX512-BF16"  # cannot be forced onto a CPU without it
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        linear_bf16_cpu.use_isa("avx512")
     if not linear_bf16_cpu.available():
         with pytest.raises(RuntimeError, match="does not run here"):
             PackedWeight(torch.zeros(4, 4, dtype=torch.bfloat16))
