@@ -354,33 +354,19 @@ int64_t linear_bf16(const struct linear_bf16_args *a) {
   if (threads > panels) threads = panels;
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   if (threads < 1) threads = 1;
-  if (isa == ISA_AVX512_BF16) { /* reads x in place: no copy */
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads) if (threads > 1)
-#endif
-    {
-#ifdef _OPENMP
-      const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
-#else
-      const int64_t tid = 0, team = 1;
-#endif
-      for (int64_t part = tid; part < threads; part += team)
-        dp_panels(a, panels * part / threads, panels * (part + 1) / threads);
-    }
-    return 0;
-  }
-  /* A 32-row block reads its second A tile only when it has rows there. */
-  const int64_t mp = (a->m + 15) / 16 * 16;
-  /* The tiles read x in place when its rows need no padding in k (K a multiple of 32, as in every
-   * layer of SmolLM2), all but a last partial 16-row tile, which is copied with zero rows below
-   * (copying all of x cost about a tenth of a 512-row product). Otherwise all of x is copied. */
-  const int64_t direct = a->k == 2 * pairs_padded(a->k) ? a->m / 16 * 16 : 0;
+  /* AVX512-BF16 reads x in place. AMX's tiles read it in place where its rows need no padding in k
+   * (K a multiple of 32, as in every layer of SmolLM2), all but a last partial 16-row tile, which is
+   * copied with zero rows below (copying all of x cost about a tenth of a 512-row product);
+   * otherwise all of x is copied. A 32-row block reads its second A tile only when it has rows. */
+  const int amx = isa == ISA_AMX;
+  const int64_t mp = amx ? (a->m + 15) / 16 * 16 : 0;
+  const int64_t direct = amx && a->k == 2 * pairs_padded(a->k) ? a->m / 16 * 16 : 0;
   /* The copy lives in a buffer kept between calls, one per calling thread: a fresh one above
    * malloc's mmap threshold (128 KiB: 64 rows of K = 1536) would be new zero-filled pages, faulted
    * in on every call. The team below reaches it through `copy` (its own thread-locals are empty). */
   static __thread uint16_t *buffer = 0;
   static __thread size_t buffer_bytes = 0;
-  const size_t need = ((size_t)(mp - direct) * 2 * pairs_padded(a->k) * 2 + 63) / 64 * 64;
+  const size_t need = amx ? ((size_t)(mp - direct) * 2 * pairs_padded(a->k) * 2 + 63) / 64 * 64 : 0;
   if (need > 0 && need > buffer_bytes) {
     free(buffer);
     buffer_bytes = 0;
@@ -399,14 +385,21 @@ int64_t linear_bf16(const struct linear_bf16_args *a) {
 #else
     const int64_t tid = 0, team = 1;
 #endif
-    const int64_t rows = mp - direct;
-    copy_x(a, copy, direct, direct + rows * tid / team, direct + rows * (tid + 1) / team);
+    if (amx) { /* the same branch in every thread of the team, so all reach the barrier */
+      const int64_t rows = mp - direct;
+      copy_x(a, copy, direct, direct + rows * tid / team, direct + rows * (tid + 1) / team);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
+    }
     /* If the runtime gave fewer threads than asked, a thread runs several ranges. */
-    for (int64_t part = tid; part < threads; part += team)
-      amx_panels(a, &xs, panels * part / threads, panels * (part + 1) / threads);
+    for (int64_t part = tid; part < threads; part += team) {
+      const int64_t p0 = panels * part / threads, p1 = panels * (part + 1) / threads;
+      if (amx)
+        amx_panels(a, &xs, p0, p1);
+      else
+        dp_panels(a, p0, p1);
+    }
   }
   return 0;
 }

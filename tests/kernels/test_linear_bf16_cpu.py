@@ -18,17 +18,20 @@ from kernels.linear_bf16_cpu import PANEL, PackedWeight, linear
 CPUINFO = Path("/proc/cpuinfo")
 
 
-@pytest.fixture(params=["AMX", "AVX512-BF16"])
+#: The instruction set the kernel picks on this CPU (None where it does not run).
+BEST_ISA = linear_bf16_cpu.isa()
+
+
+@pytest.fixture(params=[
+    pytest.param("AMX", marks=pytest.mark.skipif(BEST_ISA != "AMX", reason="no AMX-BF16 here (or no C compiler)")),
+    pytest.param("AVX512-BF16", marks=pytest.mark.skipif(
+        BEST_ISA is None, reason="no AVX512-BF16 here (or no C compiler): the kernel does not run")),
+])
 def isa(request):
-    """Runs the test on one instruction set (skipped where this CPU lacks it), then restores the best."""
-    if not linear_bf16_cpu.available():
-        pytest.skip("no AVX512-BF16 here (or no C compiler): the kernel does not run")
-    best = linear_bf16_cpu.isa()
-    if request.param == "AMX" and best != "AMX":
-        pytest.skip("no AMX-BF16 here")
+    """Runs the test on one instruction set of this CPU, then restores the one it picks."""
     assert linear_bf16_cpu.use_isa(request.param) == request.param
     yield request.param
-    linear_bf16_cpu.use_isa(best)
+    linear_bf16_cpu.use_isa(BEST_ISA)
 
 
 def _operands(m, k, n, seed=0, bias=False):
