@@ -11,7 +11,8 @@ FROM python:3.11-slim
 # the CPU path's C kernels (kernels/ordered_matmul.c, kernels/paged_attention_cpu.c and
 # kernels/linear_cpu.c and kernels/linear_bf16_cpu.c with OpenMP: gcc brings libgomp, and
 # kernels/fused_cpu.c: the decode step's RMSNorm, RoPE and SiLU; kernels/decoder_cpu.c, the layer
-# loop over them; kernels/argmax_cpu.c, greedy sampling's argmax) are built with it below.
+# loop over them; kernels/argmax_cpu.c, greedy sampling's argmax; kernels/greedy_head_cpu.c, the fp32
+# LM head's screened argmax) are built with it below.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -39,9 +40,9 @@ RUN pip install . \
     && python -c "import os; from executor.model_loader import default_model_path, resolve_model_dir; \
 os.symlink(resolve_model_dir(default_model_path()), '/opt/pagedserve/model')" \
     && python -c "from executor.model_loader import load_model; load_model('/opt/pagedserve/model', progress=False)" \
-    && python -c "from kernels import argmax_cpu, decoder_cpu, fused_cpu, linear_bf16_cpu, linear_cpu, ordered_matmul, \
-paged_attention_cpu; ordered_matmul.build(); paged_attention_cpu.build(); fused_cpu.build(); linear_cpu.build(); \
-linear_bf16_cpu.build(); decoder_cpu.build(); argmax_cpu.build()"
+    && python -c "from kernels import argmax_cpu, decoder_cpu, fused_cpu, greedy_head_cpu, linear_bf16_cpu, linear_cpu, \
+ordered_matmul, paged_attention_cpu; ordered_matmul.build(); paged_attention_cpu.build(); fused_cpu.build(); \
+linear_cpu.build(); linear_bf16_cpu.build(); decoder_cpu.build(); argmax_cpu.build(); greedy_head_cpu.build()"
 
 WORKDIR /opt/pagedserve
 EXPOSE 8000 5557 5560

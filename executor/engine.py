@@ -8,7 +8,8 @@ Per step:
    preempted by recompute, ones larger than the whole pool fail);
 4. the model runner (:mod:`executor.model_runner`) carries out the step's copy/swap operations
    and runs the model on the flattened batch, reading and writing exactly the granted blocks;
-5. sequences whose prompt is complete sample one token and are checked for EOS / max_tokens;
+5. sequences whose prompt is complete sample one token and are checked for EOS / max_tokens
+   (plain greedy ones from the runner's argmax alone, :meth:`ModelRunner.greedy_tokens`);
    n > 1 completions and beams fork and drop sequences (:mod:`executor.sequence_group`).
 """
 
@@ -27,7 +28,7 @@ from executor.config import token_budget
 from executor.model_runner import ModelRunner
 from executor.outputs import RequestOutput, StepRecord, output_of
 from executor.request import Request, SamplingParams, Status, build_request
-from executor.sampler import sample_with_logprobs
+from executor.sampler import SamplerOutput, sample_with_logprobs, takes_raw_argmax
 from executor.scheduler import Scheduler
 from executor.sequence_group import SequenceGroups
 
@@ -247,7 +248,7 @@ class Engine:
 
     def _run(self, batch: list[tuple[Request, int]]) -> list[RequestOutput]:
         """Run the model on the batch, then sample (or score beams) where a prompt is complete."""
-        finishing, logits = self.runner.execute(batch)
+        finishing, hidden = self.runner.execute(batch)
         for req, n in batch:
             req.num_computed_tokens += n
         if not finishing:
@@ -257,20 +258,21 @@ class Engine:
         sample_rows = [k for k, r in enumerate(reqs) if not self.groups.is_beam(r.request_id)]
         outputs = []
         if sample_rows:
-            rows = logits if len(sample_rows) == len(reqs) else logits[sample_rows]
+            rows = hidden if len(sample_rows) == len(reqs) else hidden[sample_rows]
             outputs += self._sample_and_append([reqs[k] for k in sample_rows], rows)
-        for group in self.groups.offer([reqs[k] for k in beam_rows], logits[beam_rows]):
-            outputs += self._beam_step(group)
+        if beam_rows:
+            for group in self.groups.offer([reqs[k] for k in beam_rows], self.runner.logits(hidden[beam_rows])):
+                outputs += self._beam_step(group)
         return outputs
 
-    def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
-        """Sample one token per request (rows of ``logits``), fork n > 1 completions, check stops."""
+    def _sample_and_append(self, reqs: list[Request], hidden: torch.Tensor) -> list[RequestOutput]:
+        """Sample one token per request (rows of ``hidden``), fork n > 1 completions, check stops."""
         new_children = self.groups.make_children(reqs)
         if new_children:
             # Each child samples its first token from its parent's last-prompt logits.
             row_of = {r.request_id: k for k, r in enumerate(reqs)}
-            logits = torch.cat([logits, logits[[row_of[c.parent_id] for c in new_children]]])
-        picked = sample_with_logprobs(logits, reqs + new_children, self.eos_token_ids)
+            hidden = torch.cat([hidden, hidden[[row_of[c.parent_id] for c in new_children]]])
+        picked = self._pick(reqs + new_children, hidden)
         tokens, entries = picked.token_ids, picked.logprobs
         outputs = [self._append_token(req, token, entry) for req, token, entry in zip(reqs, tokens, entries)]
         for child, token, entry in zip(new_children, tokens[len(reqs):], entries[len(reqs):]):
@@ -283,6 +285,24 @@ class Engine:
                 # finished in this very step.
                 self._run_fork(child.parent_id, child)
         return outputs
+
+    def _pick(self, reqs: list[Request], hidden: torch.Tensor) -> SamplerOutput:
+        """The sampler's answer for each request (row of ``hidden``): the plain greedy rows from the
+        runner's argmax alone where it has a cheaper one than the whole logits, the rest sampled."""
+        plain = [i for i, r in enumerate(reqs) if takes_raw_argmax(r)] if self.runner.greedy_head is not None else []
+        if not plain:
+            return sample_with_logprobs(self.runner.logits(hidden), reqs, self.eos_token_ids)
+        if len(plain) == len(reqs):
+            return SamplerOutput(self.runner.greedy_tokens(hidden), [None] * len(reqs))
+        plain_set = set(plain)
+        rest = [i for i in range(len(reqs)) if i not in plain_set]
+        sampled = sample_with_logprobs(self.runner.logits(hidden[rest]), [reqs[i] for i in rest], self.eos_token_ids)
+        tokens, entries = [0] * len(reqs), [None] * len(reqs)
+        for i, t in zip(plain, self.runner.greedy_tokens(hidden[plain])):
+            tokens[i] = t
+        for k, i in enumerate(rest):
+            tokens[i], entries[i] = sampled.token_ids[k], sampled.logprobs[k]
+        return SamplerOutput(tokens, entries)
 
     def _run_fork(self, source_id: str, child: Request) -> None:
         """Run ``child`` from now on, sharing ``source_id``'s blocks through a fork at the next step."""

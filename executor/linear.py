@@ -139,10 +139,7 @@ class Linear(nn.Linear):
         w = self.weight
         dtype = x.dtype
         if dtype is w.dtype and dtype in PACKED_DTYPES and x.is_cpu and x.dim() == 2 and not torch.is_grad_enabled():
-            pack = self._pack
-            # A dropped weight (meta) cannot change, so its pack stays valid.
-            if not w.is_meta and (pack is None or self._pack_key != (w.data_ptr(), w._version)):
-                pack = self._repack()
+            pack = self.packed()  # a dropped weight (meta) cannot change, so its pack stays valid
             rows = x.shape[0]
             if pack is not None and rows > 0:
                 kind = type(pack)
@@ -154,6 +151,14 @@ class Linear(nn.Linear):
                     return _LINEAR_POINTWISE(x.expand(2, -1), pack, self.bias, "none", [], "")[:1]
                 return _LINEAR_POINTWISE(x, pack, self.bias, "none", [], "")
         return F.linear(x, self.plain_weight(), self.bias)
+
+    def packed(self) -> torch.Tensor | linear_cpu.PackedWeight | linear_bf16_cpu.PackedWeight | None:
+        """The weight's current pack (repacked first if the weight changed since), or None where it is
+        not packed (see :meth:`forward`)."""
+        w = self.weight
+        if not w.is_meta and self._pack_key != (w.data_ptr(), w._version):
+            return self._repack()
+        return self._pack
 
     def plain_weight(self) -> torch.Tensor:
         """The ``[out_features, in_features]`` weight; unpacked into a new tensor when it was dropped."""

@@ -6,8 +6,11 @@ In a step the engine calls it twice, after the block manager has answered:
    ordered, so every block holds what the step's block tables say it holds;
 2. :meth:`ModelRunner.execute` flattens the batch's new tokens, builds the attention metadata
    (positions, slot mapping, block table, sequence lengths), runs the forward pass, and returns the
-   next-token logits of the sequences whose prompt is complete; on the way it extends the prompt
-   log-probabilities of the requests that asked for them.
+   last hidden state of each sequence whose prompt is complete; on the way it extends the prompt
+   log-probabilities of the requests that asked for them. The engine then asks for the logits
+   (:meth:`ModelRunner.logits`) of the rows the sampler needs, and for the plain greedy rows only
+   the argmax (:meth:`ModelRunner.greedy_tokens`), which an fp32 CPU model gets without most of
+   the logits (:mod:`kernels.greedy_head_cpu`).
 
 The runner never chooses a block: every block id it reads or writes comes from a block table the
 block manager granted (the seat of vLLM v1's GPU model runner and of nano-vllm's ``ModelRunner``).
@@ -28,9 +31,11 @@ from executor.attention import (
     runs_compiled_cpu_attention,
 )
 from executor.cost_probe import measure_cost_model
+from executor.linear import Linear
 from executor.request import Request
 from executor.sampler import PROMPT_LOGPROB_ROWS, prompt_logprob_entries
-from kernels import argmax_cpu, fused_cpu
+from kernels import argmax_cpu, fused_cpu, greedy_head_cpu, linear_cpu
+from kernels.argmax_cpu import argmax_rows
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +141,9 @@ class ModelRunner:
         cost: what the block manager's swap-or-recompute decision needs
             (:func:`executor.cost_probe.measure_cost_model`), measured at start-up when swapping
             is on; else empty.
+        greedy_head: the screened argmax of the LM head (:class:`kernels.greedy_head_cpu.GreedyHead`)
+            where it runs: an fp32 model on a CPU with AVX512-BF16 or AMX whose LM head is on
+            :mod:`kernels.linear_cpu`; else None (:meth:`greedy_tokens` takes the argmax of the logits).
     """
 
     def __init__(self, model, num_blocks: int, block_size: int, num_cpu_blocks: int = 0,
@@ -155,6 +163,22 @@ class ModelRunner:
         if self.device.type == "cpu":
             fused_cpu.backend()  # builds the layers' C library now, not in the first request
         argmax_cpu.backend()  # greedy sampling's too (it runs on the CPU for every device)
+        self.greedy_head = self._build_greedy_head(dtype)
+        if self.greedy_head is not None:
+            logger.info("greedy sampling: the LM head's argmax screened in bf16, candidates confirmed in fp32 "
+                        "(kernels/greedy_head_cpu.c; %s=torch turns it off)", greedy_head_cpu.ENV_VAR)
+
+    def _build_greedy_head(self, dtype: torch.dtype) -> greedy_head_cpu.GreedyHead | None:
+        lm_head = getattr(self.model, "lm_head", None)
+        if not (self.device.type == "cpu" and dtype is torch.float32 and isinstance(lm_head, Linear)
+                and lm_head.weight.dtype is torch.float32 and lm_head.bias is None and greedy_head_cpu.available()):
+            return None
+        pack = lm_head.packed()
+        if type(pack) is not linear_cpu.PackedWeight:
+            return None
+        kept = None if lm_head.weight.is_meta else lm_head.weight.detach()  # tied embeddings keep it
+        with torch.no_grad():
+            return greedy_head_cpu.GreedyHead(lm_head.plain_weight().detach(), pack, kept)
 
     def prepare_inputs(self, batch: list[ScheduledSeq]) -> ModelInputs:
         """The model's inputs for ``batch`` (see :class:`ModelInputs`).
@@ -193,22 +217,38 @@ class ModelRunner:
         """Run the forward pass over ``batch``; the sequences' ``num_computed_tokens`` are left to the caller.
 
         Returns:
-            ``(finishing, logits)``: the indices into ``batch`` of the sequences whose whole prompt
-            is in the cache after this step (only they get a next token), and their next-token
-            logits ``[len(finishing), vocab_size]`` on the CPU in the model's dtype (None when there
-            are none; the sampler and beam search widen them to fp32, exactly, where they need to).
+            ``(finishing, hidden)``: the indices into ``batch`` of the sequences whose whole prompt
+            is in the cache after this step (only they get a next token), and their last positions'
+            final hidden states ``[len(finishing), hidden_size]`` (on the model's device, in its
+            dtype; None when there are none), for :meth:`logits` and :meth:`greedy_tokens`.
         """
         inputs = self.prepare_inputs(batch)
         q_starts = inputs.query_starts
         finishing = [i for i, (req, n) in enumerate(batch) if req.num_computed_tokens + n == req.num_tokens]
-        logits = None
+        last = None
         with torch.inference_mode():
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv.layers, inputs.meta)
             if finishing:
-                last_rows = torch.tensor([q_starts[i + 1] - 1 for i in finishing], device=self.device)
-                logits = self.model.compute_logits(hidden[last_rows]).cpu()
+                last = hidden[torch.tensor([q_starts[i + 1] - 1 for i in finishing], device=self.device)]
             self._collect_prompt_logprobs(batch, hidden, q_starts)
-        return finishing, logits
+        return finishing, last
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[n, vocab_size]`` of rows of :meth:`execute`'s ``hidden``, on the CPU in the
+        model's dtype (the sampler and beam search widen them to fp32, exactly, where they need to)."""
+        with torch.inference_mode():
+            return self.model.compute_logits(hidden).cpu()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
+        """Each row's first largest logit, ``argmax_rows(self.logits(hidden))``: the same ints, from the
+        screened head (:attr:`greedy_head`) where it runs."""
+        head = self.greedy_head
+        if head is not None and head.pack is not self.model.lm_head.packed():
+            head = self.greedy_head = self._build_greedy_head(torch.float32)  # the LM head's weight changed
+        if head is None:
+            return argmax_rows(self.logits(hidden))
+        with torch.inference_mode():
+            return head.tokens(hidden)
 
     def _collect_prompt_logprobs(self, batch: list[ScheduledSeq], hidden: torch.Tensor,
                                  q_starts: list[int]) -> None:

@@ -137,6 +137,16 @@ def sample_with_logprobs(
     return SamplerOutput(token_list, entries)
 
 
+def takes_raw_argmax(request: Request) -> bool:
+    """Whether :func:`sample_with_logprobs` picks this request's next token as the argmax of its raw
+    logits and reports nothing else: greedy, no log-probabilities, no penalty, ``logit_bias`` or
+    pending ``min_tokens``. Then only the argmax is needed, not the logits
+    (:meth:`executor.model_runner.ModelRunner.greedy_tokens`)."""
+    p = request.params
+    return (p.temperature < GREEDY_BELOW and p.logprobs is None and not _penalized(p) and not p.logit_bias
+            and len(request.output_token_ids) >= p.min_tokens)
+
+
 def _penalized(p) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
