@@ -106,30 +106,43 @@ class Bound:
                    abs_err=(4 * k + 64) * 2.0**-126 * max(1.0, w_abs_max))
 
 
+#: Rows of the weight processed at a time at start-up: temporaries of a few MB, not of the
+#: vocabulary's size (which would stay in the process's peak resident memory).
+_SLICE = 1024
+
+
 def _norms_up(rows: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of every row of ``rows`` ``[N, K]`` (fp32), computed in fp64 and rounded up to fp32
-    (never below the true norm). In slices: an fp64 copy of a vocabulary's weight would double the
-    start-up's peak memory."""
-    out = torch.empty(rows.shape[0], dtype=torch.float32)
-    inf = torch.tensor(float("inf"))
-    for i in range(0, rows.shape[0], 8192):
-        exact = torch.linalg.vector_norm(rows[i : i + 8192].double(), dim=1)
-        rounded = exact.float()
-        out[i : i + 8192] = torch.where(rounded.double() < exact, torch.nextafter(rounded, inf), rounded)
-    return out
+    """The L2 norm of every row of ``rows`` ``[n, K]``, computed in fp64 and rounded up to fp32 (never
+    below the true norm)."""
+    exact = torch.linalg.vector_norm(rows.double(), dim=1)
+    rounded = exact.float()
+    return torch.where(rounded.double() < exact, torch.nextafter(rounded, torch.tensor(float("inf"))), rounded)
 
 
-def bf16_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(W', ||W'_v||, ||W_v - W'_v||)``: ``weight`` rounded to bf16 (to nearest even) with values
-    below ``2^-126`` flushed to zero (as the bf16 kernel reads them), and the row norms the screen
-    needs, rounded up. ``weight``: ``[N, K]`` fp32."""
-    wb = weight.detach().to(torch.bfloat16)
-    wb[wb.abs() < 2.0**-126] = 0
-    norms = _norms_up(wb.float())
-    deltas = torch.empty_like(norms)
-    for i in range(0, weight.shape[0], 8192):
-        deltas[i : i + 8192] = _norms_up(weight[i : i + 8192].detach() - wb[i : i + 8192].float())
-    return wb, norms, deltas
+def bf16_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``(W', ||W'_v||, ||W_v - W'_v||, max |W|)`` for the fp32 ``weight`` ``[N, K]``: ``W'`` its bf16
+    rounding (to nearest even) with values below ``2^-126`` flushed to zero (as the bf16 kernel reads
+    them), the row norms the screen needs rounded up, and the largest magnitude.
+
+    Raises:
+        ValueError: a NaN or inf in ``weight`` (no bound holds).
+    """
+    n = weight.shape[0]
+    wb = torch.empty(weight.shape, dtype=torch.bfloat16)
+    norms, deltas = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+    largest = 0.0
+    with torch.no_grad():
+        for i in range(0, n, _SLICE):
+            w = weight[i : i + _SLICE]
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError("the LM head's weight holds a NaN or inf: no bound holds")
+            largest = max(largest, float(w.abs().max()))
+            b = w.to(torch.bfloat16)
+            b[b.abs() < 2.0**-126] = 0
+            wb[i : i + _SLICE] = b
+            norms[i : i + _SLICE] = _norms_up(b.float())
+            deltas[i : i + _SLICE] = _norms_up(w - b.float())
+    return wb, norms, deltas, largest
 
 
 def screen(hidden: torch.Tensor, approx: torch.Tensor, w_norm: torch.Tensor, dw_norm: torch.Tensor,
@@ -212,13 +225,12 @@ class GreedyHead:
                                f"compiled linear kernels; {ENV_VAR}=torch turns it off)")
         if tuple(weight.shape) != (pack.out_features, pack.in_features):
             raise ValueError(f"weight {tuple(weight.shape)} is not the pack's ({pack.out_features}, {pack.in_features})")
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError("the LM head's weight holds a NaN or inf: no bound holds")
         self.pack = pack
         self.rows = rows if rows is not None and rows.stride(-1) == 1 else None
-        wb, self.w_norm, self.dw_norm = bf16_weight(weight)
+        wb, self.w_norm, self.dw_norm, largest = bf16_weight(weight)
         self.approx = linear_bf16_cpu.PackedWeight(wb)
-        self.bound = Bound.for_rows(weight.shape[1], float(weight.detach().abs().max()))
+        del wb
+        self.bound = Bound.for_rows(weight.shape[1], largest)
         self.exact_logits = 0
         self.rows_left_over = 0
 

@@ -29,8 +29,8 @@ class Head:
     def __init__(self, w: torch.Tensor):
         self.w = w.contiguous()
         self.pack = linear_cpu.PackedWeight(self.w)
-        self.wb, self.norm, self.dnorm = bf16_weight(self.w)
-        self.bound = Bound.for_rows(w.shape[1], float(w.abs().max()))
+        self.wb, self.norm, self.dnorm, largest = bf16_weight(self.w)
+        self.bound = Bound.for_rows(w.shape[1], largest)
 
     def approx(self, h: torch.Tensor) -> torch.Tensor:
         return (h.to(torch.bfloat16).float() @ self.wb.float().T).to(torch.bfloat16)
