@@ -256,23 +256,33 @@ class Engine:
         reqs = [batch[i][0] for i in finishing]
         beam_rows = [k for k, r in enumerate(reqs) if self.groups.is_beam(r.request_id)]
         sample_rows = [k for k, r in enumerate(reqs) if not self.groups.is_beam(r.request_id)]
+        # Without the screened head, every row's logits come from one product (as before it existed:
+        # a product whose rows depend on the batch then gives the same bits as ever).
+        logits = self.runner.logits(hidden) if self.runner.greedy_head is None else None
         outputs = []
         if sample_rows:
-            rows = hidden if len(sample_rows) == len(reqs) else hidden[sample_rows]
-            outputs += self._sample_and_append([reqs[k] for k in sample_rows], rows)
+            whole = len(sample_rows) == len(reqs)
+            outputs += self._sample_and_append([reqs[k] for k in sample_rows],
+                                               hidden if whole else hidden[sample_rows],
+                                               logits if whole or logits is None else logits[sample_rows])
         if beam_rows:
-            for group in self.groups.offer([reqs[k] for k in beam_rows], self.runner.logits(hidden[beam_rows])):
+            rows = logits[beam_rows] if logits is not None else self.runner.logits(hidden[beam_rows])
+            for group in self.groups.offer([reqs[k] for k in beam_rows], rows):
                 outputs += self._beam_step(group)
         return outputs
 
-    def _sample_and_append(self, reqs: list[Request], hidden: torch.Tensor) -> list[RequestOutput]:
-        """Sample one token per request (rows of ``hidden``), fork n > 1 completions, check stops."""
+    def _sample_and_append(self, reqs: list[Request], hidden: torch.Tensor,
+                           logits: torch.Tensor | None) -> list[RequestOutput]:
+        """Sample one token per request (rows of ``hidden``, and of ``logits`` unless None: computed
+        here as needed), fork n > 1 completions, check stops."""
         new_children = self.groups.make_children(reqs)
         if new_children:
             # Each child samples its first token from its parent's last-prompt logits.
             row_of = {r.request_id: k for k, r in enumerate(reqs)}
-            hidden = torch.cat([hidden, hidden[[row_of[c.parent_id] for c in new_children]]])
-        picked = self._pick(reqs + new_children, hidden)
+            parents = [row_of[c.parent_id] for c in new_children]
+            hidden = torch.cat([hidden, hidden[parents]])
+            logits = None if logits is None else torch.cat([logits, logits[parents]])
+        picked = self._pick(reqs + new_children, hidden, logits)
         tokens, entries = picked.token_ids, picked.logprobs
         outputs = [self._append_token(req, token, entry) for req, token, entry in zip(reqs, tokens, entries)]
         for child, token, entry in zip(new_children, tokens[len(reqs):], entries[len(reqs):]):
@@ -286,10 +296,12 @@ class Engine:
                 self._run_fork(child.parent_id, child)
         return outputs
 
-    def _pick(self, reqs: list[Request], hidden: torch.Tensor) -> SamplerOutput:
-        """The sampler's answer for each request (row of ``hidden``): the plain greedy rows from the
-        runner's argmax alone where it has a cheaper one than the whole logits, the rest sampled."""
-        plain = [i for i, r in enumerate(reqs) if takes_raw_argmax(r)] if self.runner.greedy_head is not None else []
+    def _pick(self, reqs: list[Request], hidden: torch.Tensor, logits: torch.Tensor | None) -> SamplerOutput:
+        """The sampler's answer for each request (row of ``hidden``): from ``logits`` when given; else
+        the plain greedy rows from the runner's screened argmax alone, the rest sampled from their logits."""
+        if logits is not None:
+            return sample_with_logprobs(logits, reqs, self.eos_token_ids)
+        plain = [i for i, r in enumerate(reqs) if takes_raw_argmax(r)]
         if not plain:
             return sample_with_logprobs(self.runner.logits(hidden), reqs, self.eos_token_ids)
         if len(plain) == len(reqs):

@@ -176,9 +176,12 @@ class ModelRunner:
         pack = lm_head.packed()
         if type(pack) is not linear_cpu.PackedWeight:
             return None
-        kept = None if lm_head.weight.is_meta else lm_head.weight.detach()  # tied embeddings keep it
-        with torch.no_grad():
-            return greedy_head_cpu.GreedyHead(lm_head.plain_weight().detach(), pack, kept)
+        try:
+            with torch.no_grad():
+                return greedy_head_cpu.GreedyHead(lm_head.plain_weight().detach(), pack)
+        except ValueError as exc:  # a NaN or inf in the weight: the argmax of the logits, as without it
+            logger.warning("greedy sampling takes the argmax of the whole logits: %s", exc)
+            return None
 
     def prepare_inputs(self, batch: list[ScheduledSeq]) -> ModelInputs:
         """The model's inputs for ``batch`` (see :class:`ModelInputs`).

@@ -13,26 +13,27 @@
  * 2002), ch. 2-3 (a sum of n terms in any order is off by at most gamma_n = n u / (1 - n u) times
  * the sum of their magnitudes; a rounding to nearest by at most u times the rounded value):
  *
- *   |x_v - h.W_v|    <= g_exact  ||h|| ||W_v||         (the fmaf chain; ||W_v|| <= (1 + u_bf16) ||W'_v||)
+ *   |x_v - h.W_v|    <= g_exact ||h|| ||W_v|| <= g_exact ||h|| (||W'_v|| + ||DW_v||)   (the fmaf chain)
  *   |h.W_v - h'.W'_v| = |h.DW_v + Dh.W'_v| <= ||h|| ||DW_v|| + ||Dh|| ||W'_v||   (exact identity, Cauchy-Schwarz)
  *   |h'.W'_v - s_v|  <= g_approx ||h'|| ||W'_v||
  *   |s_v - a_v|      <= u_bf16 |a_v|
  *
  * so |x_v - a_v| <= b_v = c1 ||DW_v|| + c2 ||W'_v|| + c3 |a_v| + abs_err, with per row
- * c1 = ||h||, c2 = ||Dh|| + g_exact (1 + u_bf16) ||h|| + g_approx ||h'||, c3 = u_bf16 (each taken 1%
- * larger for the norms' own rounding); abs_err covers the denormals the bf16 kernel flushes.
+ * c1 = (1 + g_exact) ||h||, c2 = ||Dh|| + g_exact ||h|| + g_approx ||h'||, c3 = u_bf16 (each taken
+ * 1% larger, which also covers the norms' own rounding); abs_err covers the denormals the bf16
+ * kernel flushes. A bf16 value below 2^-126, which that kernel takes as zero, is taken as zero here
+ * too (and the caller flushes W' the same way), so DW and Dh hold what the flushing lost.
  * Every x_v lies in [a_v - b_v, a_v + b_v], the largest logit is at least L = max_v (a_v - b_v), and
  * only a token with a_v + b_v >= L can be the argmax (for every u, x_v = max >= x_u >= a_u - b_u).
  * The row is scanned twice (L, then the tokens that pass), the few that pass get their exact fp32
- * logit, and the first largest of those wins: the same token as over all logits, since every
- * token at the maximum passed.
+ * logit from linear_cpu's pack, and the first largest of those wins: the same token as over all
+ * logits, since every token at the maximum passed.
  *
  * The scans compute b_v and a_v -+ b_v in fp32, whose rounding the threshold allows for: each
- * value is off by at most 4 * 2^-24 (A + B), A = max |a_v| and B = max b_v, with A + B below
- * 1.02 (||h|| + ||Dh||) max ||W'_v||; the threshold is lowered by 16 * 2^-24 (||h|| + ||Dh||)
- * max ||W'_v|| (twice what the two scans need) and rounded down, which can only let more tokens
- * through. A bf16 value below 2^-126, which the bf16 kernel takes as zero, is taken as zero here too
- * (the caller flushes W' the same way).
+ * computed value is off by at most 4 * 2^-24 (|a_v| + b_v), and with M = max_v (||W'_v|| + ||DW_v||)
+ * (w_norm_max) both |a_v| and b_v are below 1.05 (||h|| + ||Dh||) M; the threshold is lowered by
+ * 32 * 2^-24 (||h|| + ||Dh||) M, more than the two scans need, and rounded down, which can only let
+ * more tokens through.
  *
  * Rows are split between OpenMP threads; each row is one thread's, so the split changes nothing.
  */
@@ -68,10 +69,8 @@ struct gh_args {
   int64_t approx_row;
   const float *w_norm;    /* [n]: ||W'_v||, rounded up */
   const float *dw_norm;   /* [n]: ||W_v - W'_v||, rounded up */
-  double w_norm_max;      /* the largest w_norm */
+  double w_norm_max;      /* at least max_v (w_norm[v] + dw_norm[v]) */
   const float *w;         /* linear_cpu's packed W: [ceil(n / NP)][k][NP] */
-  const float *w_rows;    /* the same W unpacked, [n][k] at row stride w_row, or NULL */
-  int64_t w_row;
   double g_exact, g_approx, u_bf16, abs_err; /* the bound's constants (see above) */
   int64_t max_exact;      /* more candidates than this in a row: left to the caller */
   int64_t threads;
@@ -121,21 +120,20 @@ INLINE float down(double x) { /* the largest float <= x */
   return (double)f > x ? nextafterf(f, -INFINITY) : f;
 }
 
-/* The fp32 logits of up to GROUP candidate columns v[0 .. count-1], each the fmaf chain over
- * ascending k from 0 (linear_cpu.c's order, so the same bits): the chains are independent, so they
- * are interleaved rather than run one after another on fmaf's latency. Each column is read from
- * the plain weight's row where the caller has it (contiguous), else from linear_cpu's panel. */
+/* The fp32 logits of up to GROUP candidate columns v[0 .. count-1] of linear_cpu's pack, each the
+ * fmaf chain over ascending k from 0 (linear_cpu.c's order, so the same bits): the chains are
+ * independent, so they are interleaved rather than run one after another on fmaf's latency. */
 INLINE void exact_logits(const struct gh_args *a, const float *h, const int64_t *v, int count, float *out) {
-  const int64_t K = a->k, step = a->w_rows ? 1 : NP;
+  const int64_t K = a->k;
   const float *col[GROUP];
   for (int j = 0; j < GROUP; j++) {
     const int64_t c = v[j < count ? j : 0];
-    col[j] = a->w_rows ? a->w_rows + c * a->w_row : a->w + (c / NP) * K * NP + c % NP;
+    col[j] = a->w + (c / NP) * K * NP + c % NP;
   }
   float acc[GROUP] = {0};
   for (int64_t i = 0; i < K; i++) {
     const float x = h[i];
-    for (int j = 0; j < GROUP; j++) acc[j] = fmaf(x, col[j][i * step], acc[j]);
+    for (int j = 0; j < GROUP; j++) acc[j] = fmaf(x, col[j][i * NP], acc[j]);
   }
   for (int j = 0; j < count; j++) out[j] = acc[j];
 }
@@ -159,8 +157,8 @@ INLINE int64_t screen_row(const struct gh_args *a, const float *h, const uint16_
   }
   const double hn = sqrt(hh), dn = sqrt(dd), pn = sqrt(pp);
   if (!((hn + dn) * a->w_norm_max <= MAGNITUDE_LIMIT)) return -1; /* also a NaN or inf in h */
-  const float c1f = up(1.01 * hn);
-  const float c2f = up(1.01 * (dn + a->g_exact * (1.0 + a->u_bf16) * hn + a->g_approx * pn));
+  const float c1f = up(1.01 * (1.0 + a->g_exact) * hn);
+  const float c2f = up(1.01 * (dn + a->g_exact * hn + a->g_approx * pn));
   const float c3f = up(1.01 * a->u_bf16);
   const vf c1 = (vf){0} + c1f, c2 = (vf){0} + c2f, c3 = (vf){0} + c3f;
 
@@ -188,7 +186,7 @@ INLINE int64_t screen_row(const struct gh_args *a, const float *h, const uint16_
     if (t > lo) lo = t;
   }
   if (any_nan || !isfinite(lo)) return -1;
-  const double margin = 16.0 * 0x1p-24 * (hn + dn) * a->w_norm_max + 2.0 * a->abs_err;
+  const double margin = 32.0 * 0x1p-24 * (hn + dn) * a->w_norm_max + 2.0 * a->abs_err;
   const float th = down((double)lo - margin);
 
   /* Pass 2: the candidates, in ascending order. */
@@ -233,7 +231,8 @@ INLINE int64_t screen_row(const struct gh_args *a, const float *h, const uint16_
   return token;
 }
 
-/* tokens[r] for every row r (see the top of the file); 0, or 1 when memory ran out (nothing done). */
+/* tokens[r] for every row r (see the top of the file); 0, or 1 when memory ran out (nothing done).
+ * max_exact >= 1 (the caller checks). */
 CLONES int64_t greedy_head_cpu(const struct gh_args *a) {
   const int64_t threads = a->m > 1 ? a->threads : 1, room = a->max_exact > 0 ? a->max_exact : 1;
   int64_t *cand = malloc(sizeof(int64_t) * room * threads);

@@ -55,7 +55,7 @@ class GreedyHeadArgs(ctypes.Structure):
         ("h", ctypes.c_void_p), ("h_row", ctypes.c_int64),
         ("approx", ctypes.c_void_p), ("approx_row", ctypes.c_int64),
         ("w_norm", ctypes.c_void_p), ("dw_norm", ctypes.c_void_p), ("w_norm_max", ctypes.c_double),
-        ("w", ctypes.c_void_p), ("w_rows", ctypes.c_void_p), ("w_row", ctypes.c_int64),
+        ("w", ctypes.c_void_p),
         ("g_exact", ctypes.c_double), ("g_approx", ctypes.c_double), ("u_bf16", ctypes.c_double),
         ("abs_err", ctypes.c_double),
         ("max_exact", ctypes.c_int64), ("threads", ctypes.c_int64),
@@ -146,8 +146,7 @@ def bf16_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def screen(hidden: torch.Tensor, approx: torch.Tensor, w_norm: torch.Tensor, dw_norm: torch.Tensor,
-           pack: linear_cpu.PackedWeight, bound: Bound, max_exact: int = MAX_EXACT,
-           rows: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
+           pack: linear_cpu.PackedWeight, bound: Bound, max_exact: int = MAX_EXACT) -> tuple[list[int], list[int]]:
     """The screen alone, on given approximate logits (:class:`GreedyHead` feeds it its own).
 
     Args:
@@ -158,16 +157,14 @@ def screen(hidden: torch.Tensor, approx: torch.Tensor, w_norm: torch.Tensor, dw_
         w_norm, dw_norm: ``[N]`` fp32 contiguous, at least ``||W'_v||`` and ``||W_v - W'_v||``.
         pack: the fp32 weight ``W`` as :mod:`kernels.linear_cpu` packed it (its logits are the reference).
         bound: the error bound's constants for ``K``-term rows.
-        max_exact: a row with more candidates is left over.
-        rows: ``W`` unpacked (``[N, K]`` fp32, stride 1 in ``K``), or None: the exact logits then
-            read each column from the pack (strided) rather than a contiguous row.
+        max_exact: a row with more candidates is left over (at least 1).
 
     Returns:
         ``(tokens, exact)``: per row the argmax of the fp32 logits, or -1 where the row is left to
         the caller; and how many fp32 logits the row computed (0 for one left over).
 
     Raises:
-        ValueError: shapes, dtypes or strides other than the above.
+        ValueError: shapes, dtypes or strides other than the above, or ``max_exact < 1``.
         RuntimeError: the kernel is not built here.
         MemoryError: no memory for the candidates' list.
     """
@@ -183,16 +180,13 @@ def screen(hidden: torch.Tensor, approx: torch.Tensor, w_norm: torch.Tensor, dw_
         raise ValueError(f"expected hidden [M, {pack.in_features}] fp32, approx [M, {n}] bf16, w_norm and dw_norm [{n}] fp32 "
                          f"(stride 1 in the last dimension), got {tuple(hidden.shape)} {hidden.dtype}, "
                          f"{tuple(approx.shape)} {approx.dtype}, {tuple(w_norm.shape)} {w_norm.dtype}")
-    if rows is not None and (rows.dtype is not torch.float32 or tuple(rows.shape) != (n, k) or rows.stride(1) != 1):
-        raise ValueError(f"rows must be the [{n}, {k}] fp32 weight with stride 1 in its last dimension, got "
-                         f"{tuple(rows.shape)} {rows.dtype}")
+    if max_exact < 1:
+        raise ValueError(f"max_exact must be at least 1, got {max_exact}")
     tokens = torch.empty(m, dtype=torch.int64)
     exact = torch.empty(m, dtype=torch.int64)
     args = GreedyHeadArgs(m=m, k=k, n=n, h=hidden.data_ptr(), h_row=hidden.stride(0), approx=approx.data_ptr(),
                           approx_row=approx.stride(0), w_norm=w_norm.data_ptr(), dw_norm=dw_norm.data_ptr(),
-                          w_norm_max=float(w_norm.max()),
-                          w=pack.panels.data_ptr(), w_rows=None if rows is None else rows.data_ptr(),
-                          w_row=0 if rows is None else rows.stride(0), g_exact=bound.g_exact, g_approx=bound.g_approx,
+                          w_norm_max=float((w_norm + dw_norm).max()), w=pack.panels.data_ptr(), g_exact=bound.g_exact, g_approx=bound.g_approx,
                           u_bf16=bound.u_bf16, abs_err=bound.abs_err, max_exact=max_exact,
                           threads=torch.get_num_threads(), tokens=tokens.data_ptr(), exact=exact.data_ptr())
     if lib.greedy_head_cpu(ctypes.byref(args)):
@@ -205,10 +199,9 @@ class GreedyHead:
 
     Args:
         weight: the LM head's ``[N, K]`` fp32 weight (read once: its bf16 copy and row norms are kept).
-        pack: the same weight as :mod:`kernels.linear_cpu` packed it (kept, not copied).
-        rows: ``weight`` itself when its owner keeps it anyway (tied embeddings): the candidates'
-            logits then read its contiguous rows (2.3 KB each for SmolLM2) instead of the pack's
-            strided columns (a 64-byte line per 4 bytes used). Kept, not copied; None: the pack.
+        pack: the same weight as :mod:`kernels.linear_cpu` packed it (kept, not copied): the
+            candidates' fp32 logits read it, so the answer is always that of the logits the pack
+            gives (a few KB of strided reads per candidate).
 
     Attributes:
         exact_logits: fp32 logits computed over all calls so far (for measurements).
@@ -219,14 +212,13 @@ class GreedyHead:
         RuntimeError: not :func:`available` here.
     """
 
-    def __init__(self, weight: torch.Tensor, pack: linear_cpu.PackedWeight, rows: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, pack: linear_cpu.PackedWeight):
         if not available():
             raise RuntimeError("the screened greedy head does not run here (it needs AVX512-BF16 or AMX and the "
                                f"compiled linear kernels; {ENV_VAR}=torch turns it off)")
         if tuple(weight.shape) != (pack.out_features, pack.in_features):
             raise ValueError(f"weight {tuple(weight.shape)} is not the pack's ({pack.out_features}, {pack.in_features})")
         self.pack = pack
-        self.rows = rows if rows is not None and rows.stride(-1) == 1 else None
         wb, self.w_norm, self.dw_norm, largest = bf16_weight(weight)
         self.approx = linear_bf16_cpu.PackedWeight(wb)
         del wb
@@ -250,7 +242,7 @@ class GreedyHead:
             raise ValueError(f"hidden must be [M, {self.pack.in_features}] fp32 with stride 1 in its last "
                              f"dimension, got {tuple(hidden.shape)} {hidden.dtype}")
         approx = linear_bf16_cpu.linear(hidden.to(torch.bfloat16), self.approx)
-        tokens, exact = screen(hidden, approx, self.w_norm, self.dw_norm, self.pack, self.bound, rows=self.rows)
+        tokens, exact = screen(hidden, approx, self.w_norm, self.dw_norm, self.pack, self.bound)
         self.exact_logits += sum(exact)
         left = [i for i, t in enumerate(tokens) if t < 0]
         if left:

@@ -80,3 +80,39 @@ def test_only_plain_greedy_requests_skip_the_logits():
     for kw in ({"temperature": 0.7}, {"temperature": 0, "logprobs": 0}, {"temperature": 0, "presence_penalty": 0.5},
                {"temperature": 0, "logit_bias": [[5, 1.0]]}, {"temperature": 0, "min_tokens": 1}):
         assert not takes_raw_argmax(req(**kw)), kw
+
+
+def _tiny_runner(weight: torch.Tensor):
+    from types import SimpleNamespace
+
+    from executor.linear import Linear
+    from executor.model_runner import ModelRunner
+
+    lm_head = Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        lm_head.weight.copy_(weight)
+    model = SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=2, lm_head=lm_head, compute_logits=lm_head)
+    return ModelRunner(model, num_blocks=4, block_size=4), lm_head
+
+
+def test_a_changed_weight_rebuilds_the_head():
+    g = torch.Generator().manual_seed(2)
+    runner, lm_head = _tiny_runner(torch.randn(3000, 32, generator=g))
+    first = runner.greedy_head
+    h = torch.randn(4, 32, generator=g)
+    assert runner.greedy_tokens(h) == argmax_rows(runner.logits(h))
+    with torch.no_grad():
+        lm_head.weight[1234] = h[0] * 10  # in place: a new version of the same tensor
+    assert runner.greedy_tokens(h) == argmax_rows(runner.logits(h))
+    assert runner.greedy_tokens(h)[0] == 1234 and runner.greedy_head is not first
+
+
+def test_a_weight_it_cannot_bound_falls_back_to_the_logits(caplog):
+    w = torch.randn(300, 16)
+    w[7, 3] = float("nan")
+    with caplog.at_level("WARNING", logger="executor.model_runner"):
+        runner, _ = _tiny_runner(w)
+    assert runner.greedy_head is None
+    assert "argmax of the whole logits" in caplog.text
+    h = torch.randn(3, 16)
+    assert runner.greedy_tokens(h) == argmax_rows(runner.logits(h)) == [7, 7, 7]  # the first NaN wins
