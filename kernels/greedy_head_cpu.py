@@ -14,14 +14,16 @@ The token is the fp32 path's bit for bit: ``argmax_rows(linear_cpu.linear(h, W))
 equal maxima. A row the screen cannot vouch for (a NaN or inf, a magnitude near fp32's range,
 more than :data:`MAX_EXACT` candidates) is computed the old way, whole.
 
-The bound, per token ``v`` and row ``h`` (:func:`relative_error_bound`): the bf16 roundings of
-``h`` and ``W_v`` (relative ``2^-8`` each, round to nearest even), the fp32 sums of either product
-in any order (``K u / (1 - K u)`` of ``sum |h_i W_vi|``; Higham, "Accuracy and Stability of
-Numerical Algorithms", 2nd ed., 2002, ch. 3) and the bf16 rounding of the approximate logit, all
-over ``sum |h_i W_vi| <= ||h|| ||W_v||`` (Cauchy-Schwarz), plus an absolute term for the bf16
-kernel's flushed denormals.
+The bound, per token ``v`` and row ``h`` (:class:`Bound` holds its constants; the C file derives
+it): the bf16 roundings of ``h`` and ``W_v`` enter through the exact identity
+``h.W_v - h'.W'_v = h.(W_v - W'_v) + (h - h').W'_v`` and Cauchy-Schwarz (the norms of what the
+roundings lost, per row and per token), the fp32 sums of either product in any order through
+``gamma_n = n u / (1 - n u)`` (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed.,
+2002, ch. 3), the bf16 rounding of the approximate logit through ``2^-8`` of it, plus an absolute
+term for the bf16 kernel's flushed denormals.
 
-Costs a bf16 copy of the LM head's weight (57 MB for SmolLM2) beside the fp32 pack. Runs where
+Costs a bf16 copy of the LM head's weight (57 MB for SmolLM2) beside the fp32 pack, whose columns
+the candidates' fp32 logits read. Runs where
 this kernel, :mod:`kernels.linear_cpu` and :mod:`kernels.linear_bf16_cpu` all run (:func:`available`);
 ``PAGEDSERVE_GREEDY_HEAD_CPU=torch`` turns it off (the sampler's full-logits argmax then).
 """
