@@ -24,7 +24,7 @@
  * kernel flushes. A bf16 value below 2^-126, which that kernel takes as zero, is taken as zero here
  * too (and the caller flushes W' the same way), so DW and Dh hold what the flushing lost.
  * Every x_v lies in [a_v - b_v, a_v + b_v], the largest logit is at least L = max_v (a_v - b_v), and
- * only a token with a_v + b_v >= L can be the argmax (for every u, x_v = max >= x_u >= a_u - b_u).
+ * only a token with a_v + b_v >= L can be the argmax (for every token t, x_v = max >= x_t >= a_t - b_t).
  * The row is scanned twice (L, then the tokens that pass), the few that pass get their exact fp32
  * logit from linear_cpu's pack, and the first largest of those wins: the same token as over all
  * logits, since every token at the maximum passed.
