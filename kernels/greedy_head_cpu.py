@@ -94,18 +94,24 @@ class Bound:
         u_bf16: the unit roundoff of bf16, ``2^-8`` (to nearest even).
         abs_err: the denormals the bf16 kernel flushes to zero, ``2^-126`` per product, sum and
             input (inputs times the largest weight).
+        norm_max: ``max_v (||W'_v|| + ||W_v - W'_v||)``, which scales the allowance for the screen's
+            own fp32 rounding (computed once per weight, not per call).
     """
 
     g_exact: float
     g_approx: float
     u_bf16: float
     abs_err: float
+    norm_max: float
 
     @classmethod
-    def for_rows(cls, k: int, w_abs_max: float = 1.0) -> Bound:
+    def for_weight(cls, k: int, w_abs_max: float, w_norm: torch.Tensor, dw_norm: torch.Tensor) -> Bound:
+        """The constants for a weight of ``k`` columns, its largest magnitude and its row norms (as
+        :func:`bf16_weight` returns them)."""
         u32, n = 2.0**-24, k + 32
         return cls(g_exact=k * u32 / (1 - k * u32), g_approx=n * 2.0**-23 / (1 - n * 2.0**-23), u_bf16=2.0**-8,
-                   abs_err=(4 * k + 64) * 2.0**-126 * max(1.0, w_abs_max))
+                   abs_err=(4 * k + 64) * 2.0**-126 * max(1.0, w_abs_max),
+                   norm_max=float((w_norm.double() + dw_norm.double()).max()))
 
 
 #: Rows of the weight processed at a time at start-up: temporaries of a few MB, not of the
@@ -158,7 +164,7 @@ def screen(hidden: torch.Tensor, approx: torch.Tensor, w_norm: torch.Tensor, dw_
             (else the answer may be wrong).
         w_norm, dw_norm: ``[N]`` fp32 contiguous, at least ``||W'_v||`` and ``||W_v - W'_v||``.
         pack: the fp32 weight ``W`` as :mod:`kernels.linear_cpu` packed it (its logits are the reference).
-        bound: the error bound's constants for ``K``-term rows.
+        bound: the error bound's constants for this weight (:meth:`Bound.for_weight`).
         max_exact: a row with more candidates is left over (at least 1).
 
     Returns:
@@ -179,7 +185,8 @@ def screen(hidden: torch.Tensor, approx: torch.Tensor, w_norm: torch.Tensor, dw_
             or approx.dtype is not torch.bfloat16 or tuple(approx.shape) != (m, n) or approx.stride(1) != 1
             or any(t.dtype is not torch.float32 or tuple(t.shape) != (n,) or not t.is_contiguous()
                    for t in (w_norm, dw_norm))):
-        raise ValueError(f"expected hidden [M, {pack.in_features}] fp32, approx [M, {n}] bf16, w_norm and dw_norm [{n}] fp32 "
+        raise ValueError(f"expected hidden [M, {pack.in_features}] fp32, approx [M, {n}] bf16, w_norm and dw_norm "
+                         f"[{n}] fp32 "
                          f"(stride 1 in the last dimension), got {tuple(hidden.shape)} {hidden.dtype}, "
                          f"{tuple(approx.shape)} {approx.dtype}, {tuple(w_norm.shape)} {w_norm.dtype}")
     if max_exact < 1:
@@ -188,8 +195,8 @@ def screen(hidden: torch.Tensor, approx: torch.Tensor, w_norm: torch.Tensor, dw_
     exact = torch.empty(m, dtype=torch.int64)
     args = GreedyHeadArgs(m=m, k=k, n=n, h=hidden.data_ptr(), h_row=hidden.stride(0), approx=approx.data_ptr(),
                           approx_row=approx.stride(0), w_norm=w_norm.data_ptr(), dw_norm=dw_norm.data_ptr(),
-                          w_norm_max=float((w_norm + dw_norm).max()), w=pack.panels.data_ptr(), g_exact=bound.g_exact, g_approx=bound.g_approx,
-                          u_bf16=bound.u_bf16, abs_err=bound.abs_err, max_exact=max_exact,
+                          w_norm_max=bound.norm_max, w=pack.panels.data_ptr(), g_exact=bound.g_exact,
+                          g_approx=bound.g_approx, u_bf16=bound.u_bf16, abs_err=bound.abs_err, max_exact=max_exact,
                           threads=torch.get_num_threads(), tokens=tokens.data_ptr(), exact=exact.data_ptr())
     if lib.greedy_head_cpu(ctypes.byref(args)):
         raise MemoryError(f"greedy_head_cpu: no memory for {max_exact} candidates per thread")
@@ -219,12 +226,13 @@ class GreedyHead:
             raise RuntimeError("the screened greedy head does not run here (it needs AVX512-BF16 or AMX and the "
                                f"compiled linear kernels; {ENV_VAR}=torch turns it off)")
         if tuple(weight.shape) != (pack.out_features, pack.in_features):
-            raise ValueError(f"weight {tuple(weight.shape)} is not the pack's ({pack.out_features}, {pack.in_features})")
+            raise ValueError(f"weight {tuple(weight.shape)} is not the pack's "
+                             f"({pack.out_features}, {pack.in_features})")
         self.pack = pack
         wb, self.w_norm, self.dw_norm, largest = bf16_weight(weight)
         self.approx = linear_bf16_cpu.PackedWeight(wb)
         del wb
-        self.bound = Bound.for_rows(weight.shape[1], largest)
+        self.bound = Bound.for_weight(weight.shape[1], largest, self.w_norm, self.dw_norm)
         self.exact_logits = 0
         self.rows_left_over = 0
 

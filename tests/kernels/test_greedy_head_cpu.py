@@ -30,7 +30,7 @@ class Head:
         self.w = w.contiguous()
         self.pack = linear_cpu.PackedWeight(self.w)
         self.wb, self.norm, self.dnorm, largest = bf16_weight(self.w)
-        self.bound = Bound.for_rows(w.shape[1], largest)
+        self.bound = Bound.for_weight(w.shape[1], largest, self.norm, self.dnorm)
 
     def approx(self, h: torch.Tensor) -> torch.Tensor:
         return (h.to(torch.bfloat16).float() @ self.wb.float().T).to(torch.bfloat16)
@@ -224,7 +224,8 @@ def test_the_candidates_are_the_tokens_whose_interval_reaches_the_best_lower_bou
     hn, dn, pn = (t.double().norm(dim=1, keepdim=True) for t in (h, h - hp, hp))
     b = head.bound
     c2 = dn + b.g_exact * hn + b.g_approx * pn
-    bound = 1.01 * ((1 + b.g_exact) * hn * head.dnorm.double() + c2 * head.norm.double() + b.u_bf16 * a.abs()) + b.abs_err
+    terms = (1 + b.g_exact) * hn * head.dnorm.double() + c2 * head.norm.double() + b.u_bf16 * a.abs()
+    bound = 1.01 * terms + b.abs_err
     lower = (a - bound).max(dim=1, keepdim=True).values
     reach = a + bound - lower
     hair = 1e-5 * (a.abs().max(dim=1, keepdim=True).values + 1)
