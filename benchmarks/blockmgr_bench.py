@@ -12,11 +12,14 @@ hashed into the prefix cache). Prints:
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from benchmarks.settings import BenchmarkSettings
 from blockmgr.client import BlockManagerClient, InProcessBlockManager
@@ -29,6 +32,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def block_manager_process() -> Iterator[BlockManagerClient]:
+    """A ``python -m blockmgr`` process (insecure, loopback) for the block, and a client that got
+    its first answer."""
+    addr = f"tcp://127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "blockmgr", "--bind", addr, "--log-level", "WARNING",
+                             "--insecure-local"], cwd=Path(__file__).resolve().parent.parent)
+    try:
+        client = BlockManagerClient(addr, timeout_s=30)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except Exception:
+                time.sleep(0.1)
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def drive(client, seqs: int, steps: int, prompt_len: int, block_size: int) -> list[float]:
@@ -73,21 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"in process: {in_proc_ops:,.0f} sequence ops/s "
           f"({statistics.mean(t) * 1e3:.2f} ms per step of {args.seqs} sequences, msgpack round trip included)")
 
-    addr = f"tcp://127.0.0.1:{_free_port()}"
-    proc = subprocess.Popen([sys.executable, "-m", "blockmgr", "--bind", addr, "--log-level", "WARNING",
-                             "--insecure-local"])
-    try:
-        client = BlockManagerClient(addr, timeout_s=30)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except Exception:
-                time.sleep(0.1)
+    with block_manager_process() as client:
         t = drive(client, args.seqs, args.steps, args.prompt_len, args.block_size)
-    finally:
-        proc.terminate()
-        proc.wait(10)
     print(f"over ZeroMQ: step round trip p50 {pct(t, 0.5) * 1e3:.2f} ms, p99 {pct(t, 0.99) * 1e3:.2f} ms "
           f"({args.seqs} running sequences, {args.steps} steps)")
 

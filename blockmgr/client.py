@@ -7,7 +7,7 @@ against an in-process :class:`~blockmgr.manager.BlockManager`.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -37,12 +37,26 @@ class UnknownExecutor(BlockManagerRequestError):
 _REFUSALS = {"stale_incarnation": StaleIncarnation, "unknown_executor": UnknownExecutor}
 
 
+class PendingStep:
+    """A step sent by ``send_step``; :meth:`reply` waits for the answer and returns it (raising
+    what ``step`` raises)."""
+
+    def __init__(self, receive: Callable[[], dict[str, Any]]):
+        self._receive = receive
+
+    def reply(self) -> dict[str, Any]:
+        return self._receive()
+
+
 class _Api:
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _checked(self, message: dict[str, Any]) -> dict[str, Any]:
-        reply = self._call(message)
+        return self._ok(self._call(message))
+
+    @staticmethod
+    def _ok(reply: dict[str, Any]) -> dict[str, Any]:
         if not reply.get("ok"):
             raise _REFUSALS.get(reply.get("code"), BlockManagerRequestError)(reply.get("error", "unknown error"),
                                                                              reply.get("code"))
@@ -84,6 +98,13 @@ class _Api:
         """
         return self._checked({"op": "step", "executor_id": executor_id, "step_id": step_id,
                               "incarnation": incarnation, **{k: list(v) for k, v in lists.items()}})
+
+    def send_step(self, executor_id: str, step_id: int | None = None, incarnation: str | None = None,
+                  **lists) -> PendingStep:
+        """A :meth:`step` whose reply is awaited later (:meth:`PendingStep.reply`). In process the
+        step is applied when its reply is asked for; the service applies it meanwhile
+        (:class:`BlockManagerClient`)."""
+        return PendingStep(lambda: self.step(executor_id, step_id=step_id, incarnation=incarnation, **lists))
 
     def match_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> dict[str, int]:
         """Cached prefix length (tokens) of ``token_ids`` on each executor."""
@@ -153,6 +174,7 @@ class BlockManagerClient(_Api):
         self._lock = threading.Lock()
         self._ctx = zmq.Context.instance()
         self._sock = None
+        self._in_flight: str | None = None  # the op send_step sent, until its reply is read
 
     def _connect(self):
         sock = security.limit(self._ctx.socket(zmq.DEALER))
@@ -166,29 +188,60 @@ class BlockManagerClient(_Api):
 
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            if self._sock is None:
-                self._sock = self._connect()
-            try:
-                self._sock.send_multipart([b"", protocol.encode(message)])
-            except zmq.Again:
-                self._sock.close()
-                self._sock = None
-                raise BlockManagerUnavailable(
-                    f"block manager at {self.address} did not take {message.get('op')!r} "
-                    f"within {self.timeout_ms / 1000:.1f}s (no connection: is it running, and do the CURVE keys match?)"
-                ) from None
-            if not self._sock.poll(self.timeout_ms):
-                # A late reply would be read as the answer to the next request: start afresh.
-                self._sock.close()
-                self._sock = None
-                raise BlockManagerUnavailable(
-                    f"block manager at {self.address} did not answer {message.get('op')!r} "
-                    f"within {self.timeout_ms / 1000:.1f}s"
-                )
-            return protocol.decode(self._sock.recv_multipart()[-1])
+            self._send(message)
+            return self._receive(message.get("op"))
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self._in_flight is not None:
+            raise RuntimeError(f"a {self._in_flight!r} request (send_step) awaits its reply")
+        if self._sock is None:
+            self._sock = self._connect()
+        try:
+            self._sock.send_multipart([b"", protocol.encode(message)])
+        except zmq.Again:
+            self._sock.close()
+            self._sock = None
+            raise BlockManagerUnavailable(
+                f"block manager at {self.address} did not take {message.get('op')!r} "
+                f"within {self.timeout_ms / 1000:.1f}s (no connection: is it running, and do the CURVE keys match?)"
+            ) from None
+
+    def _receive(self, op: str | None) -> dict[str, Any]:
+        if not self._sock.poll(self.timeout_ms):
+            # A late reply would be read as the answer to the next request: start afresh.
+            self._sock.close()
+            self._sock = None
+            raise BlockManagerUnavailable(
+                f"block manager at {self.address} did not answer {op!r} within {self.timeout_ms / 1000:.1f}s"
+            )
+        return protocol.decode(self._sock.recv_multipart()[-1])
+
+    def send_step(self, executor_id: str, step_id: int | None = None, incarnation: str | None = None,
+                  **lists) -> PendingStep:
+        """Send a :meth:`step` and return at once; the returned step's ``reply()`` waits for the
+        answer (with the same deadline as any call), so the round trip overlaps what the caller
+        does meanwhile. No other request may go out until then (RuntimeError).
+
+        Raises:
+            BlockManagerUnavailable: the send itself timed out (no connection); so may ``reply()``.
+        """
+        with self._lock:
+            self._send({"op": "step", "executor_id": executor_id, "step_id": step_id, "incarnation": incarnation,
+                        **{k: list(v) for k, v in lists.items()}})
+            self._in_flight = "step"
+        return PendingStep(self._receive_step)
+
+    def _receive_step(self) -> dict[str, Any]:
+        with self._lock:
+            if self._in_flight is None:
+                raise RuntimeError("this step's reply was abandoned (the client was closed)")
+            self._in_flight = None
+            reply = self._receive("step")
+        return self._ok(reply)
 
     def close(self) -> None:
         with self._lock:
+            self._in_flight = None
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None

@@ -15,8 +15,16 @@ applied in this order:
 4. ``swap_in``: swapped sequences come back (only above the watermark);
 5. ``admit``: new sequences look up the prefix cache, then get blocks (only above the watermark).
 
-A sequence's K/V for the tokens granted in step *k* is computed by the time the executor sends
-step *k+1*, so that is when its newly full blocks are hashed and published to the prefix cache.
+A sequence's K/V for the tokens granted in step *k* is computed before the executor runs step
+*k+1*'s forward pass, and the executor carries out step *k+1*'s reply (copies, swaps, new blocks,
+prefix-cache hits) only after step *k*'s forward pass; so step *k+1* is when the newly full blocks
+are hashed and published to the prefix cache, even where the executor sends step *k+1* while step
+*k*'s forward pass runs (pipelined scheduling, ``executor.engine``).
+
+Pipelined, a decode's grow is sent before the token it grants a slot to has been sampled: the
+entry carries :data:`blockmgr.protocol.PENDING` for it, and the sequence's next grow gives the id (the entry's
+``token_ids`` start at the first position whose id the block manager lacks). Blocks holding a
+pending id are not hashed until the id arrives.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from blockmgr import cache_index, cpu_tier, pins
 from blockmgr.block_pool import BlockPool
 from blockmgr.eviction import POLICIES, make_evictor
 from blockmgr.preemption import CostModel, victim_order
+from blockmgr.protocol import PENDING
 
 log = logging.getLogger("pagedserve.blockmgr")
 
@@ -77,7 +86,8 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 class Sequence:
     """One sequence as the block manager sees it.
 
-    ``tokens`` always has ``num_tokens`` entries: the ids whose K/V slots were granted.
+    ``tokens`` always has ``num_tokens`` entries: the ids whose K/V slots were granted, the last
+    ones :data:`PENDING` where the executor has not reported them yet (:attr:`num_known` are not).
     """
 
     seq_id: str
@@ -93,6 +103,14 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def num_known(self) -> int:
+        """Leading tokens whose ids are known (the rest are :data:`PENDING`)."""
+        n = len(self.tokens)
+        while n and self.tokens[n - 1] == PENDING:
+            n -= 1
+        return n
 
     @property
     def extra_keys(self) -> tuple:
@@ -368,7 +386,9 @@ class BlockManager:
             fork: ``(parent, child)`` pairs; the child shares all of the parent's blocks.
             free: sequences to release (unknown ids are ignored).
             grow: ``(seq_id, num_tokens, token_ids)``: the sequence will hold ``num_tokens``
-                tokens after this step; ``token_ids`` are the ones past what it held before.
+                tokens after this step; ``token_ids`` are the ids from its first position whose
+                id the block manager lacks (past what it held before, unless it holds
+                :data:`PENDING` ids), any last ones :data:`PENDING`.
             swap_in: swapped-out sequences to bring back to the device.
             admit: ``(seq_id, prompt_token_ids, num_new_tokens, cache_salt, priority)``: a new
                 sequence; after the prefix-cache lookup it gets room for ``num_new_tokens`` more
@@ -416,10 +436,13 @@ class BlockManager:
             self._free(ex, seq_id)
         for seq_id, num_tokens, token_ids in grow:
             if seq_id in r.preempted:
+                if seq_id in ex.seqs:  # swapped out: it keeps the ids of what it held
+                    self._settle(ex.seqs[seq_id], token_ids)
                 continue
             seq = ex.seqs[seq_id]
+            new_ids = self._settle(seq, token_ids)
             self._publish(ex, seq)  # last step's tokens are computed by now
-            self._grow(ex, seq, list(token_ids), r)
+            self._grow(ex, seq, new_ids, r)
         for seq_id in swap_in:
             self._swap_in(ex, self._seq(ex, seq_id), r)
         for seq_id, prompt, num_new, salt, priority in admit:
@@ -450,11 +473,16 @@ class BlockManager:
                 raise BlockManagerError(f"grow: unknown sequence {seq_id!r} on executor {ex.executor_id!r}")
             if known[seq_id]:
                 raise BlockManagerError(f"grow: sequence {seq_id!r} is swapped out; swap it in first")
-            have = ex.seqs[seq_id].num_tokens if seq_id in ex.seqs else None
-            if have is None:  # a child forked in this step
-                have = ex.seqs[next(p for p, c in fork if c == seq_id)].num_tokens
-            if num_tokens != have + len(token_ids):
-                raise BlockManagerError(f"grow {seq_id!r}: {have} tokens + {len(token_ids)} new != {num_tokens}")
+            # A child forked in this step starts as its parent.
+            seq = ex.seqs[seq_id] if seq_id in ex.seqs else ex.seqs[next(p for p, c in fork if c == seq_id)]
+            ids_held = seq.num_known
+            if num_tokens != ids_held + len(token_ids) or num_tokens < seq.num_tokens:
+                raise BlockManagerError(
+                    f"grow {seq_id!r}: {ids_held} known tokens + {len(token_ids)} ids != {num_tokens} "
+                    f"(or fewer than the {seq.num_tokens} it holds)")
+            first_pending = next((i for i, t in enumerate(token_ids) if t == PENDING), len(token_ids))
+            if any(t != PENDING for t in token_ids[first_pending:]):
+                raise BlockManagerError(f"grow {seq_id!r}: a pending id (-1) before a known one")
         for seq_id in swap_in:
             if not known.get(seq_id, False):
                 raise BlockManagerError(f"swap_in: {seq_id!r} is unknown or not swapped out")
@@ -488,7 +516,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = ex.block_size
-        full = min(seq.num_tokens // bs, len(seq.block_table))
+        full = min(seq.num_known // bs, len(seq.block_table))
         parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
         stored, stored_tokens, first_parent = [], [], parent
         for i in range(len(seq.block_hashes), full):
@@ -524,6 +552,14 @@ class BlockManager:
             hits.append(b)
             parent = h
         return hits
+
+    @staticmethod
+    def _settle(seq: Sequence, token_ids: list[int]) -> list[int]:
+        """Put a grow entry's ids for the positions ``seq`` holds as pending in place; returns the
+        entry's ids past what it holds."""
+        held, known = seq.num_tokens, seq.num_known
+        seq.tokens[known:held] = token_ids[: held - known]
+        return list(token_ids[held - known :])
 
     def _grow(self, ex: ExecutorState, seq: Sequence, token_ids: list[int], r: _StepReply) -> None:
         bs = ex.block_size

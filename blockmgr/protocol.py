@@ -11,7 +11,8 @@ refusal: ``"stale_incarnation"`` (a newer process of this executor id registered
   (optional: an id unique to the executor process) -> resumed, num_seqs, dropped_seqs
   (see :meth:`blockmgr.manager.BlockManager.register`)
 - ``step``: executor_id, step_id, incarnation (optional), and the lists (each optional)
-  ``fork [[parent, child]]``, ``free [seq]``, ``grow [[seq, num_tokens, [new token ids]]]``,
+  ``fork [[parent, child]]``, ``free [seq]``, ``grow [[seq, num_tokens, [token ids from the first
+  one it lacks, -1 where not sampled yet]]]``,
   ``swap_in [seq]``, ``admit [[seq, [prompt ids], num_new_tokens, cache_salt|nil, priority]]``
   -> ``updates {seq: [start, [block ids]]}``, ``denied {seq: reason}``, ``admitted {seq:
   num_cached_tokens}``, ``preempted {seq: "swap"|"recompute"}``, ``swapped_in [seq]``,
@@ -76,6 +77,10 @@ MAX_BLOCK_SIZE = 4096  # tokens per block
 Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)]
 TokenId = Annotated[StrictInt, Field(ge=0, lt=2**31)]
 Tokens = Annotated[list[TokenId], Field(max_length=MAX_TOKENS)]
+#: A grow entry's id for a token not sampled when the entry was sent (pipelined scheduling); the
+#: sequence's next grow gives the id.
+PENDING = -1
+GrowTokens = Annotated[list[Annotated[StrictInt, Field(ge=PENDING, lt=2**31)]], Field(max_length=MAX_TOKENS)]
 Count = Annotated[StrictInt, Field(ge=0, le=2**40)]
 Salt = Union[Annotated[StrictStr, Field(max_length=MAX_SALT_CHARS)], None]
 Int64 = Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)]
@@ -119,7 +124,7 @@ class Step(_Message):
     step_id: Union[Int64, None] = None
     fork: _entries(tuple[Id, Id]) = []
     free: _entries(Id) = []
-    grow: _entries(tuple[Id, Count, Tokens]) = []
+    grow: _entries(tuple[Id, Count, GrowTokens]) = []
     swap_in: _entries(Id) = []
     admit: _entries(tuple[Id, Tokens, Count, Salt, Int64]) = []
     incarnation: Union[Id, None] = None

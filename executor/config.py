@@ -80,6 +80,10 @@ class ExecutorSettings(ZmqServiceSettings, ModelSettings, BlockManagerAddress):
     attention_backend: Literal["auto", "triton", "torch"] = setting(
         "auto", "paged-attention kernels: triton (the CUDA path), torch (the CPU path), auto (triton on cuda, "
                 "torch on cpu); triton on the CPU needs TRITON_INTERPRET=1 and is a correctness check, not fast")
+    async_scheduling: bool = setting(
+        True, "run steps one at a time: no block-manager request sent while a forward pass runs (default: "
+              "steady decode steps send the next step's request first, so its round trip overlaps the forward pass)",
+        flag="--no-async-scheduling")
     num_threads: int | None = setting(None, "torch CPU threads per executor (default: the usable cores, split evenly "
                                             "among the executors of this machine)", ge=1)
 

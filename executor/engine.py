@@ -11,6 +11,12 @@ Per step:
 5. sequences whose prompt is complete sample one token and are checked for EOS / max_tokens
    (plain greedy ones from the runner's argmax alone, :meth:`ModelRunner.greedy_tokens`);
    n > 1 completions and beams fork and drop sequences (:mod:`executor.sequence_group`).
+
+Pipelined (async) scheduling, on unless ``--no-async-scheduling``: in steady decoding (every
+running request a plain decode, nothing waiting) step 2 for the next step is sent before this
+step's forward pass and its reply read after it, so the block manager's round trip overlaps the
+pass (:meth:`Engine._send_ahead`; vLLM v1's async scheduling is the same idea). The token the pass
+is about to sample goes to the block manager as pending and its id with the following request.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import uuid
 
 import torch
 
+from blockmgr.protocol import PENDING
 from executor.beam_search import BeamSearchGroup
 from executor.block_manager_link import BlockManagerLink
 from executor.config import ExecutorSettings as EngineConfig  # the engine reads the pool geometry from it
@@ -87,6 +94,7 @@ class Engine:
         self.runner = ModelRunner(model, config.num_blocks, config.block_size, config.num_cpu_blocks, device, dtype,
                                   attention_backend=config.attention_backend)
         self.pending_fork: list[tuple[str, str]] = []
+        self._ahead: list[tuple[Request, int]] | None = None  # the batch of the step sent ahead
         self.groups = SequenceGroups()
         self.link = BlockManagerLink(block_manager, executor_id, self.incarnation, config.num_blocks,
                                      config.block_size, config.num_cpu_blocks, self.runner.cost)
@@ -148,40 +156,112 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self.pending_free or self.pending_fork)
+        return self.scheduler.has_work() or bool(self.pending_free or self.pending_fork) or self._ahead is not None
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns the outputs of every request that made progress."""
         t0 = time.perf_counter()
-        swap_ins = self.scheduler.schedule_swap_ins()
-        batch = self.scheduler.schedule()
-        grow, admit = [], []
-        for req, n in batch:
-            start = req.num_computed_tokens
-            if start == 0 and not req.block_table:
-                admit.append((req.request_id, req.all_token_ids, n, self._salt(req), req.priority))
-            else:
-                grow.append((req.request_id, start + n, req.all_token_ids[start : start + n]))
-        fork, self.pending_fork = self.pending_fork, []
-        free, self.pending_free = self.pending_free, []
-        if not (grow or admit or fork or free or swap_ins):
-            return []
-        reply = self.link.step(fork=fork, free=free, grow=grow, swap_in=[r.request_id for r in swap_ins], admit=admit)
-        if reply is None:
-            self._start_over(swap_ins)
-            return []
         outputs: list[RequestOutput] = []
-        batch = self._apply_reply(reply, batch, swap_ins, outputs)
-        self.runner.kv.apply_block_ops(reply["ops"])
-        if batch:
-            outputs.extend(self._run(batch))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            # Sent during the last forward pass; whoever finished or was aborted since drops out
+            # (its blocks are freed with the next step).
+            batch = self._granted(self.link.finish(), [(req, n) for req, n in ahead
+                                                       if self.requests.get(req.request_id) is req
+                                                       and req.status is Status.RUNNING], [], outputs)
+            if batch is not None and self.scheduler.waiting:
+                # Requests that arrived meanwhile join this step, as they would without the
+                # pipelining: their admission goes in a second request, answered before the pass.
+                granted = {req.request_id for req, _ in batch}
+                extra = [(req, n) for req, n in self.scheduler.schedule() if req.request_id not in granted]
+                lists = self._request_lists(extra, [])
+                if lists is not None:
+                    more = self._granted(self.link.step(**lists), extra, [], outputs)
+                    batch = None if more is None else batch + more
+        else:
+            swap_ins = self.scheduler.schedule_swap_ins()
+            batch = self.scheduler.schedule()
+            lists = self._request_lists(batch, swap_ins)
+            if lists is None:
+                return []
+            batch = self._granted(self.link.step(**lists), batch, swap_ins, outputs)
+        if not batch:
+            return outputs
+        self._send_ahead(batch)
+        outputs.extend(self._run(batch))
         self._num_steps += 1
         if self.record_steps:
             self.step_records.append(
                 StepRecord(self._num_steps, {r.request_id: n for r, n in batch}, time.perf_counter() - t0)
             )
         return outputs
+
+    def _granted(self, reply: dict | None, batch: list[tuple[Request, int]], swap_ins: list[Request],
+                 outputs: list[RequestOutput]) -> list[tuple[Request, int]] | None:
+        """Apply the block manager's ``reply`` and carry out its block copies; returns the part of
+        ``batch`` that may run, or None when the block manager had lost this executor (every
+        sequence then starts over by recompute)."""
+        if reply is None:
+            self._start_over(swap_ins)
+            return None
+        batch = self._apply_reply(reply, batch, swap_ins, outputs)
+        self.runner.kv.apply_block_ops(reply["ops"])
+        return batch
+
+    def _request_lists(self, batch: list[tuple[Request, int]], swap_ins: list[Request]) -> dict | None:
+        """The block-manager request for ``batch`` (and the pending forks and frees), or None if empty."""
+        grow, admit = [], []
+        for req, n in batch:
+            start = req.num_computed_tokens
+            if start == 0 and not req.block_table:
+                admit.append((req.request_id, req.all_token_ids, n, self._salt(req), req.priority))
+            else:
+                # From the first id the block manager lacks: one it was sent as pending, if any.
+                first = start if req.unreported_from is None else req.unreported_from
+                grow.append((req.request_id, start + n, req.all_token_ids[first : start + n]))
+                req.unreported_from = None
+        fork, self.pending_fork = self.pending_fork, []
+        free, self.pending_free = self.pending_free, []
+        if not (grow or admit or fork or free or swap_ins):
+            return None
+        return {"fork": fork, "free": free, "grow": grow, "swap_in": [r.request_id for r in swap_ins], "admit": admit}
+
+    def _send_ahead(self, batch: list[tuple[Request, int]]) -> None:
+        """Pipelined (async) scheduling: send the next step's block-manager request before this
+        step's forward pass, so that its round trip overlaps the pass (vLLM v1's async scheduling).
+
+        Only in the steady state where the next step is predictable: the batch is every running
+        request, each a plain single-sequence decode (no n > 1 completions, beams or forks), and
+        nothing waits or is swapped out. The next step then decodes the same requests, each one
+        token further, but for those this step ends by length; the token this step samples goes
+        as :data:`blockmgr.protocol.PENDING` and its id with the request after. A request that
+        ends on EOS or is aborted meanwhile has room for a token it never computes, freed with
+        the step after. Anything else (a new request, a preemption) waits one step: the next
+        step is sent the usual way.
+        """
+        sched = self.scheduler
+        if (not self.config.async_scheduling or sched.waiting or sched.swapped or self.pending_fork
+                or len(batch) != len(sched.running)):
+            return
+        grow, ahead = [], []
+        for req, n in batch:
+            if (n != 1 or req.num_uncomputed_tokens != 1 or req.params.n != 1 or req.params.use_beam_search
+                    or req.parent_id is not None):
+                return
+            if req.ends_by_length_after(1, self.max_model_len):
+                continue
+            pos = req.num_computed_tokens  # this step computes position pos and samples pos + 1
+            first = pos + 1 if req.unreported_from is None else req.unreported_from
+            grow.append((req, (req.request_id, pos + 2, req.all_token_ids[first : pos + 1] + [PENDING])))
+        if not grow:
+            return
+        for req, _ in grow:
+            req.unreported_from = req.num_computed_tokens + 1
+            ahead.append((req, 1))
+        free, self.pending_free = self.pending_free, []
+        self.link.send(fork=[], free=free, grow=[entry for _, entry in grow], swap_in=[], admit=[])
+        self._ahead = ahead
 
     def _start_over(self, swap_ins: list[Request]) -> None:
         """Preempt every sequence by recompute: the block manager lost all of this executor's blocks."""
@@ -205,7 +285,8 @@ class Engine:
     def _apply_reply(self, reply: dict, batch, swap_ins: list[Request], outputs: list[RequestOutput]):
         """Apply the block manager's answer; returns the part of the batch that may run."""
         for seq_id, (start, blocks) in reply["updates"].items():
-            self.requests[seq_id].block_table[start:] = blocks
+            if seq_id in self.requests:  # else it finished while the step was in flight
+                self.requests[seq_id].block_table[start:] = blocks
         for req in swap_ins:
             if req.request_id in reply["swapped_in"]:
                 self.scheduler.swap_in_done(req)
@@ -214,7 +295,9 @@ class Engine:
             else:
                 self.scheduler.swap_in_denied(req)
         for seq_id, kind in reply["preempted"].items():
-            req = self.requests[seq_id]
+            req = self.requests.get(seq_id)
+            if req is None:  # it finished while the step was in flight; its free follows
+                continue
             log.info("preempting %s by %s", seq_id, kind)
             self.num_preemptions += 1
             if kind == "swap":

@@ -174,6 +174,9 @@ class Request:
     #: request resumed from another executor), taken before its next sample so it continues
     #: exactly as if it had sampled them here.
     owed_draws: int = 0
+    #: The first position whose token id the block manager has only as pending (sent before it
+    #: was sampled: ``executor.engine.Engine._send_ahead``); None when it has every granted id.
+    unreported_from: int | None = None
     _prompt_mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -208,6 +211,11 @@ class Request:
         """Tokens whose K/V is not yet in the cache (the prompt's rest, or the last sampled token)."""
         return self.num_tokens - self.num_computed_tokens
 
+    def ends_by_length_after(self, k: int, max_model_len: int) -> bool:
+        """Whether the request ends by length (``max_tokens`` or the context length) once ``k`` more
+        tokens are sampled."""
+        return len(self.output_token_ids) + k >= self.params.max_tokens or self.num_tokens + k >= max_model_len
+
     def stop_reason(self, token: int, eos_token_ids: Collection[int], max_model_len: int) -> str | None:
         """Why the request ends with ``token``, its newest output token: ``"stop"`` (EOS or a stop
         token), ``"length"`` (``max_tokens`` or the context length reached) or None (it goes on)."""
@@ -219,7 +227,7 @@ class Request:
                 return "stop"
             if token in p.stop_token_ids:
                 return "stop"
-        if len(self.output_token_ids) >= p.max_tokens or self.num_tokens >= max_model_len:
+        if self.ends_by_length_after(0, max_model_len):
             return "length"
         return None
 

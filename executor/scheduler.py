@@ -135,6 +135,7 @@ class Scheduler:
         """Preempt by swap-out: the request keeps its computed tokens, its K/V moves to the CPU."""
         self.running.remove(req)
         req.block_table = []
+        req.unreported_from = None  # the block manager keeps the ids of what it held
         req.num_preemptions += 1
         req.status = Status.SWAPPED
         self.swapped.append(req)
@@ -178,6 +179,7 @@ class Scheduler:
         self.running.remove(req)
         req.num_computed_tokens = 0
         req.block_table = []
+        req.unreported_from = None
         req.num_preemptions += 1
         req.status = Status.WAITING
         self.waiting.appendleft(req)

@@ -51,6 +51,24 @@ def free_port():
     return _free_port
 
 
+@pytest.fixture
+def blockmgr_service(monkeypatch):
+    """A block-manager service (``blockmgr.server.serve``, insecure, loopback) in a thread of this
+    process, and a client connected to it (its ``address`` is the service's)."""
+    import threading
+
+    import blockmgr.server as server_mod
+    from blockmgr.client import BlockManagerClient
+
+    monkeypatch.setattr(server_mod.signal, "signal", lambda *a: None)  # only the main thread may
+    addr = f"tcp://127.0.0.1:{_free_port()}"
+    threading.Thread(target=server_mod.serve, args=(addr,), daemon=True).start()
+    client = BlockManagerClient(addr, timeout_s=5)
+    client.ping()
+    yield client
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def smollm_dir():
     """The default model converted to a cached HF directory (converted once per machine)."""

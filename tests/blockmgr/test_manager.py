@@ -1,7 +1,5 @@
 """Block manager: pools, block tables, prefix cache, copy-on-write, preemption, the ZMQ service."""
 
-import threading
-
 import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -9,7 +7,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from blockmgr import protocol
 from blockmgr.block_hash import hash_block, hash_chain
 from blockmgr.block_pool import BlockPool, OutOfBlocks
-from blockmgr.client import BlockManagerClient, BlockManagerRequestError, InProcessBlockManager
+from blockmgr.client import BlockManagerRequestError, InProcessBlockManager
 from blockmgr.manager import BlockManager
 
 BS = 4
@@ -255,13 +253,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.contents[seq] = list(prompt)
 
     @precondition(lambda self: self._running())
-    @rule(data=st.data(), extra=st.integers(1, 6))
-    def append(self, data, extra):
+    @rule(data=st.data(), extra=st.integers(1, 6), pending=st.integers(0, 2))
+    def append(self, data, extra, pending):
         seq_id = data.draw(st.sampled_from(self._running()))
         seq = self.ex.seqs[seq_id]
         others = {s: list(q.tokens) for s, q in self.ex.seqs.items() if s != seq_id}
-        new = [seq.num_tokens * 7 + i for i in range(extra)]
-        r = self.bm.step("ex", grow=[(seq_id, seq.num_tokens + extra, new)])
+        # Ids from the first position the block manager lacks (it may hold pending ones), the
+        # last `pending` of them not sampled yet (pipelined scheduling).
+        ids = [seq.num_tokens * 7 + i for i in range(seq.num_tokens + extra - seq.num_known)]
+        ids[len(ids) - min(pending, extra):] = [protocol.PENDING] * min(pending, extra)
+        r = self.bm.step("ex", grow=[(seq_id, seq.num_tokens + extra, ids)])
         self._apply(r)
         for s, toks in others.items():
             if s in self.ex.seqs:
@@ -297,6 +298,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def books_balance(self):
         check_books(self.ex)
 
+    @invariant()
+    def no_pending_id_is_hashed(self):
+        assert all(protocol.PENDING not in tokens for _, _, tokens in self.ex.cached_meta.values())
+        for q in self.ex.seqs.values():
+            assert len(q.block_hashes) <= q.num_known // BS
+
     def teardown(self):
         self.bm.step("ex", free=list(self.ex.seqs))
         assert self.ex.device.num_used == 0 and self.ex.cpu.num_used == 0, "all freed: nothing in use"
@@ -306,24 +313,10 @@ TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerMachine.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
 
 
-@pytest.fixture
-def service(free_port, monkeypatch):
-    import blockmgr.server as server_mod
-
-    # serve() installs signal handlers, which only the main thread may do.
-    monkeypatch.setattr(server_mod.signal, "signal", lambda *a: None)
-    addr = f"tcp://127.0.0.1:{free_port()}"
-    threading.Thread(target=server_mod.serve, args=(addr,), daemon=True).start()
-    client = BlockManagerClient(addr, timeout_s=5)
-    client.ping()
-    yield client, addr
-    client.close()
-
-
-def test_service_over_zmq_answers_and_survives_garbage(service):
+def test_service_over_zmq_answers_and_survives_garbage(blockmgr_service):
     import zmq
 
-    client, addr = service
+    client, addr = blockmgr_service, blockmgr_service.address
     client.register("ex", 8, 16)
     r = client.step("ex", admit=[("a", list(range(17)), 17, None, 0)])
     assert r["updates"] == {"a": [0, [0, 1]]}
@@ -357,3 +350,56 @@ def test_op_groups_split_where_a_parallel_launch_would_race():
                      ["copy", [[1, 2]]], ["copy", [[2, 3], [5, 6]]], ["copy", [[7, 5]]]]
     assert r.swap_out == [[13, 4], [8, 1], [7, 5], [3, 4]] and len(r.copies) == 4
     assert "group_io" not in r.to_dict()
+
+
+def test_pending_ids_are_settled_by_the_next_grow_and_hashed_only_then():
+    """Pipelined scheduling: a decode's grow goes out before its token is sampled (PENDING), and
+    the next grow gives the id; a block with a pending id enters the prefix cache only after."""
+    bm = InProcessBlockManager(BlockManager(watermark=0))
+    bm.register("ex", num_device_blocks=8, block_size=BS)
+    admit(bm, "a", [1, 2, 3])
+    bm.step("ex", grow=[("a", 4, [protocol.PENDING])])
+    seq = bm.manager.executors["ex"].seqs["a"]
+    assert seq.tokens == [1, 2, 3, protocol.PENDING] and seq.num_known == 3
+    bm.step("ex", grow=[("a", 5, [7, protocol.PENDING])])  # block 0 is full and known before hashing
+    assert seq.tokens == [1, 2, 3, 7, protocol.PENDING]
+    assert bm.match_prefix([1, 2, 3, 7, 9]) == {"ex": 4}
+    assert bm.match_prefix([1, 2, 3, 8, 9]) == {"ex": 0}
+    bm.step("ex", grow=[("a", 6, [5, 6])])  # an unpipelined grow settles and appends
+    assert seq.tokens == [1, 2, 3, 7, 5, 6] and seq.num_known == 6
+
+
+def test_a_grow_that_contradicts_the_pending_ids_is_refused_whole():
+    bm = InProcessBlockManager(BlockManager(watermark=0))
+    bm.register("ex", num_device_blocks=8, block_size=BS)
+    admit(bm, "a", [1, 2, 3])
+    bm.step("ex", grow=[("a", 5, [4, protocol.PENDING])])
+    before = list(bm.manager.executors["ex"].seqs["a"].tokens)
+    for grow, why in (
+        (("a", 6, [protocol.PENDING, 6]), "pending id"),  # a pending id before a known one
+        (("a", 4, []), "fewer than"),  # the count would shrink below what it holds
+        (("a", 6, [5]), "known tokens"),  # 4 known + 1 id is not 6
+    ):
+        with pytest.raises(BlockManagerRequestError, match=why):
+            bm.step("ex", grow=[grow])
+    assert bm.manager.executors["ex"].seqs["a"].tokens == before
+    with pytest.raises(BlockManagerRequestError):
+        bm.step("ex", grow=[("a", 6, [-2, 6])])  # ids below PENDING are malformed on the wire
+
+
+def test_a_victim_swapped_out_before_its_own_grow_keeps_the_ids_that_entry_settles():
+    bm = InProcessBlockManager(BlockManager(watermark=0))
+    swap_cheap = {"bytes_per_block": 1, "copy_bandwidth": 1e9, "flops_per_token": 1e9, "flops_per_s": 1e9}
+    bm.register("ex", num_device_blocks=4, block_size=BS, num_cpu_blocks=8, cost=swap_cheap)
+    admit(bm, "old", [1] * 7)
+    admit(bm, "new", [2] * 7)
+    bm.step("ex", grow=[("old", 8, [protocol.PENDING]), ("new", 8, [protocol.PENDING])])
+    # old's next token needs a block; the pool is full, so new is swapped out before its entry.
+    r = bm.step("ex", grow=[("old", 9, [1, protocol.PENDING]), ("new", 9, [3, protocol.PENDING])])
+    assert r["preempted"] == {"new": "swap"} and "new" not in r["updates"]
+    new = bm.manager.executors["ex"].seqs["new"]
+    assert new.tokens == [2] * 7 + [3], "the settled id is kept, the step's pending slot is not"
+    bm.step("ex", free=["old"])
+    assert bm.step("ex", swap_in=["new"])["swapped_in"] == ["new"]
+    bm.step("ex", grow=[("new", 9, [4])])
+    assert new.tokens == [2] * 7 + [3, 4]

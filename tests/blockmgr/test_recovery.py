@@ -1,12 +1,10 @@
 """Failure recovery in the block manager: executor incarnations and fencing, block-op ordering."""
 
-import threading
-
 import pytest
 import torch
 
 from blockmgr import protocol
-from blockmgr.client import BlockManagerClient, InProcessBlockManager, StaleIncarnation, UnknownExecutor
+from blockmgr.client import InProcessBlockManager, StaleIncarnation, UnknownExecutor
 from blockmgr.manager import BlockManager, BlockManagerError, StaleIncarnationError, UnknownExecutorError
 from executor.engine import Engine, EngineConfig
 from executor.model_runner import KVCache
@@ -68,21 +66,8 @@ def test_same_incarnation_resumes_after_a_reconnect_and_a_restart_from_a_snapsho
         restarted.step("ex", incarnation="first", free=["s"])
 
 
-@pytest.fixture
-def service(free_port, monkeypatch):
-    import blockmgr.server as server_mod
-
-    monkeypatch.setattr(server_mod.signal, "signal", lambda *a: None)  # only the main thread may
-    addr = f"tcp://127.0.0.1:{free_port()}"
-    threading.Thread(target=server_mod.serve, args=(addr,), daemon=True).start()
-    client = BlockManagerClient(addr, timeout_s=5)
-    client.ping()
-    yield client
-    client.close()
-
-
-def test_service_refuses_a_stale_incarnation_with_a_clear_error(service):
-    client = service
+def test_service_refuses_a_stale_incarnation_with_a_clear_error(blockmgr_service):
+    client = blockmgr_service
     with pytest.raises(UnknownExecutor, match="unknown executor 'ex'"):
         client.step("ex", step_id=1, incarnation="first", admit=[("a", [1] * 5, 5, None, 0)])
     client.register("ex", 8, BS, incarnation="first")
