@@ -22,9 +22,10 @@ are hashed and published to the prefix cache, even where the executor sends step
 *k*'s forward pass runs (pipelined scheduling, ``executor.engine``).
 
 Pipelined, a decode's grow is sent before the token it grants a slot to has been sampled: the
-entry carries :data:`blockmgr.protocol.PENDING` for it, and the sequence's next grow gives the id (the entry's
-``token_ids`` start at the first position whose id the block manager lacks). Blocks holding a
-pending id are not hashed until the id arrives.
+entry carries :data:`blockmgr.protocol.PENDING` for it, and the sequence's next grow gives the
+id (the entry's ``token_ids`` start at the first position whose id the block manager lacks),
+even in the step that frees it. A block holding a pending id is not hashed (a sequence freed
+with one never computed, its sampling having ended it, leaves that block out of the cache).
 """
 
 from __future__ import annotations
@@ -388,7 +389,9 @@ class BlockManager:
             grow: ``(seq_id, num_tokens, token_ids)``: the sequence will hold ``num_tokens``
                 tokens after this step; ``token_ids`` are the ids from its first position whose
                 id the block manager lacks (past what it held before, unless it holds
-                :data:`PENDING` ids), any last ones :data:`PENDING`.
+                :data:`PENDING` ids), any last ones :data:`PENDING`. A sequence also in ``free``
+                may only have its pending ids given (``num_tokens`` = what it holds), before the
+                free publishes its blocks.
             swap_in: swapped-out sequences to bring back to the device.
             admit: ``(seq_id, prompt_token_ids, num_new_tokens, cache_salt, priority)``: a new
                 sequence; after the prefix-cache lookup it gets room for ``num_new_tokens`` more
@@ -432,9 +435,15 @@ class BlockManager:
         r = _StepReply()
         for parent, child in fork:
             self._fork(ex, parent, child)
+        freed = set(free)
+        for seq_id, _, token_ids in grow:
+            if seq_id in freed and seq_id in ex.seqs:  # its last ids, so that its blocks are published
+                self._settle(ex.seqs[seq_id], token_ids)
         for seq_id in free:
             self._free(ex, seq_id)
         for seq_id, num_tokens, token_ids in grow:
+            if seq_id in freed:
+                continue
             if seq_id in r.preempted:
                 if seq_id in ex.seqs:  # swapped out: it keeps the ids of what it held
                     self._settle(ex.seqs[seq_id], token_ids)
@@ -459,9 +468,13 @@ class BlockManager:
         for parent, child in fork:
             if known.get(parent, True):
                 raise BlockManagerError(f"fork: parent {parent!r} is unknown or swapped out")
+            if parent in ex.seqs and ex.seqs[parent].num_known < ex.seqs[parent].num_tokens:
+                # The child would share the slot whose id the parent owes, and each would give its own.
+                raise BlockManagerError(f"fork: parent {parent!r} holds pending ids; give them first")
             if child in known:
                 raise BlockManagerError(f"fork: child {child!r} already exists")
             known[child] = False
+        freed = set(free)
         for seq_id in free:
             known.pop(seq_id, None)
         for key, ids in (("grow", [g[0] for g in grow]), ("swap_in", swap_in)):
@@ -469,9 +482,13 @@ class BlockManager:
                 twice = sorted({s for s in ids if ids.count(s) > 1})
                 raise BlockManagerError(f"{key}: sequence(s) {twice} listed more than once in one step")
         for seq_id, num_tokens, token_ids in grow:
-            if seq_id not in known:
+            if seq_id in freed:
+                if seq_id not in ex.seqs or (ex.seqs[seq_id].num_tokens != num_tokens):
+                    raise BlockManagerError(f"grow {seq_id!r}: a sequence freed in the same step may only have "
+                                            f"the ids it holds as pending given")
+            elif seq_id not in known:
                 raise BlockManagerError(f"grow: unknown sequence {seq_id!r} on executor {ex.executor_id!r}")
-            if known[seq_id]:
+            elif known[seq_id]:
                 raise BlockManagerError(f"grow: sequence {seq_id!r} is swapped out; swap it in first")
             # A child forked in this step starts as its parent.
             seq = ex.seqs[seq_id] if seq_id in ex.seqs else ex.seqs[next(p for p, c in fork if c == seq_id)]

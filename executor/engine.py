@@ -13,7 +13,7 @@ Per step:
    n > 1 completions and beams fork and drop sequences (:mod:`executor.sequence_group`).
 
 Pipelined (async) scheduling, on unless ``--no-async-scheduling``: in steady decoding (every
-running request a plain decode, nothing waiting) step 2 for the next step is sent before this
+running request a plain decode, none swapped out) step 2 for the next step is sent before this
 step's forward pass and its reply read after it, so the block manager's round trip overlaps the
 pass (:meth:`Engine._send_ahead`; vLLM v1's async scheduling is the same idea). The token the pass
 is about to sample goes to the block manager as pending and its id with the following request.
@@ -87,6 +87,8 @@ class Engine:
         self.scheduler = Scheduler(config.max_num_seqs, token_budget(config.max_num_batched_tokens, device, dtype))
         self.requests: dict[str, Request] = {}
         self.pending_free: list[str] = []
+        # Grow entries that only give a freed sequence's pending id (sent with its free).
+        self.pending_settle: list[tuple[str, int, list[int]]] = []
         self.step_records: list[StepRecord] = []
         self.record_steps = False
         self.num_preemptions = 0
@@ -152,7 +154,7 @@ class Engine:
             self.scheduler.remove(r)
             r.status = Status.FINISHED
             r.finish_reason = "abort"
-            self.pending_free.append(r.request_id)
+            self._free_later(r)
         return True
 
     def has_work(self) -> bool:
@@ -166,10 +168,16 @@ class Engine:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             # Sent during the last forward pass; whoever finished or was aborted since drops out
-            # (its blocks are freed with the next step).
-            batch = self._granted(self.link.finish(), [(req, n) for req, n in ahead
-                                                       if self.requests.get(req.request_id) is req
-                                                       and req.status is Status.RUNNING], [], outputs)
+            # (its blocks are freed with the next step), and what the reply says of it is not
+            # about a new request that took its id meanwhile (a resume sent to this executor).
+            live = [(req, n) for req, n in ahead if self.requests.get(req.request_id) is req
+                    and req.status is Status.RUNNING]
+            reply = self.link.finish()
+            if reply is not None and len(live) < len(ahead):
+                gone = {req.request_id for req, _ in ahead} - {req.request_id for req, _ in live}
+                reply = {**reply, "updates": {k: v for k, v in reply["updates"].items() if k not in gone},
+                         "preempted": {k: v for k, v in reply["preempted"].items() if k not in gone}}
+            batch = self._granted(reply, live, [], outputs)
             if batch is not None and self.scheduler.waiting:
                 # Requests that arrived meanwhile join this step, as they would without the
                 # pipelining: their admission goes in a second request, answered before the pass.
@@ -223,6 +231,7 @@ class Engine:
                 req.unreported_from = None
         fork, self.pending_fork = self.pending_fork, []
         free, self.pending_free = self.pending_free, []
+        grow += self._take_settles()
         if not (grow or admit or fork or free or swap_ins):
             return None
         return {"fork": fork, "free": free, "grow": grow, "swap_in": [r.request_id for r in swap_ins], "admit": admit}
@@ -233,15 +242,15 @@ class Engine:
 
         Only in the steady state where the next step is predictable: the batch is every running
         request, each a plain single-sequence decode (no n > 1 completions, beams or forks), and
-        nothing waits or is swapped out. The next step then decodes the same requests, each one
-        token further, but for those this step ends by length; the token this step samples goes
-        as :data:`blockmgr.protocol.PENDING` and its id with the request after. A request that
-        ends on EOS or is aborted meanwhile has room for a token it never computes, freed with
-        the step after. Anything else (a new request, a preemption) waits one step: the next
-        step is sent the usual way.
+        nothing is swapped out (swap-ins are scheduled by steps sent the usual way). The next step
+        then decodes the same requests, each one token further, but for those this step ends by
+        length; the token this step samples goes as :data:`blockmgr.protocol.PENDING` and its id
+        with the request after. A request that ends on EOS or is aborted meanwhile has room for a
+        token it never computes, freed with the step after; requests waiting for admission are
+        admitted by a second request in the next step (:meth:`step`).
         """
         sched = self.scheduler
-        if (not self.config.async_scheduling or sched.waiting or sched.swapped or self.pending_fork
+        if (not self.config.async_scheduling or sched.swapped or self.pending_fork
                 or len(batch) != len(sched.running)):
             return
         grow, ahead = [], []
@@ -260,11 +269,17 @@ class Engine:
             req.unreported_from = req.num_computed_tokens + 1
             ahead.append((req, 1))
         free, self.pending_free = self.pending_free, []
-        self.link.send(fork=[], free=free, grow=[entry for _, entry in grow], swap_in=[], admit=[])
+        self.link.send(fork=[], free=free, grow=[entry for _, entry in grow] + self._take_settles(), swap_in=[],
+                       admit=[])
         self._ahead = ahead
+
+    def _take_settles(self) -> list[tuple[str, int, list[int]]]:
+        settles, self.pending_settle = self.pending_settle, []
+        return settles
 
     def _start_over(self, swap_ins: list[Request]) -> None:
         """Preempt every sequence by recompute: the block manager lost all of this executor's blocks."""
+        self.pending_settle = []
         sched = self.scheduler
         for req in swap_ins + list(sched.swapped):
             if req in sched.swapped:
@@ -412,7 +427,7 @@ class Engine:
         for beam in step.dropped:
             self.requests.pop(beam.request_id, None)
             self.scheduler.remove(beam)
-            self.pending_free.append(beam.request_id)
+            self._free_later(beam)
         if step.done:
             best = group.best()
             reason = "stop" if best and best[-1] in self.eos_token_ids else "length"
@@ -435,7 +450,17 @@ class Engine:
         req.finish_reason = reason
         req.error = error
         self.requests.pop(req.request_id, None)
+        self._free_later(req)
+
+    def _free_later(self, req: Request) -> None:
+        """Free ``req``'s blocks with the next step; one whose last computed id the block manager
+        has only as pending gets it first (so that the block holding it is published to the
+        prefix cache: a continued conversation hits its whole history)."""
         self.pending_free.append(req.request_id)
+        first = req.unreported_from
+        if first is not None and first < req.num_computed_tokens:
+            self.pending_settle.append((req.request_id, first + 1, req.all_token_ids[first : first + 1]))
+        req.unreported_from = None
 
     def _output(self, req: Request, tokens: list[int], logprobs: list[dict] | None = None) -> RequestOutput:
         if req.status is Status.FINISHED:

@@ -8,7 +8,7 @@ from blockmgr import protocol
 from blockmgr.block_hash import hash_block, hash_chain
 from blockmgr.block_pool import BlockPool, OutOfBlocks
 from blockmgr.client import BlockManagerRequestError, InProcessBlockManager
-from blockmgr.manager import BlockManager
+from blockmgr.manager import BlockManager, BlockManagerError
 
 BS = 4
 
@@ -62,7 +62,7 @@ def test_unsatisfiable_admissions_are_denied_not_crashed():
     assert bm.stats()["ex"]["device"]["used"] == 2, "a denied sequence holds nothing"
     with pytest.raises(BlockManagerRequestError, match="unknown executor"):
         bm.step("nope", free=["a"])
-    with pytest.raises(BlockManagerRequestError, match="unknown sequence"):
+    with pytest.raises(BlockManagerRequestError, match="freed in the same step"):
         bm.step("ex", free=["a"], grow=[("a", 9, [1])])
     assert bm.stats()["ex"]["device"]["used"] == 2, "a refused step changes nothing, its free included"
 
@@ -276,6 +276,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
         parent = data.draw(st.sampled_from(self._running()))
         child = f"s{self.next_id}"
         self.next_id += 1
+        if self.ex.seqs[parent].num_known < self.ex.seqs[parent].num_tokens:
+            with pytest.raises(BlockManagerError, match="pending"):  # the child would share the owed slot
+                self.bm.step("ex", fork=[(parent, child)])
+            return
         check_op_groups(self.bm.step("ex", fork=[(parent, child)]))
 
     @precondition(lambda self: self.ex.seqs)
@@ -300,7 +304,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_pending_id_is_hashed(self):
-        assert all(protocol.PENDING not in tokens for _, _, tokens in self.ex.cached_meta.values())
+        for meta in (self.ex.cached_meta, self.ex.cpu_meta):
+            assert all(protocol.PENDING not in tokens for _, _, tokens in meta.values())
         for q in self.ex.seqs.values():
             assert len(q.block_hashes) <= q.num_known // BS
 
@@ -385,6 +390,20 @@ def test_a_grow_that_contradicts_the_pending_ids_is_refused_whole():
     assert bm.manager.executors["ex"].seqs["a"].tokens == before
     with pytest.raises(BlockManagerRequestError):
         bm.step("ex", grow=[("a", 6, [-2, 6])])  # ids below PENDING are malformed on the wire
+
+
+def test_a_freed_sequence_gives_its_pending_ids_first_and_cannot_be_forked_before():
+    bm = InProcessBlockManager(BlockManager(watermark=0))
+    bm.register("ex", num_device_blocks=8, block_size=BS)
+    admit(bm, "a", [1, 2, 3])
+    bm.step("ex", grow=[("a", 4, [protocol.PENDING])])
+    with pytest.raises(BlockManagerRequestError, match="pending"):
+        bm.step("ex", fork=[("a", "child")])  # child and parent would each give the shared slot's id
+    with pytest.raises(BlockManagerRequestError, match="freed in the same step"):
+        bm.step("ex", free=["a"], grow=[("a", 5, [4, 5])])  # a freed sequence does not grow
+    bm.step("ex", free=["a"], grow=[("a", 4, [4])])  # its last id, then the free publishes the block
+    assert bm.match_prefix([1, 2, 3, 4, 9]) == {"ex": 4}
+    assert bm.stats()["ex"]["device"]["used"] == 0
 
 
 def test_a_victim_swapped_out_before_its_own_grow_keeps_the_ids_that_entry_settles():
