@@ -35,10 +35,13 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
 
 def scheduler_limits(engine: Engine) -> str:
     """The limits ``engine`` schedules under, as the start-up log gives them (block geometry has its
-    own "KV cache" line): ``max_model_len`` after the model's default, the per-step caps."""
+    own "KV cache" line): ``max_model_len`` after the model's default, the per-step caps, and
+    whether steps are pipelined with the block manager."""
     sched = engine.scheduler
+    pipelined = ("async scheduling (steady decode steps' block-manager requests sent before the forward pass)"
+                 if engine.config.async_scheduling else "steps one at a time (--no-async-scheduling)")
     return (f"max_model_len {engine.max_model_len} tokens, max_num_seqs {sched.max_num_seqs}, "
-            f"max_num_batched_tokens {sched.max_num_batched_tokens} (token budget per step)")
+            f"max_num_batched_tokens {sched.max_num_batched_tokens} (token budget per step); {pipelined}")
 
 
 SEND_HWM = 100_000  # messages (a step's outputs each) queued per gateway before a send fails (and is reported)

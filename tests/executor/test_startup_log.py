@@ -7,12 +7,17 @@ def test_the_scheduler_limits_line_gives_what_the_engine_runs_with(make_engine, 
     engine, _ = make_engine(block_size=16, num_blocks=8, max_num_seqs=7, max_num_batched_tokens=300,
                             max_model_len=512)
     assert scheduler_limits(engine) == ("max_model_len 512 tokens, max_num_seqs 7, "
-                                        "max_num_batched_tokens 300 (token budget per step)")
+                                        "max_num_batched_tokens 300 (token budget per step); async scheduling "
+                                        "(steady decode steps' block-manager requests sent before the forward pass)")
     # Without --max-model-len the model's own context length is the limit, and the line says it.
     engine, _ = make_engine(block_size=16, num_blocks=8)
     model, _ = smollm
     assert scheduler_limits(engine) == (f"max_model_len {model.max_model_len} tokens, max_num_seqs 64, "
-                                        "max_num_batched_tokens 512 (token budget per step)")  # the CPU default
+                                        "max_num_batched_tokens 512 (token budget per step); async scheduling "
+                                        "(steady decode steps' block-manager requests sent before the forward "
+                                        "pass)")  # the CPU default
+    engine, _ = make_engine(block_size=16, num_blocks=8, async_scheduling=False)
+    assert scheduler_limits(engine).endswith("; steps one at a time (--no-async-scheduling)")
 
 
 def test_the_token_budget_defaults_by_device_and_dtype():
