@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         "num_blocks": config.num_blocks,
         "block_size": config.block_size,
         "max_model_len": engine.max_model_len,
+        "async_scheduling": config.async_scheduling,
     }
     server = ExecutorServer(engine, config.bind, info, keys, config.max_message_bytes)
 

@@ -72,6 +72,7 @@ class ExecutorStatus(BaseModel):
     num_blocks: Optional[int] = None
     block_size: Optional[int] = None
     max_model_len: Optional[int] = None
+    async_scheduling: Optional[bool] = None  # block-manager requests sent ahead of the forward pass
     num_running: Optional[int] = None
     num_waiting: Optional[int] = None
     num_swapped: Optional[int] = None
@@ -186,7 +187,7 @@ async def list_executors(request: Request):
         out.append({
             "executor_id": h.executor_id, "address": h.address, "healthy": h.healthy,
             **{k: info.get(k) for k in ("device", "model", "num_blocks", "block_size", "max_model_len",
-                                        "num_running", "num_waiting", "num_swapped")},
+                                        "async_scheduling", "num_running", "num_waiting", "num_swapped")},
             "in_flight": h.load, "last_seen_s_ago": None if last is None else round(now - last, 3),
             "error": h.last_probe_error,
         })

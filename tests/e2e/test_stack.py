@@ -345,6 +345,7 @@ def test_admin_executors_metrics_and_reset(stack):
     exs = httpx.get(base + "/admin/executors").json()["executors"]
     assert sorted(e["executor_id"] for e in exs) == ["executor-0", "executor-1"]
     assert all(e["healthy"] and e["num_blocks"] == 256 and e["device"] == "cpu" for e in exs)
+    assert all(e["async_scheduling"] is True for e in exs), "pipelined scheduling is the default"
     text = httpx.get(base + "/metrics").text
     for name in ("pagedserve:kv_cache_usage_perc", "pagedserve:prefix_cache_queries_total",
                  "pagedserve:prefix_cache_hits_total", "pagedserve:num_preemptions_total",

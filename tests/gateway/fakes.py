@@ -176,7 +176,7 @@ class FakeExecutor:
         reply: dict[str, Any] = {"op": "reply", "nonce": 0}
         if op == "info":
             reply.update(executor_id=self.executor_id, device="cpu", model="fake", num_blocks=self.num_blocks,
-                         block_size=self.block_size, max_model_len=self.max_model_len,
+                         block_size=self.block_size, max_model_len=self.max_model_len, async_scheduling=True,
                          num_running=len(self._running), num_waiting=0, num_swapped=0)
         elif op == "sequences":
             reply["sequences"] = [

@@ -92,6 +92,7 @@ def test_admin_executors(server):
     assert [e["executor_id"] for e in exs] == ["executor-0", "executor-1"]
     for e in exs:
         assert e["healthy"] and e["device"] == "cpu" and e["num_blocks"] == 256 and e["block_size"] == 16
+        assert e["async_scheduling"] is True
         assert {"num_running", "num_waiting", "num_swapped", "in_flight", "model", "max_model_len"} <= set(e)
 
 
