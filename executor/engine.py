@@ -178,9 +178,10 @@ class Engine:
                 reply = {**reply, "updates": {k: v for k, v in reply["updates"].items() if k not in gone},
                          "preempted": {k: v for k, v in reply["preempted"].items() if k not in gone}}
             batch = self._granted(reply, live, [], outputs)
-            if batch is not None and self.scheduler.waiting:
+            if batch is not None and self.scheduler.waiting and not self.scheduler.swapped:
                 # Requests that arrived meanwhile join this step, as they would without the
-                # pipelining: their admission goes in a second request, answered before the pass.
+                # pipelining: their admission goes in a second request, answered before the pass
+                # (unless the reply swapped someone out: swap-ins go first, in the next step).
                 granted = {req.request_id for req, _ in batch}
                 extra = [(req, n) for req, n in self.scheduler.schedule() if req.request_id not in granted]
                 lists = self._request_lists(extra, [])
