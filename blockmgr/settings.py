@@ -7,9 +7,10 @@ environment variable, ``PAGEDSERVE_<FIELD>`` unless ``env=`` names another (the 
 uses). This module derives the rest from those fields:
 
 - :class:`SettingsParser` builds the ``argparse`` flags (``--field-name`` unless ``flag=`` names
-  another; a bool field whose default is True gets a flag that turns it off) and builds the
-  settings object: flags win over the environment, which wins over the defaults. A bad value
-  exits with status 2 and a message naming the flag (or the variable) it came from.
+  another; a bool field gets two, the one that turns it from its default and its twin that sets
+  the default back: ``--no-prefix-caching``, ``--prefix-caching``) and builds the settings
+  object: flags win over the environment, which wins over the defaults. A bad value exits with
+  status 2 and a message naming the flag (or the variable) it came from.
 - :func:`to_env` / :func:`environment_for` turn a settings object back into environment
   variables, which is how ``pagedserve serve`` hands each child process its settings.
 
@@ -77,8 +78,9 @@ def setting(default: Any = ..., help: str = "", *, flag: str | None = None, env:
     Args:
         default: the default (``...``: required).
         help: the help text (the field's description), shown by ``--help``.
-        flag: the flag, when not ``--`` + the field name with dashes. For a bool whose default is
-            True, the flag that turns it off (e.g. ``--no-prefix-caching``).
+        flag: the flag, when not ``--`` + the field name with dashes. For a bool, the flag that turns
+            it from its default (e.g. ``--no-prefix-caching``); its twin, which sets the default back
+            over a variable (``--prefix-caching``, see :func:`bool_twin`), comes with it.
         env: the environment variable, when not ``PAGEDSERVE_`` + the field name in capitals.
         old_flags: former spellings still accepted (listed in ``--help`` next to the flag).
         constraints: pydantic constraints (``ge``, ``gt``, ``le``, ``lt``).
@@ -169,6 +171,25 @@ def env_name(cls: type[BaseModel], name: str) -> str:
 def flag_name(cls: type[BaseSettings], name: str) -> str:
     """The command-line flag of field ``name``."""
     return _extra(cls.model_fields[name]).get("flag") or "--" + name.replace("_", "-")
+
+
+def bool_twin(flag: str) -> str:
+    """The flag that undoes bool flag ``flag``: ``--no-x`` for ``--x``, ``--x`` for ``--no-x``."""
+    return "--" + flag.removeprefix("--no-") if flag.startswith("--no-") else "--no-" + flag.removeprefix("--")
+
+
+class _BoolFlags(argparse.Action):
+    """A bool setting's flags: the declared one (and its old spellings) stores ``const``, its twin,
+    the last of ``option_strings``, stores the opposite. Like ``argparse.BooleanOptionalAction``,
+    but the declared flag may be the ``--no-`` one or a name of its own (``--shared-prefix-cache``),
+    so that a variable's value can be overridden either way while the help describes the declared flag.
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, const: bool, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, const=const, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, self.const != (option_string == self.option_strings[-1]))
 
 
 def _separator(info: FieldInfo) -> Separated | None:
@@ -270,8 +291,11 @@ class SettingsParser:
             annotation = info.annotation
             default = info.get_default(call_default_factory=True)
             env = "$" + env_name(cls, name)
+            flags = [flag, *_extra(info).get("old_flags", ())]
             if annotation is bool:
-                kwargs.update(action="store_const", const=not default)
+                flags.append(bool_twin(flag))
+                kwargs.update(action=_BoolFlags, const=not default)
+                help_text += f" ({flags[-1]} undoes it)"
                 env += "=" + ("true" if not default else "false")
             elif _separator(info) is not None:
                 kwargs.update(action="extend", nargs="+", metavar=name.upper().removesuffix("S"))
@@ -283,7 +307,7 @@ class SettingsParser:
                 if default is not None and annotation is not bool:
                     help_text += f" (default {default})".replace("%", "%%")
             help_text += f" [{env}]"
-            target.add_argument(flag, *_extra(info).get("old_flags", ()), help=help_text, **kwargs)
+            target.add_argument(*flags, help=help_text, **kwargs)
 
     def parse(self, argv: list[str] | None) -> dict[str, Any]:
         """The flags given on the command line, as ``{field name: raw value}``."""

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from blockmgr.config import BlockManagerSettings, KeysSettings
-from blockmgr.settings import (ENV_PREFIX, SettingsParser, env_name, environment_for, flag_name, load, settings_fields,
-                               to_env)
+from blockmgr.settings import (ENV_PREFIX, SettingsParser, bool_twin, env_name, environment_for, flag_name, load,
+                               settings_fields, to_env)
 from executor.config import ExecutorSettings
 from gateway.settings import GatewaySettings, ServeSettings
 
@@ -169,7 +169,9 @@ def test_every_service_help_lists_every_setting_once():
         assert out.returncode == 0, out.stderr
         for name in settings_fields(cls):
             flag, var = flag_name(cls, name), env_name(cls, name)
-            assert out.stdout.count(f"  {flag} ") + out.stdout.count(f"  {flag}\n") == 1, (module, flag)
+            assert sum(out.stdout.count(f"  {flag}{end}") for end in " \n,") == 1, (module, flag)
+            if cls.model_fields[name].annotation is bool:  # its twin on the same entry
+                assert out.stdout.count(f"  {flag}, {bool_twin(flag)}") == 1, (module, flag)
             assert out.stdout.count(f"[${var}") == 1, (module, var)
 
 
@@ -189,3 +191,16 @@ def test_argparse_is_used_by_the_settings_machinery_alone():
     out = subprocess.run(["git", "grep", "-l", call], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode in (0, 1), out.stderr
     assert set(out.stdout.split()) == {"blockmgr/settings.py"}
+
+
+@pytest.mark.parametrize("cls, name, on, off", [
+    (BlockManagerSettings, "prefix_caching", "--prefix-caching", "--no-prefix-caching"),
+    (ExecutorSettings, "async_scheduling", "--async-scheduling", "--no-async-scheduling"),
+])
+def test_a_bool_flag_in_either_form_wins_over_its_variable(monkeypatch, cls, name, on, off):
+    var = env_name(cls, name)
+    monkeypatch.setenv(var, "false")
+    assert getattr(load(cls, [on], "x", "x")[0], name) is True
+    monkeypatch.setenv(var, "true")
+    assert getattr(load(cls, [off], "x", "x")[0], name) is False
+    assert getattr(load(cls, [off, on], "x", "x")[0], name) is True  # the last one given wins

@@ -138,3 +138,20 @@ def test_serve_warns_of_executor_keys_it_does_not_run(tmp_path, smollm_dir, monk
                         f"{keys_dir / 'executor-1.key'} {keys_dir / 'executor-1.key_secret'} "
                         f"{keys_dir / 'executor-10.key'} {keys_dir / 'executor-10.key_secret'}: a service re-reads the "
                         f"directory at each new connection"]
+
+
+def test_serve_hands_a_bool_flags_positive_form_over_its_variable(smollm_dir, monkeypatch, free_port):
+    """``--prefix-caching`` given to serve reaches the child even where serve's shell turned it off."""
+    import gateway.launcher
+    from gateway.cli import serve
+
+    monkeypatch.setenv("PAGEDSERVE_PREFIX_CACHING", "false")
+    monkeypatch.setenv("PAGEDSERVE_ASYNC_SCHEDULING", "false")
+    started = []
+    monkeypatch.setattr(gateway.launcher, "supervise", lambda children: started.extend(children) or 0)
+    assert serve(["--insecure-local", "--model", str(smollm_dir), "--port", str(free_port()),
+                  "--blockmgr-port", str(free_port()), "--executor-base-port", str(free_port()),
+                  "--prefix-caching", "--async-scheduling"]) == 0
+    env = {child.name: child.env for child in started}
+    assert env["blockmgr"]["PAGEDSERVE_PREFIX_CACHING"] == "true"
+    assert env["executor-0"]["PAGEDSERVE_ASYNC_SCHEDULING"] == "true"
