@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Any other `pagedserve serve` flags, e.g. a second stack's ports (README, Quick start).
+SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps serve test test-fast bench clean
@@ -37,7 +39,7 @@ system-deps:
 	fi
 
 serve: setup
-	$(VENV)/bin/pagedserve serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/pagedserve serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: setup system-deps
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

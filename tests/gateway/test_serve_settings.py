@@ -155,3 +155,28 @@ def test_serve_hands_a_bool_flags_positive_form_over_its_variable(smollm_dir, mo
     env = {child.name: child.env for child in started}
     assert env["blockmgr"]["PAGEDSERVE_PREFIX_CACHING"] == "true"
     assert env["executor-0"]["PAGEDSERVE_ASYNC_SCHEDULING"] == "true"
+
+
+def test_make_serve_runs_a_second_stack_as_the_readme_says():
+    """`make serve PORT=... SERVE_ARGS="..."`: the README's example reaches `pagedserve serve`, and
+    moves every port a second stack on this machine would otherwise share with the first."""
+    import shlex
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    root = Path(__file__).resolve().parents[2]
+    example = re.search(r"`(make serve PORT=\d+ SERVE_ARGS=\"[^\"]+\")`", (root / "README.md").read_text())
+    assert example, "README shows no second stack through make serve"
+    out = subprocess.run([*shlex.split(example.group(1)), "-n"], capture_output=True, text=True, cwd=root,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    command = next(shlex.split(line) for line in out.stdout.splitlines() if " serve " in line)
+    assert command[:2] == [".venv/bin/pagedserve", "serve"], command
+    settings, _ = parse_serve(command[2:])
+    default, _ = parse_serve([])
+    assert settings.gateway.port != default.gateway.port
+    assert settings.blockmgr_port != default.blockmgr_port
+    assert settings.executor_base_port != default.executor_base_port
