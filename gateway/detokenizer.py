@@ -4,7 +4,8 @@ Text is released only when it is final:
 
 - a token sequence that ends inside a multi-byte UTF-8 character decodes to U+FFFD, so text is
   held back until the next token completes it (the prefix/read offset scheme of HF
-  text-generation-inference and vLLM);
+  text-generation-inference and vLLM), but never more than the last 3 tokens' worth once the
+  text before them is decided (bytes that never form a character are released as U+FFFD);
 - text that could still grow into a stop string is held back until it cannot.
 
 Stop strings are matched incrementally: each stop string has a Knuth-Morris-Pratt automaton
@@ -23,6 +24,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+
+# A UTF-8 character is at most 4 bytes and a token adds at least one, so what the bytes before the
+# last 3 tokens decode to is decided (RFC 3629; a decoder replaces each maximal invalid subsequence
+# with one U+FFFD, as Rust's from_utf8_lossy and Python's "replace" handler do).
+_SETTLED = 3
 
 
 def _backend_decode(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str] | None:
@@ -97,13 +103,26 @@ class TextStream:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _new_text(self, final: bool) -> str:
-        """Text of the tokens after the read offset, unless it still ends inside a character."""
+        """Text of the tokens after the read offset, unless it still ends inside a character.
+
+        Held back behind U+FFFD, text is still released up to the last ``_SETTLED`` tokens when
+        extending it by them changed none of it: a model can emit bytes that never form a character
+        (a run of lone continuation bytes), and holding back until one does left a stream silent to
+        its end (seen at c=64: one request's first text came with its last token, after 18 s).
+        """
         prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
         full = self._decode(self.token_ids[self._prefix_offset :])
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.token_ids)
             return full[len(prefix) :]
+        cut = len(self.token_ids) - _SETTLED
+        if cut > self._read_offset:
+            head = self._decode(self.token_ids[self._prefix_offset : cut])
+            if len(head) > len(prefix) and full.startswith(head):
+                self._prefix_offset = self._read_offset
+                self._read_offset = cut
+                return head[len(prefix) :]
         return ""
 
     def push(self, token_ids: list[int]) -> str:

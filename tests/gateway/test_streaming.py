@@ -128,3 +128,36 @@ def test_streamed_equals_non_streamed(server, text, stop):
     fullc = c.completions.create(prompt="x", **kw).choices[0]
     chunks = list(c.completions.create(prompt="x", stream=True, **kw))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == fullc.text == full.message.content
+
+
+def byte_ids(tok, data: bytes) -> list[int]:
+    """One token per byte: the byte-level BPE's single-byte tokens (GPT-2's byte-to-unicode map)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = bytes_to_unicode()
+    return [tok.convert_tokens_to_ids(chars[b]) for b in data]
+
+
+def test_bytes_that_never_form_a_character_are_released_as_they_come(tok):
+    """A run of lone UTF-8 continuation bytes (what one c=64 request's greedy output was) is never
+    a character: its U+FFFDs come 3 tokens behind the newest, not all at the end."""
+    ids = byte_ids(tok, bytes([0x80 + i % 6 for i in range(200)]))
+    deltas, _ = run_stream(tok, ids, [], [1])
+    assert "".join(deltas) == reference(tok, ids, []) == "\ufffd" * 200
+    assert all(d == "\ufffd" for d in deltas[3:200]) and deltas[:3] == ["", "", ""]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.lists(st.one_of(st.binary(min_size=1, max_size=3),
+                               st.sampled_from(["é", "界", "🎉", "a", " ok"]).map(str.encode)),
+                     min_size=1, max_size=40).map(b"".join),
+       splits=st.lists(st.integers(1, 4), min_size=1, max_size=4))
+def test_any_bytes_in_any_split_give_the_decoded_text(tok, data, splits):
+    """Valid characters split across tokens, invalid bytes, and both mixed: the joined deltas are
+    the whole decode, and a delta holds U+FFFD only where the whole decode does."""
+    ids = byte_ids(tok, data)
+    deltas, _ = run_stream(tok, ids, [], splits)
+    whole = reference(tok, ids, [])
+    assert "".join(deltas) == whole
+    if "\ufffd" not in whole:
+        assert not any("\ufffd" in d for d in deltas)
