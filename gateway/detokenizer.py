@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 # A UTF-8 character is at most 4 bytes and a token adds at least one, so what the bytes before the
 # last 3 tokens decode to is decided (RFC 3629; a decoder replaces each maximal invalid subsequence
-# with one U+FFFD, as Rust's from_utf8_lossy and Python's "replace" handler do).
+# with one U+FFFD, as Rust's from_utf8_lossy and Python's "replace" handler do). A skipped special
+# token adds no byte: a character whose bytes came around 3 of them would stream as U+FFFD.
 _SETTLED = 3
 
 
