@@ -4,6 +4,9 @@ child's settings derived from the same objects (handed over as PAGEDSERVE_ varia
 import logging
 import os
 import re
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -160,10 +163,6 @@ def test_serve_hands_a_bool_flags_positive_form_over_its_variable(smollm_dir, mo
 def test_make_serve_runs_a_second_stack_as_the_readme_says():
     """`make serve PORT=... SERVE_ARGS="..."`: the README's example reaches `pagedserve serve`, and
     moves every port a second stack on this machine would otherwise share with the first."""
-    import shlex
-    import subprocess
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[2]
     example = re.search(r"`(make serve PORT=\d+ SERVE_ARGS=\"[^\"]+\")`", (root / "README.md").read_text())
     assert example, "README shows no second stack through make serve"
