@@ -15,9 +15,10 @@ setup converts an F32 GGUF only).
 
 Servers:
 
-- ``ours``: ``pagedserve serve --device cpu --num-threads T`` (this checkout);
+- ``ours``: ``pagedserve serve --device cpu --num-threads T --kv-cache-gib K`` (this checkout);
 - ``vllm``: vLLM CPU from ``$PEERS/vllm-venv`` (``../shared/peers/setup.sh vllm``), started with
-  ``VLLM_CPU_OMP_THREADS_BIND=0-(T-1)``;
+  ``VLLM_CPU_OMP_THREADS_BIND=0-(T-1)`` and ``VLLM_CPU_KVCACHE_SPACE=K`` (``--kv-cache-gib``,
+  default 2: the same KV budget for both, so their peak memory compares);
 - ``llama``: ``$PEERS/llama-server`` on ``$PEERS/<model dir name>-f32.gguf`` (``setup.sh llama``
   and ``setup.sh gguf MODEL_DIR``), ``-t T -np C -c C*ctx``, restarted for each concurrency so it
   has a slot per client.
@@ -131,7 +132,7 @@ def servers(args, model_dir: Path, concurrency: int) -> list[Server]:
                                    "--executor-base-port", str(free_port()), "--device", "cpu",
                                    "--model", str(model_dir), "--served-model-name", MODEL_NAME,
                                    "--num-threads", str(t), "--max-num-seqs", str(max(64, concurrency)),
-                                   "--dtype", args.dtype,
+                                   "--dtype", args.dtype, "--kv-cache-gib", f"{args.kv_cache_gib:g}",
                                    "--log-level", "WARNING"],
                           port, env={"PYTHONPATH": str(REPO)}, version=f"pagedserve {commit}, torch {torch.__version__}"))
     peers = Path(args.peers_dir)
@@ -140,7 +141,7 @@ def servers(args, model_dir: Path, concurrency: int) -> list[Server]:
         port = free_port()
         srv = Server("vllm", [str(py), str(peers / "vllm_cli.py"), "serve", str(model_dir), "--port", str(port),
                               "--dtype", args.dtype, "--served-model-name", MODEL_NAME],
-                     port, env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{t - 1}",
+                     port, env={"VLLM_CPU_KVCACHE_SPACE": f"{args.kv_cache_gib:g}", "VLLM_CPU_OMP_THREADS_BIND": f"0-{t - 1}",
                                 "HF_HUB_OFFLINE": "1"}, start_timeout_s=600.0)
         if not py.exists():
             srv.missing = f"not installed ({py} missing: ../shared/peers/setup.sh vllm)"
@@ -304,7 +305,9 @@ def table(rows: list[dict], skipped: dict[str, str], meta: dict) -> str:
 
     lines = [f"# Peers: {meta['model']} {meta.get('dtype', 'float32')} on {meta['cpu']}", "",
              f"{meta['threads']} threads per server; {meta['input_len']} tokens in, {meta['output_len']} out "
-             f"(ignore_eos, greedy); client: {meta['client']}; {meta['date']}.", "",
+             f"(ignore_eos, greedy); " + (f"KV cache {meta['kv_cache_gib']:g} GiB (ours and vLLM); "
+                                          if "kv_cache_gib" in meta else "")
+             + f"client: {meta['client']}; {meta['date']}.", "",
              "| server | version | c | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL mean ms "
              "| peak RSS MiB | failed |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -356,6 +359,9 @@ class PeersSettings(BenchmarkSettings):
     peers_dir: str = setting(str(DEFAULT_PEERS), "where the peers are installed ($PEERS)")
     client: Literal["auto", "vllm", "builtin"] = setting("auto", "auto: vllm bench serve when the vLLM venv is "
                                                                  "installed, else the built-in client")
+    kv_cache_gib: float = reuse(ExecutorSettings, "kv_cache_gib", default=2.0,
+                                description="KV cache of ours (--kv-cache-gib) and of vLLM (VLLM_CPU_KVCACHE_SPACE), "
+                                            "GiB: the same budget for both")
     dtype: Literal["float32", "bfloat16"] = setting("float32", "weights, activations and KV cache of ours and vLLM "
                                                                "(bfloat16 skips llama-server)")
     out: str = setting(str(REPO / "docs" / "bench"), "where peers.{md,json,png} go (peers-bf16.* for bfloat16)")
@@ -385,7 +391,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.num_threads, "model": MODEL_NAME,
-            "dtype": args.dtype,
+            "dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib,
             "input_len": args.input_len, "output_len": args.output_len,
             "client": "vllm bench serve" if client == "vllm" else "built-in (benchmarks/peers.py)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -48,3 +48,13 @@ def test_bf16_passes_the_dtype_to_ours_and_vllm_and_skips_llama(tmp_path):
     assert "bfloat16 GGUF" in got["llama"].missing
     md = peers.table([], {}, {**META, "dtype": "bfloat16"})
     assert md.startswith("# Peers: SmolLM2-135M-Instruct bfloat16 on AMD EPYC 9R14")
+
+
+def test_ours_and_vllm_get_the_same_kv_cache_budget(tmp_path):
+    for argv, want in (([], "2"), (["--kv-cache-gib", "1.5"], "1.5")):
+        args = peers.parse_args([*argv, "--num-threads", "2", "--peers-dir", str(tmp_path)])
+        got = {s.name: s for s in peers.servers(args, tmp_path / "model", 16)}
+        ours = got["ours"].argv
+        assert ours[ours.index("--kv-cache-gib") + 1] == want
+        assert got["vllm"].env["VLLM_CPU_KVCACHE_SPACE"] == want
+    assert "KV cache 2 GiB (ours and vLLM)" in peers.table([], {}, {**META, "kv_cache_gib": 2.0})
