@@ -132,7 +132,7 @@ def servers(args, model_dir: Path, concurrency: int) -> list[Server]:
                                    "--executor-base-port", str(free_port()), "--device", "cpu",
                                    "--model", str(model_dir), "--served-model-name", MODEL_NAME,
                                    "--num-threads", str(t), "--max-num-seqs", str(max(64, concurrency)),
-                                   "--dtype", args.dtype, "--kv-cache-gib", f"{args.kv_cache_gib:g}",
+                                   "--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib),
                                    "--log-level", "WARNING"],
                           port, env={"PYTHONPATH": str(REPO)}, version=f"pagedserve {commit}, torch {torch.__version__}"))
     peers = Path(args.peers_dir)
@@ -141,7 +141,7 @@ def servers(args, model_dir: Path, concurrency: int) -> list[Server]:
         port = free_port()
         srv = Server("vllm", [str(py), str(peers / "vllm_cli.py"), "serve", str(model_dir), "--port", str(port),
                               "--dtype", args.dtype, "--served-model-name", MODEL_NAME],
-                     port, env={"VLLM_CPU_KVCACHE_SPACE": f"{args.kv_cache_gib:g}", "VLLM_CPU_OMP_THREADS_BIND": f"0-{t - 1}",
+                     port, env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": f"0-{t - 1}",
                                 "HF_HUB_OFFLINE": "1"}, start_timeout_s=600.0)
         if not py.exists():
             srv.missing = f"not installed ({py} missing: ../shared/peers/setup.sh vllm)"
@@ -305,7 +305,7 @@ def table(rows: list[dict], skipped: dict[str, str], meta: dict) -> str:
 
     lines = [f"# Peers: {meta['model']} {meta.get('dtype', 'float32')} on {meta['cpu']}", "",
              f"{meta['threads']} threads per server; {meta['input_len']} tokens in, {meta['output_len']} out "
-             f"(ignore_eos, greedy); " + (f"KV cache {meta['kv_cache_gib']:g} GiB (ours and vLLM); "
+             f"(ignore_eos, greedy); " + (f"KV cache {meta['kv_cache_gib']} GiB (ours and vLLM); "
                                           if "kv_cache_gib" in meta else "")
              + f"client: {meta['client']}; {meta['date']}.", "",
              "| server | version | c | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL mean ms "
@@ -359,9 +359,8 @@ class PeersSettings(BenchmarkSettings):
     peers_dir: str = setting(str(DEFAULT_PEERS), "where the peers are installed ($PEERS)")
     client: Literal["auto", "vllm", "builtin"] = setting("auto", "auto: vllm bench serve when the vLLM venv is "
                                                                  "installed, else the built-in client")
-    kv_cache_gib: float = reuse(ExecutorSettings, "kv_cache_gib", default=2.0,
-                                description="KV cache of ours (--kv-cache-gib) and of vLLM (VLLM_CPU_KVCACHE_SPACE), "
-                                            "GiB: the same budget for both")
+    kv_cache_gib: int = setting(2, "KV cache of ours (--kv-cache-gib) and of vLLM (VLLM_CPU_KVCACHE_SPACE, which "
+                                   "takes whole GiB), GiB: the same budget for both", ge=1)
     dtype: Literal["float32", "bfloat16"] = setting("float32", "weights, activations and KV cache of ours and vLLM "
                                                                "(bfloat16 skips llama-server)")
     out: str = setting(str(REPO / "docs" / "bench"), "where peers.{md,json,png} go (peers-bf16.* for bfloat16)")

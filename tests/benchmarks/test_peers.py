@@ -1,5 +1,7 @@
 """benchmarks/peers.py's pure parts: lscpu and vllm-bench parsing, the markdown table (no servers run)."""
 
+import pytest
+
 from benchmarks import peers
 
 META = {"cpu": "AMD EPYC 9R14", "threads": 2, "model": "SmolLM2-135M-Instruct", "input_len": 128,
@@ -51,10 +53,17 @@ def test_bf16_passes_the_dtype_to_ours_and_vllm_and_skips_llama(tmp_path):
 
 
 def test_ours_and_vllm_get_the_same_kv_cache_budget(tmp_path):
-    for argv, want in (([], "2"), (["--kv-cache-gib", "1.5"], "1.5")):
+    for argv, want in (([], "2"), (["--kv-cache-gib", "3"], "3")):
         args = peers.parse_args([*argv, "--num-threads", "2", "--peers-dir", str(tmp_path)])
         got = {s.name: s for s in peers.servers(args, tmp_path / "model", 16)}
         ours = got["ours"].argv
         assert ours[ours.index("--kv-cache-gib") + 1] == want
         assert got["vllm"].env["VLLM_CPU_KVCACHE_SPACE"] == want
-    assert "KV cache 2 GiB (ours and vLLM)" in peers.table([], {}, {**META, "kv_cache_gib": 2.0})
+    assert "KV cache 2 GiB (ours and vLLM)" in peers.table([], {}, {**META, "kv_cache_gib": 2})
+
+
+def test_a_kv_budget_vllm_cannot_take_is_refused(capsys):
+    # vLLM reads VLLM_CPU_KVCACHE_SPACE with int(): 1.5 would fail at its start, minutes in.
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--kv-cache-gib", "1.5"])
+    assert "--kv-cache-gib" in capsys.readouterr().err
