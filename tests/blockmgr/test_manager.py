@@ -145,10 +145,13 @@ def test_fork_shares_blocks_and_copy_on_write_on_append():
     assert bm.stats()["ex"]["copy_on_write"] == 2
 
 
+# A pool geometry where moving a block to CPU memory costs less than recomputing it.
+SWAP_CHEAP = {"bytes_per_block": 1, "copy_bandwidth": 1e9, "flops_per_token": 1e9, "flops_per_s": 1e9}
+
+
 def test_preemption_swaps_or_recomputes_by_cost():
     bm = InProcessBlockManager(BlockManager(watermark=0))
-    swap_cheap = {"bytes_per_block": 1, "copy_bandwidth": 1e9, "flops_per_token": 1e9, "flops_per_s": 1e9}
-    bm.register("ex", num_device_blocks=4, block_size=BS, num_cpu_blocks=8, cost=swap_cheap)
+    bm.register("ex", num_device_blocks=4, block_size=BS, num_cpu_blocks=8, cost=SWAP_CHEAP)
     admit(bm, "old", [1] * 8)
     admit(bm, "new", [2] * 8)
     r = bm.step("ex", grow=[("old", 9, [1])])
@@ -408,8 +411,7 @@ def test_a_freed_sequence_gives_its_pending_ids_first_and_cannot_be_forked_befor
 
 def test_a_victim_swapped_out_before_its_own_grow_keeps_the_ids_that_entry_settles():
     bm = InProcessBlockManager(BlockManager(watermark=0))
-    swap_cheap = {"bytes_per_block": 1, "copy_bandwidth": 1e9, "flops_per_token": 1e9, "flops_per_s": 1e9}
-    bm.register("ex", num_device_blocks=4, block_size=BS, num_cpu_blocks=8, cost=swap_cheap)
+    bm.register("ex", num_device_blocks=4, block_size=BS, num_cpu_blocks=8, cost=SWAP_CHEAP)
     admit(bm, "old", [1] * 7)
     admit(bm, "new", [2] * 7)
     bm.step("ex", grow=[("old", 8, [protocol.PENDING]), ("new", 8, [protocol.PENDING])])
